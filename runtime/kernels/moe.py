@@ -1,0 +1,46 @@
+"""Mixture of experts (§4.6): router, top-k with softmax over the chosen, clamped SwiGLU experts.
+
+The experts' weights stay packed MXFP4; the reference decodes only the experts a batch touches,
+one at a time, so memory stays at one expert's bf16 weights whatever the model size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime import mxfp4
+
+SWIGLU_ALPHA = 1.702  # the quick-GELU constant, hard-coded in every GPT-OSS implementation
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token and their weights: softmax over the k chosen logits only."""
+    top_logits, experts = torch.topk(logits, k, dim=-1, sorted=True)
+    weights = torch.softmax(top_logits.float(), dim=-1)
+    return experts, weights
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """Gate = even channels (clamped above only), linear = odd channels (clamped both sides), +1 on linear."""
+    gate = h[..., 0::2].clamp(max=limit)
+    linear = h[..., 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)
+
+
+def experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+            mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
+            mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
+            limit: float) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for each token t; x [N, d] -> [N, d].
+
+    Expert ids index the packed tensors' first dimension (local experts on this rank).
+    """
+    out = torch.zeros(x.shape[0], mlp2_bias.shape[-1], dtype=torch.float32, device=x.device)
+    for e in torch.unique(expert_ids).tolist():
+        tokens, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+        w1 = mxfp4.decode(mlp1_blocks[e], mlp1_scales[e], x.dtype)
+        h = torch.nn.functional.linear(x[tokens], w1, mlp1_bias[e])
+        w2 = mxfp4.decode(mlp2_blocks[e], mlp2_scales[e], x.dtype)
+        y = torch.nn.functional.linear(swiglu(h, limit), w2, mlp2_bias[e])
+        out.index_add_(0, tokens, y.float() * weights[tokens, slot, None])
+    return out.to(x.dtype)
