@@ -1,0 +1,223 @@
+"""The engine: load a model once, then generate for any number of requests (like vLLM's `LLM`).
+
+Generation is continuous batching over a flat token batch: every step carries one decode token for
+each running sequence plus prompt chunks of newly admitted ones, up to a token budget, so long
+prompts are prefilled in chunks while other sequences keep decoding. Finished requests are handed
+to a callback at once, so a caller can write them before the batch ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from runtime.cache import cache_dir
+from runtime.checkpoint import CheckpointReader, CheckpointError, write_checkpoint
+from runtime.config import ModelConfig, preset
+from runtime.kv_cache import SequenceKV
+from runtime.model import GptOss, SequenceChunk, Step
+from runtime.requests import Request, RequestError, parse_request, request_id
+from runtime.sampling import SamplingParams, make_generator, sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Result:
+    id: Any
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None
+    text: str = ""
+    finish_reason: str = "error"  # "stop" | "length" | "error"
+    error: str | None = None
+    chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}}
+
+    def to_json(self) -> dict:
+        out = {"id": self.id, "token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.chat is not None:
+            out.update(self.chat)
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request: Request
+    cache: SequenceKV
+    generator: torch.Generator
+    tokens: list[int]  # prompt + generated so far
+    computed: int = 0  # tokens whose K/V are in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: a tiny synthetic checkpoint in the real (original) layout, made once."""
+    path = cache_dir("checkpoints") / "tiny-original-seed0"
+    if not (path / "config.json").is_file():
+        write_checkpoint(preset("tiny"), path, layout="original", seed=0)
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A loaded model plus the generation loop.
+
+    checkpoint: a folder (either public layout), "dummy" (random weights of `model`, for benchmarks),
+    or None (the embedded tiny synthetic checkpoint).
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, *, model: str | ModelConfig = "tiny",
+                 dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
+                 max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
+                 seed: int = 0):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        start = time.perf_counter()
+        if checkpoint == "dummy":
+            cfg = preset(model) if isinstance(model, str) else model
+            self.model = GptOss(cfg, self.dtype, self.device).randomize(seed)
+        else:
+            reader = CheckpointReader(default_checkpoint() if checkpoint is None else checkpoint)
+            self.model = GptOss(reader.config, self.dtype, self.device).load(reader)
+        self.load_seconds = time.perf_counter() - start
+        self.config = self.model.cfg
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        if max_batch_tokens < max_batch_size:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
+                             f"({max_batch_size}): every running sequence decodes one token per step")
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.default_max_tokens = default_max_tokens
+        self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        self._harmony = None
+
+    @property
+    def harmony(self):
+        if self._harmony is None:
+            from runtime.harmony import get_harmony
+
+            self._harmony = get_harmony()
+        return self._harmony
+
+    def make_request(self, obj: dict) -> Request:
+        """A checked Request from a JSON object (the batch job's input line); raises RequestError."""
+        return parse_request(obj, max_model_len=self.max_model_len, vocab_size=self.config.vocab_size,
+                             default_max_tokens=self.default_max_tokens, harmony=self.harmony)
+
+    def generate(self, requests: Iterable[Request | dict], on_result: Callable[[Result], None] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> list[Result]:
+        """Generate for every request; results come back in the order given (and to `on_result` as
+        they finish). Dicts are parsed with make_request; one that fails becomes an error result."""
+        results: dict[int, Result] = {}
+
+        def finish(index: int, result: Result) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+
+        waiting: collections.deque[tuple[int, Request]] = collections.deque()
+        for index, req in enumerate(requests):
+            if isinstance(req, dict):
+                try:
+                    req = self.make_request(req)
+                except RequestError as e:
+                    finish(index, Result(request_id(req), error=str(e)))
+                    continue
+            waiting.append((index, req))
+        self._run(waiting, finish, on_step)
+        return [results[i] for i in sorted(results)]
+
+    # --------------------------------------------------------------------------- the loop
+    def _admit(self, req: Request) -> _Sequence:
+        seed = req.params.seed if req.params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        return _Sequence(req, self.model.new_cache(), make_generator(seed, self.device), list(req.prompt_token_ids))
+
+    def _run(self, waiting, finish, on_step) -> None:
+        running: dict[int, _Sequence] = {}
+        while waiting or running:
+            while waiting and len(running) < self.max_batch_size:
+                index, req = waiting.popleft()
+                running[index] = self._admit(req)
+            step, wants_logits = self._plan(running)
+            logits = self.model(step)
+            for row, index in enumerate(wants_logits):
+                seq = running[index]
+                token, logprob = sample(logits[row], seq.request.params, seq.generator)
+                seq.generated.append(token)
+                seq.logprobs.append(logprob)
+                seq.tokens.append(token)
+                reason = self._finish_reason(seq)
+                if reason is not None:
+                    del running[index]
+                    finish(index, self._result(seq, reason))
+            if on_step is not None:
+                on_step(len(wants_logits))
+
+    def _plan(self, running: dict[int, _Sequence]) -> tuple[Step, list[int]]:
+        """One step: the uncomputed tokens of each sequence, decodes first, within the token budget."""
+        budget = self.max_batch_tokens
+        ids, positions, chunks, logits_rows, wants = [], [], [], [], []
+        order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
+        for index in order:
+            seq = running[index]
+            take = min(len(seq.tokens) - seq.computed, budget)
+            if take == 0:
+                continue
+            budget -= take
+            start = seq.computed
+            ids.extend(seq.tokens[start:start + take])
+            positions.extend(range(start, start + take))
+            chunks.append(SequenceChunk(start, take, seq.cache))
+            seq.computed += take
+            if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
+                logits_rows.append(len(ids) - 1)
+                wants.append(index)
+        dev = self.device
+        step = Step(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), chunks,
+                    torch.tensor(logits_rows, device=dev, dtype=torch.long))
+        return step, wants
+
+    def _finish_reason(self, seq: _Sequence) -> str | None:
+        if seq.generated[-1] in seq.request.stop_token_ids:
+            return "stop"
+        if len(seq.generated) >= seq.request.params.max_tokens or len(seq.tokens) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _result(self, seq: _Sequence, reason: str) -> Result:
+        req = seq.request
+        # The text leaves out a final stop token; the token ids keep it.
+        body = seq.generated[:-1] if reason == "stop" else seq.generated
+        result = Result(req.id, list(seq.generated), list(seq.logprobs) if req.params.logprobs else None,
+                        finish_reason=reason)
+        try:
+            result.text = self.harmony.decode(body)
+            if req.chat:
+                result.chat = self.harmony.parse_completion(seq.generated)
+        except Exception as e:  # a decoding problem must not lose the generated tokens
+            result.error = f"decoding the output failed: {e}"
+        return result

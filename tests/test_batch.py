@@ -1,0 +1,136 @@
+"""The offline batch job end to end: bad requests fail alone, bad checkpoints stop the job, reruns resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+
+from launch import batch
+from runtime.config import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(name, **overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(name, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def write_lines(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+
+
+def read_output(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+GOOD = [
+    {"id": "tokens", "prompt_token_ids": [200006, 1428, 200008, 13225, 200007], "max_tokens": 5, "temperature": 0,
+     "logprobs": True},
+    {"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "high", "max_tokens": 6,
+     "temperature": 0},
+    {"id": 7, "prompt": "The capital of France is", "max_tokens": 4, "seed": 3},
+]
+BAD = [
+    '{"id": "broken", "prompt": ',
+    {"id": "unknown-field", "prompt": "x", "max_tokns": 4},
+    {"id": "too-long", "prompt_token_ids": list(range(100)), "max_tokens": 4},
+    {"id": "negative", "prompt": "x", "max_tokens": -1},
+    {"prompt": "no id"},
+]
+
+
+def test_bad_requests_fail_alone(tiny_checkpoints, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, GOOD[:1] + BAD[:3] + GOOD[1:] + BAD[3:])
+    stats = batch.run(config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out,
+                             max_model_len=64, progress=False))
+    rows = read_output(out)
+    by_id = {r["id"] if r["id"] is not None else f"line {r['line']}": r for r in rows}
+    assert len(rows) == len(GOOD) + len(BAD) and stats["errors"] == len(BAD)
+    for good in GOOD:
+        r = by_id[good["id"]]
+        assert r["finish_reason"] in ("stop", "length") and "error" not in r
+        assert 1 <= len(r["token_ids"]) <= good["max_tokens"]
+    assert len(by_id["tokens"]["logprobs"]) == len(by_id["tokens"]["token_ids"])
+    assert "channels" in by_id["chat"] and "messages" in by_id["chat"]
+    assert "logprobs" not in by_id[7]
+    # A line without a usable id (unparseable, or no id field) is reported by its line number.
+    expected = {"line 2": "not valid JSON", "unknown-field": "max_tokns", "too-long": "context limit",
+                "negative": "max_tokens", "line 8": "'id'"}
+    for rid, words in expected.items():
+        assert by_id[rid]["finish_reason"] == "error" and words in by_id[rid]["error"], by_id[rid]
+    assert by_id["line 2"]["error"].startswith("line 2:")
+
+
+def test_rerun_resumes_without_repeating(tiny_checkpoints, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    reqs = [{"id": i, "prompt_token_ids": [100 + i, 200 + i, 300 + i], "max_tokens": 3, "temperature": 0}
+            for i in range(6)]
+    write_lines(inp, reqs)
+    cfg = config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False)
+    batch.run(cfg)
+    full = out.read_text().splitlines()
+    # A crash after two whole lines and half of the third: the rerun drops the partial line and redoes the rest.
+    out.write_text("\n".join(full[:2]) + "\n" + full[2][: len(full[2]) // 2])
+    stats = batch.run(cfg)
+    assert stats["skipped"] == 2 and stats["requests"] == 4
+    rows = read_output(out)
+    assert sorted(r["id"] for r in rows) == list(range(6))
+    assert {r["id"]: r["token_ids"] for r in rows} == {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in full}
+    assert batch.run(cfg)["requests"] == 0  # a third run has nothing left to do
+
+
+def test_repeated_ids_run_once(tiny_checkpoints, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": "a", "prompt": "x", "max_tokens": 2}] * 3)
+    batch.run(config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False))
+    assert [r["id"] for r in read_output(out)] == ["a"]
+
+
+def _broken_copy(src, dst, edit):
+    """A copy of a checkpoint whose tensors or config were changed by `edit(tensors, config)`."""
+    dst.mkdir()
+    tensors = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    edit(tensors, cfg)
+    save_file(tensors, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t, c: t.pop("block.1.attn.sinks"), "block.1.attn.sinks"),
+    (lambda t, c: t.update({"block.2.attn.out.bias": t["block.2.attn.out.bias"][:-1].clone()}), "block.2.attn.out.bias"),
+    (lambda t, c: c.pop("num_experts"), "num_experts"),
+    (lambda t, c: c.update({"hidden_size": "wide"}), "hidden_size"),
+])
+def test_bad_checkpoint_stops_the_job_at_start(tiny_checkpoints, tmp_path, capsys, edit, words):
+    broken = _broken_copy(Path(tiny_checkpoints["original"]), tmp_path / "ckpt", edit)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, GOOD[:1])
+    with pytest.raises(SystemExit) as exit_info:
+        batch.run(config("batch", checkpoint=broken, input=inp, output=out, progress=False))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("error:"), err
+    assert not out.exists()
+
+
+def test_cli_end_to_end_and_missing_checkpoint(tiny_checkpoints, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, GOOD)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tiny_checkpoints['hf']}",
+                         f"input={inp}", f"output={out}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "tokens/s" in ok.stderr and len(read_output(out)) == len(GOOD)
+    missing = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tmp_path / 'nope'}",
+                              f"input={inp}", f"output={tmp_path / 'o2.jsonl'}"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
