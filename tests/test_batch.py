@@ -125,7 +125,7 @@ def test_bad_checkpoint_stops_the_job_at_start(tiny_checkpoints, tmp_path, capsy
 def test_cli_end_to_end_and_missing_checkpoint(tiny_checkpoints, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(inp, GOOD)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     ok = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tiny_checkpoints['hf']}",
                          f"input={inp}", f"output={out}"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

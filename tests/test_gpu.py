@@ -34,8 +34,8 @@ def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
     # bf16 activations (8 bits of mantissa) through 4 layers: a few bf16 ulps of the logits
     # (spec §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max over all
     # 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
-    assert (a - b).abs().mean() < 0.05
-    assert (a - b).abs().amax(-1).median() < 0.5
+    diff = (a - b).abs()
+    assert diff.mean() < 0.05 and diff.amax(-1).median() < 0.5, (diff.mean(), diff.amax(-1).median())
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 

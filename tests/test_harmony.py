@@ -21,6 +21,10 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+needs_bpe_openai = pytest.mark.skipif(harmony._bundled_vocab() is None, reason="bpe-openai is not installed")
+
+
+@needs_bpe_openai
 def test_vocab_unpacked_from_bpe_openai_and_checked(fresh_vocab_lookup):
     folder = harmony.ensure_vocab()
     vocab = fresh_vocab_lookup / "tiktoken" / harmony.VOCAB_FILE
@@ -28,6 +32,7 @@ def test_vocab_unpacked_from_bpe_openai_and_checked(fresh_vocab_lookup):
     assert sha(vocab) == harmony.VOCAB_SHA256
 
 
+@needs_bpe_openai
 def test_corrupt_cached_vocab_is_replaced(fresh_vocab_lookup, monkeypatch):
     vocab = fresh_vocab_lookup / "tiktoken" / harmony.VOCAB_FILE
     vocab.parent.mkdir(parents=True)
