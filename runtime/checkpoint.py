@@ -190,16 +190,26 @@ class CheckpointReader:
                     f"{self.path}: tensor {name!r} should have shape {list(spec.shape)}, found {got}"
                 )
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name` (internal naming), or only its rows [start, stop)."""
-        parts, offset = [], 0
-        for piece in self.sources[name]:
-            _, sl = self._slice(piece)
-            n = sl.get_shape()[0]
-            lo, hi = (0, n) if rows is None else (max(rows[0] - offset, 0), min(rows[1] - offset, n))
-            if lo < hi:
-                parts.append(sl[lo:hi])
-            offset += n
+    def read(self, name: str, slices: dict[int, list[tuple[int, int]]] | None = None) -> torch.Tensor:
+        """The tensor `name` (internal naming), or the part `slices` names ({dim: [(start, stop), ...]},
+        several ranges allowed on dim 0, one on the others). Only those bytes are read from disk."""
+        slices = dict(slices or {})
+        rows = slices.pop(0, [(0, self.specs[name].shape[0])])
+        if any(len(ranges) != 1 for ranges in slices.values()):
+            raise ValueError(f"{name}: only dim 0 may be read as several ranges, got {slices}")
+        parts = []
+        for lo, hi in rows:
+            offset = 0
+            for piece in self.sources[name]:
+                _, sl = self._slice(piece)
+                n = sl.get_shape()[0]
+                start, stop = max(lo - offset, 0), min(hi - offset, n)
+                if start < stop:
+                    index = [slice(start, stop)] + [slice(None)] * (len(sl.get_shape()) - 1)
+                    for dim, ((a, b),) in slices.items():
+                        index[dim] = slice(a, b)
+                    parts.append(sl[tuple(index)])
+                offset += n
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -17,10 +17,15 @@ import torch
 from torch import nn
 from torch.nn.functional import linear
 
+from parallel.experts import AllToAllExchange, gather_token_slices, token_slice
+from parallel.groups import LayoutError, Parallel, single
+from parallel.layers import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, Sharded,
+                             VocabParallelEmbedding, VocabParallelHead, all_reduce, shard, take)
+from runtime import mxfp4
 from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import ModelConfig
 from runtime.kernels.attention import attention
-from runtime.kernels.moe import experts, route
+from runtime.kernels.moe import expert_rows, route
 from runtime.kernels.rmsnorm import rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
 from runtime.kv_cache import SequenceKV
@@ -42,36 +47,30 @@ class Step:
     logits_indices: torch.Tensor  # [M] int64, flat indices whose next-token logits are wanted
 
 
-def _buffers(module: nn.Module, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        module.register_buffer(name, t)
+class Attention(Sharded):
+    """Heads split over the tensor-parallel group: column-parallel QKV, row-parallel output."""
 
-
-class _Holder(nn.Module):
-    """A named group of tensors (a norm's scale, a linear's weight and bias, packed MXFP4 blocks/scales)."""
-
-    def __init__(self, **tensors: torch.Tensor):
-        super().__init__()
-        _buffers(self, **tensors)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, empty):
-        super().__init__()
-        self.cfg, self.layer = cfg, layer
-        p = f"block.{layer}.attn."
-        self.norm = _Holder(scale=empty(p + "norm.scale", torch.float32))
-        self.qkv = _Holder(weight=empty(p + "qkv.weight"), bias=empty(p + "qkv.bias"))
-        self.sinks = nn.Buffer(empty(p + "sinks", torch.float32))
-        self.out = _Holder(weight=empty(p + "out.weight"), bias=empty(p + "out.bias"))
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, parallel: Parallel):
+        super().__init__(parallel.device)
+        self.cfg, self.layer, tp, dev = cfg, layer, parallel.tp, parallel.device
+        if cfg.num_key_value_heads % tp.size:
+            raise LayoutError(f"parallel.tp ({tp.size}) must divide the {cfg.num_key_value_heads} KV heads "
+                              f"(and the {cfg.num_attention_heads} query heads)")
+        self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
+        self.norm = Sharded(dev)
+        self.norm.add("scale", (cfg.hidden_size,), torch.float32)
+        self.qkv = ColumnParallelLinear([cfg.q_width, cfg.kv_width, cfg.kv_width], cfg.hidden_size, tp, dtype, dev)
+        self.add("sinks", (cfg.num_attention_heads,), torch.float32,
+                 {0: [shard(cfg.num_attention_heads, tp, "query heads")]})
+        self.out = RowParallelLinear(cfg.q_width, cfg.hidden_size, tp, dtype, dev)
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
-        qkv = linear(h, self.qkv.weight, self.qkv.bias)
-        q, k, v = qkv.split([cfg.q_width, cfg.kv_width, cfg.kv_width], dim=-1)
+        q, k, v = self.qkv(h).split([self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim,
+                                     self.kv_heads * cfg.head_dim], dim=-1)
         q = apply_rope(q.unflatten(-1, (-1, cfg.head_dim)), cos, sin)
         k = apply_rope(k.unflatten(-1, (-1, cfg.head_dim)), cos, sin)
         v = v.unflatten(-1, (-1, cfg.head_dim))
@@ -86,55 +85,74 @@ class Attention(nn.Module):
             keys, values = chunk.cache.read(self.layer, first_key, end)
             outputs.append(attention(q[rows], keys, values, self.sinks, q_start=chunk.start,
                                      k_start=first_key, sm_scale=self.sm_scale, window=self.window))
-        o = torch.cat(outputs).flatten(-2)
-        return x + linear(o, self.out.weight, self.out.bias)
+        return x + self.out(torch.cat(outputs).flatten(-2))
 
 
-class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, empty):
-        super().__init__()
-        self.cfg = cfg
-        p = f"block.{layer}.mlp."
-        self.norm = _Holder(scale=empty(p + "norm.scale", torch.float32))
-        self.gate = _Holder(weight=empty(p + "gate.weight"), bias=empty(p + "gate.bias"))
-        self.mlp1_weight = _Holder(blocks=empty(p + "mlp1_weight.blocks"), scales=empty(p + "mlp1_weight.scales"))
-        self.mlp1_bias = nn.Buffer(empty(p + "mlp1_bias"))
-        self.mlp2_weight = _Holder(blocks=empty(p + "mlp2_weight.blocks"), scales=empty(p + "mlp2_weight.scales"))
-        self.mlp2_bias = nn.Buffer(empty(p + "mlp2_bias"))
+class MoE(Sharded):
+    """Router on every rank; experts partitioned over `experts_partition` ranks (tokens exchanged
+    all-to-all) and each expert's intermediate dimension split over `experts_split` ranks."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, parallel: Parallel):
+        super().__init__(parallel.device)
+        self.cfg, dev = cfg, parallel.device
+        self.split, self.partition = parallel.experts_split, parallel.experts_partition
+        E, d, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.exchange = AllToAllExchange(self.partition, E)
+        experts = [(self.exchange.first_expert, self.exchange.first_expert + self.exchange.per_rank)]
+        lo, hi = shard(I, self.split, "intermediate_size")
+        if (hi - lo) % mxfp4.BLOCK:
+            raise LayoutError(f"intermediate_size ({I}) split {self.split.size} ways gives {hi - lo} columns per rank,"
+                              f" not a multiple of the {mxfp4.BLOCK}-value MXFP4 block; choose another "
+                              f"parallel.expert_tp (1 partitions whole experts instead)")
+        g, b = mxfp4.BLOCK, mxfp4.BYTES_PER_BLOCK
+        self.norm = Sharded(dev)
+        self.norm.add("scale", (d,), torch.float32)
+        self.gate = ReplicatedLinear(d, E, dtype, dev)
+        self.mlp1_weight = Sharded(dev)
+        self.mlp1_weight.add("blocks", (E, 2 * I, d // g, b), torch.uint8, {0: experts, 1: [(2 * lo, 2 * hi)]})
+        self.mlp1_weight.add("scales", (E, 2 * I, d // g), torch.uint8, {0: experts, 1: [(2 * lo, 2 * hi)]})
+        self.mlp2_weight = Sharded(dev)
+        self.mlp2_weight.add("blocks", (E, d, I // g, b), torch.uint8, {0: experts, 2: [(lo // g, hi // g)]})
+        self.mlp2_weight.add("scales", (E, d, I // g), torch.uint8, {0: experts, 2: [(lo // g, hi // g)]})
+        self.add("mlp1_bias", (E, 2 * I), dtype, {0: experts, 1: [(2 * lo, 2 * hi)]})
+        self.add("mlp2_bias", (E, d), dtype, {0: experts})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
-        expert_ids, weights = route(linear(h, self.gate.weight, self.gate.bias), cfg.experts_per_token)
-        y = experts(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
-                    self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, cfg.swiglu_limit)
-        return x + y
+        expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
+        lo, hi = token_slice(x.shape[0], self.partition)
+        routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
+        reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
+        y = expert_rows(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
+                        self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
+                        self.mlp2_bias, cfg.swiglu_limit, reduce)
+        out = self.exchange.combine(y, weights[lo:hi], routed)
+        return x + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, empty):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, parallel: Parallel):
         super().__init__()
-        self.attn = Attention(cfg, layer, empty)
-        self.mlp = MoE(cfg, layer, empty)
+        self.attn = Attention(cfg, layer, dtype, parallel)
+        self.mlp = MoE(cfg, layer, dtype, parallel)
 
     def forward(self, x, cos, sin, step):
         return self.mlp(self.attn(x, cos, sin, step))
 
 
 class GptOss(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 parallel: Parallel | None = None):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        specs = tensor_specs(cfg)
-
-        def empty(name: str, float_dtype: torch.dtype = dtype) -> torch.Tensor:
-            spec = specs[name]
-            return torch.empty(spec.shape, dtype=torch.uint8 if spec.kind == "uint8" else float_dtype, device=device)
-
-        self.embedding = _Holder(weight=empty("embedding.weight"))
-        self.block = nn.ModuleList(Block(cfg, n, empty) for n in range(cfg.num_hidden_layers))
-        self.norm = _Holder(scale=empty("norm.scale", torch.float32))
-        self.unembedding = _Holder(weight=empty("unembedding.weight"))
+        parallel = parallel or single(device)
+        self.cfg, self.dtype, self.parallel = cfg, dtype, parallel
+        dev, tp = parallel.device, parallel.tp
+        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
+        self.block = nn.ModuleList(Block(cfg, n, dtype, parallel) for n in range(cfg.num_hidden_layers))
+        self.norm = Sharded(dev)
+        self.norm.add("scale", (cfg.hidden_size,), torch.float32)
+        self.unembedding = VocabParallelHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
         self.inv_freq, self.concentration = yarn_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
             cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
@@ -144,31 +162,45 @@ class GptOss(nn.Module):
         return self.embedding.weight.device
 
     def new_cache(self) -> SequenceKV:
-        cfg = self.cfg
-        return SequenceKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
+        """A KV cache for one sequence, holding this rank's KV heads."""
+        cfg, heads = self.cfg, self.block[0].attn.kv_heads
+        return SequenceKV(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
-        """Next-token logits [M, vocab] in fp32 for the tokens at step.logits_indices."""
-        x = self.embedding.weight[step.token_ids]
+        """Next-token logits [M, vocab] in fp32 for the tokens at step.logits_indices (on every rank)."""
+        x = self.embedding(step.token_ids)
         cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
         for block in self.block:
             x = block(x, cos, sin, step)
         x = rms_norm(x[step.logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
-        return linear(x, self.unembedding.weight).float()
+        return self.unembedding(x)
 
     # ------------------------------------------------------------------------------- weights
+    def shards(self):
+        """(checkpoint name, local tensor, slices of the full tensor it holds) for every weight."""
+        for module_name, module in self.named_modules():
+            slices = getattr(module, "slices", {})
+            for name, tensor in module.named_buffers(recurse=False):
+                yield f"{module_name}.{name}" if module_name else name, tensor, slices.get(name)
+
     def load(self, reader: CheckpointReader) -> "GptOss":
-        """Copy every tensor from a checkpoint (validated first, so a bad one fails before any copy)."""
+        """Read this rank's part of every tensor (validated first, so a bad checkpoint fails before any
+        copy). Only the bytes of the owned slices are read from disk."""
+        if reader.config != self.cfg:
+            raise ValueError(f"{reader.path}: config.json describes another model than the one being built")
         reader.validate()
-        for name, tensor in self.state_dict().items():
-            tensor.copy_(reader.read(name))
+        for name, tensor, slices in self.shards():
+            tensor.copy_(reader.read(name, slices))
         return self
 
     def randomize(self, seed: int = 0) -> "GptOss":
-        """Random weights drawn on the model's device (the `checkpoint=dummy` load for benchmarks)."""
+        """Random weights drawn on the model's device (the `checkpoint=dummy` load for benchmarks).
+
+        Each full tensor is drawn, then cut to this rank's slice, so every layout holds the same model.
+        """
         specs = tensor_specs(self.cfg)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        for name, tensor in self.state_dict().items():
-            tensor.copy_(random_tensor(specs[name], generator, self.device))
+        for name, tensor, slices in self.shards():
+            tensor.copy_(take(random_tensor(specs[name], generator, self.device), slices))
         return self

@@ -46,14 +46,17 @@ def test_both_layouts_read_the_same_tensors(tiny_checkpoints):
         assert torch.equal(a.read(name), b.read(name)), name
 
 
-def test_row_slices_equal_the_full_read(tiny_checkpoints):
+def test_sliced_reads_equal_slices_of_the_full_read(tiny_checkpoints):
     cfg = preset("tiny")
     lo, hi = cfg.q_width - 40, cfg.q_width + cfg.kv_width + 3  # spans q | k | v in the HF layout
     for path in tiny_checkpoints.values():
         r = CheckpointReader(path)
         full = r.read("block.1.attn.qkv.weight")
-        assert torch.equal(r.read("block.1.attn.qkv.weight", rows=(lo, hi)), full[lo:hi])
-        assert torch.equal(r.read("block.0.mlp.mlp1_weight.blocks", rows=(2, 5)), r.read("block.0.mlp.mlp1_weight.blocks")[2:5])
+        assert torch.equal(r.read("block.1.attn.qkv.weight", {0: [(lo, hi)]}), full[lo:hi])
+        several = r.read("block.1.attn.qkv.weight", {0: [(0, 8), (lo, hi)], 1: [(4, 20)]})
+        assert torch.equal(several, torch.cat([full[0:8], full[lo:hi]])[:, 4:20])
+        blocks = r.read("block.0.mlp.mlp1_weight.blocks")
+        assert torch.equal(r.read("block.0.mlp.mlp1_weight.blocks", {0: [(2, 5)], 2: [(1, 3)]}), blocks[2:5, :, 1:3])
 
 
 def test_missing_folder_and_config(tmp_path, tiny_checkpoints):

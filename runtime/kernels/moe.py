@@ -27,20 +27,22 @@ def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (linear + 1)
 
 
-def experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-            mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
-            mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
-            limit: float) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for each token t; x [N, d] -> [N, d].
+def expert_rows(x: torch.Tensor, experts: torch.Tensor, mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor,
+                mlp1_bias: torch.Tensor, mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor,
+                mlp2_bias: torch.Tensor, limit: float, reduce=None) -> torch.Tensor:
+    """Row i through expert experts[i]: x [m, d] -> [m, d_out] in fp32 (unweighted, bias included).
 
-    Expert ids index the packed tensors' first dimension (local experts on this rank).
+    `experts` index the packed tensors' first dimension (this rank's experts). When each expert's
+    intermediate dimension is split over ranks, `reduce` sums the partial mlp2 outputs across them
+    before the bias is added, so the bias counts once.
     """
     out = torch.zeros(x.shape[0], mlp2_bias.shape[-1], dtype=torch.float32, device=x.device)
-    for e in torch.unique(expert_ids).tolist():
-        tokens, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+    for e in torch.unique(experts).tolist():
+        rows = torch.nonzero(experts == e).squeeze(1)
         w1 = mxfp4.decode(mlp1_blocks[e], mlp1_scales[e], x.dtype)
-        h = torch.nn.functional.linear(x[tokens], w1, mlp1_bias[e])
+        h = torch.nn.functional.linear(x[rows], w1, mlp1_bias[e])
         w2 = mxfp4.decode(mlp2_blocks[e], mlp2_scales[e], x.dtype)
-        y = torch.nn.functional.linear(swiglu(h, limit), w2, mlp2_bias[e])
-        out.index_add_(0, tokens, y.float() * weights[tokens, slot, None])
-    return out.to(x.dtype)
+        out[rows] = torch.nn.functional.linear(swiglu(h, limit), w2).float()
+    if reduce is not None:
+        out = reduce(out)
+    return out + mlp2_bias[experts].float()

@@ -1,0 +1,165 @@
+"""Process groups: who this rank is and which ranks it talks to.
+
+World = dp replicas x (tp x ep) ranks per model replica. Inside a replica:
+- attention is tensor-parallel over `tp` consecutive ranks (and repeated over the ep groups);
+- each expert's intermediate dimension is split over `expert_tp` consecutive ranks (default tp), and
+  the experts themselves are partitioned over the remaining replica_size / expert_tp ranks.
+So tp=1, ep=N is pure expert parallelism; tp=N, ep=1 splits every expert N ways (as OpenAI's
+reference does); tp=N with expert_tp=1 keeps attention tensor-parallel but partitions whole experts
+over all N ranks (vLLM's --enable-expert-parallel).
+
+Groups come from torchrun's environment, from an explicit rank/world/address (Ray actors, tests),
+or not at all (one process). NCCL on CUDA, gloo on CPU. World size 1 needs no torch.distributed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that does not fit the world or the model; the message says which number."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    ep: int = 1
+    dp: int = 1
+    expert_tp: int | None = None  # None: the same as tp
+
+    @property
+    def replica_size(self) -> int:
+        return self.tp * self.ep
+
+    @property
+    def experts_split(self) -> int:
+        return self.tp if self.expert_tp is None else self.expert_tp
+
+    @property
+    def experts_partition(self) -> int:
+        return self.replica_size // self.experts_split
+
+    def validate(self, world_size: int) -> "Layout":
+        for name in ("tp", "ep", "dp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be at least 1, got {getattr(self, name)}")
+        if self.tp * self.ep * self.dp != world_size:
+            raise LayoutError(f"parallel.tp ({self.tp}) x parallel.ep ({self.ep}) x parallel.dp ({self.dp}) "
+                              f"= {self.tp * self.ep * self.dp}, but the world has {world_size} ranks")
+        if self.experts_split < 1 or self.replica_size % self.experts_split:
+            raise LayoutError(f"parallel.expert_tp ({self.experts_split}) must divide tp x ep ({self.replica_size})")
+        return self
+
+
+@dataclasses.dataclass
+class Group:
+    """One communicator as seen from this rank (group None: a group of one, every collective a no-op)."""
+    group: object
+    rank: int
+    size: int
+    ranks: tuple[int, ...]
+
+    @property
+    def first(self) -> int:
+        return self.ranks[0]
+
+
+@dataclasses.dataclass
+class Parallel:
+    rank: int
+    world_size: int
+    layout: Layout
+    device: torch.device
+    tp: Group
+    experts_split: Group  # ranks sharing experts, each holding a slice of every expert's intermediate dim
+    experts_partition: Group  # ranks holding different experts (the all-to-all group)
+    replica: Group
+    dp_rank: int
+
+    @property
+    def is_writer(self) -> bool:
+        """The one rank per replica that samples for the replica and writes its results."""
+        return self.replica.rank == 0
+
+
+def _single_group() -> Group:
+    return Group(None, 0, 1, (0,))
+
+
+def single(device: torch.device | str = "cpu") -> Parallel:
+    """World size 1: every group is this process alone."""
+    return Parallel(0, 1, Layout(), torch.device(device), _single_group(), _single_group(), _single_group(),
+                    _single_group(), 0)
+
+
+def _make_group(ranks: list[int], me: int, cache: dict) -> Group:
+    key = tuple(ranks)
+    if key not in cache:
+        cache[key] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+    return Group(cache[key], ranks.index(me), len(ranks), key) if me in ranks else None
+
+
+def _groups(world: int, layout: Layout, me: int):
+    """Every group of the layout, created on every rank in the same order (new_group requires it)."""
+    cache: dict = {}
+    mine = {}
+    size = layout.replica_size
+    for replica in range(layout.dp):
+        base = replica * size
+        members = list(range(base, base + size))
+        candidates = {
+            "replica": [members],
+            "tp": [members[i:i + layout.tp] for i in range(0, size, layout.tp)],
+            "experts_split": [members[i:i + layout.experts_split] for i in range(0, size, layout.experts_split)],
+            "experts_partition": [members[j::layout.experts_split] for j in range(layout.experts_split)],
+        }
+        for kind, groups in candidates.items():
+            for ranks in groups:
+                g = _make_group(ranks, me, cache)
+                if g is not None:
+                    mine[kind] = g
+    return mine
+
+
+def init(layout: Layout, *, rank: int | None = None, world_size: int | None = None,
+         master_addr: str | None = None, master_port: int | None = None, device_type: str = "auto",
+         timeout_s: float = 600.0) -> Parallel:
+    """Join (or skip, at world size 1) the process group and build this rank's sub-groups.
+
+    rank/world_size/master_* default to torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK). A collective that waits longer than `timeout_s` raises instead of
+    hanging, so a dead or stuck rank ends the job.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    layout.validate(world_size)
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    device = torch.device(f"cuda:{local_rank}") if device_type == "cuda" else torch.device("cpu")
+    if world_size == 1:
+        return single(device)
+    if master_addr is not None:
+        os.environ["MASTER_ADDR"] = master_addr
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(master_port)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    g = _groups(world_size, layout, rank)
+    return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
+                    g["replica"], rank // layout.replica_size)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
