@@ -9,31 +9,51 @@ A request that cannot run (bad JSON, an unknown field, a prompt over the context
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import hydra
+import torch.distributed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from launch.common import build_llm, clean_exit
+from launch.common import build_llm, clean_exit, fail_fast, init_parallel
+from parallel.groups import Parallel
 from runtime.engine import Result
-from runtime.jsonl import OutputFile, read_input
+from runtime.jsonl import NoOutput, OutputFile, read_input
 from runtime.requests import RequestError
 
 
+def open_output(path: str, parallel: Parallel) -> OutputFile:
+    """Every rank of a replica runs the same loop on the same requests and its first rank writes;
+    replicas (dp) take every dp-th request, so no two ever write the same id. Rank 0 alone repairs
+    the file and reads what is done, and all ranks take that one answer, so all agree on the work."""
+    out = OutputFile(path) if parallel.rank == 0 else None
+    if parallel.world_size > 1:
+        done = [out.done if out is not None else None]
+        torch.distributed.broadcast_object_list(done, src=0)
+        if out is None:
+            out = OutputFile(path, recover=False) if parallel.is_writer else NoOutput(path)
+            out.done = done[0]
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
-    with clean_exit():  # a bad checkpoint, config or input path stops the job here, before any work
-        llm = build_llm(cfg)
+    with clean_exit():  # a bad checkpoint, config, layout or input path stops the job here, before any work
+        parallel = init_parallel(cfg)
+        llm = build_llm(cfg, parallel)
         lines = list(read_input(cfg.input))
-    with OutputFile(cfg.output) as out:
+    with open_output(cfg.output, parallel) as out:
         todo, seen = [], set()
         for line in lines:
             if line.key in out.done or line.key in seen:
                 continue  # finished in an earlier run, or a repeated id (the first one wins)
             seen.add(line.key)
             todo.append(line)
-        bar = tqdm(total=len(todo), unit="req", file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True)
+        todo = todo[parallel.dp_rank::parallel.layout.dp]
+        bar = tqdm(total=len(todo), unit="req", file=sys.stderr, disable=not cfg.progress or parallel.rank != 0,
+                   dynamic_ncols=True)
         stats = {"requests": len(todo), "errors": 0, "tokens": 0, "skipped": len(lines) - len(todo)}
         start = time.perf_counter()
 
@@ -65,7 +85,10 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="batch")
 def main(cfg: DictConfig) -> None:
-    stats = run(cfg)
+    with fail_fast():
+        stats = run(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     print(f"done: {stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
           f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s",
           file=sys.stderr)

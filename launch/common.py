@@ -1,37 +1,79 @@
-"""What every entry point shares: the engine from a hydra config, and clean start-up failures."""
+"""What every entry point shares: ranks and the engine from a hydra config, and clean failures."""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from contextlib import contextmanager
 
 from omegaconf import DictConfig, OmegaConf
 
+from parallel import groups
 from runtime.config import ConfigError, from_mapping
-from runtime.engine import LLM
+from runtime.engine import LLM, resolve_device
 
 
-def build_llm(cfg: DictConfig) -> LLM:
+def init_parallel(cfg: DictConfig) -> groups.Parallel:
+    """This rank's place in the layout (torchrun's environment, or a single process)."""
+    p = cfg.parallel
+    layout = groups.Layout(tp=p.tp, ep=p.ep, dp=p.dp, expert_tp=p.expert_tp)
+    device = resolve_device(cfg.device)
+    parallel = groups.init(layout, device_type=device.type, timeout_s=p.timeout_s)
+    if parallel.world_size == 1:
+        parallel.device = device  # one process may name its GPU (cuda:N); ranks use cuda:LOCAL_RANK
+    return parallel
+
+
+def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
     checkpoint = cfg.checkpoint
     model = from_mapping(OmegaConf.to_container(cfg.model), f"model preset {cfg.model.get('name')}")
-    return LLM(
+    parallel = parallel or init_parallel(cfg)
+    llm = LLM(
         None if checkpoint is None else str(checkpoint),
         model=model,
         dtype=cfg.dtype,
-        device=cfg.device,
         max_model_len=cfg.max_model_len,
         max_batch_size=cfg.max_batch_size,
         max_batch_tokens=cfg.max_batch_tokens,
         default_max_tokens=cfg.default_max_tokens,
         seed=cfg.seed,
+        parallel=parallel,
     )
+    if parallel.world_size > 1:
+        mem = llm.load_memory
+        print(f"rank {parallel.rank}: loaded in {llm.load_seconds:.1f} s, peak host memory "
+              f"{mem['peak_host_GiB']:.2f} GiB, peak device memory {mem['peak_device_GiB']:.2f} GiB",
+              file=sys.stderr, flush=True)
+    return llm
 
 
 @contextmanager
 def clean_exit():
-    """Start-up problems (a missing file, a bad checkpoint or config) end the job with one clear line."""
+    """Start-up problems (a missing file, a bad checkpoint, config or layout) end the job with one clear line."""
     try:
         yield
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+
+
+@contextmanager
+def fail_fast():
+    """In a multi-rank job, any failure (a collective timing out because a peer died or hung, an
+    error) ends this rank at once with its rank named, rather than waiting in the next collective;
+    torchrun then stops the other ranks and reports which one failed first."""
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+            raise
+        traceback.print_exc()
+        print(f"{rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -98,14 +98,15 @@ def single(device: torch.device | str = "cpu") -> Parallel:
                     _single_group(), 0)
 
 
-def _make_group(ranks: list[int], me: int, cache: dict) -> Group:
+def _make_group(ranks: list[int], me: int, cache: dict, timeout: datetime.timedelta) -> Group:
     key = tuple(ranks)
     if key not in cache:
-        cache[key] = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        # Sub-groups do not inherit the world's timeout; without one they wait 30 minutes.
+        cache[key] = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
     return Group(cache[key], ranks.index(me), len(ranks), key) if me in ranks else None
 
 
-def _groups(world: int, layout: Layout, me: int):
+def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
     """Every group of the layout, created on every rank in the same order (new_group requires it)."""
     cache: dict = {}
     mine = {}
@@ -121,7 +122,7 @@ def _groups(world: int, layout: Layout, me: int):
         }
         for kind, groups in candidates.items():
             for ranks in groups:
-                g = _make_group(ranks, me, cache)
+                g = _make_group(ranks, me, cache, timeout)
                 if g is not None:
                     mine[kind] = g
     return mine
@@ -151,11 +152,11 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
         os.environ["MASTER_PORT"] = str(master_port)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    g = _groups(world_size, layout, rank)
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
+    g = _groups(world_size, layout, rank, timeout)
     return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
                     g["replica"], rank // layout.replica_size)
 

@@ -15,6 +15,8 @@ from torch.nn.functional import linear
 from parallel.groups import Group, LayoutError
 
 Slices = dict[int, list[tuple[int, int]]]
+# torch 2.13 renames all_gather_into_tensor (and warns on the old name); older releases have only it.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 # ----------------------------------------------------------------------------------- collectives
@@ -30,7 +32,7 @@ def all_gather(t: torch.Tensor, g: Group, dim: int = 0) -> torch.Tensor:
         return t
     moved = t.movedim(dim, 0).contiguous()
     out = torch.empty((g.size * moved.shape[0], *moved.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, moved, group=g.group)
+    _all_gather_single(out, moved, group=g.group)
     return out.movedim(0, dim)
 
 

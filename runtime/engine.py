@@ -16,13 +16,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from parallel.groups import Parallel, single
+from parallel.layers import broadcast
 from runtime.cache import cache_dir
-from runtime.checkpoint import CheckpointReader, CheckpointError, write_checkpoint
+from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
 from runtime.kv_cache import SequenceKV
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import SamplingParams, make_generator, sample
+from runtime.sampling import make_generator, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,6 +61,15 @@ class _Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
 
 
+def memory_report(device: torch.device) -> dict:
+    """Peak host memory of this process and peak device memory, in GiB (after loading the model)."""
+    import resource
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    dev = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"peak_host_GiB": round(host, 3), "peak_device_GiB": round(dev, 3)}
+
+
 def default_checkpoint() -> Path:
     """The embedded default: a tiny synthetic checkpoint in the real (original) layout, made once."""
     path = cache_dir("checkpoints") / "tiny-original-seed0"
@@ -93,17 +104,19 @@ class LLM:
     def __init__(self, checkpoint: str | Path | None = None, *, model: str | ModelConfig = "tiny",
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
-                 seed: int = 0):
-        self.device = resolve_device(device)
+                 seed: int = 0, parallel: Parallel | None = None):
+        self.parallel = parallel or single(resolve_device(device))
+        self.device = self.parallel.device
         self.dtype = resolve_dtype(dtype, self.device)
         start = time.perf_counter()
         if checkpoint == "dummy":
             cfg = preset(model) if isinstance(model, str) else model
-            self.model = GptOss(cfg, self.dtype, self.device).randomize(seed)
+            self.model = GptOss(cfg, self.dtype, parallel=self.parallel).randomize(seed)
         else:
             reader = CheckpointReader(default_checkpoint() if checkpoint is None else checkpoint)
-            self.model = GptOss(reader.config, self.dtype, self.device).load(reader)
+            self.model = GptOss(reader.config, self.dtype, parallel=self.parallel).load(reader)
         self.load_seconds = time.perf_counter() - start
+        self.load_memory = memory_report(self.device)
         self.config = self.model.cfg
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
@@ -164,9 +177,8 @@ class LLM:
                 running[index] = self._admit(req)
             step, wants_logits = self._plan(running)
             logits = self.model(step)
-            for row, index in enumerate(wants_logits):
+            for index, (token, logprob) in zip(wants_logits, self._sample(logits, wants_logits, running)):
                 seq = running[index]
-                token, logprob = sample(logits[row], seq.request.params, seq.generator)
                 seq.generated.append(token)
                 seq.logprobs.append(logprob)
                 seq.tokens.append(token)
@@ -176,6 +188,16 @@ class LLM:
                     finish(index, self._result(seq, reason))
             if on_step is not None:
                 on_step(len(wants_logits))
+
+    def _sample(self, logits: torch.Tensor, wants: list[int], running: dict[int, _Sequence]):
+        """(token, logprob) per row. Every rank of a replica samples the same way from the same
+        logits; the replica's first rank's picks are broadcast so the ranks can never drift apart."""
+        picks = [sample(logits[row], running[i].request.params, running[i].generator) for row, i in enumerate(wants)]
+        if self.parallel.replica.size == 1 or not picks:
+            return picks
+        tokens = broadcast(torch.tensor([t for t, _ in picks], device=self.device), self.parallel.replica)
+        logprobs = broadcast(torch.tensor([lp for _, lp in picks], device=self.device), self.parallel.replica)
+        return list(zip(tokens.tolist(), logprobs.tolist()))
 
     def _plan(self, running: dict[int, _Sequence]) -> tuple[Step, list[int]]:
         """One step: the uncomputed tokens of each sequence, decodes first, within the token budget."""

@@ -51,11 +51,12 @@ def output_key(record: dict):
 class OutputFile:
     """Append-only JSONL results; `done` holds the keys of requests already written."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, recover: bool = True):
+        """recover=False: another writer owns repairing the file and reading what is done."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set = set()
-        if self.path.exists():
+        if recover and self.path.exists():
             self._recover()
         self._file = open(self.path, "a", encoding="utf-8")
 
@@ -86,3 +87,19 @@ class OutputFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class NoOutput:
+    """Where a rank that does not write sends its results: nowhere."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.done = Path(path), set()
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass

@@ -1,0 +1,147 @@
+"""Tensor and expert parallelism on CPU: gloo ranks under torchrun, through the batch job end to end.
+
+Every layout must give the single-rank answer: the same greedy tokens and the same logprobs up to
+float32 summation order (tolerance 1e-4; measured ~3e-6), since only the order of the all-reduced
+partial sums differs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallel import groups
+from parallel.groups import Group, Layout, LayoutError
+from runtime.config import preset
+from runtime.model import GptOss
+
+REPO = Path(__file__).resolve().parents[1]
+
+REQUESTS = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (5 + 3 * i,),
+                                                        generator=torch.Generator().manual_seed(i)).tolist(),
+             "max_tokens": 6, "temperature": 0, "logprobs": True} for i in range(5)]
+REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.9, "top_p": 0.9,
+                 "seed": 11, "logprobs": True})
+
+
+def env():
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def batch_job(nproc, checkpoint, inp, out, *overrides, background=False):
+    """Run the batch job on nproc gloo ranks (torchrun) and return its results by id, or the process."""
+    launcher = [sys.executable, "-m"]
+    if nproc > 1:
+        launcher += ["torch.distributed.run", "--nproc-per-node", str(nproc),
+                     "--master-port", str(29500 + os.getpid() % 1000), "-m"]
+    cmd = launcher + ["launch.batch", f"checkpoint={checkpoint}", f"input={inp}", f"output={out}", "progress=false",
+                      *overrides]
+    if background:
+        return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {r["id"]: r for r in map(json.loads, Path(out).read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny_checkpoints, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parallel")
+    inp = folder / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    return inp, batch_job(1, tiny_checkpoints["hf"], inp, folder / "single.jsonl")
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (2, ["parallel.tp=2"]),                         # attention TP, each expert split 2 ways (TP experts)
+    (2, ["parallel.ep=2"]),                         # whole experts over 2 ranks, all-to-all dispatch
+    (2, ["parallel.tp=2", "parallel.expert_tp=1"]),  # attention TP, experts partitioned over the same ranks
+    (2, ["parallel.dp=2"]),                         # two replicas sharing the input
+    (4, ["parallel.ep=4"]),
+    (4, ["parallel.tp=2", "parallel.ep=2"]),
+])
+def test_layouts_match_one_rank(tiny_checkpoints, single_rank, tmp_path, nproc, layout):
+    inp, expected = single_rank
+    got = batch_job(nproc, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", *layout)
+    assert sorted(got, key=str) == sorted(expected, key=str)
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+
+
+def _rank_pid(launcher_pid, rank):
+    """The pid of the torchrun worker (a child of the launcher) with RANK=rank."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int(next(l for l in (entry / "status").read_text().splitlines() if l.startswith("PPid:")).split()[1])
+            if parent == launcher_pid and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (OSError, ValueError, StopIteration):
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def _long_job(tiny_checkpoints, tmp_path, *overrides):
+    inp = tmp_path / "long.jsonl"
+    # Two short requests first, so results appear within seconds; then enough work to outlast the test.
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "go", "max_tokens": 3 if i < 2 else 500,
+                                       "ignore_eos": True}) + "\n" for i in range(64)))
+    out = tmp_path / "out.jsonl"
+    proc = batch_job(2, tiny_checkpoints["original"], inp, out, "parallel.tp=2", "max_batch_size=2", *overrides,
+                     background=True)
+    deadline = time.time() + 60
+    while not (out.exists() and out.read_text().count("\n") >= 1):  # wait until work is under way
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    return proc
+
+
+def test_a_killed_rank_ends_the_job_and_is_named(tiny_checkpoints, tmp_path):
+    proc = _long_job(tiny_checkpoints, tmp_path)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    start = time.time()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - start < 60
+    assert "rank      : 1 (local_rank: 1)" in output and "SIGKILL" in output
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout(tiny_checkpoints, tmp_path):
+    proc = _long_job(tiny_checkpoints, tmp_path, "parallel.timeout_s=3")
+    survivor, hung = _rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)
+    os.kill(hung, signal.SIGSTOP)
+    start = time.time()
+    while Path(f"/proc/{survivor}").exists() and time.time() - start < 60:
+        time.sleep(0.2)
+    waited = time.time() - start
+    os.kill(hung, signal.SIGKILL)  # spare torchrun its grace period for a stopped process
+    output, _ = proc.communicate(timeout=60)
+    assert waited < 30, "rank 0 kept waiting on the stopped rank"
+    assert proc.returncode != 0 and "rank 0: failed" in output and "Timed out" in output
+
+
+def _parallel(tp=1, experts_split=1, experts_partition=1):
+    def g(size):
+        return Group(None, 0, size, tuple(range(size)))
+    return groups.Parallel(0, tp * experts_partition, Layout(), torch.device("cpu"), g(tp), g(experts_split),
+                           g(experts_partition), g(tp), 0)
+
+
+def test_layouts_that_do_not_fit_are_named():
+    with pytest.raises(LayoutError, match=r"parallel.tp \(2\) x parallel.ep \(2\) x parallel.dp \(1\) = 4"):
+        Layout(tp=2, ep=2).validate(world_size=2)
+    with pytest.raises(LayoutError, match="expert_tp"):
+        Layout(tp=2, ep=1, expert_tp=3).validate(world_size=2)
+    tiny = preset("tiny")  # 4 KV heads, 8 experts, intermediate 128 (4 MXFP4 blocks)
+    with pytest.raises(LayoutError, match="parallel.tp \\(8\\) must divide the 4 KV heads"):
+        GptOss(tiny, torch.float32, parallel=_parallel(tp=8))
+    with pytest.raises(LayoutError, match="8 experts cannot be partitioned evenly over 3"):
+        GptOss(tiny, torch.float32, parallel=_parallel(experts_partition=3))
+    with pytest.raises(LayoutError, match="not a multiple of the 32-value MXFP4 block"):
+        GptOss(tiny.__class__(**{**tiny.__dict__, "intermediate_size": 96}), torch.float32,
+               parallel=_parallel(experts_split=2))
