@@ -3,13 +3,7 @@
 #   GPU tests, the batch job on CUDA/bf16 (tiny checkpoint and dummy gpt-oss-20b), baseline tokens/s.
 # On the lent machine: wheels for what its image lacks come in .whl/, the vocab in .carry/tiktoken/.
 set -euo pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-[ -d .carry/tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.carry/tiktoken
-export GPT_OSS_CACHE=/tmp/gpt-oss-cache
+source scripts/device_env.sh
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 

@@ -1,0 +1,125 @@
+"""Parallel layouts on GPUs: load time, memory per GPU, decode tokens/s, and the all-to-all cost.
+
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --ep 2 --a2a
+    python scripts/parallel_bench.py --model gpt-oss-120b            # one GPU, for comparison
+
+Dummy weights, greedy decoding with ignore_eos (scripts/baseline_bench.py's timing: warm-up, GPU
+synchronised, median of --repeat). With --a2a it also times one MoE layer's dispatch + combine
+through the all-to-all exchange, and NCCL's own all_to_all_single on a large buffer as the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallel import groups  # noqa: E402
+from parallel.experts import AllToAllExchange  # noqa: E402
+from runtime.config import preset  # noqa: E402
+from runtime.engine import LLM  # noqa: E402
+from scripts.baseline_bench import timed_generate  # noqa: E402
+
+
+def cuda_time(fn, repeat: int = 20) -> float:
+    """Median seconds of fn() between CUDA events, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
+    """One MoE layer's exchange (dispatch + combine of bf16 rows, fp32 outputs back), per token count."""
+    g = parallel.experts_partition
+    exchange = AllToAllExchange(g, cfg.num_experts)
+    rows = []
+    for tokens in (1, 32, 2048):  # per rank: a batch-2, batch-64 and 4096-token step split over 2 ranks
+        x = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16, device=parallel.device)
+        ids = torch.stack([torch.randperm(cfg.num_experts, device=parallel.device)[:cfg.experts_per_token]
+                           for _ in range(tokens)])
+        weights = torch.full(ids.shape, 0.25, device=parallel.device)
+
+        def layer():
+            routed = exchange.dispatch(x, ids)
+            return exchange.combine(routed.rows.float(), weights, routed)
+
+        seconds = cuda_time(layer)
+        sent = tokens * cfg.experts_per_token * cfg.hidden_size * (2 + 4)  # bf16 out, fp32 back
+        rows.append({"tokens_per_rank": tokens, "ms": seconds * 1e3, "bytes_per_rank": sent,
+                     "GBps": sent / seconds / 1e9})
+    big = torch.randn(64 << 20, device=parallel.device)  # 256 MB per rank
+    out = torch.empty_like(big)
+    seconds = cuda_time(lambda: dist.all_to_all_single(out, big, group=g.group), repeat=10)
+    rows.append({"nccl_all_to_all_256MB_ms": seconds * 1e3, "GBps": big.numel() * 4 / seconds / 1e9})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="gpt-oss-120b")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--expert-tp", type=int, default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--decode", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--a2a", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    parallel = groups.init(groups.Layout(tp=args.tp, ep=args.ep, expert_tp=args.expert_tp), device_type="cuda",
+                           timeout_s=900)
+    torch.cuda.reset_peak_memory_stats(parallel.device)
+    llm = LLM("dummy", model=args.model, dtype="bfloat16", max_batch_size=max(args.batch), parallel=parallel)
+    memory = [llm.load_memory]
+    if parallel.world_size > 1:
+        memory = [None] * parallel.world_size
+        dist.all_gather_object(memory, llm.load_memory)
+    timed_generate(llm, 1, 8, 2, 1)  # warm-up
+    result = {"model": args.model, "layout": f"tp={args.tp} ep={args.ep} expert_tp={args.expert_tp or args.tp}",
+              "gpus": parallel.world_size, "device": torch.cuda.get_device_name(parallel.device),
+              "load_s": llm.load_seconds, "memory_per_rank": memory, "decode": []}
+    for batch in args.batch:
+        prefill = timed_generate(llm, batch, args.prompt, 1, args.repeat)
+        full = timed_generate(llm, batch, args.prompt, args.decode + 1, args.repeat)
+        result["decode"].append({"batch": batch, "decode_tokens_per_s": batch * args.decode / (full - prefill),
+                                 "prefill_tokens_per_s": batch * args.prompt / prefill})
+    if args.a2a and parallel.world_size > 1:
+        result["all_to_all"] = a2a_rows(parallel, preset(args.model))
+    if parallel.rank == 0:
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        for row in result["decode"]:
+            mem = ", ".join(f"{m['peak_device_GiB']:.1f}" for m in memory)
+            print(f"{args.model:<13} {result['layout']:<22} batch {row['batch']:>3}: decode "
+                  f"{row['decode_tokens_per_s']:8.2f} tok/s, prefill {row['prefill_tokens_per_s']:9.1f} tok/s, "
+                  f"load {llm.load_seconds:5.1f} s, GiB per GPU [{mem}]")
+        for row in result.get("all_to_all", []):
+            print("all-to-all", row)
+    groups.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # the lent machines forbid NVLink multicast
+    main()
