@@ -87,4 +87,4 @@ class AllToAllExchange:
         n, k = routed.shape
         per_pair = torch.empty_like(back)
         per_pair[routed.order] = back  # undo the sort: row i is pair (i // k, i % k) again
-        return (per_pair.view(n, k, -1) * weights.unsqueeze(-1).to(per_pair.dtype)).sum(dim=1)
+        return (per_pair.view(n, k, back.shape[-1]) * weights.unsqueeze(-1).to(per_pair.dtype)).sum(dim=1)

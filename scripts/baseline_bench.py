@@ -56,14 +56,15 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: i
     reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (prompt_len,), generator=gen).tolist(),
              "max_tokens": decode, "temperature": 0, "ignore_eos": True} for i in range(batch)]
     times = []
-    for _ in range(repeat):
+    for attempt in range(repeat + 1):  # the first run warms up this shape (kernel choices, allocations)
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         results = llm.generate(reqs)
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        if attempt:
+            times.append(time.perf_counter() - t)
         assert all(len(r.token_ids) == decode and r.error is None for r in results), results[0]
     return statistics.median(times)
 

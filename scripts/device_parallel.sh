@@ -33,8 +33,12 @@ err = max(abs(x - y) for k in a for x, y in zip(a[k]["logprobs"], b[k]["logprobs
 print(f"EQUIVALENCE {sys.argv[3]:<35} same tokens: {same}, max |logprob diff|: {err:.2e}")
 PY
   done
-  torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2 --json $OUT/120b_tp2.json 2>&1 | grep -v Warning | tail -4
-  torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --ep 2 --a2a --json $OUT/120b_ep2.json 2>&1 | grep -v Warning | tail -8
+fi
+if [[ $part == all || $part == layouts || $part == bench ]]; then
+  torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2 --json $OUT/120b_tp2.json > $OUT/tp2.log 2>&1 || true
+  grep -v Warning $OUT/tp2.log | tail -4
+  torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --ep 2 --a2a --json $OUT/120b_ep2.json > $OUT/ep2.log 2>&1 || true
+  grep -v Warning $OUT/ep2.log | grep -v "^ \|^\[" | tail -12
 fi
 if [[ $part == all || $part == single ]]; then
   CUDA_VISIBLE_DEVICES=0 python3 scripts/parallel_bench.py --model gpt-oss-120b --json $OUT/120b_1gpu.json | tail -2

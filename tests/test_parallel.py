@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 REQUESTS = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (5 + 3 * i,),
                                                         generator=torch.Generator().manual_seed(i)).tolist(),
              "max_tokens": 6, "temperature": 0, "logprobs": True} for i in range(5)]
-REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.9, "top_p": 0.9,
+# Longer than the others, so it ends up decoding alone: one token, and an empty slice on some ranks.
+REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "top_p": 0.9,
                  "seed": 11, "logprobs": True})
 
 
