@@ -34,13 +34,15 @@ print(f"EQUIVALENCE {sys.argv[3]:<35} same tokens: {same}, max |logprob diff|: {
 PY
   done
 fi
-if [[ $part == all || $part == layouts || $part == bench ]]; then
-  torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2 --json $OUT/120b_tp2.json > $OUT/tp2.log 2>&1 || true
-  grep -v Warning $OUT/tp2.log | tail -4
+if [[ $part == all || $part == layouts || $part == bench* ]]; then
+  if [[ $part != bench-ep ]]; then
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2 --json $OUT/120b_tp2.json > $OUT/tp2.log 2>&1 || true
+    grep -v Warning $OUT/tp2.log | tail -4
+  fi
   torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --ep 2 --a2a --json $OUT/120b_ep2.json > $OUT/ep2.log 2>&1 || true
   grep -v Warning $OUT/ep2.log | grep -v "^ \|^\[" | tail -12
 fi
-if [[ $part == all || $part == single ]]; then
+if [[ $part == all || $part == single || $part == bench-ep ]]; then
   CUDA_VISIBLE_DEVICES=0 python3 scripts/parallel_bench.py --model gpt-oss-120b --json $OUT/120b_1gpu.json | tail -2
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -3
 fi

@@ -89,7 +89,6 @@ def main() -> None:
 
     parallel = groups.init(groups.Layout(tp=args.tp, ep=args.ep, expert_tp=args.expert_tp), device_type="cuda",
                            timeout_s=900)
-    torch.cuda.reset_peak_memory_stats(parallel.device)
     llm = LLM("dummy", model=args.model, dtype="bfloat16", max_batch_size=max(args.batch), parallel=parallel)
     memory = [llm.load_memory]
     if parallel.world_size > 1:
