@@ -115,6 +115,8 @@ class LLM:
         else:
             reader = CheckpointReader(default_checkpoint() if checkpoint is None else checkpoint)
             self.model = GptOss(reader.config, self.dtype, parallel=self.parallel).load(reader)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies and random draws are asynchronous
         self.load_seconds = time.perf_counter() - start
         self.load_memory = memory_report(self.device)
         self.config = self.model.cfg

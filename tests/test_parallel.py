@@ -146,3 +146,29 @@ def test_layouts_that_do_not_fit_are_named():
     with pytest.raises(LayoutError, match="not a multiple of the 32-value MXFP4 block"):
         GptOss(tiny.__class__(**{**tiny.__dict__, "intermediate_size": 96}), torch.float32,
                parallel=_parallel(experts_split=2))
+
+
+def test_each_rank_reads_only_its_slices(tiny_checkpoints):
+    """Rank 1 of tp=2 with whole experts over 2 ranks: half the heads, half the vocabulary, half the
+    experts, read straight from the checkpoint (no collective is needed to load)."""
+    from runtime.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(tiny_checkpoints["hf"])
+    cfg = reader.config
+    two = lambda: Group(None, 1, 2, (0, 1))  # noqa: E731
+    parallel = groups.Parallel(1, 2, Layout(tp=2, expert_tp=1), torch.device("cpu"), two(),
+                               Group(None, 0, 1, (1,)), two(), two(), 0)
+    model = GptOss(cfg, torch.float32, parallel=parallel).load(reader)
+    full = {name: reader.read(name) for name in ("block.0.attn.qkv.weight", "block.0.attn.sinks",
+                                                  "block.0.mlp.mlp1_weight.blocks", "unembedding.weight",
+                                                  "block.0.attn.out.weight")}
+    q, kv, half_q, half_kv = cfg.q_width, cfg.kv_width, cfg.q_width // 2, cfg.kv_width // 2
+    expected_qkv = torch.cat([full["block.0.attn.qkv.weight"][half_q:q],
+                              full["block.0.attn.qkv.weight"][q + half_kv:q + kv],
+                              full["block.0.attn.qkv.weight"][q + kv + half_kv:]])
+    local = model.state_dict()
+    assert torch.equal(local["block.0.attn.qkv.weight"], expected_qkv.float())
+    assert torch.equal(local["block.0.attn.sinks"], full["block.0.attn.sinks"][cfg.num_attention_heads // 2:].float())
+    assert torch.equal(local["block.0.attn.out.weight"], full["block.0.attn.out.weight"][:, half_q:].float())
+    assert torch.equal(local["block.0.mlp.mlp1_weight.blocks"], full["block.0.mlp.mlp1_weight.blocks"][cfg.num_experts // 2:])
+    assert torch.equal(local["unembedding.weight"], full["unembedding.weight"][cfg.vocab_size // 2:].float())
