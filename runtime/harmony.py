@@ -127,7 +127,7 @@ class Harmony:
         effort = _check_effort(reasoning_effort)
         system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
         rendered = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-        for i, m in enumerate(_check_messages(messages)):
+        for m in _check_messages(messages):
             role, content = m["role"], m["content"]
             if role in ("system", "developer"):
                 dev = oh.DeveloperContent.new().with_instructions(content)

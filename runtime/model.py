@@ -15,7 +15,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.functional import linear
 
 from parallel.experts import AllToAllExchange, gather_token_slices, token_slice
 from parallel.groups import LayoutError, Parallel, single

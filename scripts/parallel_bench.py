@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
                            for _ in range(tokens)])
         weights = torch.full(ids.shape, 0.25, device=parallel.device)
 
-        def layer():
+        def layer(x=x, ids=ids, weights=weights):
             routed = exchange.dispatch(x, ids)
             return exchange.combine(routed.rows.float(), weights, routed)
 

@@ -1,5 +1,7 @@
 """The LLM class: batching, chunked prefill, sampling and stopping, on the tiny model (float32, CPU)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -23,6 +25,19 @@ def greedy(tokens, max_tokens=10, **kw):
     return Request(kw.pop("id", 0), tokens, SamplingParams(max_tokens=max_tokens, temperature=0, **kw), stop_token_ids=())
 
 
+@contextlib.contextmanager
+def settings(llm, **values):
+    """The engine with some limits changed for one test."""
+    saved = {k: getattr(llm, k) for k in values}
+    for k, v in values.items():
+        setattr(llm, k, v)
+    try:
+        yield llm
+    finally:
+        for k, v in saved.items():
+            setattr(llm, k, v)
+
+
 def run_alone(llm, reqs):
     return [llm.generate([r])[0].token_ids for r in reqs]
 
@@ -30,22 +45,16 @@ def run_alone(llm, reqs):
 def test_batched_generation_equals_each_request_alone(llm):
     reqs = [greedy(p, id=i) for i, p in enumerate(prompts(5))]
     alone = run_alone(llm, reqs)
-    llm.max_batch_size, saved = 2, llm.max_batch_size  # requests join and leave mid-batch
-    try:
+    with settings(llm, max_batch_size=2):  # requests join and leave mid-batch
         batched = [r.token_ids for r in llm.generate(reqs)]
-    finally:
-        llm.max_batch_size = saved
     assert batched == alone
 
 
 def test_chunked_prefill_equals_one_shot(llm):
     reqs = [greedy(p, id=i) for i, p in enumerate(prompts(3, seed=1, lo=30, hi=60))]
     one_shot = run_alone(llm, reqs)
-    llm.max_batch_tokens, saved = 8, llm.max_batch_tokens  # prompts of 30-60 tokens in chunks of <= 8
-    try:
+    with settings(llm, max_batch_tokens=8):  # prompts of 30-60 tokens in chunks of <= 8
         chunked = [r.token_ids for r in llm.generate(reqs)]
-    finally:
-        llm.max_batch_tokens = saved
     assert chunked == one_shot
 
 
