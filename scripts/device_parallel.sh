@@ -46,3 +46,17 @@ if [[ $part == all || $part == single || $part == bench-ep ]]; then
   CUDA_VISIBLE_DEVICES=0 python3 scripts/parallel_bench.py --model gpt-oss-120b --json $OUT/120b_1gpu.json | tail -2
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -3
 fi
+if [[ $part == load ]]; then
+  # Load time and memory per GPU from a real-format checkpoint on local disk (synthetic gpt-oss-20b,
+  # HF layout, 13 GB), and the dummy 120b fill, per layout.
+  time python3 -m launch.make_checkpoint model=gpt-oss-20b layout=hf out=/tmp/ck20
+  quick="--batch 1 --decode 1 --repeat 1"
+  python3 scripts/parallel_bench.py --model gpt-oss-20b --checkpoint /tmp/ck20 $quick | tail -1
+  for layout in "--tp 2" "--ep 2"; do
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-20b --checkpoint /tmp/ck20 $layout $quick 2>&1 | grep "tok/s"
+  done
+  python3 scripts/parallel_bench.py --model gpt-oss-120b $quick | tail -1
+  for layout in "--tp 2" "--ep 2"; do
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b $layout $quick 2>&1 | grep "tok/s"
+  done
+fi
