@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel import groups
+from parallel import groups, heartbeat
 from runtime.config import ConfigError, from_mapping
 from runtime.engine import LLM, resolve_device
 
@@ -75,5 +75,7 @@ def fail_fast():
         if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
             raise
         traceback.print_exc()
-        print(f"{rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        silent = heartbeat.silent_ranks()
+        blame = f"; rank(s) {', '.join(map(str, silent))} stopped responding" if silent else ""
+        print(f"{rank_prefix()}failed: {type(e).__name__}: {e}{blame}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from parallel import heartbeat
+
 
 class LayoutError(ValueError):
     """A parallel layout that does not fit the world or the model; the message says which number."""
@@ -157,6 +159,7 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
     g = _groups(world_size, layout, rank, timeout)
+    heartbeat.start(rank, world_size)
     return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
                     g["replica"], rank // layout.replica_size)
 

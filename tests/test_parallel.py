@@ -124,6 +124,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tiny_checkpoints, tmp_path)
     output, _ = proc.communicate(timeout=60)
     assert waited < 30, "rank 0 kept waiting on the stopped rank"
     assert proc.returncode != 0 and "rank 0: failed" in output and "Timed out" in output
+    assert "rank(s) 1 stopped responding" in output
 
 
 def _parallel(tp=1, experts_split=1, experts_partition=1):
