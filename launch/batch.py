@@ -10,19 +10,36 @@ A request that cannot run (bad JSON, an unknown field, a prompt over the context
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
 import hydra
 import torch.distributed
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from launch.common import build_llm, clean_exit, fail_fast, init_parallel
+from launch.progress import Progress
 from parallel.groups import Parallel
 from runtime.engine import Result
 from runtime.jsonl import NoOutput, OutputFile, read_input
 from runtime.requests import RequestError
+
+
+class StopSignal:
+    """SIGTERM (Slurm's preemption and requeue, torchrun's shutdown) or SIGUSR1 ends the job after
+    the current step: every finished result is already on disk, the rest runs again on resume."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        return self.received is not None
 
 
 def open_output(path: str, parallel: Parallel) -> OutputFile:
@@ -52,9 +69,8 @@ def run(cfg: DictConfig) -> dict:
             seen.add(line.key)
             todo.append(line)
         todo = todo[parallel.dp_rank::parallel.layout.dp]
-        bar = tqdm(total=len(todo), unit="req", file=sys.stderr, disable=not cfg.progress or parallel.rank != 0,
-                   dynamic_ncols=True)
-        stats = {"requests": len(todo), "errors": 0, "tokens": 0, "skipped": len(lines) - len(todo)}
+        progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0, interval_s=cfg.progress_interval_s)
+        stats = {"requests": len(todo), "written": 0, "errors": 0, "tokens": 0, "skipped": len(lines) - len(todo)}
         start = time.perf_counter()
 
         def write(result: Result, line_number: int | None = None) -> None:
@@ -62,10 +78,10 @@ def run(cfg: DictConfig) -> dict:
             if result.id is None:
                 record["line"] = line_number  # no usable id: the line number identifies it
             out.write(record)
+            stats["written"] += 1
             stats["errors"] += result.error is not None
             stats["tokens"] += len(result.token_ids)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - start):.1f}", refresh=False)
+            progress.update(len(result.token_ids))
 
         requests = []
         for line in todo:
@@ -76,8 +92,10 @@ def run(cfg: DictConfig) -> dict:
             except RequestError as e:
                 write(Result(line.key[1] if line.key[0] == "id" else None, error=f"line {line.number}: {e}"),
                       line.number)
-        llm.generate(requests, on_result=write)
-        bar.close()
+        stop = StopSignal()
+        llm.generate(requests, on_result=write, should_stop=stop)
+        progress.close()
+    stats["stopped_by"] = stop.received
     stats["seconds"] = time.perf_counter() - start
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     return stats
@@ -87,6 +105,10 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     with fail_fast():
         stats = run(cfg)
+    if stats["stopped_by"]:
+        print(f"stopped by {stats['stopped_by']}: {stats['written']} of {stats['requests']} "
+              f"requests written; rerun with the same output to finish the rest", file=sys.stderr)
+        sys.exit(128 + getattr(signal, stats["stopped_by"]))
     if int(os.environ.get("RANK", 0)) != 0:
         return
     print(f"done: {stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "

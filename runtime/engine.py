@@ -144,9 +144,13 @@ class LLM:
                              default_max_tokens=self.default_max_tokens, harmony=self.harmony)
 
     def generate(self, requests: Iterable[Request | dict], on_result: Callable[[Result], None] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> list[Result]:
+                 should_stop: Callable[[], bool] | None = None) -> list[Result]:
         """Generate for every request; results come back in the order given (and to `on_result` as
-        they finish). Dicts are parsed with make_request; one that fails becomes an error result."""
+        they finish). Dicts are parsed with make_request; one that fails becomes an error result.
+
+        `should_stop` is asked before every step (on a replica's first rank, whose answer all its
+        ranks follow); once it says yes, generation ends and only the finished results return.
+        """
         results: dict[int, Result] = {}
 
         def finish(index: int, result: Result) -> None:
@@ -163,7 +167,7 @@ class LLM:
                     finish(index, Result(request_id(req), error=str(e)))
                     continue
             waiting.append((index, req))
-        self._run(waiting, finish, on_step)
+        self._run(waiting, finish, should_stop)
         return [results[i] for i in sorted(results)]
 
     # --------------------------------------------------------------------------- the loop
@@ -171,9 +175,11 @@ class LLM:
         seed = req.params.seed if req.params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         return _Sequence(req, self.model.new_cache(), make_generator(seed, self.device), list(req.prompt_token_ids))
 
-    def _run(self, waiting, finish, on_step) -> None:
+    def _run(self, waiting, finish, should_stop) -> None:
         running: dict[int, _Sequence] = {}
         while waiting or running:
+            if should_stop is not None and self._agreed(should_stop()):
+                return
             while waiting and len(running) < self.max_batch_size:
                 index, req = waiting.popleft()
                 running[index] = self._admit(req)
@@ -188,8 +194,12 @@ class LLM:
                 if reason is not None:
                     del running[index]
                     finish(index, self._result(seq, reason))
-            if on_step is not None:
-                on_step(len(wants_logits))
+
+    def _agreed(self, flag: bool) -> bool:
+        """The replica's first rank's flag, on every rank of the replica."""
+        if self.parallel.replica.size == 1:
+            return flag
+        return bool(broadcast(torch.tensor([flag], device=self.device), self.parallel.replica).item())
 
     def _sample(self, logits: torch.Tensor, wants: list[int], running: dict[int, _Sequence]):
         """(token, logprob) per row. Every rank of a replica samples the same way from the same
