@@ -68,9 +68,10 @@ def run(cfg: DictConfig) -> dict:
                 continue  # finished in an earlier run, or a repeated id (the first one wins)
             seen.add(line.key)
             todo.append(line)
+        skipped = len(lines) - len(todo)
         todo = todo[parallel.dp_rank::parallel.layout.dp]
         progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0, interval_s=cfg.progress_interval_s)
-        stats = {"requests": len(todo), "written": 0, "errors": 0, "tokens": 0, "skipped": len(lines) - len(todo)}
+        stats = {"requests": len(todo), "written": 0, "errors": 0, "tokens": 0, "skipped": skipped}
         start = time.perf_counter()
 
         def write(result: Result, line_number: int | None = None) -> None:
@@ -111,7 +112,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + getattr(signal, stats["stopped_by"]))
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    print(f"done: {stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
+    replica = f"replica 0 of {cfg.parallel.dp or 'all'}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"done: {replica}{stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
           f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s",
           file=sys.stderr)
 

@@ -17,7 +17,9 @@ from runtime.engine import LLM, resolve_device
 def init_parallel(cfg: DictConfig) -> groups.Parallel:
     """This rank's place in the layout (torchrun's environment, or a single process)."""
     p = cfg.parallel
-    layout = groups.Layout(tp=p.tp, ep=p.ep, dp=p.dp, expert_tp=p.expert_tp)
+    # dp left out: every rank the launcher started serves, as world / (tp x ep) replicas.
+    dp = p.dp if p.dp is not None else max(1, int(os.environ.get("WORLD_SIZE", 1)) // (p.tp * p.ep))
+    layout = groups.Layout(tp=p.tp, ep=p.ep, dp=dp, expert_tp=p.expert_tp)
     device = resolve_device(cfg.device)
     parallel = groups.init(layout, device_type=device.type, timeout_s=p.timeout_s)
     if parallel.world_size == 1:
