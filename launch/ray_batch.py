@@ -1,0 +1,210 @@
+"""Offline batch inference on Ray: requests flow as a Ray Dataset through model replicas.
+
+    python -m launch.ray_batch input=in.jsonl output=out.jsonl replicas=2 parallel.tp=2 [checkpoint=DIR ...]
+    python -m launch.ray_batch input=in.parquet output=out.parquet ...
+
+Each replica is a group of Ray actors, one per GPU (or CPU rank), reserved together in a placement
+group and joined into one torch.distributed group (NCCL on GPUs, gloo on CPUs), exactly the ranks
+torchrun would start. The dataset's batches go to the replicas through an actor pool, so replicas run
+in parallel. The replica's first rank appends each finished result to a part file (one line, fsync),
+so a killed job resumes: finished ids are skipped, and a batch Ray retries reuses its part file.
+When every request is done, the parts become the output (JSONL, or Parquet for a .parquet output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from launch.progress import Progress
+from runtime.engine import Result
+from runtime.jsonl import InputLine, OutputFile, output_key
+from runtime.requests import RequestError
+
+
+class RankActor:
+    """One rank of a replica: joins the replica's process group and runs the engine on its shard."""
+
+    def __init__(self, cfg: dict, rank: int, world_size: int, master_addr: str, master_port: int):
+        from launch.common import build_llm
+        from parallel import groups
+
+        cfg = OmegaConf.create(cfg)
+        p = cfg.parallel
+        device = "cuda" if cfg.device in ("auto", "cuda") and _has_gpu() else "cpu"
+        layout = groups.Layout(tp=p.tp, ep=p.ep, dp=1, expert_tp=p.expert_tp)
+        os.environ["LOCAL_RANK"] = "0"  # Ray shows each actor only its own GPU
+        self.parallel = groups.init(layout, rank=rank, world_size=world_size, master_addr=master_addr,
+                                    master_port=master_port, device_type=device, timeout_s=p.timeout_s)
+        self.llm = build_llm(cfg, self.parallel)
+
+    def generate(self, lines: list[tuple[int, str]], part: str) -> list[dict]:
+        """Run a batch of raw input lines; the first rank writes results to `part` as they finish."""
+        out = OutputFile(part) if self.parallel.is_writer else None
+        requests, written = [], []
+
+        def write(result: Result, number: int | None = None) -> None:
+            record = result.to_json()
+            if result.id is None:
+                record["line"] = number
+            if out is not None and output_key(record) not in out.done:
+                out.write(record)
+            written.append({"id": record.get("id"), "tokens": len(result.token_ids)})
+
+        for number, text in lines:
+            line = _parse(number, text)
+            if out is not None and line.key in out.done:
+                continue  # a retried batch: this one was written before the failure
+            try:
+                if line.error is not None:
+                    raise RequestError(line.error)
+                requests.append(self.llm.make_request(line.obj))
+            except RequestError as e:
+                write(Result(line.key[1] if line.key[0] == "id" else None, error=f"line {number}: {e}"), number)
+        self.llm.generate(requests, on_result=write)
+        if out is not None:
+            out.close()
+        return written if self.parallel.is_writer else []
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _parse(number: int, text: str) -> InputLine:
+    try:
+        return InputLine(number, json.loads(text))
+    except json.JSONDecodeError as e:
+        return InputLine(number, error=f"line {number}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Replica:
+    """A model replica for Dataset.map_batches: tp x ep RankActors in one placement group."""
+
+    def __init__(self, cfg: dict, parts_dir: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = cfg["parallel"]
+        size = p["tp"] * p["ep"]
+        gpu = cfg["device"] in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) > 0
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        self.group = placement_group([bundle] * size, strategy="PACK")
+        ray.get(self.group.ready())
+        actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(RankActor)
+        master_addr = ray.util.get_node_ip_address()
+        master_port = ray.get(ray.remote(num_cpus=0)(_free_port).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, 0)).remote())
+        self.ranks = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, r)).remote(
+            cfg, r, size, master_addr, master_port) for r in range(size)]
+        self.parts_dir = Path(parts_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        import ray
+
+        lines = list(zip((int(n) for n in batch["number"]), (str(t) for t in batch["text"])))
+        # The same batch (after a Ray retry) lands in the same part file, which remembers what is done.
+        digest = hashlib.sha1("\n".join(f"{n}:{t}" for n, t in lines).encode()).hexdigest()[:16]
+        part = str(self.parts_dir / f"part-{digest}.jsonl")
+        written = ray.get([r.generate.remote(lines, part) for r in self.ranks])[0]
+        return {"id": [json.dumps(w["id"]) for w in written], "tokens": [w["tokens"] for w in written]}
+
+
+# ------------------------------------------------------------------------------------------ the job
+def _input_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, raw JSON text) per request; Parquet rows become JSON objects."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None})) for i, row in enumerate(rows)]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [(number, text.strip()) for number, text in enumerate(f, start=1) if text.strip()]
+
+
+def _done(parts_dir: Path) -> set:
+    done = set()
+    for part in parts_dir.glob("part-*.jsonl"):
+        done |= OutputFile(part).done  # also repairs a part cut by a crash
+    return done
+
+
+def _finish(parts_dir: Path, output: str) -> int:
+    """All parts into the output file, atomically (a temp file renamed into place)."""
+    records = {}
+    for part in sorted(parts_dir.glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            record = json.loads(line)
+            records.setdefault(json.dumps(output_key(record)), record)
+    tmp = Path(output + ".tmp")
+    if output.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = ("id", "token_ids", "logprobs", "text", "finish_reason", "error", "line")
+        rows = [{**{c: r.get(c) for c in columns}, "id": None if r.get("id") is None else str(r["id"]),
+                 "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r}) if "channels" in r else None}
+                for r in records.values()]
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
+    os.replace(tmp, output)
+    return len(records)
+
+
+def run(cfg: DictConfig) -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, num_cpus=cfg.ray_num_cpus, log_to_driver=True)
+    parts_dir = Path(str(cfg.output) + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    done = _done(parts_dir)
+    lines = _input_lines(str(cfg.input))
+    todo = [(n, t) for n, t in lines if _parse(n, t).key not in done]
+    progress = Progress(len(todo), enabled=cfg.progress, interval_s=cfg.progress_interval_s)
+    start, tokens = time.perf_counter(), 0
+    if todo:
+        dataset = ray.data.from_items([{"number": n, "text": t} for n, t in todo])
+        container = OmegaConf.to_container(cfg, resolve=True)
+        results = dataset.map_batches(Replica, fn_constructor_kwargs={"cfg": container, "parts_dir": str(parts_dir)},
+                                      batch_size=cfg.ray_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
+                                      num_cpus=0)
+        for batch in results.iter_batches(batch_size=None):
+            for n in batch["tokens"]:
+                tokens += int(n)
+                progress.update(int(n))
+    progress.close()
+    total = _finish(parts_dir, str(cfg.output))
+    return {"requests": len(todo), "skipped": len(lines) - len(todo), "written": total, "tokens": tokens,
+            "seconds": time.perf_counter() - start}
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="ray_batch")
+def main(cfg: DictConfig) -> None:
+    stats = run(cfg)
+    print(f"done: {stats['requests']} requests ({stats['skipped']} already done), {stats['written']} results in "
+          f"{cfg.output}, {stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

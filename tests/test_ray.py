@@ -1,0 +1,63 @@
+"""Ray offline batch inference on a local Ray on CPU: a 2-rank replica (gloo inside the actors)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+
+REPO = Path(__file__).resolve().parents[1]
+REQUESTS = [{"id": i, "prompt_token_ids": [500 + i, 600 + i, 700 + i, 800 + i][: 2 + i % 3], "max_tokens": 5,
+             "temperature": 0, "logprobs": True} for i in range(6)]
+REQUESTS.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+
+
+def run(*args, module="launch.ray_batch"):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
+
+
+def by_id(path):
+    return {r["id"] if r["id"] is not None else f"line {r['line']}": r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_two_rank_replica_matches_one_process_and_resumes(tiny_checkpoints, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS) + "{not json\n")
+    ckpt = f"checkpoint={tiny_checkpoints['original']}"
+    run(ckpt, f"input={inp}", f"output={tmp_path / 'single.jsonl'}", "progress=false", module="launch.batch")
+    out = tmp_path / "ray.jsonl"
+    log = run(ckpt, f"input={inp}", f"output={out}", "parallel.tp=2", "ray_num_cpus=4", "ray_batch_size=4")
+    expected, got = by_id(tmp_path / "single.jsonl"), by_id(out)
+    assert sorted(got, key=str) == sorted(expected, key=str)
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"] and got[rid]["finish_reason"] == want["finish_reason"]
+        if "logprobs" in want:
+            assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert "not valid JSON" in got["line 8"]["error"] and "channels" in got["chat"]
+    assert "rank 1: loaded" in log  # two ranks formed the replica
+    before = out.read_text()
+    assert "done: 0 requests (8 already done)" in run(ckpt, f"input={inp}", f"output={out}", "ray_num_cpus=4")
+    assert out.read_text() == before
+
+
+def test_parquet_in_parquet_out_with_two_replicas(tiny_checkpoints, tmp_path):
+    import pyarrow as pa
+
+    inp = tmp_path / "in.parquet"
+    rows = [{"id": str(i), "prompt": f"request {i}", "max_tokens": 3, "temperature": 0.0} for i in range(6)]
+    pyarrow_parquet.write_table(pa.Table.from_pylist(rows), inp)
+    out = tmp_path / "out.parquet"
+    run(f"checkpoint={tiny_checkpoints['original']}", f"input={inp}", f"output={out}", "replicas=2",
+        "ray_num_cpus=4", "ray_batch_size=2")
+    table = pyarrow_parquet.read_table(out).to_pylist()
+    assert sorted(r["id"] for r in table) == [str(i) for i in range(6)]
+    assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 3 for r in table)
