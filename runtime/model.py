@@ -23,6 +23,7 @@ from parallel.layers import (ColumnParallelLinear, ReplicatedLinear, RowParallel
 from runtime import mxfp4
 from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import ModelConfig
+from runtime.kernels import use_triton
 from runtime.kernels.attention import attention
 from runtime.kernels.moe import expert_rows, route
 from runtime.kernels.rmsnorm import rms_norm
@@ -116,6 +117,13 @@ class MoE(Sharded):
         self.add("mlp1_bias", (E, 2 * I), dtype, {0: experts, 1: [(2 * lo, 2 * hi)]})
         self.add("mlp2_bias", (E, d), dtype, {0: experts})
 
+    def _expert_rows(self):
+        if use_triton(self.mlp1_bias):
+            from runtime.kernels.moe_gemm import expert_rows_triton
+
+            return expert_rows_triton
+        return expert_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
@@ -123,7 +131,7 @@ class MoE(Sharded):
         lo, hi = token_slice(x.shape[0], self.partition)
         routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
-        y = expert_rows(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
+        y = self._expert_rows()(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
                         self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
                         self.mlp2_bias, cfg.swiglu_limit, reduce)
         out = self.exchange.combine(y, weights[lo:hi], routed)
