@@ -56,13 +56,13 @@ def main() -> None:
         experts = torch.topk(torch.rand(tokens, cfg.num_experts, device="cuda"), cfg.experts_per_token).indices
         experts = experts.flatten()
         x = torch.randn(len(experts), cfg.hidden_size, device="cuda").to(torch.bfloat16)
-        seconds = triton.testing.do_bench(lambda: expert_rows_triton(x, experts, *weights, cfg.swiglu_limit),
+        seconds = triton.testing.do_bench(lambda x=x, experts=experts: expert_rows_triton(x, experts, *weights, cfg.swiglu_limit),
                                           return_mode="median") / 1e3
         touched = torch.unique(experts).numel() * per_expert
         flops = 2 * len(experts) * cfg.hidden_size * 3 * cfg.intermediate_size
         ref = ""
         if args.reference and tokens <= 4096:
-            ref_s = triton.testing.do_bench(lambda: expert_rows(x, experts, *weights, cfg.swiglu_limit),
+            ref_s = triton.testing.do_bench(lambda x=x, experts=experts: expert_rows(x, experts, *weights, cfg.swiglu_limit),
                                             return_mode="median") / 1e3
             ref = f"{ref_s * 1e6:9.0f}"
         print(f"{tokens:>6} {torch.unique(experts).numel():>7} {touched / 1e6:>8.1f} {seconds * 1e6:>9.1f} "
