@@ -59,15 +59,18 @@ def _grouped_mxfp4_kernel(
     w_base = blocks_ptr + expert * stride_be + cols[:, None] * stride_bn
     s_base = scales_ptr + expert * stride_se + cols[:, None] * stride_sn
     for k0 in range(0, K, BLOCK_K):
-        packed = tl.load(w_base + (k0 // 2 + kb)[None, :], mask=col_ok[:, None], other=0)
-        scale = tl.load(s_base + (k0 // 32 + ks)[None, :], mask=col_ok[:, None], other=127)
+        # K (2880 in gpt-oss) need not be a multiple of BLOCK_K: the tail reads zeros.
+        packed = tl.load(w_base + (k0 // 2 + kb)[None, :], mask=col_ok[:, None] & (k0 // 2 + kb < K // 2)[None, :],
+                         other=0)
+        scale = tl.load(s_base + (k0 // 32 + ks)[None, :], mask=col_ok[:, None] & (k0 // 32 + ks < K // 32)[None, :],
+                        other=127)
         low = _e2m1(packed & 15)
         high = _e2m1(packed >> 4)
         w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j = low nibble, 2j+1 = high
         factor = tl.exp2(scale.to(tl.float32) - 127.0)  # [BLOCK_N, BLOCK_K / 32]
         w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * factor[:, :, None], (BLOCK_N, BLOCK_K))
-        a = tl.load(x_ptr + rows[:, None] * stride_x + (k0 + tl.arange(0, BLOCK_K))[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
         if DOT_FP32:
             acc += tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
@@ -108,13 +111,13 @@ def grouped_mxfp4(x: torch.Tensor, tiles, blocks: torch.Tensor, scales: torch.Te
     """y[r] = W_{e(r)} x[r] + b_{e(r)} (then SwiGLU if a limit is given) for rows sorted by expert."""
     E, N, groups, _ = blocks.shape
     K = groups * 32
-    assert x.shape[1] == K and K % block_k == 0 and N % block_n == 0
+    assert x.shape[1] == K and N % block_n == 0, (x.shape, blocks.shape, block_n)
     if out is None:
         out = torch.empty((x.shape[0], N // 2 if swiglu_limit is not None else N), dtype=out_dtype, device=x.device)
     tile_expert, tile_row, tile_end = tiles
     if tile_expert.numel() == 0:
         return out
-    grid = (tile_expert.numel(), N // block_n)
+    grid = (tile_expert.numel(), N // block_n)  # K is looped inside, its tail masked
     _grouped_mxfp4_kernel[grid](
         x, blocks, scales, bias, out, tile_expert, tile_row, tile_end,
         N, K, x.stride(0), out.stride(0),
