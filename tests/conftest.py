@@ -2,11 +2,13 @@
 
 import os
 
-# Triton's interpreter must be chosen before any @triton.jit decorator runs (kernel tests on CPU).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in its interpreter, which must be chosen before any @triton.jit
+# decorator runs; with one, they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from runtime.checkpoint import write_checkpoint  # noqa: E402
 from runtime.config import preset  # noqa: E402
