@@ -36,7 +36,20 @@ def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
     # 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
     diff = (a - b).abs()
     assert diff.mean() < 0.05 and diff.amax(-1).median() < 0.5, (diff.mean(), diff.amax(-1).median())
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # Top-1 of a random tiny model is often a near-tie among 201,088 logits: a loose bound.
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+
+
+def test_dummy_20b_triton_experts_match_the_reference_model(monkeypatch):
+    """The whole 20b model (float32) with the Triton experts against the same model on the reference ops."""
+    model = GptOss(preset("gpt-oss-20b"), torch.float32, "cuda").randomize(0)
+    tokens = torch.randint(0, 199998, (64,)).tolist()
+    fast = torch.log_softmax(full_logits(model, tokens), -1)
+    monkeypatch.setenv("GPT_OSS_REFERENCE", "1")
+    ref = torch.log_softmax(full_logits(model, tokens), -1)
+    diff = (fast - ref).abs()
+    print(f"triton vs reference experts, 20b fp32: mean {diff.mean():.3g} max {diff.max():.3g}")
+    assert diff.mean() < 1e-3
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
@@ -51,7 +64,8 @@ def test_mxfp4_decode_on_gpu_is_exact_at_real_shapes(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dummy_20b_kv_cache_decode_matches_recompute(dtype):
+def test_dummy_20b_kv_cache_decode_matches_recompute(dtype, monkeypatch):
+    monkeypatch.setenv("GPT_OSS_REFERENCE", "1")  # the cache logic on the reference ops; kernels are checked below
     model = GptOss(preset("gpt-oss-20b"), dtype, "cuda").randomize(0)
     tokens = torch.randint(0, 199998, (200,)).tolist()  # longer than the 128-token window
     full = full_logits(model, tokens)
