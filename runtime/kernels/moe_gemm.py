@@ -2,8 +2,8 @@
 
 Rows arrive sorted by expert. Each program computes a BLOCK_M x BLOCK_N tile of one expert's
 output: it streams that expert's packed bytes and scale bytes for BLOCK_N output rows, turns each
-nibble into its E2M1 value with a few integer ops (no lookup table), scales it by 2^(s - 127), and
-feeds the tensor cores in bf16 with an fp32 accumulator. Epilogue: bias, and for mlp1 the clamped
+nibble and its block's scale straight into bfloat16 bits with a few integer ops (exact: no lookup
+table, no float math), and feeds the tensor cores in bf16 with an fp32 accumulator. Epilogue: bias, and for mlp1 the clamped
 SwiGLU over the interleaved (gate, linear) column pairs, so only the activation is written.
 
 `expert_rows_triton` is the drop-in for `moe.expert_rows` (same arguments, same result) and is
@@ -25,13 +25,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _e2m1(code):
-    """E2M1 nibble -> fp32 value: sign, 2-bit exponent, 1-bit mantissa (exponent 0: subnormal 0 or 0.5)."""
-    exp = (code >> 1) & 3
-    man = (code & 1).to(tl.float32)
-    normal = (1.0 + 0.5 * man) * tl.exp2((exp - 1).to(tl.float32))
-    value = tl.where(exp == 0, 0.5 * man, normal)
-    return tl.where((code & 8) != 0, -value, value)
+def _e2m1_scaled_bf16(code, scale):
+    """E2M1 nibble times 2^(scale - 127), built directly as bfloat16 bits (exact, no float math).
+
+    For exponent bits e > 0 the value is (1 + m/2) * 2^(e-1), so its bf16 exponent field is
+    e - 1 + 127 + (scale - 127) = scale - 1 + e and its mantissa's top bit is m; for e == 0 it is
+    m * 0.5 = 2^-1, exponent field scale - 1 + 0, mantissa 0 (or the value is zero). Scales 1..252
+    stay in range, which covers every weight a real checkpoint holds.
+    """
+    e = (code >> 1) & 3
+    m = code & 1
+    magnitude = ((scale - 1 + e) << 7) | tl.where(e > 0, m << 6, 0)
+    magnitude = tl.where((e == 0) & (m == 0), 0, magnitude)
+    bits = (((code >> 3) & 1) << 15) | magnitude
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -53,28 +60,30 @@ def _grouped_mxfp4_kernel(
     row_ok = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    kb = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K tile
-    ks = tl.arange(0, BLOCK_K // 32)  # scales of one K tile
+    kb = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K tile: byte j holds elements 2j (low) and 2j+1 (high)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_base = blocks_ptr + expert * stride_be + cols[:, None] * stride_bn
     s_base = scales_ptr + expert * stride_se + cols[:, None] * stride_sn
+    x_base = x_ptr + rows[:, None] * stride_x
     for k0 in range(0, K, BLOCK_K):
+        byte = k0 // 2 + kb
         # K (2880 in gpt-oss) need not be a multiple of BLOCK_K: the tail reads zeros.
-        packed = tl.load(w_base + (k0 // 2 + kb)[None, :], mask=col_ok[:, None] & (k0 // 2 + kb < K // 2)[None, :],
-                         other=0)
-        scale = tl.load(s_base + (k0 // 32 + ks)[None, :], mask=col_ok[:, None] & (k0 // 32 + ks < K // 32)[None, :],
-                        other=127)
-        low = _e2m1(packed & 15)
-        high = _e2m1(packed >> 4)
-        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # element 2j = low nibble, 2j+1 = high
-        factor = tl.exp2(scale.to(tl.float32) - 127.0)  # [BLOCK_N, BLOCK_K / 32]
-        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * factor[:, :, None], (BLOCK_N, BLOCK_K))
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+        w_mask = col_ok[:, None] & (byte < K // 2)[None, :]
+        packed = tl.load(w_base + byte[None, :], mask=w_mask, other=0).to(tl.int32)
+        scale = tl.load(s_base + (byte // 16)[None, :], mask=w_mask, other=127).to(tl.int32)  # one per 16 bytes
+        w_even = _e2m1_scaled_bf16(packed & 15, scale)  # [BLOCK_N, BLOCK_K / 2]
+        w_odd = _e2m1_scaled_bf16(packed >> 4, scale)
+        # Even and odd input elements meet the low and high nibbles in two half-depth dots, so the
+        # nibbles never have to be interleaved in registers.
+        a_mask = row_ok[:, None] & (byte < K // 2)[None, :]
+        a_even = tl.load(x_base + (2 * byte)[None, :], mask=a_mask, other=0.0)
+        a_odd = tl.load(x_base + (2 * byte + 1)[None, :], mask=a_mask, other=0.0)
         if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
+            acc += tl.dot(a_even.to(tl.float32), tl.trans(w_even.to(tl.float32)), input_precision="ieee")
+            acc += tl.dot(a_odd.to(tl.float32), tl.trans(w_odd.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            acc += tl.dot(a_even.to(tl.bfloat16), tl.trans(w_even))
+            acc += tl.dot(a_odd.to(tl.bfloat16), tl.trans(w_odd))
     acc += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if SWIGLU:
         gate, linear = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
