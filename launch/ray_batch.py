@@ -39,7 +39,7 @@ class RankActor:
 
         cfg = OmegaConf.create(cfg)
         p = cfg.parallel
-        device = "cuda" if cfg.device in ("auto", "cuda") and _has_gpu() else "cpu"
+        device = "cuda" if cfg.device != "cpu" and _has_gpu() else "cpu"
         layout = groups.Layout(tp=p.tp, ep=p.ep, dp=1, expert_tp=p.expert_tp)
         os.environ["LOCAL_RANK"] = "0"  # Ray shows each actor only its own GPU
         self.parallel = groups.init(layout, rank=rank, world_size=world_size, master_addr=master_addr,
@@ -104,7 +104,7 @@ class Replica:
 
         p = cfg["parallel"]
         size = p["tp"] * p["ep"]
-        gpu = cfg["device"] in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) > 0
+        gpu = cfg["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.group = placement_group([bundle] * size, strategy="PACK")
         ray.get(self.group.ready())
