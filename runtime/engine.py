@@ -105,6 +105,9 @@ class LLM:
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
                  seed: int = 0, parallel: Parallel | None = None):
+        if max_batch_tokens < max_batch_size:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
+                             f"({max_batch_size}): every running sequence decodes one token per step")
         self.parallel = parallel or single(resolve_device(device))
         self.device = self.parallel.device
         self.dtype = resolve_dtype(dtype, self.device)
@@ -122,9 +125,6 @@ class LLM:
         self.config = self.model.cfg
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
-        if max_batch_tokens < max_batch_size:
-            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
-                             f"({max_batch_size}): every running sequence decodes one token per step")
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.default_max_tokens = default_max_tokens
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
