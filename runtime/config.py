@@ -201,7 +201,7 @@ def from_json_dict(raw: dict, source: str = "config.json") -> ModelConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: field {name!r} must be a number, got {value!r}")
         if name in _INT_FIELDS:
-            if float(value) != int(value) or not math.isfinite(float(value)):
+            if not math.isfinite(float(value)) or float(value) != int(value):
                 raise ConfigError(f"{source}: field {name!r} must be an integer, got {value!r}")
             fields[name] = int(value)
         else:

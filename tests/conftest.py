@@ -1,14 +1,15 @@
-"""Shared fixtures: the tiny model written once per session in both checkpoint layouts."""
+"""Session fixtures shared by the test files, and the `gpu` marker's skip on machines without CUDA."""
 
 import os
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-# Without a GPU, Triton kernels run in its interpreter, which must be chosen before any @triton.jit
-# decorator runs; with one, they compile for it.
+# Triton reads TRITON_INTERPRET when a @triton.jit decorator runs, so it must be set before any test
+# module imports a kernel. Only without a GPU: on a CUDA machine the kernels must really compile.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from runtime.checkpoint import write_checkpoint  # noqa: E402
 from runtime.config import preset  # noqa: E402
@@ -16,20 +17,21 @@ from runtime.config import preset  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """{"original": path, "hf": path}: the same random tiny weights (seed 0) in both layouts; the HF
-    copy is split over several shard files with an index, as the real repository is."""
-    root = tmp_path_factory.mktemp("checkpoints")
+    """The tiny preset's seed-0 weights written once in both layouts: {"original": path, "hf": path}.
+
+    The HF copy uses 40 MiB shards, so (like openai/gpt-oss-20b) it is several files plus an index.
+    """
+    root = tmp_path_factory.mktemp("tiny")
     cfg = preset("tiny")
-    return {
-        "original": str(write_checkpoint(cfg, root / "original", layout="original", seed=0)),
-        "hf": str(write_checkpoint(cfg, root / "hf", layout="hf", seed=0, shard_bytes=40 << 20)),
-    }
+    original = write_checkpoint(cfg, root / "original", layout="original", seed=0)
+    hf = write_checkpoint(cfg, root / "hf", layout="hf", seed=0, shard_bytes=40 << 20)
+    return {"original": str(original), "hf": str(hf)}
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="marked gpu and torch.cuda.is_available() is False")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)

@@ -1,0 +1,160 @@
+"""ModelConfig: presets, both config.json dialects, errors that name the field, and parameter counts."""
+
+import json
+import math
+
+import pytest
+
+from runtime.checkpoint import tensor_specs
+from runtime.config import ConfigError, ModelConfig, from_json_dict, load_config_json, preset, preset_names
+
+PRESETS = ["tiny", "gpt-oss-20b", "gpt-oss-120b"]
+
+
+def test_presets_load_with_the_spec_shapes():
+    assert set(PRESETS) <= set(preset_names())
+    big = {"gpt-oss-20b": (24, 32), "gpt-oss-120b": (36, 128)}
+    for name, (layers, experts) in big.items():
+        cfg = preset(name)
+        assert (cfg.num_hidden_layers, cfg.num_experts) == (layers, experts)
+        # spec §1.1: everything else is shared by both sizes
+        assert (cfg.experts_per_token, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (4, 201088, 2880, 2880)
+        assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.sliding_window) == (64, 64, 8, 128)
+        assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha, cfg.rope_ntk_beta) == (150000, 32, 1, 32)
+        assert (cfg.initial_context_length, cfg.swiglu_limit, cfg.rms_norm_eps) == (4096, 7.0, 1e-5)
+        assert (cfg.qkv_width, cfg.max_position_embeddings) == (5120, 131072)  # spec §1.2
+    tiny = preset("tiny")
+    assert (tiny.num_hidden_layers, tiny.num_experts, tiny.hidden_size, tiny.sliding_window) == (4, 8, 128, 8)
+    assert tiny.vocab_size == 201088
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ConfigError, match="no-such-model"):
+        preset("no-such-model")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_both_dialects_round_trip(name):
+    cfg = preset(name)
+    hf, original = cfg.to_hf_json(), cfg.to_original_json()
+    # The original dialect is exactly REF-T's 16 ModelConfig fields (spec §1.1).
+    assert len(original) == 16 and "num_local_experts" not in original and "rms_norm_eps" not in original
+    assert hf["num_local_experts"] == cfg.num_experts and "num_experts" not in hf
+    # Through real JSON text, as a checkpoint would hold them.
+    assert from_json_dict(json.loads(json.dumps(hf))) == cfg
+    assert from_json_dict(json.loads(json.dumps(original))) == cfg
+
+
+def test_hf_dialect_values_come_from_rope_scaling():
+    # If the reader took the top-level HF keys instead of rope_scaling, these would not change.
+    hf = preset("gpt-oss-20b").to_hf_json()
+    hf["rope_scaling"].update(factor=16.0, beta_fast=24.0, beta_slow=2.0, original_max_position_embeddings=2048)
+    del hf["initial_context_length"]
+    cfg = from_json_dict(hf)
+    assert (cfg.rope_scaling_factor, cfg.rope_ntk_beta, cfg.rope_ntk_alpha, cfg.initial_context_length) == (16, 24, 2, 2048)
+
+
+def test_transformers_5_rope_parameters_dialect():
+    # transformers 5.x saves rope_scaling + rope_theta as one rope_parameters dict (spec §1.1).
+    cfg = preset("gpt-oss-120b")
+    hf = cfg.to_hf_json()
+    hf["rope_parameters"] = dict(hf.pop("rope_scaling"), rope_theta=hf.pop("rope_theta"))
+    assert from_json_dict(hf) == cfg
+
+
+def test_load_config_json_reads_a_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset("tiny").to_hf_json()))
+    assert load_config_json(path) == preset("tiny")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        load_config_json(path)
+
+
+def test_integral_floats_are_accepted_as_integers():
+    original = preset("tiny").to_original_json()
+    cfg = from_json_dict(dict(original, num_hidden_layers=4.0, rope_theta=150000))
+    assert cfg.num_hidden_layers == 4 and isinstance(cfg.num_hidden_layers, int)
+    assert isinstance(cfg.rope_theta, float)
+
+
+@pytest.mark.parametrize("dialect", ["original", "hf"])
+@pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "sliding_window", "vocab_size"])
+def test_missing_field_is_named(dialect, field):
+    cfg = preset("tiny")
+    raw = cfg.to_original_json() if dialect == "original" else cfg.to_hf_json()
+    del raw[field]
+    with pytest.raises(ConfigError, match=field):
+        from_json_dict(raw)
+
+
+def test_missing_renamed_hf_field_is_reported():
+    raw = preset("tiny").to_hf_json()
+    del raw["num_local_experts"]
+    with pytest.raises(ConfigError, match="experts"):
+        from_json_dict(raw)
+
+
+@pytest.mark.parametrize("value", ["2880", None, [2880], {"v": 2880}, True])
+def test_non_numeric_field_is_named(value):
+    raw = dict(preset("tiny").to_original_json(), hidden_size=value)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        from_json_dict(raw)
+
+
+@pytest.mark.parametrize("value", [4.5, 0.5])
+def test_non_integer_layer_count_is_named(value):
+    raw = dict(preset("tiny").to_hf_json(), num_hidden_layers=value)
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        from_json_dict(raw)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_layer_count_is_a_config_error(value):
+    # json.loads accepts Infinity and NaN, so a config.json can carry them.
+    raw = dict(preset("tiny").to_original_json(), num_hidden_layers=value)
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        from_json_dict(raw)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_hidden_layers", 0), ("hidden_size", -128), ("swiglu_limit", 0.0),
+    ("hidden_size", 100),            # not a multiple of the 32-value MXFP4 block
+    ("num_key_value_heads", 3),      # 16 query heads are not a multiple of 3
+    ("experts_per_token", 9),        # more than the 8 experts
+    ("head_dim", 31),                # RoPE pairs need an even head_dim
+])
+def test_impossible_values_are_named(field, value):
+    raw = dict(preset("tiny").to_original_json(), **{field: value})
+    with pytest.raises(ConfigError, match=field):
+        from_json_dict(raw)
+
+
+def test_not_an_object_raises():
+    with pytest.raises(ConfigError):
+        from_json_dict([1, 2, 3])
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters from the tensor shapes alone: each MXFP4 byte holds 2 weights, scale bytes are not weights."""
+    total = 0
+    for name, spec in tensor_specs(cfg).items():
+        if name.endswith(".scales") and spec.kind == "uint8":
+            continue
+        total += math.prod(spec.shape) * (2 if spec.kind == "uint8" else 1)
+    return total
+
+
+@pytest.mark.parametrize("name, expected", [("gpt-oss-20b", 20_914_757_184), ("gpt-oss-120b", 116_829_156_672)])
+def test_parameter_counts_match_spec(name, expected):
+    assert parameter_count(preset(name)) == expected  # spec §7.1
+
+
+def test_tensor_count_and_mxfp4_shapes_of_20b():
+    cfg = preset("gpt-oss-20b")
+    specs = tensor_specs(cfg)
+    assert len(specs) == 24 * 15 + 3  # spec §2.1: 15 per block (459 in HF, whose qkv is 3 tensors)
+    assert specs["block.5.mlp.mlp1_weight.blocks"].shape == (32, 5760, 90, 16)
+    assert specs["block.5.mlp.mlp2_weight.scales"].shape == (32, 2880, 90)
+    assert specs["block.5.attn.qkv.weight"].shape == (5120, 2880)
+    assert specs["block.5.attn.out.weight"].shape == (2880, 4096)
