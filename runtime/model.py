@@ -26,9 +26,9 @@ from runtime.config import ModelConfig
 from runtime.kernels import use_triton
 from runtime.kernels.attention import attention
 from runtime.kernels.moe import expert_rows, route
-from runtime.kernels.rmsnorm import rms_norm
+from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
-from runtime.kv_cache import SequenceKV
+from runtime.kv_cache import PagePool, SequenceKV
 
 
 @dataclasses.dataclass
@@ -45,6 +45,41 @@ class Step:
     positions: torch.Tensor  # [N] int64, absolute position of each token
     chunks: list[SequenceChunk]
     logits_indices: torch.Tensor  # [M] int64, flat indices whose next-token logits are wanted
+
+
+@dataclasses.dataclass
+class PagedStep:
+    """What the Triton attention needs about a step, built once for all layers."""
+    pool: PagePool
+    slots: torch.Tensor  # [N] int64 pool row of each new token's key and value
+    block_table: torch.Tensor  # [S, max pages] int32
+    cu_q: torch.Tensor  # [S + 1] int32
+    q_start: torch.Tensor  # [S] int32
+    max_q_len: int
+    max_k_len: int
+
+    @classmethod
+    def of(cls, chunks: list[SequenceChunk], device) -> "PagedStep":
+        slots = torch.cat([c.cache.slots(c.start, c.start + c.length) for c in chunks])
+        width = max(len(c.cache.pages) for c in chunks)
+        table = [c.cache.pages + [0] * (width - len(c.cache.pages)) for c in chunks]
+        cu_q = [0]
+        for c in chunks:
+            cu_q.append(cu_q[-1] + c.length)
+        as_int32 = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+        return cls(chunks[0].cache.pool, slots, as_int32(table), as_int32(cu_q), as_int32([c.start for c in chunks]),
+                   max(c.length for c in chunks), max(c.start + c.length for c in chunks))
+
+
+@dataclasses.dataclass
+class StepContext:
+    """Per-step inputs every layer shares: the step, the rotary tables or positions, the paged view."""
+    step: Step
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    inv_freq: torch.Tensor
+    concentration: float
+    paged: PagedStep | None  # set when the Triton kernels run
 
 
 class Attention(Sharded):
@@ -66,16 +101,32 @@ class Attention(Sharded):
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The attention block's output projection (this rank's partial sum, all-reduced), without
+        the residual: the caller adds it, fused with the MoE's norm."""
         cfg = self.cfg
+        if ctx.paged is not None:
+            from runtime.kernels.attention_triton import paged_attention_triton
+            from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
+
+            _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
+            q, k, v = rope_qk_triton(self.qkv(h), ctx.step.positions, ctx.inv_freq, ctx.concentration, self.heads,
+                                     self.kv_heads, cfg.head_dim)
+            p = ctx.paged
+            p.pool.keys[self.layer].flatten(0, 1)[p.slots] = k
+            p.pool.values[self.layer].flatten(0, 1)[p.slots] = v
+            out = paged_attention_triton(q, p.pool.keys[self.layer], p.pool.values[self.layer], p.block_table, p.cu_q,
+                                         p.q_start, self.sinks, sm_scale=self.sm_scale, window=self.window,
+                                         max_q_len=p.max_q_len, max_k_len=p.max_k_len)
+            return self.out(out.flatten(-2))
         h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
         q, k, v = self.qkv(h).split([self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim,
                                      self.kv_heads * cfg.head_dim], dim=-1)
-        q = apply_rope(q.unflatten(-1, (-1, cfg.head_dim)), cos, sin)
-        k = apply_rope(k.unflatten(-1, (-1, cfg.head_dim)), cos, sin)
+        q = apply_rope(q.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
+        k = apply_rope(k.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
         v = v.unflatten(-1, (-1, cfg.head_dim))
         outputs, offset = [], 0
-        for chunk in step.chunks:
+        for chunk in ctx.step.chunks:
             rows = slice(offset, offset + chunk.length)
             offset += chunk.length
             chunk.cache.write(self.layer, chunk.start, k[rows], v[rows])
@@ -85,7 +136,7 @@ class Attention(Sharded):
             keys, values = chunk.cache.read(self.layer, first_key, end)
             outputs.append(attention(q[rows], keys, values, self.sinks, q_start=chunk.start,
                                      k_start=first_key, sm_scale=self.sm_scale, window=self.window))
-        return x + self.out(torch.cat(outputs).flatten(-2))
+        return self.out(torch.cat(outputs).flatten(-2))
 
 
 class MoE(Sharded):
@@ -124,16 +175,22 @@ class MoE(Sharded):
             return expert_rows_triton
         return expert_rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + MoE(h), where h is x's RMSNorm (computed by the caller, fused with the residual add)."""
         cfg = self.cfg
-        h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
         expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
+        if self.partition.size == 1 and self.split.size == 1 and use_triton(x):
+            from runtime.kernels.moe_gemm import moe_triton  # every expert here: no exchange, fused combine
+
+            return moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
+                              self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
+                              cfg.swiglu_limit, residual=x)
         lo, hi = token_slice(x.shape[0], self.partition)
         routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         y = self._expert_rows()(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                        self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
-                        self.mlp2_bias, cfg.swiglu_limit, reduce)
+                                self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
+                                self.mlp2_bias, cfg.swiglu_limit, reduce)
         out = self.exchange.combine(y, weights[lo:hi], routed)
         return x + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype)
 
@@ -144,8 +201,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, dtype, parallel)
         self.mlp = MoE(cfg, layer, dtype, parallel)
 
-    def forward(self, x, cos, sin, step):
-        return self.mlp(self.attn(x, cos, sin, step))
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        delta = self.attn(x, ctx)
+        if ctx.paged is not None:
+            from runtime.kernels.fused_triton import add_rms_norm_triton
+
+            x, h = add_rms_norm_triton(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
+        else:
+            x, h = add_rms_norm(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
+        return self.mlp(x, h)
 
 
 class GptOss(nn.Module):
@@ -160,6 +224,7 @@ class GptOss(nn.Module):
         self.norm = Sharded(dev)
         self.norm.add("scale", (cfg.hidden_size,), torch.float32)
         self.unembedding = VocabParallelHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
+        self.pool: PagePool | None = None  # the KV pages, made with the first sequence's cache
         self.inv_freq, self.concentration = yarn_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
             cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
@@ -169,17 +234,24 @@ class GptOss(nn.Module):
         return self.embedding.weight.device
 
     def new_cache(self) -> SequenceKV:
-        """A KV cache for one sequence, holding this rank's KV heads."""
-        cfg, heads = self.cfg, self.block[0].attn.kv_heads
-        return SequenceKV(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device)
+        """A KV cache for one sequence (pages of this rank's KV heads in the model's pool)."""
+        if self.pool is None:
+            cfg, heads = self.cfg, self.block[0].attn.kv_heads
+            self.pool = PagePool(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device)
+        return SequenceKV(self.pool)
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Next-token logits [M, vocab] in fp32 for the tokens at step.logits_indices (on every rank)."""
         x = self.embedding(step.token_ids)
-        cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
+        if use_triton(x):
+            ctx = StepContext(step, None, None, self.inv_freq.to(x.device), self.concentration,
+                              PagedStep.of(step.chunks, x.device))
+        else:
+            cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
+            ctx = StepContext(step, cos, sin, self.inv_freq, self.concentration, None)
         for block in self.block:
-            x = block(x, cos, sin, step)
+            x = block(x, ctx)
         x = rms_norm(x[step.logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
         return self.unembedding(x)
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from runtime.checkpoint import tensor_specs
+from runtime.config import preset
 from runtime.engine import LLM
 
 
@@ -69,6 +70,38 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: i
     return statistics.median(times)
 
 
+def hf_decode_rate(cfg, batch: int, prompt_len: int, decode: int, repeat: int) -> tuple[float, float]:
+    """(decode tokens/s, peak GiB) of Hugging Face transformers' GptOssForCausalLM, eager attention, bf16
+    weights (experts dequantized, as transformers runs gpt-oss without MXFP4 kernels), random init on
+    the GPU, greedy generate with the same prompt and decode lengths."""
+    import transformers
+
+    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_json().items() if k != "quantization_config"})
+    hf_cfg._attn_implementation = "eager"
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.GptOssForCausalLM(hf_cfg).eval()
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, 199998, (batch, prompt_len), device="cuda")
+
+    def generate(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    generate(2)  # warm-up
+    one = statistics.median(generate(1) for _ in range(repeat))
+    full = statistics.median(generate(decode + 1) for _ in range(repeat))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    torch.cuda.empty_cache()
+    return batch * decode / (full - one), peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny")
@@ -79,6 +112,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--hf", action="store_true", help="also time Hugging Face transformers (eager, bf16) at batch 1")
     args = p.parse_args()
 
     t = time.perf_counter()
@@ -101,11 +135,20 @@ def main() -> None:
             "load_s": load, "copy_bw_TBps": bw / 1e12 if cuda else None,
             "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         })
+    if args.hf:
+        del llm
+        torch.cuda.empty_cache()
+        hf_tps, hf_peak = hf_decode_rate(preset(args.model), 1, args.prompt, args.decode, args.repeat)
+        ours = next(r for r in rows if r["batch"] == 1)["decode_tokens_per_s"]
+        rows.append({"model": args.model, "engine": "transformers eager bf16", "batch": 1,
+                     "decode_tokens_per_s": hf_tps, "peak_mem_GiB": hf_peak, "ours_over_hf": ours / hf_tps})
+        print(f"transformers eager bf16, batch 1: {hf_tps:.2f} decode tok/s (peak {hf_peak:.1f} GiB); "
+              f"this runtime: {ours:.2f} tok/s = {ours / hf_tps:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     print(f"{'model':<13} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'b1 roofline':>12} {'% roof':>7} {'load s':>7} {'peak GiB':>9}")
-    for r in rows:
+    for r in (r for r in rows if "engine" not in r):
         roof = r["roofline_tokens_per_s_b1"]
         pct = 100 * r["decode_tokens_per_s"] / roof if roof and r["batch"] == 1 else float("nan")
         print(f"{r['model']:<13} {r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.2f} "

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# The kernels issue's device run: GPU tests (Triton vs reference at real shapes), the MoE benchmark,
-# and end-to-end decode of dummy gpt-oss-20b with the Triton experts against the reference path.
-set -euo pipefail
+# The kernels issue's device run. `moe`: MoE GPU tests + the tile sweep; default: GPU tests of every
+# kernel (Triton vs reference at real shapes), the kernel benchmarks, and end-to-end decode of dummy
+# gpt-oss-20b against the reference path.
+set -uo pipefail
 source scripts/device_env.sh
 nvidia-smi -L
-python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -k "triton or mxfp4" 2>&1 | tail -4
-python3 scripts/bench_moe.py --model gpt-oss-20b --reference
-python3 scripts/bench_moe.py --model gpt-oss-120b --tokens 1 64 4096
-python3 scripts/baseline_bench.py --model gpt-oss-20b --batch 1 64 --json $OUT/e2e_triton_moe.json | tail -3
+case "${1:-all}" in
+  moe)
+    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
+    python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096
+    python3 scripts/bench_moe.py --model gpt-oss-120b --tokens 1 64 4096
+    python3 scripts/baseline_bench.py --model gpt-oss-20b --batch 1 64 --json $OUT/e2e.json 2>&1 | tail -4
+    ;;
+  all)
+    python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | grep -E "passed|failed|FAILED|Error" | tail -12
+    python3 scripts/bench_kernels.py --json $OUT/kernels.json 2>&1 | tail -60
+    python3 scripts/baseline_bench.py --model gpt-oss-20b --batch 1 64 --hf --json $OUT/e2e.json 2>&1 | tail -5
+    ;;
+esac

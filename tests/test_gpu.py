@@ -41,15 +41,19 @@ def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
 
 
 def test_dummy_20b_triton_experts_match_the_reference_model(monkeypatch):
-    """The whole 20b model (float32) with the Triton experts against the same model on the reference ops."""
+    """The whole 20b model (float32) on the Triton kernels against the same model on the reference ops."""
     model = GptOss(preset("gpt-oss-20b"), torch.float32, "cuda").randomize(0)
     tokens = torch.randint(0, 199998, (64,)).tolist()
     fast = torch.log_softmax(full_logits(model, tokens), -1)
     monkeypatch.setenv("GPT_OSS_REFERENCE", "1")
     ref = torch.log_softmax(full_logits(model, tokens), -1)
-    diff = (fast - ref).abs()
-    print(f"triton vs reference experts, 20b fp32: mean {diff.mean():.3g} max {diff.max():.3g}")
-    assert diff.mean() < 1e-3
+    per_token = (fast - ref).abs().amax(-1)
+    print(f"triton vs reference ops, 20b fp32, max |dlogp| per token: median {per_token.median():.3g}, "
+          f"90th percentile {per_token.quantile(0.9):.3g}, max {per_token.max():.3g}")
+    # fp32 throughout, so only summation order differs (~1e-6), but a random 20b is chaotic: such a
+    # difference can flip a near-tie in some layer's top-4 routing, moving that token (and the tokens
+    # attending to it) by O(0.1). A wrong kernel moves every token.
+    assert per_token.median() < 1e-3 and per_token.quantile(0.9) < 1e-2
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
@@ -63,9 +67,11 @@ def test_mxfp4_decode_on_gpu_is_exact_at_real_shapes(name):
     assert torch.equal(gpu.cpu().float(), cpu)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dummy_20b_kv_cache_decode_matches_recompute(dtype, monkeypatch):
-    monkeypatch.setenv("GPT_OSS_REFERENCE", "1")  # the cache logic on the reference ops; kernels are checked below
+@pytest.mark.parametrize("ops, dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
+                                        ("triton", torch.float32)])
+def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
+    """Prefill 150 then decode 49 one at a time == one 200-token forward (paged KV, window crossed)."""
+    monkeypatch.setenv("GPT_OSS_REFERENCE", "1" if ops == "reference" else "0")
     model = GptOss(preset("gpt-oss-20b"), dtype, "cuda").randomize(0)
     tokens = torch.randint(0, 199998, (200,)).tolist()  # longer than the 128-token window
     full = full_logits(model, tokens)
@@ -84,8 +90,10 @@ def test_dummy_20b_kv_cache_decode_matches_recompute(dtype, monkeypatch):
     print(f"{dtype}: incremental vs recompute log-softmax |diff| mean {diff.mean():.3g} max {diff.max():.3g}, "
           f"top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
     if dtype == torch.float32:
-        # Same math in fp32 (no TF32): only summation order differs between the GEMM shapes.
-        assert diff.max() < 1e-2
+        # Same math in fp32 (no TF32): only summation order differs between the GEMM shapes; a
+        # flipped near-tie in some layer's routing may move a few positions (see the test above).
+        per_token = diff.amax(-1)
+        assert per_token.median() < 1e-3 and per_token.quantile(0.9) < 1e-2, per_token
     else:
         # A random 24-layer model amplifies bf16 rounding (and flips near-tied routes), so only a loose
         # bound holds; the fp32 case above is the exactness check.
@@ -101,26 +109,59 @@ def test_batch_llm_on_cuda_bf16(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
-@pytest.mark.parametrize("tokens", [1, 61, 2048])
+@pytest.mark.parametrize("tokens", [1, 5, 61, 700, 4096])
 def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
-    from runtime.kernels.moe import expert_rows
-    from runtime.kernels.moe_gemm import expert_rows_triton, grouped_mxfp4, tiles_by_expert
+    """Every tile shape choose_tiles picks (1 to 4096 tokens), the PTX decode, both entry points."""
+    from runtime.kernels.moe import expert_rows, route
+    from runtime.kernels.moe_gemm import expert_rows_triton, grouped_mxfp4, moe_triton, plan
 
     cfg = preset(name)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(tokens)
-    w = {k: random_tensor(specs[f"block.0.mlp.{k}"], gen, "cuda") for k in
-         ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias")}
-    args = [w[k] for k in ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias",
-                           "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias")]
-    experts = torch.randint(0, cfg.num_experts, (tokens * cfg.experts_per_token,), device="cuda")
-    x = torch.randn(len(experts), cfg.hidden_size, device="cuda").to(torch.bfloat16)
-    ref = expert_rows(x, experts, *args, cfg.swiglu_limit)
-    got = expert_rows_triton(x, experts, *args, cfg.swiglu_limit)
+    args = [random_tensor(specs[f"block.0.mlp.{k}"], gen, "cuda") for k in
+            ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales",
+             "mlp2_bias")]
+    expert_ids, weights = route(torch.randn(tokens, cfg.num_experts, device="cuda"), cfg.experts_per_token)
+    h = torch.randn(tokens, cfg.hidden_size, device="cuda")
+    rows = h.repeat_interleave(cfg.experts_per_token, 0)
+    experts = expert_ids.reshape(-1)
+    # fp32 activations: the dots run in fp32 (ieee), so only the decode could make a large error.
+    fp32_args = [a.float() if a.is_floating_point() else a for a in args]  # the biases, as an fp32 model holds them
+    ref = expert_rows(rows, experts, *fp32_args, cfg.swiglu_limit)
+    got = expert_rows_triton(rows, experts, *fp32_args, cfg.swiglu_limit)
     rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel < 1e-2, rel  # bf16 operands and activations, fp32 accumulation in both
-    order = torch.argsort(experts, stable=True)
+    assert rel < 1e-4, rel
+    # bf16 activations and operands, fp32 accumulation in both.
+    hb = h.to(torch.bfloat16)
+    ref = expert_rows(hb.repeat_interleave(cfg.experts_per_token, 0), experts, *args, cfg.swiglu_limit)
+    want = (ref.view(tokens, -1, cfg.hidden_size) * weights[..., None]).sum(1)
+    got = moe_triton(hb, expert_ids, weights, *args, cfg.swiglu_limit).float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-2, rel
+    p = plan(experts, cfg.num_experts)
     poisoned = torch.full((len(experts), cfg.intermediate_size), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_mxfp4(x[order].contiguous(), tiles_by_expert(experts[order], cfg.num_experts, 16), *args[:3],
-                  torch.bfloat16, swiglu_limit=cfg.swiglu_limit, out=poisoned)
+    grouped_mxfp4(hb, p.order, cfg.experts_per_token, p, *args[:3], torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
+                  out=poisoned)
     assert torch.isfinite(poisoned).all()  # every element written
+
+
+@pytest.mark.parametrize("top_scale", [128, 131])  # <= 128: the folded one-multiply decode; above: two
+def test_triton_decode_at_both_scale_ranges(top_scale):
+    from runtime.kernels.moe import expert_rows
+    from runtime.kernels.moe_gemm import expert_rows_triton, scales_fold
+
+    E, d, inter = 4, 256, 256
+    w1 = [torch.randint(0, 256, (E, 2 * inter, d // 32, 16), dtype=torch.uint8, device="cuda"),
+          torch.randint(top_scale - 8, top_scale + 1, (E, 2 * inter, d // 32), dtype=torch.uint8, device="cuda"),
+          torch.randn(E, 2 * inter, device="cuda")]
+    w2 = [torch.randint(0, 256, (E, d, inter // 32, 16), dtype=torch.uint8, device="cuda"),
+          torch.randint(top_scale - 8, top_scale + 1, (E, d, inter // 32), dtype=torch.uint8, device="cuda"),
+          torch.randn(E, d, device="cuda")]
+    assert scales_fold(w1[1]) == (top_scale <= 128)
+    experts = torch.randint(0, E, (40,), device="cuda")
+    x = torch.randn(40, d, device="cuda") * 2.0 ** (120 - top_scale)
+    ref = expert_rows(x, experts, *w1, *w2, 1e30)  # no clamp: exercise the decode's whole range
+    got = expert_rows_triton(x, experts, *w1, *w2, 1e30)
+    assert torch.isfinite(ref).all()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4, rel

@@ -1,0 +1,171 @@
+"""Two small fusions around the attention block, in Triton.
+
+- `add_rms_norm_triton`: the residual add that ends one block and the RMSNorm that starts the next,
+  in one pass over each row (read x and delta, write the residual and the normed row). Unfused, the
+  sum is written, read back for the norm, and the norm makes more fp32 temporaries.
+- `rope_qk_triton`: RoPE on the q and k heads of the QKV projection's output, in place, with cos/sin
+  computed in registers from the positions. Unfused, torch builds cos/sin tables, splits, chunks and
+  concatenates, writing new q and k tensors.
+
+Both are memory-bound elementwise kernels: they exist to touch each byte once. Their references are
+`rmsnorm.add_rms_norm` and `rope.rope_qk`; tests/test_fused_kernels.py checks one against the other
+(CPU: Triton's interpreter in fp32; GPU: bf16 at the real shapes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# The interpreter (CPU) runs tl.cos/tl.sin as numpy; it has no libdevice (calls return None there).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+MAX_WIDTH = 8192  # one row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
+_TILE = 4096  # elements per program: 8 KB of bf16 per tensor, enough in flight to stream at HBM speed
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, delta_ptr, gain_ptr, res_ptr, out_ptr,
+    M, N, stride_x, stride_d, stride_r, stride_o, eps,
+    HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * stride can pass 2^31
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N  # widths such as 2880 are not powers of two: the tail is masked and reads zeros
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + rows[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
+        # Like torch's x + delta: fp32 sum, one rounding to the residual's dtype; the norm reads the
+        # rounded residual, as the unfused model does.
+        r = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + rows[:, None] * stride_r + cols[None, :], r, mask=mask)
+    else:
+        r = x
+    rf = r.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / N + eps)
+    gain = tl.load(gain_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = rf * inv_rms[:, None] * gain[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as a [rows, width] view with unit column stride (copies only when no such view exists)."""
+    t = t.reshape(-1, width)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch.Tensor, eps: float, *,
+                        residual_out: torch.Tensor | None = None,
+                        normed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta in x's dtype, rms_norm of it): the Triton version of rmsnorm.add_rms_norm.
+
+    x, delta [..., width] (width <= 8192; delta may be fp32 while x is bf16, as torch would add
+    them, the sum is rounded once to x's dtype); with delta None the residual is x itself, not a
+    copy (and residual_out is ignored). residual_out (may be x itself: an in-place add) and
+    normed_out let the caller supply the outputs: contiguous, shaped and typed like x.
+    """
+    width = x.shape[-1]
+    if width > MAX_WIDTH:
+        raise ValueError(f"add_rms_norm_triton holds a row in registers: width {width} > {MAX_WIDTH}")
+    assert gain.shape == (width,) and gain.is_contiguous(), gain.shape
+    x2 = _rows(x, width)
+    M = x2.shape[0]
+    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device) if normed_out is None else normed_out
+    n2 = normed.view(-1, width)
+    if delta is None:
+        residual, d2, r2 = x, x2, x2  # never read or written: HAS_DELTA is off
+    else:
+        assert delta.shape == x.shape, (delta.shape, x.shape)
+        d2 = _rows(delta, width)
+        residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+        r2 = residual.view(-1, width)
+    if M == 0:
+        return residual, normed
+    block_n = triton.next_power_of_2(width)
+    # Narrow rows share a program so each program still moves a few KB; 2880-wide rows go one each.
+    block_m = min(triton.next_power_of_2(M), max(1, _TILE // block_n))
+    num_warps = min(16, max(1, block_m * block_n // 512))  # 4096 elements -> 8 warps, 16 per thread
+    _add_rms_norm_kernel[(triton.cdiv(M, block_m),)](
+        x2, d2, gain, r2, n2, M, width, x2.stride(0), d2.stride(0), r2.stride(0), n2.stride(0), float(eps),
+        HAS_DELTA=delta is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return residual, normed
+
+
+@triton.jit
+def _rope_qk_kernel(
+    qkv_ptr, pos_ptr, inv_freq_ptr, N, stride_t, concentration,
+    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    # A [BLOCK_T tokens, BLOCK_H heads, HALF] tile of the first HEADS heads of each row (q then k,
+    # adjacent in the QKV output); cos/sin are per (token, frequency), shared by the heads.
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF_BLOCK)
+    t_ok = tokens < N
+    pos = tl.load(pos_ptr + tokens, mask=t_ok, other=0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+    angle = pos[:, None] * inv_freq[None, :]  # one fp32 product, as in rope.cos_sin
+    if LIBDEVICE:
+        # __nv_cosf/__nv_sinf reduce the argument exactly; angles reach 131071 rad at the longest context.
+        cos = libdevice.cos(angle) * concentration
+        sin = libdevice.sin(angle) * concentration
+    else:
+        cos = tl.cos(angle) * concentration
+        sin = tl.sin(angle) * concentration
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    offs = tokens[:, None, None] * stride_t + heads[None, :, None] * (2 * HALF) + i[None, None, :]
+    mask = t_ok[:, None, None] & (heads < HEADS)[None, :, None] & (i < HALF)[None, None, :]
+    first = tl.load(qkv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(qkv_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+    # Half-split pairs (i, i + D/2); fp32 math and one rounding per output (the reference rounds
+    # cos/sin and every product to the activation dtype).
+    out_first = first * cos - second * sin
+    out_second = second * cos + first * sin
+    tl.store(qkv_ptr + offs, out_first.to(qkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(qkv_ptr + offs + HALF, out_second.to(qkv_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
+                   num_q_heads: int, num_kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton version of rope.rope_qk, in place: rotates the q and k heads inside qkv and returns
+    views q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D] of it.
+
+    qkv [N, (Hq + 2 Hkv) * D] with unit column stride (any row stride); positions [N] (integers,
+    converted to fp32 as rope.cos_sin does); inv_freq [D / 2] fp32. The views are strided (row
+    stride = qkv's), not contiguous like the reference's q and k.
+
+    cos/sin and the rotation stay in fp32 and each output is rounded once, while the reference
+    rounds cos, sin, both products and the result to the activation dtype: in bf16 the two differ
+    by at most 4u * c * (|a| + |b|) for a pair (a, b), u = 2^-8 (tests/test_fused_kernels.py).
+    """
+    N, width = qkv.shape
+    heads = num_q_heads + num_kv_heads  # the rotated heads: q and k are adjacent at the row's start
+    assert width == (heads + num_kv_heads) * head_dim and head_dim % 2 == 0, (qkv.shape, num_q_heads,
+                                                                               num_kv_heads, head_dim)
+    assert qkv.stride(1) == 1 and positions.shape == (N,), (qkv.stride(), positions.shape)
+    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32, (inv_freq.shape, inv_freq.dtype)
+    half = head_dim // 2
+    if N:
+        half_block = triton.next_power_of_2(half)
+        # 8 heads a program (gpt-oss: 64 + 8 heads, nine exact groups), and tokens up to _TILE
+        # elements (8 tokens at head_dim 64); decode's few tokens take smaller tiles.
+        block_h = min(8, triton.next_power_of_2(heads))
+        block_t = min(triton.next_power_of_2(N), max(1, _TILE // (block_h * 2 * half_block)))
+        grid = (triton.cdiv(N, block_t), triton.cdiv(heads, block_h))
+        _rope_qk_kernel[grid](
+            qkv, positions.contiguous(), inv_freq.contiguous(), N, qkv.stride(0), float(concentration),
+            HEADS=heads, HALF=half, HALF_BLOCK=half_block, BLOCK_T=block_t, BLOCK_H=block_h,
+            LIBDEVICE=not INTERPRET, num_warps=4,
+        )
+    q, k, v = qkv.unflatten(-1, (-1, head_dim)).split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
+    return q, k, v

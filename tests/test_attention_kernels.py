@@ -1,0 +1,217 @@
+"""Paged attention: the torch reference against `attention`, the Triton kernels against the reference.
+
+CPU runs the kernels in Triton's interpreter with fp32 operands at tiny shapes; the GPU tests (bf16,
+the real head shapes, contexts up to 131,072) are marked and run on the device.
+"""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+from runtime.kernels.attention import attention, paged_attention  # noqa: E402
+from runtime.kernels.attention_triton import H100_SMS, choose_num_splits, paged_attention_triton  # noqa: E402
+
+# fp32 everywhere on CPU: only the summation order differs from the reference.
+ATOL = 1e-4
+# A flat batch: (q_start, n) per sequence. First-token decode, decode deep in the cache, prefill
+# from scratch, and prefill chunks over a cached prefix longer than the test window.
+MIXED = [(0, 5), (37, 1), (20, 11), (0, 1), (70, 1), (9, 23)]
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def paged_batch(seqs, *, kv_heads, group, head_dim, page_size, window, dtype=torch.float32, device="cpu"):
+    """Random q, sinks and a shuffled page pool holding each sequence's keys.
+
+    Every pool slot the kernel has no business reading is NaN: free pages, the tail of each last
+    page, and keys older than the window. Released pages (wholly older than the first visible key)
+    get block-table entry -1 or point at a NaN page, as a reused page would.
+    """
+    num_heads = kv_heads * group
+    pages_per_seq = [cdiv(start + n, page_size) for start, n in seqs]
+    num_pages = sum(pages_per_seq) + 3
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    k_pages = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    v_pages = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    physical = torch.randperm(num_pages).tolist()
+    nan_page = physical.pop()
+    block_table = torch.full((len(seqs), max(pages_per_seq) + 2), -1, dtype=torch.int32)
+    keys, values = [], []
+    for s, (start, n) in enumerate(seqs):
+        end = start + n
+        first = 0 if window is None else max(0, start - window + 1)
+        k = torch.randn(end, kv_heads, head_dim, device=device).to(dtype)
+        v = torch.randn(end, kv_heads, head_dim, device=device).to(dtype)
+        keys.append(k)
+        values.append(v)
+        for i in range(pages_per_seq[s]):
+            page = physical.pop()
+            if (i + 1) * page_size <= first:  # released: older than anything this step can see
+                block_table[s, i] = -1 if i % 2 else nan_page
+                continue
+            block_table[s, i] = page
+            a, b = max(i * page_size, first), min((i + 1) * page_size, end)
+            k_pages[page, a - i * page_size:b - i * page_size] = k[a:b]
+            v_pages[page, a - i * page_size:b - i * page_size] = v[a:b]
+    lengths = torch.tensor([n for _, n in seqs])
+    cu_q = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu_q[1:] = torch.cumsum(lengths, 0)
+    return SimpleNamespace(
+        q=torch.randn(int(cu_q[-1]), num_heads, head_dim, device=device).to(dtype), k_pages=k_pages, v_pages=v_pages,
+        block_table=block_table.to(device), cu_q=cu_q.to(device),
+        q_start=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
+        sinks=torch.randn(num_heads, device=device), keys=keys, values=values,
+        sm_scale=head_dim ** -0.5, window=window)
+
+
+def args(b):
+    return (b.q, b.k_pages, b.v_pages, b.block_table, b.cu_q, b.q_start, b.sinks)
+
+
+def reference(b):
+    return paged_attention(*args(b), sm_scale=b.sm_scale, window=b.window)
+
+
+def triton_poisoned(b, **kw):
+    """The kernel writing into a NaN-filled output, so any element it fails to write shows."""
+    out = torch.full_like(b.q, float("nan"))
+    got = paged_attention_triton(*args(b), sm_scale=b.sm_scale, window=b.window, out=out, **kw)
+    assert got is out
+    return got
+
+
+def assert_close(got, want, atol=ATOL):
+    assert torch.isfinite(got).all(), "unwritten or NaN-reading output"
+    err = (got.float() - want.float()).abs().max().item()
+    assert err < atol, err
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_reference_matches_attention_on_contiguous_keys(window):
+    b = paged_batch(MIXED, kv_heads=2, group=4, head_dim=32, page_size=16, window=window)
+    got = reference(b)
+    assert torch.isfinite(got).all()
+    for s, (start, n) in enumerate(MIXED):
+        rows = slice(int(b.cu_q[s]), int(b.cu_q[s + 1]))
+        want = attention(b.q[rows], b.keys[s], b.values[s], b.sinks, q_start=start, k_start=0,
+                         sm_scale=b.sm_scale, window=window)
+        assert torch.allclose(got[rows], want, atol=1e-6), s
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_mixed_batch_small_tiles(group, window, page_size):
+    # Small tiles (32 rows, 16 keys) so every sequence spans several query and key tiles.
+    b = paged_batch(MIXED, kv_heads=2, group=group, head_dim=32, page_size=page_size, window=window)
+    assert_close(triton_poisoned(b, block_m=32, block_n=16, num_splits=1), reference(b))
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_default_tiles_at_the_tiny_model_shape(window):
+    """The GPU tile shapes (128-row prefill tiles of 64 keys, 16-row decode tiles of 128 keys)."""
+    b = paged_batch(MIXED + [(150, 40)], kv_heads=4, group=4, head_dim=32, page_size=16, window=window)
+    assert_close(triton_poisoned(b, num_splits=1), reference(b))
+    decode = paged_batch([(0, 1), (200, 1), (63, 1), (131, 1)], kv_heads=4, group=4, head_dim=32, page_size=32,
+                         window=window)
+    assert_close(triton_poisoned(decode, num_splits=1), reference(decode))
+
+
+@pytest.mark.parametrize("num_splits", [3, 5])
+@pytest.mark.parametrize("window", [None, 8])
+def test_split_k(window, num_splits):
+    # Decode at several depths (a 1-key one leaves most slices empty) and a short chunk, all split.
+    seqs = [(299, 1), (16, 1), (0, 1), (100, 3), (47, 1)]
+    b = paged_batch(seqs, kv_heads=2, group=8, head_dim=16, page_size=16, window=window)
+    assert_close(triton_poisoned(b, block_n=16, num_splits=num_splits), reference(b))
+
+
+def test_split_k_chosen_automatically():
+    b = paged_batch([(1000, 1)], kv_heads=1, group=8, head_dim=16, page_size=32, window=None)
+    assert choose_num_splits(1, 1001, H100_SMS) == 1001 // 256  # the split the call below takes
+    assert_close(triton_poisoned(b, block_n=32), reference(b))
+
+
+def test_split_choice_fills_an_h100():
+    # One 131k-token sequence, 8 KV heads: enough slices for several programs per SM.
+    splits = choose_num_splits(8, 131072, 132)
+    assert 8 * splits >= 2 * 132 and splits <= 128
+    assert choose_num_splits(64 * 8, 4096, 132) == 1  # batch 64 already covers the SMs
+    assert choose_num_splits(8, 128, 132) == 1  # a sliding layer's 128 keys: nothing to split
+    assert choose_num_splits(8, 1024, 132) == 4
+
+
+def test_strided_q_and_out():
+    """q and out as head slices of wider rows (as from a fused QKV projection)."""
+    b = paged_batch(MIXED, kv_heads=2, group=2, head_dim=32, page_size=16, window=None)
+    want = reference(b)
+    wide = torch.randn(b.q.shape[0], b.q.shape[1] + 3, 32)
+    wide[:, 1:1 + b.q.shape[1]] = b.q
+    b.q = wide[:, 1:1 + b.q.shape[1]]
+    out_wide = torch.full_like(wide, float("nan"))
+    out = out_wide[:, 2:2 + b.q.shape[1]]
+    paged_attention_triton(*args(b), sm_scale=b.sm_scale, window=None, out=out, block_m=32, block_n=16,
+                           max_q_len=23, max_k_len=71)
+    assert_close(out, want)
+    assert out_wide[:, :2].isnan().all() and out_wide[:, 2 + b.q.shape[1]:].isnan().all()
+
+
+# --- GPU: bf16 at the real shapes (H=64, KVH=8, D=64, page 16) ---------------------------------
+
+def assert_bf16_close(got, want):
+    # bf16 q/k/v, probabilities rounded to bf16 for the PV dot, bf16 output: a few bf16 ulps of
+    # the output's scale (2^-8 = 3.9e-3 per rounding).
+    assert torch.isfinite(got).all()
+    err = (got.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err < 2e-2 * scale, (err, scale)
+
+
+def fp32_reference(b):
+    return paged_attention(b.q.float(), b.k_pages.float(), b.v_pages.float(), b.block_table, b.cu_q, b.q_start,
+                           b.sinks, sm_scale=b.sm_scale, window=b.window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+@pytest.mark.parametrize("context", [1024, 32768, 131072])
+def test_gpu_decode_real_shapes(context, window):
+    b = paged_batch([(context - 1, 1)], kv_heads=8, group=8, head_dim=64, page_size=16, window=window,
+                    dtype=torch.bfloat16, device="cuda")
+    if window is None:  # the full layer takes the split-K path
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert choose_num_splits(8, context, sms) > 1
+    want = fp32_reference(b)
+    assert_bf16_close(triton_poisoned(b), want)
+    assert_bf16_close(triton_poisoned(b, num_splits=1), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_prefill_chunk_over_cached_prefix(window):
+    # 2048 queries over a 4096-token prefix; the fp32 reference peaks near 16 GB here.
+    b = paged_batch([(4096, 2048)], kv_heads=8, group=8, head_dim=64, page_size=16, window=window,
+                    dtype=torch.bfloat16, device="cuda")
+    assert_bf16_close(triton_poisoned(b), fp32_reference(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_mixed_batch_real_shapes(window, page_size):
+    seqs = [(0, 300), (5000, 1), (700, 1), (0, 1), (2000, 129), (9000, 1), (130, 64)]
+    b = paged_batch(seqs, kv_heads=8, group=8, head_dim=64, page_size=page_size, window=window,
+                    dtype=torch.bfloat16, device="cuda")
+    want = fp32_reference(b)
+    assert_bf16_close(triton_poisoned(b), want)
+    assert_bf16_close(triton_poisoned(b, num_splits=4), want)
+    # fp32 on the GPU (ieee dots): the tight tolerance of the CPU tests.
+    b32 = SimpleNamespace(**{**vars(b), "q": b.q.float(), "k_pages": b.k_pages.float(), "v_pages": b.v_pages.float()})
+    assert_close(triton_poisoned(b32), want)
