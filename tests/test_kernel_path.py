@@ -36,6 +36,13 @@ def steps(model, plan, seed):
     return out
 
 
+def poison(model):
+    """Fill the KV pool with NaN: a slot read before it is written shows up in the logits."""
+    model.new_cache().release()  # makes the pool
+    for pages in model.pool.keys + model.pool.values:
+        pages.fill_(float("nan"))
+
+
 # window 8 in the tiny model: prompts of 11 and 21 tokens cross it; page size 16 puts sequences over pages.
 PLAN = [[(0, 11), (1, 3)], [(0, 1), (1, 21), (2, 5)], [(0, 1), (1, 1), (2, 1)], [(2, 17), (0, 1)]]
 
@@ -44,10 +51,12 @@ def test_triton_path_matches_the_reference_path(tiny_checkpoints, monkeypatch):
     reader = CheckpointReader(tiny_checkpoints["original"])
     model = GptOss(reader.config, torch.float32, "cpu").load(reader)
     monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    poison(model)
     fast = steps(model, PLAN, seed=7)
     assert model.pool is not None and model.pool.num_pages >= 4
     monkeypatch.setenv("GPT_OSS_TRITON", "0")
     model.pool = None  # a fresh pool: the reference path runs on its own caches
+    poison(model)
     ref = steps(model, PLAN, seed=7)
     for a, b in zip(fast, ref):
         assert torch.isfinite(a).all()
