@@ -41,6 +41,8 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
         default_max_tokens=cfg.default_max_tokens,
         seed=cfg.seed,
         parallel=parallel,
+        kv_cache_tokens=cfg.get("kv_cache_tokens"),
+        gpu_memory_fraction=cfg.get("gpu_memory_fraction", 0.9),
     )
     if parallel.world_size > 1:
         mem = llm.load_memory

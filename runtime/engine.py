@@ -21,7 +21,7 @@ from parallel.layers import broadcast
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
-from runtime.kv_cache import SequenceKV
+from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample
@@ -104,7 +104,8 @@ class LLM:
     def __init__(self, checkpoint: str | Path | None = None, *, model: str | ModelConfig = "tiny",
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
-                 seed: int = 0, parallel: Parallel | None = None):
+                 seed: int = 0, parallel: Parallel | None = None, kv_cache_tokens: int | None = None,
+                 gpu_memory_fraction: float = 0.9):
         if max_batch_tokens < max_batch_size:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
                              f"({max_batch_size}): every running sequence decodes one token per step")
@@ -129,6 +130,35 @@ class LLM:
         self.default_max_tokens = default_max_tokens
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
         self._harmony = None
+        pages = self._kv_pages(kv_cache_tokens, gpu_memory_fraction)
+        self.pool = self.model.make_pool(pages)
+        self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
+        self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+
+    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float) -> int | None:
+        """Pages of the KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of the GPU
+        leaves after the weights and an allowance for a step's activations; else None (grows)."""
+        if tokens is not None:
+            if tokens < 1:
+                raise ValueError(f"kv_cache_tokens must be positive, got {tokens}")
+            return -(-tokens // PAGE_SIZE)
+        if self.device.type != "cuda":
+            return None
+        if not 0 < gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
+        _, total = torch.cuda.mem_get_info(self.device)
+        # Activations of the largest step (fp32 MoE rows, attention and norm temporaries) and the
+        # logits of the sampled rows; an estimate with a margin, not a measurement.
+        activations = self.max_batch_tokens * (64 << 10) + self.max_batch_size * self.config.vocab_size * 8 + (1 << 30)
+        budget = total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
+        pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
+        if torch.distributed.is_initialized():  # every rank schedules the same steps: the smallest pool
+            torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)
+        if int(pages) < 1:
+            raise ValueError(f"no GPU memory left for the KV cache with gpu_memory_fraction={gpu_memory_fraction} "
+                             f"(weights {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB of "
+                             f"{total / 2**30:.1f} GiB); raise it or lower max_batch_tokens")
+        return int(pages)
 
     @property
     def harmony(self):
@@ -175,15 +205,36 @@ class LLM:
         seed = req.params.seed if req.params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
         return _Sequence(req, self.model.new_cache(), make_generator(seed, self.device), list(req.prompt_token_ids))
 
+    def _longest(self, req: Request) -> int:
+        """The most positions a request can ever hold in the cache."""
+        return min(len(req.prompt_token_ids) + req.params.max_tokens, self.max_model_len)
+
     def _run(self, waiting, finish, should_stop) -> None:
-        running: dict[int, _Sequence] = {}
+        """Continuous batching: admit while the batch and the KV pool have room, plan a step (which
+        may preempt the latest admitted sequences when pages run out), run it, sample, retire."""
+        running: dict[int, _Sequence] = {}  # in admission order
         while waiting or running:
             if should_stop is not None and self._agreed(should_stop()):
                 return
             while waiting and len(running) < self.max_batch_size:
-                index, req = waiting.popleft()
-                running[index] = self._admit(req)
-            step, wants_logits = self._plan(running)
+                index, item = waiting[0]
+                seq = item if isinstance(item, _Sequence) else None
+                req = seq.request if seq else item
+                if not self.pool.growable:
+                    if self.pool.pages_for(self._longest(req)) > self.pool.num_pages:
+                        waiting.popleft()
+                        finish(index, Result(req.id, error=f"needs up to {self._longest(req)} positions of KV "
+                                                           f"cache; it holds {self.kv_cache_tokens} (kv_cache_tokens)"))
+                        continue
+                    if self.pool.pages_for(len(seq.tokens if seq else req.prompt_token_ids)) > self.pool.free_pages:
+                        break  # wait for running sequences to finish
+                waiting.popleft()
+                running[index] = seq if seq else self._admit(req)
+            if not running:
+                continue
+            step, wants_logits = self._plan(running, waiting)
+            if not step.chunks:
+                continue
             logits = self.model(step)
             for index, (token, logprob) in zip(wants_logits, self._sample(logits, wants_logits, running)):
                 seq = running[index]
@@ -193,7 +244,17 @@ class LLM:
                 reason = self._finish_reason(seq)
                 if reason is not None:
                     del running[index]
+                    seq.cache.release()
                     finish(index, self._result(seq, reason))
+
+    def _preempt(self, index: int, running: dict, waiting) -> None:
+        """Send a running sequence back to the front of the queue; its KV is recomputed when it
+        returns (prompt and generated tokens as one prefill), its sampler state kept."""
+        seq = running.pop(index)
+        seq.cache.release()
+        seq.computed = 0
+        waiting.appendleft((index, seq))
+        self.preemptions += 1
 
     def _agreed(self, flag: bool) -> bool:
         """The replica's first rank's flag, on every rank of the replica."""
@@ -211,16 +272,26 @@ class LLM:
         logprobs = broadcast(torch.tensor([lp for _, lp in picks], device=self.device), self.parallel.replica)
         return list(zip(tokens.tolist(), logprobs.tolist()))
 
-    def _plan(self, running: dict[int, _Sequence]) -> tuple[Step, list[int]]:
-        """One step: the uncomputed tokens of each sequence, decodes first, within the token budget."""
+    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[Step, list[int]]:
+        """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
+
+        Each chunk's pages are reserved here, before the step runs. When the pool is out, the most
+        recently admitted sequence not yet in this step is preempted (or, if every other one is,
+        this one waits instead)."""
         budget = self.max_batch_tokens
         ids, positions, chunks, logits_rows, wants = [], [], [], [], []
         order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
+        planned: set[int] = set()
         for index in order:
+            if index not in running:  # preempted for an earlier sequence of this step
+                continue
             seq = running[index]
             take = min(len(seq.tokens) - seq.computed, budget)
             if take == 0:
                 continue
+            if not self._reserve(index, seq.computed + take, running, waiting, planned):
+                continue
+            planned.add(index)
             budget -= take
             start = seq.computed
             ids.extend(seq.tokens[start:start + take])
@@ -234,6 +305,20 @@ class LLM:
         step = Step(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), chunks,
                     torch.tensor(logits_rows, device=dev, dtype=torch.long))
         return step, wants
+
+    def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
+        """Pages for positions up to end - 1 of running[index], preempting others if needed; False
+        when the sequence itself had to go back to waiting."""
+        seq = running[index]
+        while True:
+            try:
+                seq.cache.reserve(end)
+                return True
+            except OutOfPages:
+                victims = [i for i in running if i != index and i not in planned]
+                self._preempt(victims[-1] if victims else index, running, waiting)
+                if not victims:
+                    return False
 
     def _finish_reason(self, seq: _Sequence) -> str | None:
         if seq.generated[-1] in seq.request.stop_token_ids:

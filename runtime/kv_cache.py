@@ -2,9 +2,10 @@
 
 Every layer has its own key and value page arrays [num_pages, page_size, KVH, D] (post-RoPE), and a
 sequence's page list is the same for all layers, so one block table row serves the whole model.
-The pool doubles when it runs out of pages (page ids stay valid, so block tables do too); the
-coordinator issue sizes it from free GPU memory instead, adds admission and preemption, and keeps
-only the window's pages for the sliding layers.
+A pool is either fixed (sized by the engine from free GPU memory, or by `kv_cache_tokens`): the
+scheduler reserves a step's pages before the step and preempts sequences when they run out; or
+growable (the default without a size): it doubles when it runs out (page ids stay valid, so block
+tables do too). The sliding-window layers still keep every page (bounded storage for them is open).
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import torch
 PAGE_SIZE = 16
 
 
+class OutOfPages(RuntimeError):
+    """A fixed pool has no free page left."""
+
+
 class PagePool:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, page_size: int = PAGE_SIZE, num_pages: int = 64):
-        self.page_size, self._shape = page_size, (num_kv_heads, head_dim)
+                 device: torch.device | str, page_size: int = PAGE_SIZE, num_pages: int = 64,
+                 growable: bool = True):
+        self.page_size, self._shape, self.growable = page_size, (num_kv_heads, head_dim), growable
         self._dtype, self._device = dtype, device
         self.keys = [self._empty(num_pages) for _ in range(num_layers)]
         self.values = [self._empty(num_pages) for _ in range(num_layers)]
@@ -30,8 +36,17 @@ class PagePool:
     def num_pages(self) -> int:
         return self.keys[0].shape[0]
 
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
     def allocate(self) -> int:
         if not self._free:
+            if not self.growable:
+                raise OutOfPages(f"all {self.num_pages} KV pages are in use")
             self._grow()
         return self._free.pop()
 
@@ -59,14 +74,24 @@ class SequenceKV:
         self.pages: list[int] = []
         self._slots: tuple[int, int, torch.Tensor] | None = None
 
+    def pages_missing(self, end: int) -> int:
+        """Pages still to allocate before positions up to end - 1 can be written."""
+        return max(0, self.pool.pages_for(end) - len(self.pages))
+
+    def reserve(self, end: int) -> None:
+        """Allocate the pages positions up to end - 1 need (OutOfPages from a fixed pool that has too few)."""
+        if not self.pool.growable and self.pages_missing(end) > self.pool.free_pages:
+            raise OutOfPages(f"{self.pages_missing(end)} more KV pages needed, {self.pool.free_pages} free")
+        while len(self.pages) * self.pool.page_size < end:
+            self.pages.append(self.pool.allocate())
+
     def slots(self, start: int, end: int) -> torch.Tensor:
         """Flat pool rows (page * page_size + offset) of positions start..end-1, allocating pages as
         needed; remembered, since every layer asks for the same ones in a step."""
         if self._slots is not None and self._slots[:2] == (start, end):
             return self._slots[2]
         ps = self.pool.page_size
-        while len(self.pages) * ps < end:
-            self.pages.append(self.pool.allocate())
+        self.reserve(end)
         table = torch.tensor(self.pages, dtype=torch.int64)
         positions = torch.arange(start, end)
         slots = (table[positions // ps] * ps + positions % ps).to(self.pool._device)

@@ -28,7 +28,7 @@ from runtime.kernels.attention import attention
 from runtime.kernels.moe import expert_rows, route
 from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
-from runtime.kv_cache import PagePool, SequenceKV
+from runtime.kv_cache import PAGE_SIZE, PagePool, SequenceKV
 
 
 @dataclasses.dataclass
@@ -233,11 +233,22 @@ class GptOss(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
+    def make_pool(self, num_pages: int | None = None) -> PagePool:
+        """The KV page pool: `num_pages` fixed pages, or None for a small pool that grows on demand."""
+        cfg, heads = self.cfg, self.block[0].attn.kv_heads
+        self.pool = PagePool(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device,
+                             num_pages=num_pages or 64, growable=num_pages is None)
+        return self.pool
+
+    def kv_page_bytes(self) -> int:
+        """Bytes of one page in every layer, keys and values (this rank's KV heads)."""
+        attn = self.block[0].attn
+        return 2 * self.cfg.num_hidden_layers * PAGE_SIZE * attn.kv_heads * self.cfg.head_dim * self.dtype.itemsize
+
     def new_cache(self) -> SequenceKV:
         """A KV cache for one sequence (pages of this rank's KV heads in the model's pool)."""
         if self.pool is None:
-            cfg, heads = self.cfg, self.block[0].attn.kv_heads
-            self.pool = PagePool(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device)
+            self.make_pool()
         return SequenceKV(self.pool)
 
     @torch.inference_mode()

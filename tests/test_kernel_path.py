@@ -78,3 +78,57 @@ def test_page_pool_grows_and_recycles(pages):
     c = SequenceKV(pool)
     c.slots(0, 12)
     assert set(c.pages) <= set(range(pool.num_pages)) and not set(c.pages) & set(b.pages)
+
+
+def test_kernel_path_decode_matches_one_forward(tiny_checkpoints, monkeypatch):
+    """Prefill 21 tokens, decode 9 one at a time (window 8, pages of 16 crossed) == one 30-token
+    forward, on the kernel path; positions after a rounding-flipped near-tied route excepted."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from routing_probe import RouteRecorder, first_route_change
+
+    reader = CheckpointReader(tiny_checkpoints["original"])
+    model = GptOss(reader.config, torch.float32, "cpu").load(reader)
+    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    poison(model)
+    tokens = torch.randint(0, 199998, (30,)).tolist()
+    routes = RouteRecorder(monkeypatch, reader.config.num_hidden_layers)
+    full = steps_of(model, tokens, [30])
+    full_routes = routes.take()
+    incremental = steps_of(model, tokens, [21] + [1] * 8)
+    change = first_route_change(full_routes, routes.take(), reader.config.experts_per_token)
+    if change is not None:
+        assert change.gap < 1e-3 * change.scale, change
+    end = 29 if change is None else change.position
+    for pos in range(20, end):
+        assert (full[pos] - incremental[pos]).abs().max() < 1e-4, pos
+
+
+def steps_of(model, tokens, lengths):
+    """Log-probs at every position, feeding `tokens` in steps of the given lengths through one cache."""
+    cache, start, out = model.new_cache(), 0, []
+    for n in lengths:
+        s = Step(torch.tensor(tokens[start:start + n]), torch.arange(start, start + n), [SequenceChunk(start, n, cache)],
+                 torch.arange(n))
+        out.append(torch.log_softmax(model(s), -1))
+        start += n
+    return torch.cat(out)
+
+
+def test_first_route_change_finds_the_earliest_flip_and_its_gap():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from routing_probe import first_route_change
+
+    a = [torch.randn(6, 8) for _ in range(3)]
+    b = [t.clone() for t in a]
+    assert first_route_change(a, b, 2) is None
+    top = torch.topk(b[2][4], 3).indices  # swap the 2nd and 3rd experts of position 4, layer 2
+    b[2][4, top[1]], b[2][4, top[2]] = b[2][4, top[2]].item(), b[2][4, top[1]].item()
+    b[1][5] = -b[1][5]  # a later, larger change must not be reported first
+    change = first_route_change(a, b, 2)
+    assert (change.position, change.layer) == (4, 2) and change.gap > 0
