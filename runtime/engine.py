@@ -21,7 +21,7 @@ from parallel.layers import broadcast
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
-from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV
+from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, sliding_pages_bound
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample
@@ -130,14 +130,17 @@ class LLM:
         self.default_max_tokens = default_max_tokens
         self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
         self._harmony = None
-        pages = self._kv_pages(kv_cache_tokens, gpu_memory_fraction)
-        self.pool = self.model.make_pool(pages)
+        # The sliding layers keep only each running sequence's window: a bound, not a budget.
+        sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, max_batch_tokens)
+        pages = self._kv_pages(kv_cache_tokens, gpu_memory_fraction, sliding)
+        self.pool = self.model.make_pool(pages, None if pages is None else sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
 
-    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float) -> int | None:
-        """Pages of the KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of the GPU
-        leaves after the weights and an allowance for a step's activations; else None (grows)."""
+    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
+        """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
+        the GPU leaves after the weights, the sliding layers' pool and an allowance for a step's
+        activations; else None (grows)."""
         if tokens is not None:
             if tokens < 1:
                 raise ValueError(f"kv_cache_tokens must be positive, got {tokens}")
@@ -150,7 +153,8 @@ class LLM:
         # Activations of the largest step (fp32 MoE rows, attention and norm temporaries) and the
         # logits of the sampled rows; an estimate with a margin, not a measurement.
         activations = self.max_batch_tokens * (64 << 10) + self.max_batch_size * self.config.vocab_size * 8 + (1 << 30)
-        budget = total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
+        budget = (total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
+                  - sliding_pages * self.model.kv_page_bytes(sliding=True))
         pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
         if torch.distributed.is_initialized():  # every rank schedules the same steps: the smallest pool
             torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)
@@ -307,12 +311,12 @@ class LLM:
         return step, wants
 
     def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
-        """Pages for positions up to end - 1 of running[index], preempting others if needed; False
+        """Pages for positions computed..end-1 of running[index], preempting others if needed; False
         when the sequence itself had to go back to waiting."""
         seq = running[index]
         while True:
             try:
-                seq.cache.reserve(end)
+                seq.cache.reserve(seq.computed, end)
                 return True
             except OutOfPages:
                 victims = [i for i in running if i != index and i not in planned]

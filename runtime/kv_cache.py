@@ -1,11 +1,17 @@
-"""Paged KV cache: one pool of fixed-size pages per model, each sequence a list of page ids.
+"""Paged KV cache: pools of fixed-size pages, each sequence a list of page ids per pool.
 
-Every layer has its own key and value page arrays [num_pages, page_size, KVH, D] (post-RoPE), and a
-sequence's page list is the same for all layers, so one block table row serves the whole model.
-A pool is either fixed (sized by the engine from free GPU memory, or by `kv_cache_tokens`): the
-scheduler reserves a step's pages before the step and preempts sequences when they run out; or
+Two pools, because the two kinds of layers keep different spans: the full-attention layers keep
+every position of a sequence, the sliding-window layers only the last `window` (gpt-oss: 128). Each
+pool holds key and value page arrays [num_pages, page_size, KVH, D] (post-RoPE) for its layers only,
+and a sequence's page list in a pool serves all of them, so one block-table row per pool serves the
+whole model. A sliding layer's pages that fall wholly out of the window are given back as the
+sequence advances (their block-table entries become -1, never read), so its memory is bounded
+whatever the context length.
+
+The full pool is either fixed (sized by the engine from free GPU memory, or by `kv_cache_tokens`):
+the scheduler reserves a step's pages before the step and preempts sequences when they run out; or
 growable (the default without a size): it doubles when it runs out (page ids stay valid, so block
-tables do too). The sliding-window layers still keep every page (bounded storage for them is open).
+tables do too). The sliding pool is sized so that it cannot run out (see `sliding_pages_bound`).
 """
 
 from __future__ import annotations
@@ -13,35 +19,47 @@ from __future__ import annotations
 import torch
 
 PAGE_SIZE = 16
+RELEASED = -1  # a sliding page list's entry for a page given back
 
 
 class OutOfPages(RuntimeError):
     """A fixed pool has no free page left."""
 
 
+def pages_for(positions: int, page_size: int = PAGE_SIZE) -> int:
+    return -(-positions // page_size)
+
+
+def sliding_pages_bound(window: int, max_batch_size: int, max_batch_tokens: int, page_size: int = PAGE_SIZE) -> int:
+    """Sliding-layer pages that running sequences can hold at once: each keeps its window plus this
+    step's chunk (a partial page at each end), and the chunks of a step total max_batch_tokens."""
+    return max_batch_size * (pages_for(window - 1, page_size) + 2) + pages_for(max_batch_tokens, page_size)
+
+
 class PagePool:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+    def __init__(self, layers: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, page_size: int = PAGE_SIZE, num_pages: int = 64,
                  growable: bool = True):
-        self.page_size, self._shape, self.growable = page_size, (num_kv_heads, head_dim), growable
-        self._dtype, self._device = dtype, device
-        self.keys = [self._empty(num_pages) for _ in range(num_layers)]
-        self.values = [self._empty(num_pages) for _ in range(num_layers)]
+        self.layers, self.page_size, self.growable = list(layers), page_size, growable
+        self._shape, self._dtype, self._device = (num_kv_heads, head_dim), dtype, device
+        self.keys = {layer: self._empty(num_pages) for layer in self.layers}  # by model layer index
+        self.values = {layer: self._empty(num_pages) for layer in self.layers}
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._num_pages = num_pages
 
     def _empty(self, num_pages: int) -> torch.Tensor:
         return torch.empty((num_pages, self.page_size, *self._shape), dtype=self._dtype, device=self._device)
 
     @property
     def num_pages(self) -> int:
-        return self.keys[0].shape[0]
+        return self._num_pages
 
     @property
     def free_pages(self) -> int:
         return len(self._free)
 
     def pages_for(self, positions: int) -> int:
-        return -(-positions // self.page_size)
+        return pages_for(positions, self.page_size)
 
     def allocate(self) -> int:
         if not self._free:
@@ -51,72 +69,114 @@ class PagePool:
         return self._free.pop()
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        self._free.extend(p for p in reversed(pages) if p != RELEASED)
 
     def _grow(self) -> None:
-        old = self.num_pages
+        old = self._num_pages
         for store in (self.keys, self.values):
-            for layer, pages in enumerate(store):
+            for layer, pages in store.items():
                 grown = self._empty(2 * old)
                 grown[:old] = pages
                 store[layer] = grown
         self._free.extend(range(2 * old - 1, old - 1, -1))
+        self._num_pages = 2 * old
+
+    def page_bytes(self) -> int:
+        """Bytes of one page id across this pool's layers, keys and values."""
+        per_layer = self.page_size * self._shape[0] * self._shape[1] * self._dtype.itemsize
+        return 2 * len(self.layers) * per_layer
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return self.num_pages * self.page_bytes()
 
 
 class SequenceKV:
-    """One sequence's pages in a pool; positions 0..length-1 hold keys and values in every layer."""
+    """One sequence's pages: positions 0..computed-1 hold keys and values in every full layer, and the
+    last `window` of them in every sliding layer."""
 
-    def __init__(self, pool: PagePool):
-        self.pool = pool
-        self.pages: list[int] = []
-        self._slots: tuple[int, int, torch.Tensor] | None = None
+    def __init__(self, full: PagePool, sliding: PagePool | None = None, window: int | None = None):
+        self.pool, self.sliding_pool, self.window = full, sliding, window
+        self.pages: list[int] = []  # full layers' pages in position order
+        self.sliding_pages: list[int] = []  # sliding layers' pages in position order, RELEASED once out of the window
+        self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
+
+    def _kind(self, layer: int) -> bool:
+        """True for a sliding-window layer (one the sliding pool holds)."""
+        return self.sliding_pool is not None and layer in self.sliding_pool.keys
 
     def pages_missing(self, end: int) -> int:
-        """Pages still to allocate before positions up to end - 1 can be written."""
+        """Full-pool pages still to allocate before positions up to end - 1 can be written."""
         return max(0, self.pool.pages_for(end) - len(self.pages))
 
-    def reserve(self, end: int) -> None:
-        """Allocate the pages positions up to end - 1 need (OutOfPages from a fixed pool that has too few)."""
+    def reserve(self, start: int, end: int) -> None:
+        """Pages for writing positions start..end-1 (and reading the window before start): releases
+        sliding pages that no query from `start` on can see, then allocates. OutOfPages when the
+        fixed full pool has too few (nothing is allocated then)."""
         if not self.pool.growable and self.pages_missing(end) > self.pool.free_pages:
             raise OutOfPages(f"{self.pages_missing(end)} more KV pages needed, {self.pool.free_pages} free")
         while len(self.pages) * self.pool.page_size < end:
             self.pages.append(self.pool.allocate())
+        if self.sliding_pool is None:
+            return
+        ps = self.sliding_pool.page_size
+        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
+        for i in range(min(oldest_visible // ps, len(self.sliding_pages))):
+            if self.sliding_pages[i] != RELEASED:
+                self.sliding_pool.release([self.sliding_pages[i]])
+                self.sliding_pages[i] = RELEASED
+        while len(self.sliding_pages) * ps < end:
+            index = len(self.sliding_pages)
+            # A page wholly before the window is never written: keep its entry released.
+            live = (index + 1) * ps > oldest_visible
+            self.sliding_pages.append(self.sliding_pool.allocate() if live else RELEASED)
 
-    def slots(self, start: int, end: int) -> torch.Tensor:
-        """Flat pool rows (page * page_size + offset) of positions start..end-1, allocating pages as
-        needed; remembered, since every layer asks for the same ones in a step."""
-        if self._slots is not None and self._slots[:2] == (start, end):
-            return self._slots[2]
-        ps = self.pool.page_size
-        self.reserve(end)
-        table = torch.tensor(self.pages, dtype=torch.int64)
+    def table(self, sliding: bool) -> list[int]:
+        return self.sliding_pages if sliding else self.pages
+
+    def slots(self, sliding: bool, start: int, end: int) -> torch.Tensor:
+        """Flat pool rows (page * page_size + offset) of positions start..end-1 in one kind of layer,
+        reserving as needed; remembered, since every layer of the kind asks for the same ones in a step."""
+        memo = self._slots.get(sliding)
+        if memo is not None and memo[:2] == (start, end):
+            return memo[2]
+        self.reserve(start, end)
+        pool = self.sliding_pool if sliding else self.pool
+        table = torch.tensor(self.table(sliding), dtype=torch.int64)
         positions = torch.arange(start, end)
-        slots = (table[positions // ps] * ps + positions % ps).to(self.pool._device)
-        self._slots = (start, end, slots)
+        rows = table[positions // pool.page_size]
+        assert (rows != RELEASED).all(), "positions outside a sliding layer's window"
+        slots = (rows * pool.page_size + positions % pool.page_size).to(pool._device)
+        self._slots[sliding] = (start, end, slots)
         return slots
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, KVH, D] at positions start..start+n-1 of `layer`."""
-        slots = self.slots(start, start + k.shape[0])
-        self.pool.keys[layer].flatten(0, 1)[slots] = k
-        self.pool.values[layer].flatten(0, 1)[slots] = v
+        sliding = self._kind(layer)
+        pool = self.sliding_pool if sliding else self.pool
+        slots = self.slots(sliding, start, start + k.shape[0])
+        pool.keys[layer].flatten(0, 1)[slots] = k
+        pool.values[layer].flatten(0, 1)[slots] = v
 
     def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [end - start, KVH, D] of positions start..end-1 (a gathered copy)."""
-        slots = self.slots(start, end)
-        return self.pool.keys[layer].flatten(0, 1)[slots], self.pool.values[layer].flatten(0, 1)[slots]
+        sliding = self._kind(layer)
+        pool = self.sliding_pool if sliding else self.pool
+        table = torch.tensor(self.table(sliding), dtype=torch.int64)
+        positions = torch.arange(start, end)
+        slots = (table[positions // pool.page_size] * pool.page_size + positions % pool.page_size).to(pool._device)
+        return pool.keys[layer].flatten(0, 1)[slots], pool.values[layer].flatten(0, 1)[slots]
 
     def release(self) -> None:
-        """Give the pages back to the pool (the sequence is finished)."""
+        """Give every page back (the sequence is finished, or preempted)."""
         self.pool.release(self.pages)
-        self.pages, self._slots = [], None
+        if self.sliding_pool is not None:
+            self.sliding_pool.release(self.sliding_pages)
+        self.pages, self.sliding_pages, self._slots = [], [], {}
 
     def __del__(self):
         self.release()
 
     def nbytes(self) -> int:
-        per_page = sum(t[0].numel() * t.element_size() for t in self.pool.keys + self.pool.values)
-        return len(self.pages) * per_page
+        live_sliding = sum(p != RELEASED for p in self.sliding_pages)
+        return len(self.pages) * self.pool.page_bytes() + (
+            live_sliding * self.sliding_pool.page_bytes() if self.sliding_pool is not None else 0)

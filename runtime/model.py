@@ -48,11 +48,27 @@ class Step:
 
 
 @dataclasses.dataclass
-class PagedStep:
-    """What the Triton attention needs about a step, built once for all layers."""
+class PagedLayers:
+    """One kind of layer's view of a step's KV: where the new keys go, and the block tables."""
     pool: PagePool
     slots: torch.Tensor  # [N] int64 pool row of each new token's key and value
-    block_table: torch.Tensor  # [S, max pages] int32
+    block_table: torch.Tensor  # [S, max pages] int32 (-1 for a sliding layer's released pages)
+
+    @classmethod
+    def of(cls, chunks: list[SequenceChunk], sliding: bool, device) -> "PagedLayers":
+        slots = torch.cat([c.cache.slots(sliding, c.start, c.start + c.length) for c in chunks])
+        tables = [c.cache.table(sliding) for c in chunks]
+        width = max(len(t) for t in tables)
+        padded = [t + [-1] * (width - len(t)) for t in tables]
+        pool = chunks[0].cache.sliding_pool if sliding else chunks[0].cache.pool
+        return cls(pool, slots, torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True))
+
+
+@dataclasses.dataclass
+class PagedStep:
+    """What the Triton attention needs about a step, built once for all layers."""
+    full: PagedLayers
+    sliding: PagedLayers | None
     cu_q: torch.Tensor  # [S + 1] int32
     q_start: torch.Tensor  # [S] int32
     max_q_len: int
@@ -60,15 +76,16 @@ class PagedStep:
 
     @classmethod
     def of(cls, chunks: list[SequenceChunk], device) -> "PagedStep":
-        slots = torch.cat([c.cache.slots(c.start, c.start + c.length) for c in chunks])
-        width = max(len(c.cache.pages) for c in chunks)
-        table = [c.cache.pages + [0] * (width - len(c.cache.pages)) for c in chunks]
         cu_q = [0]
         for c in chunks:
             cu_q.append(cu_q[-1] + c.length)
         as_int32 = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-        return cls(chunks[0].cache.pool, slots, as_int32(table), as_int32(cu_q), as_int32([c.start for c in chunks]),
+        sliding = PagedLayers.of(chunks, True, device) if chunks[0].cache.sliding_pool is not None else None
+        return cls(PagedLayers.of(chunks, False, device), sliding, as_int32(cu_q), as_int32([c.start for c in chunks]),
                    max(c.length for c in chunks), max(c.start + c.length for c in chunks))
+
+    def layers(self, sliding: bool) -> PagedLayers:
+        return self.sliding if sliding else self.full
 
 
 @dataclasses.dataclass
@@ -112,12 +129,13 @@ class Attention(Sharded):
             _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
             q, k, v = rope_qk_triton(self.qkv(h), ctx.step.positions, ctx.inv_freq, ctx.concentration, self.heads,
                                      self.kv_heads, cfg.head_dim)
-            p = ctx.paged
-            p.pool.keys[self.layer].flatten(0, 1)[p.slots] = k
-            p.pool.values[self.layer].flatten(0, 1)[p.slots] = v
-            out = paged_attention_triton(q, p.pool.keys[self.layer], p.pool.values[self.layer], p.block_table, p.cu_q,
-                                         p.q_start, self.sinks, sm_scale=self.sm_scale, window=self.window,
-                                         max_q_len=p.max_q_len, max_k_len=p.max_k_len)
+            p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
+            keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
+            keys.flatten(0, 1)[kv.slots] = k
+            values.flatten(0, 1)[kv.slots] = v
+            out = paged_attention_triton(q, keys, values, kv.block_table, p.cu_q, p.q_start, self.sinks,
+                                         sm_scale=self.sm_scale, window=self.window, max_q_len=p.max_q_len,
+                                         max_k_len=p.max_k_len)
             return self.out(out.flatten(-2))
         h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
         q, k, v = self.qkv(h).split([self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim,
@@ -225,6 +243,7 @@ class GptOss(nn.Module):
         self.norm.add("scale", (cfg.hidden_size,), torch.float32)
         self.unembedding = VocabParallelHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
         self.pool: PagePool | None = None  # the KV pages, made with the first sequence's cache
+        self.sliding_pool: PagePool | None = None
         self.inv_freq, self.concentration = yarn_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
             cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
@@ -233,23 +252,31 @@ class GptOss(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def make_pool(self, num_pages: int | None = None) -> PagePool:
-        """The KV page pool: `num_pages` fixed pages, or None for a small pool that grows on demand."""
+    def make_pool(self, num_pages: int | None = None, sliding_pages: int | None = None) -> PagePool:
+        """The KV page pools: the full layers' (`num_pages` fixed pages, or None for a small pool that
+        grows on demand) and the sliding layers' (`sliding_pages`, or growing), which needs only each
+        running sequence's window. Returns the full layers' pool, the one the scheduler manages."""
         cfg, heads = self.cfg, self.block[0].attn.kv_heads
-        self.pool = PagePool(cfg.num_hidden_layers, heads, cfg.head_dim, self.dtype, self.device,
+        full = [n for n in range(cfg.num_hidden_layers) if not cfg.is_sliding(n)]
+        sliding = [n for n in range(cfg.num_hidden_layers) if cfg.is_sliding(n)]
+        self.pool = PagePool(full, heads, cfg.head_dim, self.dtype, self.device,
                              num_pages=num_pages or 64, growable=num_pages is None)
+        self.sliding_pool = PagePool(sliding, heads, cfg.head_dim, self.dtype, self.device,
+                                     num_pages=sliding_pages or 16, growable=sliding_pages is None) if sliding else None
         return self.pool
 
-    def kv_page_bytes(self) -> int:
-        """Bytes of one page in every layer, keys and values (this rank's KV heads)."""
-        attn = self.block[0].attn
-        return 2 * self.cfg.num_hidden_layers * PAGE_SIZE * attn.kv_heads * self.cfg.head_dim * self.dtype.itemsize
+    def kv_page_bytes(self, sliding: bool = False) -> int:
+        """Bytes of one page id in the full (or the sliding) layers' pool: keys and values of this
+        rank's KV heads in every layer of that kind."""
+        cfg = self.cfg
+        layers = sum(cfg.is_sliding(n) == sliding for n in range(cfg.num_hidden_layers))
+        return 2 * layers * PAGE_SIZE * self.block[0].attn.kv_heads * cfg.head_dim * self.dtype.itemsize
 
     def new_cache(self) -> SequenceKV:
-        """A KV cache for one sequence (pages of this rank's KV heads in the model's pool)."""
+        """A KV cache for one sequence (pages of this rank's KV heads in the model's pools)."""
         if self.pool is None:
             self.make_pool()
-        return SequenceKV(self.pool)
+        return SequenceKV(self.pool, self.sliding_pool, self.cfg.sliding_window)
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:

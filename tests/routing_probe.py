@@ -56,3 +56,9 @@ def first_route_change(a: list[torch.Tensor], b: list[torch.Tensor], k: int) -> 
                 gap = min(float(t.values[k - 1] - t.values[k]) for t in (ta, tb))
                 return RouteChange(position, layer, gap, float(la[position].abs().max()))
     return None
+
+
+def all_pages(model) -> list[torch.Tensor]:
+    """Every key and value page array of the model's KV pools (to poison them in tests)."""
+    pools = [p for p in (model.pool, model.sliding_pool) if p is not None]
+    return [t for pool in pools for store in (pool.keys, pool.values) for t in store.values()]

@@ -13,7 +13,7 @@ from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import preset
 from runtime.engine import LLM
 from runtime.model import GptOss, SequenceChunk, Step
-from routing_probe import RouteRecorder, first_route_change
+from routing_probe import RouteRecorder, all_pages, first_route_change
 
 pytestmark = pytest.mark.gpu
 
@@ -81,7 +81,7 @@ def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
     cfg = preset("gpt-oss-20b")
     model = GptOss(cfg, dtype, "cuda").randomize(0)
     model.new_cache().release()  # makes the KV pool: poison it, so reading an unwritten slot shows
-    for pages in model.pool.keys + model.pool.values:
+    for pages in all_pages(model):
         pages.fill_(float("nan"))
     seed = int(torch.randint(0, 2**31, ()))  # fresh tokens each run; the seed is in any failure message
     tokens = torch.randint(0, 199998, (200,), generator=torch.Generator().manual_seed(seed)).tolist()  # > window

@@ -6,11 +6,17 @@ Only the summation order differs (fp32 everywhere), so log-probabilities agree t
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from routing_probe import RouteRecorder, all_pages, first_route_change  # noqa: E402
 
 from runtime.checkpoint import CheckpointReader  # noqa: E402
 from runtime.model import GptOss, SequenceChunk, Step  # noqa: E402
@@ -39,7 +45,7 @@ def steps(model, plan, seed):
 def poison(model):
     """Fill the KV pool with NaN: a slot read before it is written shows up in the logits."""
     model.new_cache().release()  # makes the pool
-    for pages in model.pool.keys + model.pool.values:
+    for pages in all_pages(model):
         pages.fill_(float("nan"))
 
 
@@ -67,7 +73,7 @@ def test_triton_path_matches_the_reference_path(tiny_checkpoints, monkeypatch):
 def test_page_pool_grows_and_recycles(pages):
     from runtime.kv_cache import PagePool, SequenceKV
 
-    pool = PagePool(2, 1, 4, torch.float32, "cpu", page_size=4, num_pages=pages)
+    pool = PagePool([0, 1], 1, 4, torch.float32, "cpu", page_size=4, num_pages=pages)
     a, b = SequenceKV(pool), SequenceKV(pool)
     for s, n in ((a, 9), (b, 6)):
         k = torch.randn(n, 1, 4)
@@ -76,19 +82,38 @@ def test_page_pool_grows_and_recycles(pages):
     assert not set(a.pages) & set(b.pages) and pool.num_pages >= 5
     a.release()
     c = SequenceKV(pool)
-    c.slots(0, 12)
+    c.reserve(0, 12)
     assert set(c.pages) <= set(range(pool.num_pages)) and not set(c.pages) & set(b.pages)
+
+
+def test_sliding_layers_keep_only_the_window():
+    """Window 6, pages of 4: writing 40 positions in steps keeps at most 3 live sliding pages, reads
+    inside the window still see the right keys, and the full layer keeps everything."""
+    from runtime.kv_cache import RELEASED, PagePool, SequenceKV
+
+    full = PagePool([0], 1, 2, torch.float32, "cpu", page_size=4, num_pages=2)
+    sliding = PagePool([1], 1, 2, torch.float32, "cpu", page_size=4, num_pages=2)
+    seq = SequenceKV(full, sliding, window=6)
+    keys = torch.randn(40, 1, 2)
+    for start, n in ((0, 9), (9, 1), (10, 7), (17, 1), (18, 1), (19, 21)):
+        for layer in (0, 1):
+            seq.write(layer, start, keys[start:start + n], -keys[start:start + n])
+        end = start + n
+        first = max(0, start - 6 + 1)
+        assert torch.equal(seq.read(1, first, end)[0], keys[first:end])
+        assert torch.equal(seq.read(0, 0, end)[1], -keys[:end])
+    live = [p for p in seq.sliding_pages if p != RELEASED]
+    assert seq.sliding_pages[:3] == [RELEASED] * 3 and len(live) <= 3 + 21 // 4 + 1
+    assert sliding.num_pages < full.num_pages
+    seq.reserve(40, 41)  # a decode step: the chunk's pages go too
+    assert sum(p != RELEASED for p in seq.sliding_pages) <= 3
+    seq.release()
+    assert sliding.free_pages == sliding.num_pages and full.free_pages == full.num_pages
 
 
 def test_kernel_path_decode_matches_one_forward(tiny_checkpoints, monkeypatch):
     """Prefill 21 tokens, decode 9 one at a time (window 8, pages of 16 crossed) == one 30-token
     forward, on the kernel path; positions after a rounding-flipped near-tied route excepted."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from routing_probe import RouteRecorder, first_route_change
-
     reader = CheckpointReader(tiny_checkpoints["original"])
     model = GptOss(reader.config, torch.float32, "cpu").load(reader)
     monkeypatch.setenv("GPT_OSS_TRITON", "1")
@@ -118,12 +143,6 @@ def steps_of(model, tokens, lengths):
 
 
 def test_first_route_change_finds_the_earliest_flip_and_its_gap():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from routing_probe import first_route_change
-
     a = [torch.randn(6, 8) for _ in range(3)]
     b = [t.clone() for t in a]
     assert first_route_change(a, b, 2) is None

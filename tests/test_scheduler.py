@@ -68,6 +68,8 @@ def test_random_mixes_under_preemption_match_each_request_alone(tiny_checkpoints
         assert g.error is None and g.token_ids == a.token_ids, (g.id, g.token_ids, a.token_ids)
         assert max(abs(x - y) for x, y in zip(g.logprobs, a.logprobs)) < 1e-4
     assert llm.pool.free_pages == llm.pool.num_pages  # nothing leaked
+    sliding = llm.model.sliding_pool
+    assert sliding.free_pages == sliding.num_pages and not sliding.growable
     assert llm.preemptions > 0 and max(steps) > 1  # the pool really was too small for the batch
 
 
