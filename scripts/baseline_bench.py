@@ -17,39 +17,16 @@ import time
 
 import torch
 
-from runtime.checkpoint import tensor_specs
+from launch.bench import ceilings, hf_decode_tokens_per_s, weight_bytes_per_token
 from runtime.config import preset
 from runtime.engine import LLM
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a large device-to-device copy (median of 10)."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(13):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / statistics.median(times[3:])
+def copy_bandwidth(device: torch.device) -> float:
+    return ceilings(device)["copy_bytes_per_s"]
 
 
-def bytes_per_token(cfg) -> int:
-    """Weights read to decode one token at batch 1: all but the unused experts and embedding rows."""
-    total = 0
-    for name, spec in tensor_specs(cfg).items():
-        n = 1
-        for s in spec.shape:
-            n *= s
-        size = n if spec.kind == "uint8" else 2 * n
-        if ".mlp.mlp" in name:  # experts: only experts_per_token of num_experts are read
-            size = size * cfg.experts_per_token // cfg.num_experts
-        if name == "embedding.weight":
-            size = 2 * cfg.hidden_size
-        total += size
-    return total
+bytes_per_token = weight_bytes_per_token
 
 
 def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: int) -> float:
@@ -71,35 +48,10 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: i
 
 
 def hf_decode_rate(cfg, batch: int, prompt_len: int, decode: int, repeat: int) -> tuple[float, float]:
-    """(decode tokens/s, peak GiB) of Hugging Face transformers' GptOssForCausalLM, eager attention, bf16
-    weights (experts dequantized, as transformers runs gpt-oss without MXFP4 kernels), random init on
-    the GPU, greedy generate with the same prompt and decode lengths."""
-    import transformers
-
-    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_json().items() if k != "quantization_config"})
-    hf_cfg._attn_implementation = "eager"
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = transformers.GptOssForCausalLM(hf_cfg).eval()
-        torch.set_default_dtype(torch.float32)
-    ids = torch.randint(0, 199998, (batch, prompt_len), device="cuda")
-
-    def generate(n: int) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    generate(2)  # warm-up
-    one = statistics.median(generate(1) for _ in range(repeat))
-    full = statistics.median(generate(decode + 1) for _ in range(repeat))
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del model
-    torch.cuda.empty_cache()
-    return batch * decode / (full - one), peak
+    """(decode tokens/s, peak GiB) of transformers at batch 1 (launch.bench.hf_decode_tokens_per_s)."""
+    assert batch == 1
+    rate = hf_decode_tokens_per_s(cfg, torch.device("cuda"), prompt_len, decode, repeat)
+    return rate, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:

@@ -1,0 +1,205 @@
+"""Offline speed of the engine on one model: decode, prefill, time to first token, memory.
+
+    python -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda hf=true json=bench.json
+    python -m launch.bench batch_sizes=[1,2] ttft_prompts=[64] decode_tokens=4   # tiny model, CPU
+
+Random prompts, greedy decoding with ignore_eos, so every request generates exactly the asked
+tokens. Each number is the median of `repeat` runs after a warm-up of the same shape, with the GPU
+synchronised around each. Decode tokens/s at batch b = b x decode_tokens / (time of prompt + 1 +
+decode_tokens tokens - time of prompt + 1 token). Rooflines use ceilings measured in the same run:
+batch-1 decode = copy bandwidth / the weight bytes one token reads; prefill = matmul rate / FLOPs
+per prompt token. JSON out, a table printed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from launch.common import build_llm, clean_exit
+from runtime.checkpoint import tensor_specs
+from runtime.engine import LLM
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (bytes read + written by a 2 GiB device copy) and bf16 matmul FLOP/s (8192^3),
+    medians of 10 after 3 warm-ups; empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+
+    def median_seconds(fn) -> float:
+        times = []
+        for i in range(13):
+            synchronize(device)
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / median_seconds(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul = 2 * 8192**3 / median_seconds(lambda: a @ a)
+    return {"copy_bytes_per_s": copy, "matmul_flops": matmul}
+
+
+def weight_bytes_per_token(cfg) -> int:
+    """Weights one decoded token reads at batch 1: all but the unused experts and embedding rows."""
+    total = 0
+    for name, spec in tensor_specs(cfg).items():
+        n = 1
+        for s in spec.shape:
+            n *= s
+        size = n if spec.kind == "uint8" else 2 * n
+        if ".mlp.mlp" in name:  # experts: only experts_per_token of num_experts are read
+            size = size * cfg.experts_per_token // cfg.num_experts
+        if name == "embedding.weight":
+            size = 2 * cfg.hidden_size
+        total += size
+    return total
+
+
+def flops_per_token(cfg) -> int:
+    """Matmul FLOPs of one prompt token, attention scores excluded (they grow with the context)."""
+    d, heads, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    attention = 2 * d * (heads + 2 * kv) * hd + 2 * heads * hd * d
+    experts = 2 * cfg.experts_per_token * 3 * d * cfg.intermediate_size
+    return cfg.num_hidden_layers * (attention + experts + 2 * d * cfg.num_experts)
+
+
+def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) -> float:
+    gen = torch.Generator().manual_seed(batch * 100003 + prompt)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (prompt,), generator=gen).tolist(),
+             "max_tokens": tokens, "temperature": 0, "ignore_eos": True} for i in range(batch)]
+    times = []
+    for attempt in range(repeat + 1):  # the first run warms this shape up
+        synchronize(llm.device)
+        t = time.perf_counter()
+        results = llm.generate(reqs)
+        synchronize(llm.device)
+        if attempt:
+            times.append(time.perf_counter() - t)
+        bad = next((r for r in results if r.error or len(r.token_ids) != tokens), None)
+        if bad is not None:
+            raise RuntimeError(f"request {bad.id} of the batch-{batch} run failed: {bad.error or bad.token_ids}")
+    return statistics.median(times)
+
+
+def hf_decode_tokens_per_s(cfg, device: torch.device, prompt: int, decode: int, repeat: int) -> float:
+    """transformers' GptOssForCausalLM (eager attention, bf16 experts: it has no MXFP4 kernels on
+    most GPUs), random weights of the same shapes, batch 1 greedy decode."""
+    import transformers
+
+    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_json().items() if k != "quantization_config"})
+    hf_cfg._attn_implementation = "eager"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = transformers.GptOssForCausalLM(hf_cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    ids = torch.randint(0, min(199998, cfg.vocab_size), (1, prompt), device=device)
+
+    def generate(n: int) -> float:
+        synchronize(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        synchronize(device)
+        return time.perf_counter() - t
+
+    generate(2)
+    one = statistics.median(generate(1) for _ in range(repeat))
+    full = statistics.median(generate(decode + 1) for _ in range(repeat))
+    return decode / (full - one)
+
+
+def run(cfg: DictConfig) -> dict:
+    with clean_exit():
+        llm = build_llm(cfg)
+    dev, model_cfg = llm.device, llm.config
+    limits = ceilings(dev)
+    bw, mm = limits.get("copy_bytes_per_s"), limits.get("matmul_flops")
+    rows = []
+    for batch in cfg.batch_sizes:
+        one = timed_generate(llm, batch, cfg.prompt_tokens, 1, cfg.repeat)
+        full = timed_generate(llm, batch, cfg.prompt_tokens, cfg.decode_tokens + 1, cfg.repeat)
+        # nan where timing noise swamps the decode (too few decode_tokens for this machine)
+        rate = batch * cfg.decode_tokens / (full - one) if full > one else float("nan")
+        rows.append({"kind": "decode", "batch": batch, "tokens_per_s": rate,
+                     "prefill_tokens_per_s": batch * cfg.prompt_tokens / one})
+    for prompt in cfg.ttft_prompts:
+        seconds = timed_generate(llm, 1, prompt, 1, cfg.repeat)
+        rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds, "prefill_tokens_per_s": prompt / seconds})
+    roof_decode = bw / weight_bytes_per_token(model_cfg) if bw else None
+    roof_prefill = mm / flops_per_token(model_cfg) if mm else None
+    for r in rows:
+        if r["kind"] == "decode" and r["batch"] == 1 and roof_decode:
+            r["roofline_tokens_per_s"] = roof_decode
+        if roof_prefill:
+            r["prefill_roofline_tokens_per_s"] = roof_prefill
+    if cfg.hf:
+        ours = next((r["tokens_per_s"] for r in rows if r["kind"] == "decode" and r["batch"] == 1), None)
+        hf = hf_decode_tokens_per_s(model_cfg, dev, cfg.prompt_tokens, cfg.decode_tokens, cfg.repeat)
+        rows.append({"kind": "transformers decode", "batch": 1, "tokens_per_s": hf,
+                     "ours_over_transformers": ours / hf if ours else None})
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {"model": str(cfg.model.get("name")),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(llm.dtype),
+            "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
+            "ceilings": limits, "rows": rows}
+
+
+def table(report: dict) -> str:
+    peak = "" if report["peak_GiB"] is None else f", peak GPU memory {report['peak_GiB']:.1f} GiB"
+    kv = "growing" if report["kv_cache_tokens"] is None else f"{report['kv_cache_tokens']:,} tokens"
+    lines = [f"{report['model']} on {report['device']} ({report['dtype']}), KV cache {kv}{peak}",
+             "| measurement | value | roofline | % of roofline |", "|---|---:|---:|---:|"]
+
+    def pct(value, roof):
+        return (f"{roof:,.0f}", f"{100 * value / roof:.1f}%") if roof else ("", "")
+
+    for r in report["rows"]:
+        if r["kind"] == "decode":
+            roof, share = pct(r["tokens_per_s"], r.get("roofline_tokens_per_s"))
+            lines.append(f"| decode tokens/s, batch {r['batch']} | {r['tokens_per_s']:,.1f} | {roof} | {share} |")
+            roof, share = pct(r["prefill_tokens_per_s"], r.get("prefill_roofline_tokens_per_s"))
+            lines.append(f"| prefill tokens/s, batch {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | {roof} | {share} |")
+        elif r["kind"] == "ttft":
+            roof, share = pct(r["prefill_tokens_per_s"], r.get("prefill_roofline_tokens_per_s"))
+            lines.append(f"| time to first token, {r['prompt']:,}-token prompt | {r['seconds']:.3f} s | "
+                         f"{roof + ' tok/s' if roof else ''} | {share} |")
+        else:
+            ratio = r["ours_over_transformers"]
+            lines.append(f"| transformers decode tokens/s, batch 1 | {r['tokens_per_s']:,.1f} | | "
+                         f"{'' if ratio is None else f'this runtime {ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    report = run(cfg)
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
