@@ -44,6 +44,12 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
         kv_cache_tokens=cfg.get("kv_cache_tokens"),
         gpu_memory_fraction=cfg.get("gpu_memory_fraction", 0.9),
     )
+    if llm.kv_cache_tokens is not None and parallel.rank == 0:
+        sliding = llm.model.sliding_pool
+        print(f"KV cache: {llm.kv_cache_tokens:,} positions for the full-attention layers "
+              f"({llm.pool.nbytes() / 2**20:,.0f} MiB per rank)"
+              + (f", {sliding.num_pages:,} pages for the sliding-window layers ({sliding.nbytes() / 2**20:,.0f} MiB)"
+                 if sliding is not None else ""), file=sys.stderr, flush=True)
     if parallel.world_size > 1:
         mem = llm.load_memory
         print(f"rank {parallel.rank}: loaded in {llm.load_seconds:.1f} s, peak host memory "
