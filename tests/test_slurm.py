@@ -97,7 +97,9 @@ def test_requeue_resumes_without_repeating(tiny_checkpoints, tmp_path):
             # Slurm holds a requeued job back for a while; start it now rather than wait in a test.
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
             requeued = True
-        if not state:
+        # squeue can briefly list nothing while a job is being requeued: done only once the job is
+        # gone after its second start and every request is written.
+        if not state and requeued and out.read_text().count("\n") >= 24:
             break
         time.sleep(0.5)
     text = log(tmp_path)
