@@ -21,7 +21,7 @@ from parallel.layers import broadcast
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
-from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, sliding_pages_bound
+from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, sliding_pages_bound
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample
@@ -144,7 +144,7 @@ class LLM:
         if tokens is not None:
             if tokens < 1:
                 raise ValueError(f"kv_cache_tokens must be positive, got {tokens}")
-            return -(-tokens // PAGE_SIZE)
+            return pages_for(tokens)
         if self.device.type != "cuda":
             return None
         if not 0 < gpu_memory_fraction <= 1:

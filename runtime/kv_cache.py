@@ -30,6 +30,12 @@ def pages_for(positions: int, page_size: int = PAGE_SIZE) -> int:
     return -(-positions // page_size)
 
 
+def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+               page_size: int = PAGE_SIZE) -> int:
+    """Bytes of one page id in a pool of num_layers layers, keys and values."""
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype.itemsize
+
+
 def sliding_pages_bound(window: int, max_batch_size: int, max_batch_tokens: int, page_size: int = PAGE_SIZE) -> int:
     """Sliding-layer pages that running sequences can hold at once: each keeps its window plus this
     step's chunk (a partial page at each end), and the chunks of a step total max_batch_tokens."""
@@ -83,8 +89,7 @@ class PagePool:
 
     def page_bytes(self) -> int:
         """Bytes of one page id across this pool's layers, keys and values."""
-        per_layer = self.page_size * self._shape[0] * self._shape[1] * self._dtype.itemsize
-        return 2 * len(self.layers) * per_layer
+        return page_bytes(len(self.layers), *self._shape, self._dtype, self.page_size)
 
     def nbytes(self) -> int:
         return self.num_pages * self.page_bytes()
@@ -140,14 +145,18 @@ class SequenceKV:
         if memo is not None and memo[:2] == (start, end):
             return memo[2]
         self.reserve(start, end)
+        slots = self._rows(sliding, start, end)
+        self._slots[sliding] = (start, end, slots)
+        return slots
+
+    def _rows(self, sliding: bool, start: int, end: int) -> torch.Tensor:
+        """Flat pool rows of positions start..end-1 through the page table (no allocation)."""
         pool = self.sliding_pool if sliding else self.pool
         table = torch.tensor(self.table(sliding), dtype=torch.int64)
         positions = torch.arange(start, end)
-        rows = table[positions // pool.page_size]
-        assert (rows != RELEASED).all(), "positions outside a sliding layer's window"
-        slots = (rows * pool.page_size + positions % pool.page_size).to(pool._device)
-        self._slots[sliding] = (start, end, slots)
-        return slots
+        pages = table[positions // pool.page_size]
+        assert (pages != RELEASED).all(), "positions outside a sliding layer's window"
+        return (pages * pool.page_size + positions % pool.page_size).to(pool._device)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, KVH, D] at positions start..start+n-1 of `layer`."""
@@ -161,9 +170,7 @@ class SequenceKV:
         """Keys and values [end - start, KVH, D] of positions start..end-1 (a gathered copy)."""
         sliding = self._kind(layer)
         pool = self.sliding_pool if sliding else self.pool
-        table = torch.tensor(self.table(sliding), dtype=torch.int64)
-        positions = torch.arange(start, end)
-        slots = (table[positions // pool.page_size] * pool.page_size + positions % pool.page_size).to(pool._device)
+        slots = self._rows(sliding, start, end)
         return pool.keys[layer].flatten(0, 1)[slots], pool.values[layer].flatten(0, 1)[slots]
 
     def release(self) -> None:

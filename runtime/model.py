@@ -28,7 +28,7 @@ from runtime.kernels.attention import attention
 from runtime.kernels.moe import expert_rows, route
 from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
-from runtime.kv_cache import PAGE_SIZE, PagePool, SequenceKV
+from runtime.kv_cache import RELEASED, PagePool, SequenceKV, page_bytes
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ class PagedLayers:
         slots = torch.cat([c.cache.slots(sliding, c.start, c.start + c.length) for c in chunks])
         tables = [c.cache.table(sliding) for c in chunks]
         width = max(len(t) for t in tables)
-        padded = [t + [-1] * (width - len(t)) for t in tables]
+        padded = [t + [RELEASED] * (width - len(t)) for t in tables]  # entries the kernel never reads
         pool = chunks[0].cache.sliding_pool if sliding else chunks[0].cache.pool
         return cls(pool, slots, torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True))
 
@@ -270,7 +270,7 @@ class GptOss(nn.Module):
         rank's KV heads in every layer of that kind."""
         cfg = self.cfg
         layers = sum(cfg.is_sliding(n) == sliding for n in range(cfg.num_hidden_layers))
-        return 2 * layers * PAGE_SIZE * self.block[0].attn.kv_heads * cfg.head_dim * self.dtype.itemsize
+        return page_bytes(layers, self.block[0].attn.kv_heads, cfg.head_dim, self.dtype)
 
     def new_cache(self) -> SequenceKV:
         """A KV cache for one sequence (pages of this rank's KV heads in the model's pools)."""
