@@ -22,13 +22,6 @@ from runtime.config import preset
 from runtime.engine import LLM
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    return ceilings(device)["copy_bytes_per_s"]
-
-
-bytes_per_token = weight_bytes_per_token
-
-
 def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: int) -> float:
     gen = torch.Generator().manual_seed(batch)
     reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (prompt_len,), generator=gen).tolist(),
@@ -45,13 +38,6 @@ def timed_generate(llm: LLM, batch: int, prompt_len: int, decode: int, repeat: i
             times.append(time.perf_counter() - t)
         assert all(len(r.token_ids) == decode and r.error is None for r in results), results[0]
     return statistics.median(times)
-
-
-def hf_decode_rate(cfg, batch: int, prompt_len: int, decode: int, repeat: int) -> tuple[float, float]:
-    """(decode tokens/s, peak GiB) of transformers at batch 1 (launch.bench.hf_decode_tokens_per_s)."""
-    assert batch == 1
-    rate = hf_decode_tokens_per_s(cfg, torch.device("cuda"), prompt_len, decode, repeat)
-    return rate, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
@@ -71,8 +57,8 @@ def main() -> None:
     llm = LLM("dummy", model=args.model, dtype=args.dtype, device=args.device, max_batch_size=max(args.batch))
     load = time.perf_counter() - t
     cuda = llm.device.type == "cuda"
-    bw = copy_bandwidth(llm.device) if cuda else float("nan")
-    bpt = bytes_per_token(llm.config)
+    bw = ceilings(llm.device)["copy_bytes_per_s"] if cuda else float("nan")
+    bpt = weight_bytes_per_token(llm.config)
     timed_generate(llm, 1, 8, 2, 1)  # warm-up
     rows = []
     for batch in args.batch:
@@ -90,7 +76,8 @@ def main() -> None:
     if args.hf:
         del llm
         torch.cuda.empty_cache()
-        hf_tps, hf_peak = hf_decode_rate(preset(args.model), 1, args.prompt, args.decode, args.repeat)
+        hf_tps = hf_decode_tokens_per_s(preset(args.model), torch.device("cuda"), args.prompt, args.decode, args.repeat)
+        hf_peak = torch.cuda.max_memory_allocated() / 2**30
         ours = next(r for r in rows if r["batch"] == 1)["decode_tokens_per_s"]
         rows.append({"model": args.model, "engine": "transformers eager bf16", "batch": 1,
                      "decode_tokens_per_s": hf_tps, "peak_mem_GiB": hf_peak, "ours_over_hf": ours / hf_tps})

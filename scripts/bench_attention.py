@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.bench import ceilings as measure_ceilings  # noqa: E402
 from runtime.kernels.attention_triton import choose_num_splits, paged_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, WINDOW = 64, 8, 64, 16, 128
@@ -52,13 +53,7 @@ def time_cuda(fn, warmup: int = 5, reps: int = 30) -> float:
 
 def ceilings() -> dict:
     """{"copy_bytes_per_s": device-to-device copy, read + written; "matmul_flops": bf16 8192^3 matmul}."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy_s = time_cuda(lambda: dst.copy_(src))
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_s = time_cuda(lambda: a @ b)
-    return {"copy_bytes_per_s": 2 * src.numel() / copy_s, "matmul_flops": 2 * 8192**3 / mm_s}
+    return measure_ceilings(torch.device("cuda"))
 
 
 def visible_pairs(seqs, window: int | None) -> int:

@@ -26,6 +26,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.bench import ceilings  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton  # noqa: E402
 from runtime.kernels.rmsnorm import add_rms_norm  # noqa: E402
@@ -37,10 +38,7 @@ BF16_U = 2.0**-8  # bf16 unit roundoff
 
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB, in bytes/s counting read + write."""
-    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3
-    return 2 * src.numel() / seconds
+    return ceilings(torch.device("cuda"))["copy_bytes_per_s"]
 
 
 def bench(fn) -> float:

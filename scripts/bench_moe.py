@@ -19,6 +19,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.bench import ceilings as measure_ceilings  # noqa: E402
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.moe import route  # noqa: E402
@@ -30,14 +31,8 @@ NAMES = ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.b
 
 def ceilings() -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
-    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_s = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_s = triton.testing.do_bench(lambda: a @ b, return_mode="median") / 1e3
-    return 2 * (2 << 30) / copy_s, 2 * 8192**3 / mm_s
+    measured = measure_ceilings(torch.device("cuda"))
+    return measured["copy_bytes_per_s"], measured["matmul_flops"]
 
 
 def candidates(rows_per_expert: float) -> list[Tiles]:
