@@ -93,8 +93,11 @@ def test_requeue_resumes_without_repeating(tiny_checkpoints, tmp_path):
     requeued = False
     while time.time() < deadline + 600:  # generous: a loaded 2-core machine runs the tiny model slowly
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-        if state == "PENDING" and not requeued:
-            # Slurm holds a requeued job back for a while; start it now rather than wait in a test.
+        node = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state == "PENDING" and not requeued and node == "idle":
+            # Slurm holds a requeued job back for a while; start it now rather than wait in a test,
+            # but only once the node has finished cleaning up the first run (forcing the start
+            # while it is still completing makes the second run fail at launch).
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
             requeued = True
         # squeue can briefly list nothing while a job is being requeued: done only once the job is
