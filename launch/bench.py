@@ -13,6 +13,7 @@ per prompt token. JSON out, a table printed.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -154,16 +155,22 @@ def run(cfg: DictConfig) -> dict:
             r["roofline_tokens_per_s"] = roof_decode
         if roof_prefill:
             r["prefill_roofline_tokens_per_s"] = roof_prefill
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    report = {"model": str(cfg.model.get("name")),
+              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(llm.dtype),
+              "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
+              "cuda_graphs": None if llm._graphs is None else sorted(llm._graphs.replays),
+              "ceilings": limits, "rows": rows}
     if cfg.hf:
+        del llm  # its KV cache holds most of the GPU: transformers needs the room
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         ours = next((r["tokens_per_s"] for r in rows if r["kind"] == "decode" and r["batch"] == 1), None)
         hf = hf_decode_tokens_per_s(model_cfg, dev, cfg.prompt_tokens, cfg.decode_tokens, cfg.repeat)
         rows.append({"kind": "transformers decode", "batch": 1, "tokens_per_s": hf,
                      "ours_over_transformers": ours / hf if ours else None})
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {"model": str(cfg.model.get("name")),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(llm.dtype),
-            "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
-            "ceilings": limits, "rows": rows}
+    return report
 
 
 def table(report: dict) -> str:

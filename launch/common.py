@@ -43,6 +43,7 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
         parallel=parallel,
         kv_cache_tokens=cfg.get("kv_cache_tokens"),
         gpu_memory_fraction=cfg.get("gpu_memory_fraction", 0.9),
+        enforce_eager=cfg.get("enforce_eager", False),
     )
     if llm.kv_cache_tokens is not None and parallel.rank == 0:
         sliding = llm.model.sliding_pool

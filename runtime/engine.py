@@ -18,13 +18,14 @@ import torch
 
 from parallel.groups import Parallel, single
 from parallel.layers import broadcast
+from runtime import cuda_graphs
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
 from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, sliding_pages_bound
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import make_generator, sample
+from runtime.sampling import make_generator, sample_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,6 +60,15 @@ class _Sequence:
     computed: int = 0  # tokens whose K/V are in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One step on the host: token ids and positions of the chunks, and the rows whose logits are wanted."""
+    ids: list[int]
+    positions: list[int]
+    chunks: list[SequenceChunk]
+    logits_rows: list[int]
 
 
 def memory_report(device: torch.device) -> dict:
@@ -98,14 +108,15 @@ class LLM:
     """A loaded model plus the generation loop.
 
     checkpoint: a folder (either public layout), "dummy" (random weights of `model`, for benchmarks),
-    or None (the embedded tiny synthetic checkpoint).
+    or None (the embedded tiny synthetic checkpoint). enforce_eager: never replay decode steps from
+    CUDA graphs (runtime/cuda_graphs.py), as in vLLM.
     """
 
     def __init__(self, checkpoint: str | Path | None = None, *, model: str | ModelConfig = "tiny",
                  dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
                  seed: int = 0, parallel: Parallel | None = None, kv_cache_tokens: int | None = None,
-                 gpu_memory_fraction: float = 0.9):
+                 gpu_memory_fraction: float = 0.9, enforce_eager: bool = False):
         if max_batch_tokens < max_batch_size:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
                              f"({max_batch_size}): every running sequence decodes one token per step")
@@ -136,6 +147,10 @@ class LLM:
         self.pool = self.model.make_pool(pages, None if pages is None else sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+        # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
+        self._graphs = None
+        if not enforce_eager and cuda_graphs.supported(self.model) is None:
+            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, self.max_model_len)
 
     def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
         """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
@@ -236,10 +251,10 @@ class LLM:
                 running[index] = seq if seq else self._admit(req)
             if not running:
                 continue
-            step, wants_logits = self._plan(running, waiting)
-            if not step.chunks:
+            plan, wants_logits = self._plan(running, waiting)
+            if not plan.chunks:
                 continue
-            logits = self.model(step)
+            logits = self._forward(plan)
             for index, (token, logprob) in zip(wants_logits, self._sample(logits, wants_logits, running)):
                 seq = running[index]
                 seq.generated.append(token)
@@ -269,14 +284,16 @@ class LLM:
     def _sample(self, logits: torch.Tensor, wants: list[int], running: dict[int, _Sequence]):
         """(token, logprob) per row. Every rank of a replica samples the same way from the same
         logits; the replica's first rank's picks are broadcast so the ranks can never drift apart."""
-        picks = [sample(logits[row], running[i].request.params, running[i].generator) for row, i in enumerate(wants)]
+        if not wants:
+            return []
+        picks = sample_rows(logits, [running[i].request.params for i in wants], [running[i].generator for i in wants])
         if self.parallel.replica.size == 1 or not picks:
             return picks
         tokens = broadcast(torch.tensor([t for t, _ in picks], device=self.device), self.parallel.replica)
         logprobs = broadcast(torch.tensor([lp for _, lp in picks], device=self.device), self.parallel.replica)
         return list(zip(tokens.tolist(), logprobs.tolist()))
 
-    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[Step, list[int]]:
+    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[_Plan, list[int]]:
         """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
 
         Each chunk's pages are reserved here, before the step runs. When the pool is out, the most
@@ -305,10 +322,17 @@ class LLM:
             if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
                 logits_rows.append(len(ids) - 1)
                 wants.append(index)
+        return _Plan(ids, positions, chunks, logits_rows), wants
+
+    def _forward(self, plan: _Plan) -> torch.Tensor:
+        """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
+        graphs, anything else runs the model eagerly."""
+        if self._graphs is not None and self._graphs.fits(plan.chunks):
+            logits = self._graphs.run(plan.chunks, plan.ids)
+            return logits if len(plan.logits_rows) == len(plan.chunks) else logits[plan.logits_rows]
         dev = self.device
-        step = Step(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), chunks,
-                    torch.tensor(logits_rows, device=dev, dtype=torch.long))
-        return step, wants
+        return self.model(Step(torch.tensor(plan.ids, device=dev), torch.tensor(plan.positions, device=dev),
+                               plan.chunks, torch.tensor(plan.logits_rows, device=dev, dtype=torch.long)))
 
     def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
         """Pages for positions computed..end-1 of running[index], preempting others if needed; False

@@ -12,9 +12,14 @@ The full pool is either fixed (sized by the engine from free GPU memory, or by `
 the scheduler reserves a step's pages before the step and preempts sequences when they run out; or
 growable (the default without a size): it doubles when it runs out (page ids stay valid, so block
 tables do too). The sliding pool is sized so that it cannot run out (see `sliding_pages_bound`).
+
+A fixed pool has one page more than it hands out, `scratch` (zeros): the padding rows of a CUDA
+graph's batch write their keys there and read them back, so they never touch a sequence's pages.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -48,8 +53,14 @@ class PagePool:
                  growable: bool = True):
         self.layers, self.page_size, self.growable = list(layers), page_size, growable
         self._shape, self._dtype, self._device = (num_kv_heads, head_dim), dtype, device
-        self.keys = {layer: self._empty(num_pages) for layer in self.layers}  # by model layer index
-        self.values = {layer: self._empty(num_pages) for layer in self.layers}
+        self.scratch = None if growable else num_pages  # page id of the never-allocated scratch page
+        rows = num_pages + (not growable)
+        self.keys = {layer: self._empty(rows) for layer in self.layers}  # by model layer index
+        self.values = {layer: self._empty(rows) for layer in self.layers}
+        if self.scratch is not None:
+            for store in (self.keys, self.values):
+                for pages in store.values():
+                    pages[self.scratch].zero_()
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._num_pages = num_pages
 
@@ -92,15 +103,22 @@ class PagePool:
         return page_bytes(len(self.layers), *self._shape, self._dtype, self.page_size)
 
     def nbytes(self) -> int:
-        return self.num_pages * self.page_bytes()
+        return (self.num_pages + (self.scratch is not None)) * self.page_bytes()
+
+
+_serials = itertools.count()
 
 
 class SequenceKV:
     """One sequence's pages: positions 0..computed-1 hold keys and values in every full layer, and the
-    last `window` of them in every sliding layer."""
+    last `window` of them in every sliding layer.
+
+    `serial` is new whenever the page lists start over (at creation and at release), so a holder of
+    a copy of a page list (the CUDA graphs' staged block tables) can tell when it has gone stale."""
 
     def __init__(self, full: PagePool, sliding: PagePool | None = None, window: int | None = None):
         self.pool, self.sliding_pool, self.window = full, sliding, window
+        self.serial = next(_serials)
         self.pages: list[int] = []  # full layers' pages in position order
         self.sliding_pages: list[int] = []  # sliding layers' pages in position order, RELEASED once out of the window
         self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
@@ -179,6 +197,7 @@ class SequenceKV:
         if self.sliding_pool is not None:
             self.sliding_pool.release(self.sliding_pages)
         self.pages, self.sliding_pages, self._slots = [], [], {}
+        self.serial = next(_serials)
 
     def __del__(self):
         self.release()

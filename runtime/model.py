@@ -90,8 +90,10 @@ class PagedStep:
 
 @dataclasses.dataclass
 class StepContext:
-    """Per-step inputs every layer shares: the step, the rotary tables or positions, the paged view."""
-    step: Step
+    """Per-step inputs every layer shares: positions, the rotary tables, and either the sequences'
+    chunks (the reference path) or the paged view (the Triton path)."""
+    positions: torch.Tensor
+    chunks: list[SequenceChunk] | None
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     inv_freq: torch.Tensor
@@ -127,7 +129,7 @@ class Attention(Sharded):
             from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
 
             _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
-            q, k, v = rope_qk_triton(self.qkv(h), ctx.step.positions, ctx.inv_freq, ctx.concentration, self.heads,
+            q, k, v = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
                                      self.kv_heads, cfg.head_dim)
             p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
             keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
@@ -144,7 +146,7 @@ class Attention(Sharded):
         k = apply_rope(k.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
         v = v.unflatten(-1, (-1, cfg.head_dim))
         outputs, offset = [], 0
-        for chunk in ctx.step.chunks:
+        for chunk in ctx.chunks:
             rows = slice(offset, offset + chunk.length)
             offset += chunk.length
             chunk.cache.write(self.layer, chunk.start, k[rows], v[rows])
@@ -244,9 +246,10 @@ class GptOss(nn.Module):
         self.unembedding = VocabParallelHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
         self.pool: PagePool | None = None  # the KV pages, made with the first sequence's cache
         self.sliding_pool: PagePool | None = None
-        self.inv_freq, self.concentration = yarn_frequencies(
+        inv_freq, self.concentration = yarn_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
             cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+        self.inv_freq = inv_freq.to(dev)
 
     @property
     def device(self) -> torch.device:
@@ -281,16 +284,26 @@ class GptOss(nn.Module):
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Next-token logits [M, vocab] in fp32 for the tokens at step.logits_indices (on every rank)."""
-        x = self.embedding(step.token_ids)
-        if use_triton(x):
-            ctx = StepContext(step, None, None, self.inv_freq.to(x.device), self.concentration,
-                              PagedStep.of(step.chunks, x.device))
-        else:
-            cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
-            ctx = StepContext(step, cos, sin, self.inv_freq, self.concentration, None)
+        if use_triton(self.inv_freq):
+            return self.forward_paged(step.token_ids, step.positions, PagedStep.of(step.chunks, self.device),
+                                      step.logits_indices)
+        cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
+        ctx = StepContext(step.positions, step.chunks, cos, sin, self.inv_freq, self.concentration, None)
+        return self._layers(step.token_ids, ctx, step.logits_indices)
+
+    @torch.inference_mode()
+    def forward_paged(self, token_ids: torch.Tensor, positions: torch.Tensor, paged: PagedStep,
+                      logits_indices: torch.Tensor) -> torch.Tensor:
+        """The Triton path's forward from device tensors alone (no host work, no sync), so that
+        runtime/cuda_graphs.py can capture it."""
+        ctx = StepContext(positions, None, None, None, self.inv_freq, self.concentration, paged)
+        return self._layers(token_ids, ctx, logits_indices)
+
+    def _layers(self, token_ids: torch.Tensor, ctx: StepContext, logits_indices: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(token_ids)
         for block in self.block:
             x = block(x, ctx)
-        x = rms_norm(x[step.logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
+        x = rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
         return self.unembedding(x)
 
     # ------------------------------------------------------------------------------- weights

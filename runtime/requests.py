@@ -81,10 +81,8 @@ def parse_request(obj: Any, *, max_model_len: int, vocab_size: int, default_max_
     if "reasoning_effort" in obj and "messages" not in obj:
         raise RequestError("field 'reasoning_effort' applies only to 'messages' requests")
     tokens = _prompt_tokens(obj, given[0], vocab_size, harmony)
-    if len(tokens) >= max_model_len:
-        raise RequestError(
-            f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is {max_model_len}, "
-            f"which leaves no room to generate")
+    if len(tokens) > max_model_len:  # a prompt that fills the context still gets its one next token, as in vLLM
+        raise RequestError(f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is {max_model_len}")
     params = SamplingParams(
         max_tokens=_number(obj, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
         temperature=float(_number(obj, "temperature", 1.0, 0.0, 100.0)),

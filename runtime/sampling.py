@@ -1,7 +1,7 @@
 """Sampling: greedy, temperature, top-k, top-p, with a generator per request.
 
-Each request draws from its own seeded generator, one row at a time, so its tokens do not depend on
-which other requests share the batch. Logprobs are of the model's own distribution (before
+Each request draws from its own seeded generator, so its tokens do not depend on which other
+requests share the batch; the rows of a step are still sampled together, with one host sync. Logprobs are of the model's own distribution (before
 temperature, top-k and top-p), as vLLM reports them by default.
 """
 
@@ -29,20 +29,40 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, float]:
     """One token from fp32 logits [vocab] and its logprob under the unmodified distribution."""
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> list[tuple[int, float]]:
+    """(token, logprob) for each row of fp32 logits [M, vocab], row i under params[i], drawing from
+    generators[i] only. Batched (a step's rows cost a few launches and one host sync, not a few per
+    row), yet each row's result is a function of that row alone.
+
+    A sampled row draws by the exponential race: the argmax of p / E over independent Exp(1) draws
+    E picks token i with probability p_i, and the draws come from the row's own generator."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    if params.temperature == 0:
-        token = int(torch.argmax(logits))  # the first maximal id on ties, as torch and the references do
-        return token, float(logprobs[token])
-    scaled = logits / params.temperature
-    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logprobs[token])
+    tokens = torch.argmax(logits, dim=-1)  # greedy: the first maximal id on ties, as torch and the references do
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if sampled:
+        dev, vocab = logits.device, logits.shape[-1]
+        rows = torch.tensor(sampled, device=dev)
+        column = lambda values: torch.tensor(values, device=dev, dtype=logits.dtype)[:, None]  # noqa: E731
+        scaled = logits[rows] / column([params[i].temperature for i in sampled])
+        top_k = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
+        if min(top_k) < vocab:
+            values = torch.topk(scaled, max(k for k in top_k if k < vocab), dim=-1).values
+            kth = values.gather(1, torch.tensor([min(k, values.shape[1]) - 1 for k in top_k], device=dev)[:, None])
+            kth = torch.where(column(top_k) < vocab, kth, float("-inf"))
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        top_p = [params[i].top_p for i in sampled]
+        if min(top_p) < 1.0:
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
+            drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= column(top_p)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i]) for i in sampled])
+        tokens[rows] = torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
+    picked = logprobs.gather(1, tokens[:, None])[:, 0]
+    both = torch.stack([tokens.double(), picked.double()]).tolist()  # one host sync; ids are exact in fp64
+    return [(int(t), lp) for t, lp in zip(*both)]

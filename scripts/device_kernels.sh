@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The kernels issue's device run. `moe`: MoE GPU tests + the tile sweep; default: GPU tests of every
+# The kernels issue's device run. `engine`: CUDA-graph tests and launch.bench; `moe`: MoE GPU tests + the tile sweep; default: GPU tests of every
 # kernel (Triton vs reference at real shapes), the kernel benchmarks, and end-to-end decode of dummy
 # gpt-oss-20b against the reference path.
 set -uo pipefail
 source scripts/device_env.sh
 nvidia-smi -L
 case "${1:-all}" in
+  engine)  # CUDA graphs: GPU tests, then the engine benchmark on dummy gpt-oss-20b
+    timeout 300 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
+    timeout 280 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8,64,256]" \
+      "ttft_prompts=[8192]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -20
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096

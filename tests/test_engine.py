@@ -102,6 +102,15 @@ def test_context_limit_cuts_generation(tiny_checkpoints):
     assert res.finish_reason == "length" and len(res.token_ids) == 20 - 15
 
 
+def test_a_prompt_filling_the_context_gets_one_token(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_model_len=20)
+    tokens = prompts(1, lo=21, hi=22)[0]
+    full, over = llm.generate([{"id": "full", "prompt_token_ids": tokens[:20], "max_tokens": 5},
+                               {"id": "over", "prompt_token_ids": tokens, "max_tokens": 5}])
+    assert full.error is None and full.finish_reason == "length" and len(full.token_ids) == 1
+    assert "prompt has 21 tokens" in over.error and "max_model_len" in over.error
+
+
 def test_sample_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(1000)
     gen = torch.Generator().manual_seed(0)

@@ -181,3 +181,50 @@ def test_triton_decode_at_both_scale_ranges(top_scale):
     assert torch.isfinite(ref).all()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel
+
+
+def test_cuda_graph_decode_replays_the_static_forward_exactly():
+    """Decode steps replayed from CUDA graphs (the engine's default on CUDA) give bit for bit the
+    tokens and logprobs of the same static-buffer forward run without graphs, over several padded
+    sizes, preemption and sampled requests. (That forward equals the reference engine's tokens:
+    tests/test_kernel_path.py checks it on CPU.)"""
+    import dataclasses
+
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(11)
+    reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=20 + 7 * i, temperature=0.8 if i % 3 == 2 else 0, seed=i, logprobs=True),
+                    stop_token_ids=()) for i, n in enumerate((40, 300, 7, 1200, 90, 33, 500))]
+    results = {}
+    for replay in (True, False):
+        llm = LLM("dummy", model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
+                  max_model_len=4096)
+        if replay:
+            assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
+        else:
+            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, replay=False)
+        results[replay] = llm.generate(reqs)
+        assert llm.preemptions > 0 and len(llm._graphs.replays) >= 3, (llm.preemptions, llm._graphs.replays)
+    for a, b in zip(results[True], results[False]):
+        assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_cuda_graph_decode_follows_the_eager_engine():
+    """Graphs against the eager engine (whose attention splits the key range by the actual lengths,
+    so sums differ in order): float32, so the tokens agree and their logprobs are close (a route
+    flip needs a router near-tie of ~1e-6 in 4 layers x 9 decode steps: not expected)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(12)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 4,
+             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((17, 260, 1000))]
+    out = [LLM("dummy", model=cfg, dtype="float32", max_batch_size=4, kv_cache_tokens=4096,
+               enforce_eager=eager).generate(reqs) for eager in (False, True)]
+    for graph, eager in zip(*out):
+        assert graph.token_ids == eager.token_ids
+        assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3

@@ -184,3 +184,31 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
         assert g.error is None and g.token_ids == w.token_ids
         assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
     assert max(released) > 0 and fast.preemptions > 0  # both paths really ran
+
+
+def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
+    """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
+    staged block tables at the fixed max_model_len width, batches padded into the scratch page,
+    attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.engine import LLM
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(5)
+    reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=12, temperature=0, logprobs=True), stop_token_ids=())
+            for i, n in enumerate((26, 5, 30, 9))]
+    settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
+                    max_model_len=1024)
+    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    fast = LLM(tiny_checkpoints["original"], **settings)
+    poison(fast.model)
+    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, replay=False)
+    got = fast.generate(reqs)
+    for g, w in zip(got, want):
+        assert g.error is None and g.token_ids == w.token_ids
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+    # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too.
+    assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0

@@ -1,0 +1,157 @@
+"""CUDA graphs for decode steps: the whole forward replayed with one launch.
+
+A decode step (one new token for each of b running sequences) launches about ten kernels per layer;
+from Python each launch costs more than the kernel itself at small batches, so batch-1 decode would
+be bound by the interpreter, not by reading the weights. `DecodeGraphs` captures the model's
+`forward_paged` once per padded batch size (lazily, the first time a step of that size runs) over
+static input buffers, and each later step only stages its inputs and replays.
+
+What the graph sees is fixed at capture: tensor addresses, shapes and every launch parameter. So
+- a step of b sequences runs in the graph of the next captured size; the padding rows decode
+  token 0 at position 0 into the KV pools' scratch page, which no sequence owns;
+- the block tables have one column per page of `max_model_len` positions, and attention splits the
+  key range as for `max_model_len` (its kernel cuts each sequence's actual range into that many
+  slices, so the split count only sets the parallelism, and empty slices cost one early exit);
+- the KV pools must be fixed (not growable) and tokens must not cross ranks by all-to-all (expert
+  parallelism sizes its exchange on the host), which `supported` checks.
+Staging copies a sequence's page list into the pinned host block table only where it grew since
+the last step in the same row, so long contexts cost no more host work per step than short ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.kernels import use_triton
+from runtime.kv_cache import PAGE_SIZE, pages_for
+from runtime.model import GptOss, PagedLayers, PagedStep, SequenceChunk
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """Padded batch sizes with a graph: 1, 2, 4, 8, 16, then every 16 to 64, every 32 to 256, every
+    64 beyond (so padding is under half a replay's rows), and max_batch_size itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size = size * 2 if size < 16 else size + (16 if size < 64 else 32 if size < 256 else 64)
+    return sizes + [max_batch_size]
+
+
+def supported(model: GptOss, replay: bool = True) -> str | None:
+    """Why decode steps of this model cannot run as CUDA graphs, or None when they can."""
+    if not use_triton(model.inv_freq) or (replay and model.device.type != "cuda"):
+        return "graphs need the Triton kernels on a CUDA device"
+    if model.parallel.experts_partition.size > 1:
+        return "expert parallelism sizes its all-to-all on the host"
+    if model.pool is None or model.pool.growable or (model.sliding_pool is not None and model.sliding_pool.growable):
+        return "graphs need fixed KV pools (kv_cache_tokens or gpu_memory_fraction)"
+    return None
+
+
+class DecodeGraphs:
+    """replay=False runs the same static-buffer forward without capturing it: how the CPU tests check
+    the staging, the padding and the fixed-width tables through Triton's interpreter."""
+
+    def __init__(self, model: GptOss, max_batch_size: int, max_model_len: int, replay: bool = True):
+        reason = supported(model, replay)
+        if reason is not None:
+            raise ValueError(f"CUDA graphs are not possible here: {reason}")
+        self.model, self.max_model_len, self.replay = model, max_model_len, replay
+        pinned = model.device.type == "cuda"  # asynchronous host-to-device copies
+        self.sizes = capture_sizes(max_batch_size)
+        rows, dev = self.sizes[-1], model.device
+        self.pools = {False: model.pool}
+        if model.sliding_pool is not None:
+            self.pools[True] = model.sliding_pool
+        width = pages_for(max_model_len)
+        # Per row: token id, position, full-layer slot, sliding-layer slot (one host-to-device copy).
+        self._host_ints = torch.zeros((rows, 4), dtype=torch.int64, pin_memory=pinned)
+        self._ints = torch.zeros((rows, 4), dtype=torch.int64, device=dev)
+        self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32, pin_memory=pinned)
+                             for kind, pool in self.pools.items()}
+        self._tables = {kind: t.to(dev) for kind, t in self._host_tables.items()}
+        self._staged = {kind: [None] * rows for kind in self.pools}  # (cache serial, entries) per table row
+        self._cu_q = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+        self._all_rows = torch.arange(rows, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays: dict[int, int] = {}  # steps run per padded size, for reports and tests
+        # Every size's graph leaves its logits here, so no graph keeps an output of its own alive and
+        # all their temporaries can share one memory pool (replays never overlap).
+        self._logits = torch.empty((rows, model.cfg.vocab_size), dtype=torch.float32, device=dev)
+        self._memory = None  # the graphs' shared memory pool
+        self._inputs_read = None  # event: the last replay's host-to-device copies are done
+
+    def fits(self, chunks: list[SequenceChunk]) -> bool:
+        return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
+
+    def run(self, chunks: list[SequenceChunk], token_ids: list[int]) -> torch.Tensor:
+        """Logits [b, vocab] (fp32) of one decode token per chunk (pages already reserved)."""
+        size = next(s for s in self.sizes if s >= len(chunks))
+        self._stage(chunks, token_ids, size)
+        if not self.replay:
+            self._forward(size)
+        else:
+            if size not in self._graphs:
+                self._capture(size)
+            self._graphs[size].replay()
+        self.replays[size] = self.replays.get(size, 0) + 1
+        return self._logits[:len(chunks)]
+
+    # ------------------------------------------------------------------------------- inputs
+    def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], size: int) -> None:
+        if self._inputs_read is not None:
+            self._inputs_read.synchronize()  # the host buffers are about to be overwritten
+        ints = self._host_ints.numpy()
+        for row, (chunk, token) in enumerate(zip(chunks, token_ids)):
+            position = chunk.start
+            ints[row, 0], ints[row, 1] = token, position
+            for kind, pool in self.pools.items():
+                pages = chunk.cache.table(kind)
+                ints[row, 2 + kind] = pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
+                self._stage_table(kind, row, chunk.cache.serial, pages)
+        for row in range(len(chunks), size):  # padding: position 0 of the scratch page
+            ints[row, :2] = 0
+            for kind, pool in self.pools.items():
+                ints[row, 2 + kind] = pool.scratch * PAGE_SIZE
+                self._host_tables[kind][row, 0] = pool.scratch
+                self._staged[kind][row] = None
+        self._ints[:size].copy_(self._host_ints[:size], non_blocking=True)
+        for kind in self.pools:
+            self._tables[kind][:size].copy_(self._host_tables[kind][:size], non_blocking=True)
+        if self.model.device.type == "cuda":
+            self._inputs_read = torch.cuda.Event()
+            self._inputs_read.record()
+
+    def _stage_table(self, kind: bool, row: int, serial: int, pages: list[int]) -> None:
+        """Row `row` of the host block table holds `pages`: copy only entries new since the last
+        step, when the same sequence (same serial) held the row. Stale entries left behind (a
+        sliding page since released) are outside every query's window and never read."""
+        staged = self._staged[kind][row]
+        done = staged[1] if staged is not None and staged[0] == serial else 0
+        if len(pages) > done:
+            self._host_tables[kind].numpy()[row, done:len(pages)] = pages[done:]
+        self._staged[kind][row] = (serial, len(pages))
+
+    # ------------------------------------------------------------------------------ capture
+    def _forward(self, size: int) -> None:
+        ints = self._ints[:size]
+        positions = ints[:, 1]
+        layers = {kind: PagedLayers(pool, ints[:, 2 + kind], self._tables[kind][:size])
+                  for kind, pool in self.pools.items()}
+        paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
+                          max_q_len=1, max_k_len=self.max_model_len)
+        self._logits[:size].copy_(self.model.forward_paged(ints[:, 0], positions, paged, self._all_rows[:size]))
+
+    def _capture(self, size: int) -> None:
+        """Run the step once outside the graph (kernels compile, caches fill; it writes the same keys
+        and values the replay will), then capture it."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(size)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._memory):
+            self._forward(size)
+        self._memory = graph.pool()
+        self._graphs[size] = graph
