@@ -129,12 +129,10 @@ class Attention(Sharded):
             from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
 
             _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
-            q, k, v = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
-                                     self.kv_heads, cfg.head_dim)
             p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
             keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
-            keys.flatten(0, 1)[kv.slots] = k
-            values.flatten(0, 1)[kv.slots] = v
+            q, _, _ = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
+                                     self.kv_heads, cfg.head_dim, cache=(keys, values, kv.slots))
             out = paged_attention_triton(q, keys, values, kv.block_table, p.cu_q, p.q_start, self.sinks,
                                          sm_scale=self.sm_scale, window=self.window, max_q_len=p.max_q_len,
                                          max_k_len=p.max_k_len)
@@ -198,8 +196,15 @@ class MoE(Sharded):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h), where h is x's RMSNorm (computed by the caller, fused with the residual add)."""
         cfg = self.cfg
-        expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
-        if self.partition.size == 1 and self.split.size == 1 and use_triton(x):
+        every_expert_here = self.partition.size == 1 and self.split.size == 1
+        if use_triton(x):
+            from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax: one launch
+
+            expert_ids, weights = route_triton(h, self.gate.weight, self.gate.bias, cfg.experts_per_token,
+                                               torch.int32 if every_expert_here else torch.int64)
+        else:
+            expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
+        if every_expert_here and use_triton(x):
             from runtime.kernels.moe_gemm import moe_triton  # every expert here: no exchange, fused combine
 
             return moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,

@@ -29,6 +29,17 @@ class RouteRecorder:
             return original(logits, k)
 
         monkeypatch.setattr(runtime.model, "route", recording_route)
+        try:  # the kernel path routes in one Triton kernel: record the gate's logits beside it
+            import runtime.kernels.router_triton as router_triton
+        except ImportError:  # no triton installed: only the reference path runs
+            return
+        original_triton = router_triton.route_triton
+
+        def recording_route_triton(h, weight, bias, k, ids_dtype=torch.int64):
+            self.calls.append(torch.nn.functional.linear(h, weight, bias).detach().float().cpu())
+            return original_triton(h, weight, bias, k, ids_dtype)
+
+        monkeypatch.setattr(router_triton, "route_triton", recording_route_triton)
 
     def take(self) -> list[torch.Tensor]:
         """Router logits per layer [positions, experts] over the steps since the last take (steps

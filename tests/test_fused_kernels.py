@@ -148,6 +148,29 @@ def test_rope_qk_matches_the_reference_in_place(gen, heads, kv_heads, head_dim, 
     assert torch.equal(r.buf[:, :r.lo], r.before[:, :r.lo])  # the columns before it
 
 
+@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(16, 4, 32), (64, 8, 64), (12, 2, 32)])
+def test_rope_qk_writes_k_and_v_into_the_cache(gen, heads, kv_heads, head_dim, rows):
+    """With a cache, every token's rotated k and its v land at its slot, and nothing else changes."""
+    qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, gen=gen)
+    positions = random_positions(rows, gen)
+    inv_freq, c = yarn(head_dim)
+    pages = 2 * (rows // 16 + 1)
+    k_pages = torch.full((pages, 16, kv_heads, head_dim), float("nan"), device=DEVICE)
+    v_pages = torch.full_like(k_pages, float("nan"))
+    slots = torch.randperm(pages * 16, generator=gen, device=DEVICE)[:rows]
+    want = rope_qk_triton(qkv.clone(), positions, inv_freq, c, heads, kv_heads, head_dim)
+    q, k, v = rope_qk_triton(qkv, positions, inv_freq, c, heads, kv_heads, head_dim, cache=(k_pages, v_pages, slots))
+    for got, ref in zip((q, k, v), want):
+        assert torch.equal(got, ref)
+    for stored, value in ((k_pages, k), (v_pages, v)):
+        flat = stored.flatten(0, 1)
+        assert torch.equal(flat[slots], value)
+        untouched = torch.ones(pages * 16, dtype=torch.bool, device=DEVICE)
+        untouched[slots] = False
+        assert flat[untouched].isnan().all()
+
+
 def test_rope_qk_takes_int32_positions(gen):
     r = run_rope(gen, 7, 16, 4, 32, torch.float32, pos_dtype=torch.int32)
     torch.testing.assert_close(r.got[0], r.want[0], rtol=1e-5, atol=1e-5)

@@ -100,12 +100,13 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch
 
 @triton.jit
 def _rope_qk_kernel(
-    qkv_ptr, pos_ptr, inv_freq_ptr, N, stride_t, concentration,
-    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr,
+    qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot, concentration,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr, CACHE: tl.constexpr,
 ):
-    # A [BLOCK_T tokens, BLOCK_H heads, HALF] tile of the first HEADS heads of each row (q then k,
-    # adjacent in the QKV output); cos/sin are per (token, frequency), shared by the heads.
+    # A [BLOCK_T tokens, BLOCK_H heads, HALF] tile of each row's heads (q, then k, then v, adjacent in
+    # the QKV output): q and k heads are rotated in place; with CACHE, k (rotated) and v heads are
+    # also stored at their token's slot of the KV cache. cos/sin are per (token, frequency).
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF_BLOCK)
@@ -120,23 +121,34 @@ def _rope_qk_kernel(
     else:
         cos = tl.cos(angle) * concentration
         sin = tl.sin(angle) * concentration
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
+    rotated = (heads < Q_HEADS + KV_HEADS)[None, :, None]  # v heads pass through unrotated
+    cos = tl.where(rotated, cos[:, None, :], 1.0)
+    sin = tl.where(rotated, sin[:, None, :], 0.0)
     offs = tokens[:, None, None] * stride_t + heads[None, :, None] * (2 * HALF) + i[None, None, :]
-    mask = t_ok[:, None, None] & (heads < HEADS)[None, :, None] & (i < HALF)[None, None, :]
+    mask = t_ok[:, None, None] & (heads < Q_HEADS + 2 * KV_HEADS)[None, :, None] & (i < HALF)[None, None, :]
     first = tl.load(qkv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(qkv_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
     # Half-split pairs (i, i + D/2); fp32 math and one rounding per output (the reference rounds
     # cos/sin and every product to the activation dtype).
-    out_first = first * cos - second * sin
-    out_second = second * cos + first * sin
-    tl.store(qkv_ptr + offs, out_first.to(qkv_ptr.dtype.element_ty), mask=mask)
-    tl.store(qkv_ptr + offs + HALF, out_second.to(qkv_ptr.dtype.element_ty), mask=mask)
+    out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
+    out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
+    tl.store(qkv_ptr + offs, out_first, mask=mask & rotated)
+    tl.store(qkv_ptr + offs + HALF, out_second, mask=mask & rotated)
+    if CACHE:  # cache rows [slots, KV_HEADS, 2 * HALF]: k heads to k_cache, v heads to v_cache
+        slot = tl.load(slots_ptr + tokens, mask=t_ok, other=0).to(tl.int64)
+        is_k = (heads >= Q_HEADS) & (heads < Q_HEADS + KV_HEADS)
+        is_v = heads >= Q_HEADS + KV_HEADS
+        kv_head = tl.where(is_k, heads - Q_HEADS, heads - Q_HEADS - KV_HEADS)
+        at = slot[:, None, None] * stride_slot + kv_head[None, :, None] * (2 * HALF) + i[None, None, :]
+        for dst, kind in ((k_cache_ptr, is_k), (v_cache_ptr, is_v)):
+            tl.store(dst + at, out_first, mask=mask & kind[None, :, None])
+            tl.store(dst + at + HALF, out_second, mask=mask & kind[None, :, None])
 
 
 def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
-                   num_q_heads: int, num_kv_heads: int,
-                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   num_q_heads: int, num_kv_heads: int, head_dim: int,
+                   cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton version of rope.rope_qk, in place: rotates the q and k heads inside qkv and returns
     views q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D] of it.
 
@@ -144,28 +156,38 @@ def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     converted to fp32 as rope.cos_sin does); inv_freq [D / 2] fp32. The views are strided (row
     stride = qkv's), not contiguous like the reference's q and k.
 
+    cache = (k_pages, v_pages, slots): also store each token's rotated k and its v at flat row
+    slots[n] of the pages ([num_pages, page_size, Hkv, D], contiguous), in the same launch.
+
     cos/sin and the rotation stay in fp32 and each output is rounded once, while the reference
     rounds cos, sin, both products and the result to the activation dtype: in bf16 the two differ
     by at most 4u * c * (|a| + |b|) for a pair (a, b), u = 2^-8 (tests/test_fused_kernels.py).
     """
     N, width = qkv.shape
-    heads = num_q_heads + num_kv_heads  # the rotated heads: q and k are adjacent at the row's start
-    assert width == (heads + num_kv_heads) * head_dim and head_dim % 2 == 0, (qkv.shape, num_q_heads,
-                                                                               num_kv_heads, head_dim)
+    heads = num_q_heads + 2 * num_kv_heads
+    assert width == heads * head_dim and head_dim % 2 == 0, (qkv.shape, num_q_heads, num_kv_heads, head_dim)
     assert qkv.stride(1) == 1 and positions.shape == (N,), (qkv.stride(), positions.shape)
     assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32, (inv_freq.shape, inv_freq.dtype)
+    if cache is not None:
+        k_pages, v_pages, slots = cache
+        assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.shape == v_pages.shape
+        assert k_pages.shape[2:] == (num_kv_heads, head_dim) and slots.shape == (N,), (k_pages.shape, slots.shape)
     half = head_dim // 2
+    # Without a cache to fill, the v heads need no visit: the grid covers q and k only.
+    visited = heads if cache is not None else num_q_heads + num_kv_heads
     if N:
         half_block = triton.next_power_of_2(half)
-        # 8 heads a program (gpt-oss: 64 + 8 heads, nine exact groups), and tokens up to _TILE
+        # 8 heads a program (gpt-oss: 64 + 8 + 8 heads, ten exact groups), and tokens up to _TILE
         # elements (8 tokens at head_dim 64); decode's few tokens take smaller tiles.
-        block_h = min(8, triton.next_power_of_2(heads))
+        block_h = min(8, triton.next_power_of_2(visited))
         block_t = min(triton.next_power_of_2(N), max(1, _TILE // (block_h * 2 * half_block)))
-        grid = (triton.cdiv(N, block_t), triton.cdiv(heads, block_h))
+        grid = (triton.cdiv(N, block_t), triton.cdiv(visited, block_h))
+        k_pages, v_pages, slots = cache if cache is not None else (qkv, qkv, positions)  # unused without CACHE
         _rope_qk_kernel[grid](
-            qkv, positions.contiguous(), inv_freq.contiguous(), N, qkv.stride(0), float(concentration),
-            HEADS=heads, HALF=half, HALF_BLOCK=half_block, BLOCK_T=block_t, BLOCK_H=block_h,
-            LIBDEVICE=not INTERPRET, num_warps=4,
+            qkv, positions.contiguous(), inv_freq.contiguous(), k_pages, v_pages, slots.contiguous(), N,
+            qkv.stride(0), num_kv_heads * head_dim, float(concentration),
+            Q_HEADS=num_q_heads, KV_HEADS=num_kv_heads, HALF=half, HALF_BLOCK=half_block, BLOCK_T=block_t,
+            BLOCK_H=block_h, LIBDEVICE=not INTERPRET, CACHE=cache is not None, num_warps=4,
         )
     q, k, v = qkv.unflatten(-1, (-1, head_dim)).split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
     return q, k, v

@@ -1,0 +1,79 @@
+"""The MoE router in one Triton kernel: gate projection, top-k, softmax over the chosen k.
+
+`route_triton(h, weight, bias, k)` is `moe.route(linear(h, weight, bias), k)`: the same experts and
+weights (ties between equal logits go to the lower expert index). In a decode step the reference
+costs a split-K GEMV, its reduction, a sort-based top-k and a softmax, about 15 us a layer of
+launches that each move a few KiB; here a program takes BLOCK_T tokens, streams the whole gate
+weight (E x d: 180 KiB for gpt-oss-20b, 720 KiB for 120b) through one tl.dot, and picks the top k
+from the E logits in registers.
+
+The logits are rounded to the activation dtype before the top-k, as the reference's bf16 linear
+rounds its output, so both compare the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h, stride_w,
+                   K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    e = tl.arange(0, E_POW2)
+    e_ok = e < E
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + d) < D
+        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + e[:, None] * stride_w + d0 + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds its output
+    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+    # k rounds of (max, lowest index holding it): descending, as torch.topk(sorted=True) returns them.
+    kk = tl.arange(0, K_POW2)
+    top = tl.full((BLOCK_T, K_POW2), float("-inf"), dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(logits, 1)
+        index = tl.min(tl.where(logits == best[:, None], e[None, :], E_POW2), 1)
+        tl.store(ids_ptr + t * K + j, index.to(ids_ptr.dtype.element_ty), mask=t_ok)
+        top = tl.where(kk[None, :] == j, best[:, None], top)
+        logits = tl.where(e[None, :] == index[:, None], float("-inf"), logits)
+    p = tl.exp(top - tl.max(top, 1)[:, None])  # the padding columns are -inf: exp gives 0
+    p = p / tl.sum(p, 1)[:, None]
+    tl.store(weights_ptr + t[:, None] * K + kk[None, :], p, mask=t_ok[:, None] & (kk < K)[None, :])
+
+
+def route_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
+                 ids_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts [T, k] (ids_dtype) and their weights [T, k] (fp32) of h [T, d] under the gate
+    (weight [E, d], bias [E])."""
+    T, D = h.shape
+    E = weight.shape[0]
+    assert weight.shape == (E, D) and bias.shape == (E,) and h.stride(1) == 1 and weight.stride(1) == 1
+    ids = torch.empty((T, k), dtype=ids_dtype, device=h.device)
+    weights = torch.empty((T, k), dtype=torch.float32, device=h.device)
+    if T:
+        e_pow2 = max(16, triton.next_power_of_2(E))
+        block_t = 16  # tl.dot's smallest M on Hopper
+        _router_kernel[(triton.cdiv(T, block_t),)](
+            h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
+            K=k, K_POW2=triton.next_power_of_2(k), E_POW2=e_pow2, BLOCK_T=block_t,
+            BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32,
+            num_warps=4)
+    return ids, weights
