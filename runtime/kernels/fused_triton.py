@@ -140,9 +140,12 @@ def _rope_qk_kernel(
         is_v = heads >= Q_HEADS + KV_HEADS
         kv_head = tl.where(is_k, heads - Q_HEADS, heads - Q_HEADS - KV_HEADS)
         at = slot[:, None, None] * stride_slot + kv_head[None, :, None] * (2 * HALF) + i[None, None, :]
-        for dst, kind in ((k_cache_ptr, is_k), (v_cache_ptr, is_v)):
-            tl.store(dst + at, out_first, mask=mask & kind[None, :, None])
-            tl.store(dst + at + HALF, out_second, mask=mask & kind[None, :, None])
+        k_mask = mask & is_k[None, :, None]
+        v_mask = mask & is_v[None, :, None]
+        tl.store(k_cache_ptr + at, out_first, mask=k_mask)
+        tl.store(k_cache_ptr + at + HALF, out_second, mask=k_mask)
+        tl.store(v_cache_ptr + at, out_first, mask=v_mask)
+        tl.store(v_cache_ptr + at + HALF, out_second, mask=v_mask)
 
 
 def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
