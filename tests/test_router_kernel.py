@@ -35,8 +35,9 @@ def gate(gen, tokens, experts, width, dtype):
     return h, weight, bias
 
 
+# up to 64 tokens the GEMV + top-k kernels, beyond the one fused tl.dot kernel
 @pytest.mark.parametrize("tokens, experts, width, k", [(1, 32, 96, 4), (5, 4, 64, 2), (37, 128, 160, 4),
-                                                       (17, 20, 64, 3)])
+                                                       (17, 20, 300, 3), (70, 32, 96, 4), (130, 128, 64, 4)])
 def test_route_triton_matches_the_reference_fp32(gen, tokens, experts, width, k):
     h, weight, bias = gate(gen, tokens, experts, width, torch.float32)
     want_ids, want_weights = route(torch.nn.functional.linear(h, weight, bias), k)
@@ -47,13 +48,14 @@ def test_route_triton_matches_the_reference_fp32(gen, tokens, experts, width, k)
         torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
 
 
-def test_route_triton_breaks_ties_toward_the_lower_expert():
-    h = torch.ones(2, 32, device=DEVICE)
+@pytest.mark.parametrize("tokens", [2, 80])
+def test_route_triton_breaks_ties_toward_the_lower_expert(tokens):
+    h = torch.ones(tokens, 32, device=DEVICE)
     weight = torch.zeros(8, 32, device=DEVICE)
     bias = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0, -1.0], device=DEVICE)
     ids, weights = route_triton(h, weight, bias, 4)
-    assert ids.tolist() == [[1, 3, 6, 2]] * 2
-    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * 2, device=DEVICE), -1))
+    assert ids.tolist() == [[1, 3, 6, 2]] * tokens
+    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * tokens, device=DEVICE), -1))
 
 
 @pytest.mark.gpu

@@ -3,9 +3,10 @@
 `route_triton(h, weight, bias, k)` is `moe.route(linear(h, weight, bias), k)`: the same experts and
 weights (ties between equal logits go to the lower expert index). In a decode step the reference
 costs a split-K GEMV, its reduction, a sort-based top-k and a softmax, about 15 us a layer of
-launches that each move a few KiB; here a program takes BLOCK_T tokens, streams the whole gate
-weight (E x d: 180 KiB for gpt-oss-20b, 720 KiB for 120b) through one tl.dot, and picks the top k
-from the E logits in registers.
+launches that each move a few KiB. Here, up to FEW_TOKENS tokens (decode), a GEMV kernel spreads the
+gate weight (E x d: 180 KiB for gpt-oss-20b, 720 KiB for 120b) over one program per expert and a
+second launch picks the top k; for more tokens one kernel takes 16 tokens a program, streams the
+whole weight through tl.dot and picks the top k from the logits in registers.
 
 The logits are rounded to the activation dtype before the top-k, as the reference's bf16 linear
 rounds its output, so both compare the same numbers.
@@ -21,6 +22,58 @@ import triton.language as tl
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FEW_TOKENS = 64  # up to here the gate is a GEMV split over experts; beyond, one tl.dot kernel per 16 tokens
+
+
+@triton.jit
+def _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K: tl.constexpr, K_POW2: tl.constexpr,
+                   BLOCK_T: tl.constexpr, E_POW2: tl.constexpr):
+    """Store the top K of logits [BLOCK_T, E_POW2] (ids, then softmax weights) for tokens t."""
+    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+    # K rounds of (max, lowest index holding it): descending, as torch.topk(sorted=True) returns them.
+    kk = tl.arange(0, K_POW2)
+    top = tl.full((BLOCK_T, K_POW2), float("-inf"), dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(logits, 1)
+        index = tl.min(tl.where(logits == best[:, None], e[None, :], E_POW2), 1)
+        tl.store(ids_ptr + t * K + j, index.to(ids_ptr.dtype.element_ty), mask=t_ok)
+        top = tl.where(kk[None, :] == j, best[:, None], top)
+        logits = tl.where(e[None, :] == index[:, None], float("-inf"), logits)
+    p = tl.exp(top - tl.max(top, 1)[:, None])  # the padding columns are -inf: exp gives 0
+    p = p / tl.sum(p, 1)[:, None]
+    tl.store(weights_ptr + t[:, None] * K + kk[None, :], p, mask=t_ok[:, None] & (kk < K)[None, :])
+
+
+@triton.jit
+def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride_w,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Logits [T, E] (rounded to h's dtype, stored fp32) for few tokens: a program per (BLOCK_T
+    tokens, expert), so the E x d weight is read by E programs at once, not by one."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    expert = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + d) < D
+        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + expert * stride_w + d0 + d, mask=d_ok, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    logit = tl.sum(acc, 1) + tl.load(b_ptr + expert).to(tl.float32)
+    logit = logit.to(h_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds its output
+    tl.store(logits_ptr + t * E + expert, logit, mask=t_ok)
+
+
+@triton.jit
+def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW2: tl.constexpr,
+                  E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    e = tl.arange(0, E_POW2)
+    e_ok = e < E
+    logits = tl.load(logits_ptr + t[:, None] * E + e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+    _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K, K_POW2, BLOCK_T, E_POW2)
 
 
 @triton.jit
@@ -44,19 +97,7 @@ def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h,
             acc = tl.dot(x, tl.trans(w), acc)
     acc += tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     logits = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds its output
-    logits = tl.where(e_ok[None, :], logits, float("-inf"))
-    # k rounds of (max, lowest index holding it): descending, as torch.topk(sorted=True) returns them.
-    kk = tl.arange(0, K_POW2)
-    top = tl.full((BLOCK_T, K_POW2), float("-inf"), dtype=tl.float32)
-    for j in tl.static_range(K):
-        best = tl.max(logits, 1)
-        index = tl.min(tl.where(logits == best[:, None], e[None, :], E_POW2), 1)
-        tl.store(ids_ptr + t * K + j, index.to(ids_ptr.dtype.element_ty), mask=t_ok)
-        top = tl.where(kk[None, :] == j, best[:, None], top)
-        logits = tl.where(e[None, :] == index[:, None], float("-inf"), logits)
-    p = tl.exp(top - tl.max(top, 1)[:, None])  # the padding columns are -inf: exp gives 0
-    p = p / tl.sum(p, 1)[:, None]
-    tl.store(weights_ptr + t[:, None] * K + kk[None, :], p, mask=t_ok[:, None] & (kk < K)[None, :])
+    _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K, K_POW2, BLOCK_T, E_POW2)
 
 
 def route_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
@@ -68,12 +109,19 @@ def route_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: i
     assert weight.shape == (E, D) and bias.shape == (E,) and h.stride(1) == 1 and weight.stride(1) == 1
     ids = torch.empty((T, k), dtype=ids_dtype, device=h.device)
     weights = torch.empty((T, k), dtype=torch.float32, device=h.device)
-    if T:
-        e_pow2 = max(16, triton.next_power_of_2(E))
-        block_t = 16  # tl.dot's smallest M on Hopper
-        _router_kernel[(triton.cdiv(T, block_t),)](
-            h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
-            K=k, K_POW2=triton.next_power_of_2(k), E_POW2=e_pow2, BLOCK_T=block_t,
-            BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32,
-            num_warps=4)
+    if T == 0:
+        return ids, weights
+    e_pow2, k_pow2 = max(16, triton.next_power_of_2(E)), triton.next_power_of_2(k)
+    if T <= FEW_TOKENS:  # decode: the weight split over E programs, then one small top-k launch
+        logits = torch.empty((T, E), dtype=torch.float32, device=h.device)
+        block_t = min(8, triton.next_power_of_2(T))
+        _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0),
+                                                        weight.stride(0), BLOCK_T=block_t, BLOCK_D=256, num_warps=4)
+        _top_k_kernel[(triton.cdiv(T, 16),)](logits, ids, weights, T, E, K=k, K_POW2=k_pow2, E_POW2=e_pow2,
+                                             BLOCK_T=16, num_warps=4)
+        return ids, weights
+    _router_kernel[(triton.cdiv(T, 16),)](  # prefill: 16 tokens a program (tl.dot's smallest M on Hopper)
+        h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
+        K=k, K_POW2=k_pow2, E_POW2=e_pow2, BLOCK_T=16,
+        BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32, num_warps=4)
     return ids, weights
