@@ -121,6 +121,7 @@ class SequenceKV:
         self.serial = next(_serials)
         self.pages: list[int] = []  # full layers' pages in position order
         self.sliding_pages: list[int] = []  # sliding layers' pages in position order, RELEASED once out of the window
+        self._released_upto = 0  # sliding_pages[:_released_upto] are all RELEASED
         self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
 
     def _kind(self, layer: int) -> bool:
@@ -143,10 +144,13 @@ class SequenceKV:
             return
         ps = self.sliding_pool.page_size
         oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
-        for i in range(min(oldest_visible // ps, len(self.sliding_pages))):
+        # Entries before _released_upto are all released already: a long sequence's step visits only
+        # the pages that just left the window, not every page of its history.
+        for i in range(self._released_upto, min(oldest_visible // ps, len(self.sliding_pages))):
             if self.sliding_pages[i] != RELEASED:
                 self.sliding_pool.release([self.sliding_pages[i]])
                 self.sliding_pages[i] = RELEASED
+            self._released_upto = i + 1
         while len(self.sliding_pages) * ps < end:
             index = len(self.sliding_pages)
             # A page wholly before the window is never written: keep its entry released.
@@ -196,7 +200,7 @@ class SequenceKV:
         self.pool.release(self.pages)
         if self.sliding_pool is not None:
             self.sliding_pool.release(self.sliding_pages)
-        self.pages, self.sliding_pages, self._slots = [], [], {}
+        self.pages, self.sliding_pages, self._slots, self._released_upto = [], [], {}, 0
         self.serial = next(_serials)
 
     def __del__(self):
