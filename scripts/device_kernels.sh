@@ -11,6 +11,11 @@ case "${1:-all}" in
     timeout 280 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8,64,256]" \
       "ttft_prompts=[8192]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -20
     ;;
+  h200)  # gpt-oss-120b on one H200: the engine benchmark and where a batch-1 decode step's time goes
+    timeout 200 python3 scripts/profile_decode.py --model gpt-oss-120b --batch 1 --context 1024 --steps 16 2>&1 | grep -v "^|---" | head -16
+    timeout 380 python3 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda "batch_sizes=[1,8,64]" \
+      "ttft_prompts=[8192,131072]" repeat=2 json=$OUT/bench120b.json 2>&1 | tail -12
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096
