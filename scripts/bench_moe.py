@@ -1,16 +1,23 @@
 """The MoE experts on one GPU: the Triton path (plan + two grouped MXFP4 GEMMs + combine).
 
-    python scripts/bench_moe.py --model gpt-oss-20b [--sweep]
+    python scripts/bench_moe.py --model gpt-oss-20b [gpt-oss-120b] [--tokens 1 2 4 ...] [--sweep]
 
-Per token count: time (CUDA events via triton.testing.do_bench, median), the bytes of the experts
-touched (packed blocks + scales + biases of each distinct expert, read once), TB/s and TFLOP/s, and
-their share of the copy bandwidth and bf16 matmul rate measured in the same run (`ceilings`).
-`--sweep` times each GEMM over a set of tile shapes and prints the fastest, to tune `choose_tiles`.
+Per model and token count: time (CUDA events via triton.testing.do_bench, median, L2 flushed between
+runs), the bytes of the experts touched (packed blocks + scales + biases of each distinct expert, read
+once), TB/s and TFLOP/s, and their share of the copy bandwidth and bf16 matmul rate measured in the
+same run (`ceilings`). Then each GEMM alone: the tensor-core kernel with the tiles it had before the
+GEMV existed (`mma_tiles`) against what `choose_tiles` picks now.
+
+`--sweep` times each GEMM over candidate tiles of both kernels (the tensor-core `_moe_gemm_kernel`
+and the CUDA-core `_moe_gemv_kernel`, the latter with both decode routes for its best shapes),
+checks every candidate's output against an fp32 decode-then-matmul reference, and prints the
+fastest of each kernel and overall, with the `Tiles(...)` to put into `choose_tiles`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,10 +27,12 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.bench import ceilings as measure_ceilings  # noqa: E402
+from runtime import mxfp4  # noqa: E402
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.moe import route  # noqa: E402
-from runtime.kernels.moe_gemm import Tiles, choose_tiles, grouped_mxfp4, moe_triton, plan  # noqa: E402
+from runtime.kernels.moe import route, swiglu  # noqa: E402
+from runtime.kernels.moe_gemm import (Tiles, choose_tiles, gemv_tiles_ok, grouped_mxfp4, mma_tiles,  # noqa: E402
+                                      moe_triton, plan)
 
 NAMES = ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales",
          "mlp2_bias")
@@ -36,6 +45,7 @@ def ceilings() -> tuple[float, float]:
 
 
 def candidates(rows_per_expert: float) -> list[Tiles]:
+    """The tensor-core kernel's tiles."""
     if rows_per_expert <= 16:
         return [Tiles(t, n, k, w, s) for t in (8, 16) for n in (32, 64, 128) for k in (128, 256)
                 for w, s in ((4, 4), (2, 4), (4, 6)) if t == 8 or rows_per_expert > 4]
@@ -46,23 +56,91 @@ def candidates(rows_per_expert: float) -> list[Tiles]:
             for w, s in ((4, 3), (8, 3), (8, 4))]
 
 
+# The GEMV's shapes per rows-per-tile: (block_n, block_k, num_warps, unroll). Each thread holds
+# block_n * block_k / (32 * 32 * num_warps) weight rows of one 32-value block per step. The comments
+# give registers for mlp1 / mlp2 and compile time (per kernel, 2 CPU cores) from sm_90 SASS with
+# ptxas 12.9 and Triton 3.9 (the device's may differ); shapes whose unrolled bodies took ptxas
+# minutes (four-row tiles unrolled, 256-wide steps with several row counts) are left out.
+GEMV_SHAPES = {
+    1: [(32, 512, 4, True),  # 127 / 128 registers, 4 s: the default
+        (16, 512, 4, True),  # 56 / 122
+        (32, 256, 4, True),  # 57 / 255 + spills, 6 s
+        (64, 512, 8, True),  # 137 / 211, 4 s
+        (16, 512, 2, True),  # 178 / 182, 5 s
+        (16, 1024, 4, True),  # 167 / 167, 3 s
+        (32, 512, 4, False),  # 96 / 96, 3 s
+        (64, 512, 4, False)],  # 168 / 168, 4 s
+    2: [(32, 512, 4, False),  # 127 / 128, 4 s: the default
+        (16, 512, 4, True),  # 128 / 155, 8 s
+        (32, 512, 8, True),  # 128 / 234, 8 s
+        (16, 512, 4, False),  # 80 / 100, 4 s
+        (32, 256, 4, False)],  # 72 / 100, 4 s
+    4: [(16, 1024, 8, False),  # 128 / 128, 10 s: the default
+        (16, 512, 4, False),  # 162 / 163, 9 s
+        (32, 512, 8, False),  # 160 / 166, 10 s
+        (16, 256, 2, False)],  # 164 / 166, 10 s
+}
+
+
+def gemv_candidates(rows: int, num_experts: int) -> list[Tiles]:
+    """GEMV tiles for this batch: rows per tile around the batch's rows per expert."""
+    per_expert = rows / max(1, min(rows, num_experts))
+    if per_expert > 8:
+        return []
+    block_ts = (1, 2) if rows * 8 <= num_experts else (2, 1, 4) if per_expert <= 2 else (4, 2)
+    return [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
+
+
+def reference(x, source, source_div, experts_sorted, blocks, scales, bias, limit):
+    """fp32 decode-then-matmul per expert touched: the grouped GEMMs' contract, [rows, N (/ 2)]."""
+    out = None
+    for e in torch.unique(experts_sorted).tolist():
+        rows = torch.nonzero(experts_sorted == e).squeeze(1)
+        src = source[rows].long() // source_div if source is not None else rows
+        y = x[src].float() @ mxfp4.decode(blocks[e], scales[e], torch.float32).T + bias[e].float()
+        y = swiglu(y, limit) if limit is not None else y
+        if out is None:
+            out = torch.empty(len(experts_sorted), y.shape[1], device=x.device)
+        out[rows] = y
+    return out
+
+
+def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Tiles]]:
+    """(seconds, tiles) of each candidate whose output matches the reference, fastest first."""
+    timed = []
+    for tiles in tiles_list:
+        try:
+            err = check(fn(tiles))
+            if err is not None:
+                print(f"    {tiles}: WRONG ({err})", flush=True)
+                continue
+            timed.append((triton.testing.do_bench(lambda: fn(tiles), return_mode="median") / 1e3, tiles))
+        except Exception as e:  # a shape the compiler rejects (e.g. out of shared memory)
+            print(f"    {tiles}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    timed.sort(key=lambda x: x[0])
+    return timed
+
+
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
         sweep: bool = False) -> list[dict]:
     cfg = preset(model)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = [random_tensor(specs[f"block.0.mlp.{n}"], gen, "cuda") for n in NAMES]
-    per_expert = sum(t[0].numel() * t.element_size() for t in w)
+    per_gemm = [sum(t[0].numel() * t.element_size() for t in w[:3]), sum(t[0].numel() * t.element_size() for t in w[3:])]
+    E = cfg.num_experts
     results = []
     for tokens in token_counts:
-        expert_ids, weights = route(torch.randn(tokens, cfg.num_experts, device="cuda"), cfg.experts_per_token)
+        expert_ids, weights = route(torch.randn(tokens, E, device="cuda"), cfg.experts_per_token)
         h = torch.randn(tokens, cfg.hidden_size, device="cuda").to(torch.bfloat16)
-        touched = torch.unique(expert_ids).numel() * per_expert
+        experts = torch.unique(expert_ids).numel()
+        touched = experts * sum(per_gemm)
         flops = 2 * expert_ids.numel() * cfg.hidden_size * 3 * cfg.intermediate_size
         whole = triton.testing.do_bench(lambda: moe_triton(h, expert_ids, weights, *w, cfg.swiglu_limit, residual=h),
                                         return_mode="median") / 1e3
-        p = plan(expert_ids, cfg.num_experts)
-        act = grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16, swiglu_limit=cfg.swiglu_limit)
+        p = plan(expert_ids, E)
+        act = grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
+                            swiglu_limit=cfg.swiglu_limit, tiles=mma_tiles(p.num_rows, E, True))
 
         def gemm1(tiles=None):
             return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
@@ -71,24 +149,46 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         def gemm2(tiles=None):
             return grouped_mxfp4(act, None, 1, p, *w[3:], torch.float32, tiles=tiles)
 
+        old = (mma_tiles(p.num_rows, E, True), mma_tiles(p.num_rows, E, False))
+        new = (choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False))
+        t_old = [triton.testing.do_bench(lambda: fn(t), return_mode="median") / 1e3 for fn, t in zip((gemm1, gemm2), old)]
+        t_new = [triton.testing.do_bench(lambda: fn(t), return_mode="median") / 1e3 for fn, t in zip((gemm1, gemm2), new)]
         gemms = triton.testing.do_bench(lambda: (gemm1(), gemm2()), return_mode="median") / 1e3
-        row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": torch.unique(expert_ids).numel(),
-               "bytes": touched, "flops": flops, "seconds": whole, "gemm_seconds": gemms,
-               "tiles": choose_tiles(p.num_rows, cfg.num_experts, True)}
+        row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched, "flops": flops,
+               "seconds": whole, "gemm_seconds": gemms, "tiles": new[0], "gemm_old_seconds": t_old,
+               "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
+        for i, name in enumerate(("gemm1", "gemm2")):
+            nbytes = experts * per_gemm[i]
+            print(f"  tokens {tokens} {name} ({nbytes / 1e6:.1f} MB): tensor-core {old[i]} {t_old[i] * 1e6:.1f} us "
+                  f"({100 * nbytes / t_old[i] / bw:.0f}% copy BW); now {new[i]} {t_new[i] * 1e6:.1f} us "
+                  f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x", flush=True)
         if sweep:
-            per = p.num_rows / max(1, min(p.num_rows, cfg.num_experts))
-            for name, fn in (("gemm1", gemm1), ("gemm2", gemm2)):
-                timed = []
-                for tiles in candidates(per):
-                    try:
-                        timed.append((triton.testing.do_bench(lambda: fn(tiles), return_mode="median") / 1e3, tiles))
-                    except Exception as e:  # a shape the compiler rejects (e.g. out of shared memory)
-                        print(f"  {name} {tiles}: {type(e).__name__}", flush=True)
-                timed.sort(key=lambda x: x[0])
-                default = triton.testing.do_bench(lambda: fn(), return_mode="median") / 1e3
-                print(f"  tokens {tokens} {name}: default {default * 1e6:.1f} us; best "
-                      + "; ".join(f"{s * 1e6:.1f} us {t}" for s, t in timed[:3]), flush=True)
-                row[f"{name}_best"] = timed[0] if timed else None
+            order = p.order.long()
+            refs = (reference(h, p.order, cfg.experts_per_token, expert_ids.reshape(-1)[order], *w[:3], cfg.swiglu_limit),
+                    reference(act, None, 1, expert_ids.reshape(-1)[order], *w[3:], None))
+            for i, (name, fn) in enumerate((("gemm1", gemm1), ("gemm2", gemm2))):
+                nbytes = experts * per_gemm[i]
+
+                def check(got, ref=refs[i]):
+                    rel = ((got.float() - ref).norm() / ref.norm()).item()
+                    ok = torch.isfinite(got).all().item() and rel < (1e-2 if got.dtype == torch.bfloat16 else 1e-3)
+                    return None if ok else f"relative error {rel:.2e}"
+
+                per = p.num_rows / max(1, min(p.num_rows, E))
+                mma = time_candidates(fn, check, candidates(per))
+                gemv = time_candidates(fn, check, [t for t in gemv_candidates(p.num_rows, E) if gemv_tiles_ok(t)])
+                gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]])
+                gemv.sort(key=lambda x: x[0])
+                for kind, timed in (("tensor-core", mma), ("gemv", gemv)):
+                    if timed:
+                        print(f"  tokens {tokens} {name} best {kind}: " + "; ".join(
+                            f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {t}" for s, t in timed[:3]), flush=True)
+                best = min(mma[:1] + gemv[:1], key=lambda x: x[0], default=None)
+                row[f"{name}_best"] = best
+                if best is not None:
+                    print(f"  tokens {tokens} {name} FASTEST: {best[1]} {best[0] * 1e6:.1f} us "
+                          f"({100 * nbytes / best[0] / bw:.0f}% copy BW); rows {p.num_rows}, {per:.2f} per expert",
+                          flush=True)
         results.append(row)
         print(format_row(row, bw, mm), flush=True)
     return results
@@ -106,18 +206,35 @@ HEADER = ("| model | tokens | experts | MB touched | time µs | TB/s | % copy BW
           "GEMMs alone µs | % copy BW | % matmul |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
+def compare_table(rows: list[dict], bw: float) -> str:
+    """Both GEMMs: the tensor-core kernel's old tiles against choose_tiles now (and the sweep's best)."""
+    out = ["| model | tokens | MB touched | GEMMs before µs | % copy BW | GEMMs now µs | % copy BW | speed-up | "
+           "best gemm1 | best gemm2 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        old, new = sum(r["gemm_old_seconds"]), sum(r["gemm_new_seconds"])
+        best = [f"{b[1]} {b[0] * 1e6:.1f} us" if b else "" for b in (r.get("gemm1_best"), r.get("gemm2_best"))]
+        out.append(f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {old * 1e6:.1f} | "
+                   f"{100 * r['bytes'] / old / bw:.1f}% | {new * 1e6:.1f} | {100 * r['bytes'] / new / bw:.1f}% | "
+                   f"{old / new:.2f}x | {best[0]} | {best[1]} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gpt-oss-20b")
+    ap.add_argument("--model", nargs="+", default=["gpt-oss-20b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
-    ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tile shapes")
+    ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tiles of both kernels")
     args = ap.parse_args()
     bw, mm = ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
-    rows = run(bw, mm, args.model, args.tokens, args.sweep)
+    rows = []
+    for model in args.model:
+        rows += run(bw, mm, model, args.tokens, args.sweep)
     print(HEADER)
     for r in rows:
         print(format_row(r, bw, mm))
+    print()
+    print(compare_table(rows, bw))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 The interpreter runs the integer decode and fp32 dots: only the summation order differs from the
 reference, so tolerances are fp32-tight (1e-4 absolute / 1e-5 relative). The PTX decode and bf16
-MMAs are checked at the real shapes in tests/test_gpu.py.
+MMAs are checked at the real shapes in tests/test_gpu.py; the bit logic of the GEMV kernel's PTX
+decode routes is checked here by emulating the PTX instruction by instruction.
 """
 
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +17,9 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime import mxfp4  # noqa: E402
-from runtime.kernels.moe import expert_rows, route  # noqa: E402
-from runtime.kernels.moe_gemm import (Tiles, combine, expert_rows_triton, grouped_mxfp4, moe_triton,  # noqa: E402
-                                      plan)
+from runtime.kernels.moe import expert_rows, route, swiglu  # noqa: E402
+from runtime.kernels.moe_gemm import (Tiles, _decode32_ptx, choose_tiles, combine, expert_rows_triton,  # noqa: E402
+                                      gemv_tiles_ok, grouped_mxfp4, moe_triton, plan)
 
 
 def random_experts(E, N, K, device="cpu"):
@@ -91,3 +94,173 @@ def test_combine_writes_every_element_in_k_order():
     got = combine(y, position, weights, None, torch.float32)
     want = (y[position.long()].view(3, 4, 40) * weights[..., None]).sum(1)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the GEMV kernel (decode)
+def grouped_reference(x, order, source_div, experts, blocks, scales, bias, limit):
+    """fp32 decode-then-matmul per sorted row (then the clamped SwiGLU), the GEMMs' contract."""
+    rows = []
+    for i, e in enumerate(experts[order.long()].tolist()):
+        rows.append(mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[order[i] // source_div].float() + bias[e])
+    y = torch.stack(rows)
+    return swiglu(y, limit) if limit is not None else y
+
+
+# 1, 2, 3, 4 rows per expert (each a specialised tile body), empty experts, more rows than a tile
+# (several tiles of one expert), K = 9 blocks (K_BYTES 144: chunks of 2 or 4 blocks leave a partial
+# one, as 2880 = 90 blocks does with 16), N not a multiple of block_n.
+@pytest.mark.parametrize("rows_per_expert", [[1, 0, 1, 1], [2, 1, 0, 3], [4, 3, 2, 1], [0, 5, 9, 0]])
+@pytest.mark.parametrize("tiles", [Tiles(1, 16, 128, 2, 1, "gemv"), Tiles(2, 16, 64, 1, 1, "gemv", unroll=False),
+                                   Tiles(4, 8, 128, 1, 1, "gemv")])
+def test_gemv_matches_decode_then_matmul(rows_per_expert, tiles):
+    E, N, K = 4, 40, 288
+    torch.manual_seed(sum(rows_per_expert) * 7 + tiles.block_t)
+    blocks, scales, bias = random_experts(E, N, K)
+    experts = torch.repeat_interleave(torch.arange(E), torch.tensor(rows_per_expert))
+    experts = experts[torch.randperm(len(experts))]
+    x = torch.randn(len(experts), K)
+    p = plan(experts, E)
+    poisoned = torch.full((len(experts), N), float("nan"))  # every element must be written
+    got = grouped_mxfp4(x, p.order, 1, p, blocks, scales, bias, torch.float32, tiles=tiles, out=poisoned)
+    want = grouped_reference(x, p.order, 1, experts, blocks, scales, bias, None)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("rows", [4, 64, 128])  # choose_tiles' one-, two- and four-row GEMV tiles
+def test_gemv_default_tiles_at_the_real_reduction_length(rows):
+    """K = 2880 (90 blocks: 5 full steps of 16 and a partial one, or 2 of 32 and a partial one)."""
+    E, N, K = 32, 32, 2880
+    tiles = choose_tiles(rows, E, False)
+    assert tiles.kernel == "gemv"
+    torch.manual_seed(rows)
+    blocks, scales, bias = random_experts(E, N, K)
+    experts = torch.randint(0, E, (rows,))
+    experts[:4] = experts[4:8] if rows >= 8 else experts[:4]  # some experts with more rows than the rest
+    x = torch.randn(rows, K)
+    p = plan(experts, E)
+    poisoned = torch.full((rows, N), float("nan"))
+    got = grouped_mxfp4(x, p.order, 1, p, blocks, scales, bias, torch.float32, tiles=tiles, out=poisoned)
+    want = grouped_reference(x, p.order, 1, experts, blocks, scales, bias, None)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_gemv_swiglu_gathered_rows_in_both_dtypes(out_dtype, x_dtype):
+    """mlp1's call: rows gathered from tokens (source // top_k), fused clamped SwiGLU, fp32 or bf16."""
+    E, N, K, top_k, tokens = 8, 64, 160, 4, 3
+    torch.manual_seed(1)
+    blocks, scales, bias = random_experts(E, N, K)
+    experts = torch.stack([torch.randperm(E)[:top_k] for _ in range(tokens)]).reshape(-1)
+    experts[1] = experts[5]  # token 0's second expert is token 1's too: a two-row tile
+    experts[0], experts[4] = 6, 7
+    x = torch.randn(tokens, K).to(x_dtype)
+    p = plan(experts, E)
+    poisoned = torch.full((len(experts), N // 2), float("nan"), dtype=out_dtype)
+    got = grouped_mxfp4(x, p.order, top_k, p, blocks, scales, bias, out_dtype, swiglu_limit=1.5,
+                        tiles=Tiles(2, 16, 64, 1, 1, "gemv"), out=poisoned)
+    want = grouped_reference(x, p.order, top_k, experts, blocks, scales, bias, 1.5)
+    assert torch.isfinite(got).all()
+    if out_dtype == torch.float32:
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+    else:  # the interpreter truncates to bf16 (environment.md): within 2 bf16 ulps
+        assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-3), (got.float() - want).abs().max()
+
+
+def test_gemv_is_what_moe_chooses_for_decode_and_matches_the_reference():
+    """choose_tiles sends decode-sized batches to the GEMV; both entry points still match the reference."""
+    assert choose_tiles(4, 32, True).kernel == "gemv" and choose_tiles(4, 32, True).block_t == 1
+    assert choose_tiles(64, 32, True).kernel == "gemv" and choose_tiles(64, 32, True).block_t == 2
+    assert choose_tiles(4096, 32, True).kernel == "mma"
+    for n in (1, 16, 128, 512):
+        for e in (32, 128):
+            t = choose_tiles(n, e, True)
+            assert t.kernel == "mma" or gemv_tiles_ok(t), t
+    E, d, inter, k, tokens = 32, 64, 64, 4, 2  # 8 rows over 32 experts: two-row tiles
+    w1 = random_experts(E, 2 * inter, d)
+    w2 = random_experts(E, d, inter)
+    torch.manual_seed(3)
+    h = torch.randn(tokens, d)
+    expert_ids, weights = route(torch.randn(tokens, E), k)
+    expert_ids[1] = expert_ids[0]  # the same four experts: every tile holds two rows
+    rows = expert_rows(h.repeat_interleave(k, 0), expert_ids.reshape(-1), *w1, *w2, 7.0)
+    want = h + (rows.view(tokens, k, d) * weights[..., None]).sum(1)
+    got = moe_triton(h, expert_ids, weights, *w1, *w2, 7.0, residual=h)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+    got = expert_rows_triton(h.repeat_interleave(k, 0), expert_ids.reshape(-1), *w1, *w2, 7.0)
+    assert torch.allclose(got, rows, rtol=1e-5, atol=1e-4), (got - rows).abs().max()
+
+
+def test_gemv_tile_shapes_the_decode_can_take():
+    assert gemv_tiles_ok(Tiles(1, 32, 512, 4, 1, "gemv"))
+    assert not gemv_tiles_ok(Tiles(1, 16, 128, 4, 1, "gemv"))  # 64 blocks for 128 threads
+    assert not gemv_tiles_ok(Tiles(8, 32, 512, 4, 1, "gemv"))  # at most 4 rows per tile
+    assert not gemv_tiles_ok(Tiles(1, 32, 96, 1, 1, "gemv"))
+    with pytest.raises(AssertionError):
+        E, N, K = 2, 16, 128
+        blocks, scales, bias = random_experts(E, N, K)
+        p = plan(torch.tensor([0, 1]), E)
+        grouped_mxfp4(torch.randn(2, K), p.order, 1, p, blocks, scales, bias, torch.float32,
+                      tiles=Tiles(1, 16, 128, 4, 1, "gemv"))
+
+
+def _e4m3(b: int) -> float:
+    e, m = (b >> 3) & 15, b & 7
+    return (-1.0 if b & 128 else 1.0) * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+
+
+def emulate_ptx(ptx: str, inputs: list[int]) -> list[float]:
+    """Runs the few PTX instructions the GEMV's decode uses on Python ints; returns $0.. as floats."""
+    regs = {f"${32 + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
+
+    def val(token):
+        return regs[token] if token in regs else int(token, 0) & 0xFFFFFFFF
+
+    for line in ptx.split("\n"):
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        unpack = re.fullmatch(r"\{\s*([\w$]+),\s*([\w$]+)\s*\},\s*([\w$]+)", rest.strip())
+        if op == "mov.b32" and unpack:  # {low half, high half}
+            v = val(unpack.group(3))
+            regs[unpack.group(1)], regs[unpack.group(2)] = v & 0xFFFF, v >> 16
+            continue
+        d, *a = [t.strip() for t in rest.split(",")]
+        if op == "shl.b32":
+            regs[d] = (val(a[0]) << val(a[1])) & 0xFFFFFFFF
+        elif op == "shr.u32":
+            regs[d] = val(a[0]) >> val(a[1])
+        elif op == "and.b32":
+            regs[d] = val(a[0]) & val(a[1])
+        elif op == "or.b32":
+            regs[d] = val(a[0]) | val(a[1])
+        elif op == "prmt.b32":  # byte i of d = byte (selector nibble i) of {a, b}; bit 3: sign replicate
+            pool = [(val(a[0]) >> 8 * i) & 255 for i in range(4)] + [(val(a[1]) >> 8 * i) & 255 for i in range(4)]
+            out = 0
+            for i in range(4):
+                sel = (val(a[2]) >> 4 * i) & 15
+                byte = pool[sel & 7] if not sel & 8 else (255 if pool[sel & 7] & 128 else 0)
+                out |= byte << 8 * i
+            regs[d] = out
+        elif op == "cvt.rn.f16x2.e4m3x2":  # low byte to the low half
+            h = val(a[0])
+            halves = [int(np.array(_e4m3((h >> s) & 255), dtype=np.float16).view(np.uint16)) for s in (0, 8)]
+            regs[d] = halves[0] | halves[1] << 16
+        elif op == "cvt.f32.f16":
+            regs[d] = float(np.array(val(a[0]), dtype=np.uint16).view(np.float16))
+        else:
+            raise ValueError(f"not emulated: {line}")
+    return [regs[f"${i}"] for i in range(32)]
+
+
+@pytest.mark.parametrize("e4m3, log2", [(False, 14), (True, 6)])
+def test_gemv_ptx_decode_routes_emulated(e4m3, log2):
+    """Every byte value in every position: $e must be element e of the block times 2^-log2."""
+    blocks = torch.cat([torch.arange(256, dtype=torch.uint8).view(16, 16),
+                        torch.randint(0, 256, (16, 16), dtype=torch.uint8)])
+    want = mxfp4.decode(blocks[:, None], torch.full((32, 1), 127, dtype=torch.uint8), torch.float32)
+    ptx = _decode32_ptx(e4m3)
+    for block, expected in zip(blocks, want):
+        got = [v * 2.0 ** log2 for v in emulate_ptx(ptx, block.view(torch.int32).tolist())]
+        assert got == expected.tolist()

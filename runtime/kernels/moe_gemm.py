@@ -18,6 +18,15 @@ value times 2^-126, exactly, subnormal for the smallest codes), then two packed 
 that meet the even and odd input columns in two half-depth dots, so nothing is interleaved. The
 interpreter (CPU tests) cannot run PTX: it uses an integer-only decode of the same values.
 
+Token decoding (1 to 4 rows per expert): `_moe_gemv_kernel`, on CUDA cores, without tensor cores or
+shared memory. A program owns up to 4 rows of one expert (a body specialised to the tile's row
+count, by a uniform branch) and BLOCK_N output features; each thread streams 16-byte blocks of
+packed weights (one 32-value MXFP4 block, one 128-bit load), decodes each word of 8 values with a
+few byte-parallel logic ops into exact fp16 (the value times 2^-14, no scale), widens them to fp32
+and multiplies them into each row of x with fp32 FMAs; the block's scale multiplies its partial sum
+once. Every weight is read and decoded once per tile, whatever its row count. `choose_tiles` picks
+the kernel and tiles by rows per expert; the grid depends only on (rows, N, E), as for the MMAs.
+
 Epilogues: mlp1 adds the bias and applies the clamped SwiGLU over interleaved (gate, linear) rows,
 writing only the activation; mlp2 adds the bias and writes fp32 rows in sorted order, and
 `combine` sums each token's four rows with their routing weights onto the residual, in a fixed order
@@ -196,6 +205,252 @@ def _moe_gemm_kernel(
                  mask=row_ok[None, :] & col_ok[:, None])
 
 
+# ------------------------------------------------------------------------------ decode: the GEMV kernel
+def _decode32_ptx(e4m3: bool) -> str:
+    """PTX turning one 32-value block's 16 packed bytes ($32..$35: four words, byte 4w + b in word w)
+    into 32 fp32 registers, $e = element e of the block times 2^-14 (fp16 route) or 2^-6 (e4m3
+    route), exactly. Element e is nibble e % 8 of word e // 8 (even nibbles: low halves of bytes). No
+    scale here: the kernel applies the block's scale once, to the block's partial sum.
+
+    Both routes first rebuild each nibble as a byte in all 4 byte lanes of a word at once: the low
+    nibbles (sign from bit 3, exponent/mantissa bits from 0-2) and the high ones (sign already at 7,
+    exponent/mantissa bits from 4-6) with 3-4 logic ops per 4 values. fp16 route: the byte is the top
+    byte of an fp16 (sign 7, exponent/mantissa bits 1-3: the value times 2^-14, subnormal for the code
+    0.5); a byte permute or mask then moves two of them into the two halves of an fp16x2 with zero low
+    bytes (11 logic ops per word). e4m3 route: the byte is an e4m3 (exponent/mantissa bits 2-4: the
+    value times 2^-6) that the hardware widens two at a time to fp16x2 (7 logic ops + 4 F2FP per word).
+    Then each fp16 becomes an fp32 exactly (cvt.f32.f16: HADD2.F32, on the FMA pipe)."""
+    lines = ["{", ".reg .b32 a, b, lo, hi, p<4>;", ".reg .b16 l, h, q<8>;"]
+    shift = 2 if e4m3 else 1  # where exponent/mantissa bits go in the byte
+    mask = "0x1C1C1C1C" if e4m3 else "0x0E0E0E0E"
+    for w in range(4):
+        word = f"${32 + w}"
+        lines += [f"shl.b32 a, {word}, {shift};", f"and.b32 a, a, {mask};", f"shl.b32 b, {word}, 4;",
+                  "and.b32 b, b, 0x80808080;", "or.b32 lo, a, b;",  # low nibbles: elements 0, 2, 4, 6
+                  f"shr.u32 a, {word}, {4 - shift};", f"and.b32 a, a, {mask};", f"and.b32 b, {word}, 0x80808080;",
+                  "or.b32 hi, a, b;"]  # high nibbles: elements 1, 3, 5, 7
+        if e4m3:
+            lines += ["mov.b32 {l, h}, lo;", "cvt.rn.f16x2.e4m3x2 p0, l;", "cvt.rn.f16x2.e4m3x2 p1, h;",
+                      "mov.b32 {l, h}, hi;", "cvt.rn.f16x2.e4m3x2 p2, l;", "cvt.rn.f16x2.e4m3x2 p3, h;",
+                      "mov.b32 {q0, q2}, p0;", "mov.b32 {q4, q6}, p1;", "mov.b32 {q1, q3}, p2;", "mov.b32 {q5, q7}, p3;"]
+        else:  # bytes 0 and 2 to the top of the halves, then bytes 1 and 3 (zero bytes below)
+            lines += ["prmt.b32 p0, lo, 0, 0x2404;", "and.b32 p1, lo, 0xFF00FF00;",
+                      "prmt.b32 p2, hi, 0, 0x2404;", "and.b32 p3, hi, 0xFF00FF00;",
+                      "mov.b32 {q0, q4}, p0;", "mov.b32 {q2, q6}, p1;", "mov.b32 {q1, q5}, p2;", "mov.b32 {q3, q7}, p3;"]
+        lines += [f"cvt.f32.f16 ${8 * w + n}, q{n};" for n in range(8)]
+    return "\n".join(lines + ["}"])
+
+
+_DECODE32_FP16 = tl.constexpr(_decode32_ptx(e4m3=False))
+_DECODE32_E4M3 = tl.constexpr(_decode32_ptx(e4m3=True))
+_DECODE32_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 4))
+DECODE_INT, DECODE_FP16, DECODE_E4M3 = 0, 1, 2  # the GEMV's decode routes (integer: the interpreter's)
+
+
+@triton.jit
+def _e2m1_fp32(code):
+    """Integer-only decode (the interpreter's route): E2M1 nibble -> its value times 2^-14 as fp32."""
+    e = (code >> 1) & 3
+    m = code & 1
+    magnitude = tl.where(e > 0, ((e + 112) << 23) | (m << 22), m * (112 << 23))
+    return (((code >> 3) << 31) | magnitude).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode32(words, DECODE: tl.constexpr):
+    """words [BLOCK_N, GPI, 4] int32 (one 32-value block per [row, group], 4 words each) -> 8 fp32
+    tensors of the same shape: the n-th holds, at word position j, element 4n + j of the block, times
+    2^-14 (DECODE 0 or 1) or 2^-6 (DECODE 2). So x for the n-th is 4 contiguous elements per block."""
+    if DECODE == 0:
+        j = tl.arange(0, 4)[None, None, :]
+        w0 = tl.sum(tl.where(j == 0, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        w1 = tl.sum(tl.where(j == 1, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        w2 = tl.sum(tl.where(j == 2, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        w3 = tl.sum(tl.where(j == 3, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        lo = (4 * j).to(tl.uint32)  # element 4n + j is nibble 4 * (n % 2) + j of word n // 2
+        hi = (4 * j + 16).to(tl.uint32)
+        v0 = _e2m1_fp32((w0 >> lo) & 15)
+        v1 = _e2m1_fp32((w0 >> hi) & 15)
+        v2 = _e2m1_fp32((w1 >> lo) & 15)
+        v3 = _e2m1_fp32((w1 >> hi) & 15)
+        v4 = _e2m1_fp32((w2 >> lo) & 15)
+        v5 = _e2m1_fp32((w2 >> hi) & 15)
+        v6 = _e2m1_fp32((w3 >> lo) & 15)
+        v7 = _e2m1_fp32((w3 >> hi) & 15)
+    else:  # pack=4: the asm sees a block's 4 words; output n's 4 registers are elements 4n .. 4n + 3
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _DECODE32_E4M3 if DECODE == 2 else _DECODE32_FP16, _DECODE32_CONSTRAINTS, [words],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=4)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _row_source(source_ptr, row, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr):
+    if GATHER:
+        return (tl.load(source_ptr + row) // SOURCE_DIV).to(tl.int64)
+    return row.to(tl.int64)
+
+
+@triton.jit
+def _gemv_chunk(acc, v0, v1, v2, v3, v4, v5, v6, v7, factor, x_row_ptr, x_offs, x_mask, MASK_K: tl.constexpr):
+    """acc [BLOCK_N, GPI] += factor * (per block: sum of decoded weights * x) for one row of x.
+
+    x_offs [GPI, 4]: offsets of elements 4n + j (n = 0) of each block; x_mask: the blocks inside K."""
+    if MASK_K:
+        x_ptrs = x_row_ptr + x_offs
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x1 = tl.load(x_ptrs + 4, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x2 = tl.load(x_ptrs + 8, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x3 = tl.load(x_ptrs + 12, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x4 = tl.load(x_ptrs + 16, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x5 = tl.load(x_ptrs + 20, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x6 = tl.load(x_ptrs + 24, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+        x7 = tl.load(x_ptrs + 28, mask=x_mask, other=0.0).to(tl.float32)[None, :, :]
+    else:
+        x_ptrs = x_row_ptr + x_offs
+        x0 = tl.load(x_ptrs).to(tl.float32)[None, :, :]
+        x1 = tl.load(x_ptrs + 4).to(tl.float32)[None, :, :]
+        x2 = tl.load(x_ptrs + 8).to(tl.float32)[None, :, :]
+        x3 = tl.load(x_ptrs + 12).to(tl.float32)[None, :, :]
+        x4 = tl.load(x_ptrs + 16).to(tl.float32)[None, :, :]
+        x5 = tl.load(x_ptrs + 20).to(tl.float32)[None, :, :]
+        x6 = tl.load(x_ptrs + 24).to(tl.float32)[None, :, :]
+        x7 = tl.load(x_ptrs + 28).to(tl.float32)[None, :, :]
+    part = v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7
+    return acc + factor * tl.sum(part, 2)
+
+
+@triton.jit
+def _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr, x_offs, c, col_ok, kg,
+               GROUPS: tl.constexpr, MASK_K: tl.constexpr, EVEN_N: tl.constexpr, DECODE: tl.constexpr, T: tl.constexpr,
+               GPI: tl.constexpr):
+    """One chunk (GPI blocks of each of the tile's BLOCK_N weight rows) for the T rows of x."""
+    g_ok = (c * GPI + kg) < GROUPS
+    if MASK_K:
+        words = tl.load(w_ptrs + c * GPI * 4, mask=col_ok[:, None, None] & g_ok[None, :, None], other=0)
+        scale = tl.load(s_ptrs + c * GPI, mask=col_ok[:, None] & g_ok[None, :], other=0)
+    elif EVEN_N:
+        words = tl.load(w_ptrs + c * GPI * 4)
+        scale = tl.load(s_ptrs + c * GPI)
+    else:
+        words = tl.load(w_ptrs + c * GPI * 4, mask=col_ok[:, None, None], other=0)
+        scale = tl.load(s_ptrs + c * GPI, mask=col_ok[:, None], other=0)
+    factor = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _decode32(words, DECODE)
+    x_chunk = x_offs + c * GPI * 32
+    x_mask = g_ok[:, None]
+    acc0 = _gemv_chunk(acc0, v0, v1, v2, v3, v4, v5, v6, v7, factor, x0_ptr, x_chunk, x_mask, MASK_K)
+    if T > 1:
+        acc1 = _gemv_chunk(acc1, v0, v1, v2, v3, v4, v5, v6, v7, factor, x1_ptr, x_chunk, x_mask, MASK_K)
+    if T > 2:
+        acc2 = _gemv_chunk(acc2, v0, v1, v2, v3, v4, v5, v6, v7, factor, x2_ptr, x_chunk, x_mask, MASK_K)
+    if T > 3:
+        acc3 = _gemv_chunk(acc3, v0, v1, v2, v3, v4, v5, v6, v7, factor, x3_ptr, x_chunk, x_mask, MASK_K)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, N,
+               stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+               K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
+               DECODE: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_N: tl.constexpr, UNROLL: tl.constexpr):
+    """T (1 to 4) rows of one expert against BLOCK_N of its output features, each weight decoded once.
+
+    K (a constant) is walked in chunks of GPI 32-value blocks per weight row, each thread taking one
+    block (16 bytes: one 128-bit load) of each of its rows; UNROLL unrolls the chunks, so the compiler
+    can issue the next chunk's loads early, else they are a loop (fewer registers, quicker to compile).
+    A last, partial chunk is masked. Each block's partial sums are scaled once by 2^(scale - 127),
+    kept per [row, block] in fp32, and summed across the threads once, at the end. Within a chunk
+    the blocks are taken in an interleaved order, which only keeps the compiler from packing a
+    thread's scale bytes into one vector: it then gives the scales the layout of the per-block sums,
+    with no shared-memory shuffle."""
+    K_WORDS: tl.constexpr = K_BYTES // 4
+    GROUPS: tl.constexpr = K_BYTES // 16
+    GPI: tl.constexpr = BLOCK_K // 32  # 32-value blocks (one scale byte, 16 packed bytes) per chunk
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kg = tl.arange(0, GPI)
+    kg = (kg % 2) * (GPI // 2) + kg // 2  # the interleaved order (any order is right; GPI >= 2)
+    j = tl.arange(0, 4)
+    w_ptrs = (words_ptr + expert * stride_we + cols[:, None, None].to(tl.int64) * K_WORDS
+              + kg[None, :, None] * 4 + j[None, None, :])
+    s_ptrs = scales_ptr + expert * stride_se + cols[:, None].to(tl.int64) * GROUPS + kg[None, :]
+    x_offs = kg[:, None] * 32 + j[None, :]
+    # the x rows (T <= 4; the pointers past T repeat the last row and are never used)
+    R1: tl.constexpr = 1 if T > 1 else 0
+    R2: tl.constexpr = 2 if T > 2 else R1
+    R3: tl.constexpr = 3 if T > 3 else R2
+    x0_ptr = x_ptr + _row_source(source_ptr, row0, GATHER, SOURCE_DIV) * stride_x
+    x1_ptr = x_ptr + _row_source(source_ptr, row0 + R1, GATHER, SOURCE_DIV) * stride_x
+    x2_ptr = x_ptr + _row_source(source_ptr, row0 + R2, GATHER, SOURCE_DIV) * stride_x
+    x3_ptr = x_ptr + _row_source(source_ptr, row0 + R3, GATHER, SOURCE_DIV) * stride_x
+    acc0 = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
+    FULL: tl.constexpr = GROUPS // GPI  # chunks with every block inside K
+    if UNROLL:
+        for c in tl.static_range(FULL):
+            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                                x_offs, c, col_ok, kg, GROUPS, False, EVEN_N, DECODE, T, GPI)
+    else:
+        for c in range(FULL):
+            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                                x_offs, c, col_ok, kg, GROUPS, False, EVEN_N, DECODE, T, GPI)
+    if GROUPS % GPI != 0:  # the last, partial chunk
+        acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                            x_offs, FULL, col_ok, kg, GROUPS, True, EVEN_N, DECODE, T, GPI)
+    bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
+    UNDO: tl.constexpr = 64.0 if DECODE == 2 else 16384.0  # undoes the decode's 2^-6 (2^-14)
+    _gemv_store(acc0, bias, UNDO, out_ptr, row0, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+    if T > 1:
+        _gemv_store(acc1, bias, UNDO, out_ptr, row0 + 1, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+    if T > 2:
+        _gemv_store(acc2, bias, UNDO, out_ptr, row0 + 2, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+    if T > 3:
+        _gemv_store(acc3, bias, UNDO, out_ptr, row0 + 3, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+
+
+@triton.jit
+def _gemv_store(acc, bias, UNDO: tl.constexpr, out_ptr, row, stride_out, cols, N, limit, SWIGLU: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    y = tl.sum(acc, 1) * UNDO + bias
+    out_row = out_ptr + row.to(tl.int64) * stride_out
+    if SWIGLU:  # rows of W alternate gate, linear
+        gate, linear = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        gate = tl.minimum(gate, limit)
+        linear = tl.minimum(tl.maximum(linear, -limit), limit)
+        act = gate * tl.sigmoid(1.702 * gate) * (linear + 1.0)
+        out_cols = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_row + out_cols, act.to(out_ptr.dtype.element_ty), mask=out_cols < N // 2)
+    else:
+        tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _moe_gemv_kernel(
+    x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
+    E, N, stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+    K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
+    DECODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """The decode-sized grouped GEMM: out[r] = W_e x[source[r] // SOURCE_DIV] + b_e (then SwiGLU) for the
+    up to BLOCK_T rows r of one tile, on CUDA cores. The tile's row count selects a specialised body
+    (a uniform branch), so a tile of one row does one row's multiplies."""
+    expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
+    if expert >= E:
+        return
+    expert = expert.to(tl.int64)
+    n = tl.minimum(row_end - row0, BLOCK_T)
+    for t in tl.static_range(1, BLOCK_T + 1):
+        if n == t:
+            _gemv_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, N,
+                       stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+                       K_BYTES, GATHER, SOURCE_DIV, SWIGLU, DECODE, t, BLOCK_N, BLOCK_K, EVEN_N, UNROLL)
+
+
 @triton.jit
 def _plan_kernel(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
                  M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
@@ -249,8 +504,9 @@ class Plan:
     num_experts: int
 
     def max_tiles(self, block_t: int) -> int:
-        """Upper bound on the tiles: each non-empty expert wastes at most one partial tile."""
-        return triton.cdiv(self.num_rows, block_t) + min(self.num_experts, self.num_rows)
+        """Upper bound on the tiles, sum over experts of ceil(count / block_t), from the row count alone:
+        each non-empty expert (at most min(E, rows) of them) adds at most block_t - 1 rows of padding."""
+        return (self.num_rows + (block_t - 1) * min(self.num_experts, self.num_rows)) // block_t
 
 
 PLAN_KERNEL_ROWS = 512  # up to here one program sorts (decode); beyond, torch.sort (prefill)
@@ -278,16 +534,46 @@ def plan(experts: torch.Tensor, num_experts: int) -> Plan:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    block_t: int
-    block_n: int
-    block_k: int
+    block_t: int  # rows of one expert per program
+    block_n: int  # output features per program
+    block_k: int  # reduction elements per step (a multiple of 32 for the GEMV)
     num_warps: int
     num_stages: int
+    kernel: str = "mma"  # "mma": _moe_gemm_kernel (tensor cores); "gemv": _moe_gemv_kernel (block_t <= 4)
+    decode: str = "fp16"  # the GEMV's decode route on the GPU: "fp16" or "e4m3" (see _decode32_ptx)
+    unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
+
+
+# Up to this many rows per expert (rows / experts touched, at best) the GEMV kernel runs; above, the
+# tensor-core kernel. Tiles of one row while rows are this sparse (rows * GEMV_SINGLE_ROWS <= experts):
+# then nearly every expert has one row, and a one-row kernel needs the fewest registers.
+GEMV_ROWS_PER_EXPERT = 4
+GEMV_SINGLE_ROWS = 8
 
 
 def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
-    """Tile shapes by rows per expert (the fastest in scripts/bench_moe.py --sweep on an H100):
-    decode is bound by streaming the weight bytes, prefill by the MMAs."""
+    """Tile shapes by rows per expert (to be tuned with scripts/bench_moe.py --sweep on an H100):
+    decode is bound by streaming (and decoding) the weight bytes, prefill by the MMAs.
+
+    The GEMV shapes are chosen offline from their sm_90 SASS (ptxas 12.9): no register spills, at
+    most 128 registers (4 programs of 4 warps per SM), few instructions per weight byte, compile times
+    of seconds. One row per tile: 32 x 512 per program, 4 weight rows per thread, K unrolled (128
+    registers); up to two rows: the same with a K loop (unrolled, ptxas gives the mlp2 variant 155
+    registers); up to four: 16 x 1024 with 8 warps, a K loop (unrolled, the four row-count bodies
+    take ptxas most of a minute)."""
+    per_expert = rows / max(1, min(rows, num_experts))
+    if rows * GEMV_SINGLE_ROWS <= num_experts:
+        return Tiles(1, 32, 512, 4, 1, "gemv")
+    if per_expert <= 2:
+        return Tiles(2, 32, 512, 4, 1, "gemv", unroll=False)
+    if per_expert <= GEMV_ROWS_PER_EXPERT:
+        return Tiles(4, 16, 1024, 8, 1, "gemv", unroll=False)
+    return mma_tiles(rows, num_experts, swiglu)
+
+
+def mma_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
+    """The tensor-core kernel's tiles by rows per expert (the fastest in scripts/bench_moe.py --sweep
+    on an H100, before the GEMV existed)."""
     per_expert = rows / max(1, min(rows, num_experts))
     if per_expert <= 2:
         return Tiles(8, 64, 256, 4, 4)
@@ -296,6 +582,15 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     if per_expert <= 128:
         return Tiles(64, 128, 64, 4, 3)
     return Tiles(128, 128, 64, 8, 3)
+
+
+def gemv_tiles_ok(tiles: Tiles) -> bool:
+    """Shapes the GEMV supports. Its decode takes each 32-value block's 4 words from one thread
+    (inline asm with pack=4), which holds when a thread loads 16 bytes per block: at least one
+    block per thread in a step (smaller tensors get narrower loads) and power-of-two sizes."""
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in (tiles.block_n, tiles.block_k, tiles.num_warps))
+    return (pow2 and 1 <= tiles.block_t <= 4 and tiles.block_n >= 2 and 64 <= tiles.block_k <= 1024
+            and tiles.block_n * (tiles.block_k // 32) >= 32 * tiles.num_warps and tiles.decode in ("fp16", "e4m3"))
 
 
 def scales_fold(scales: torch.Tensor) -> bool:
@@ -323,6 +618,21 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     if p.num_rows == 0:
         return out
     grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
+    if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
+        assert gemv_tiles_ok(tiles), tiles
+        assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
+            and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), (blocks.stride(), scales.stride())
+        decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3}[tiles.decode]
+        _moe_gemv_kernel[grid](
+            x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
+            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), bias.stride(0),
+            float(swiglu_limit or 0.0),
+            K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
+            DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            E_POW2=triton.next_power_of_2(E), EVEN_N=N % tiles.block_n == 0, UNROLL=tiles.unroll,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+        return out
     _moe_gemm_kernel[grid](
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
