@@ -34,6 +34,14 @@ from runtime.kernels.moe import route, swiglu  # noqa: E402
 from runtime.kernels.moe_gemm import (Tiles, choose_tiles, gemv_tiles_ok, grouped_mxfp4, mma_tiles,  # noqa: E402
                                       moe_triton, plan)
 
+REP_MS = 100  # do_bench's measuring time per timing (--rep)
+
+
+def bench(fn) -> float:
+    """Median seconds of fn (CUDA events, the L2 cache flushed before each run)."""
+    return triton.testing.do_bench(fn, warmup=max(5, REP_MS // 4), rep=REP_MS, return_mode="median") / 1e3
+
+
 NAMES = ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales",
          "mlp2_bias")
 
@@ -114,7 +122,7 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
             if err is not None:
                 print(f"    {tiles}: WRONG ({err})", flush=True)
                 continue
-            timed.append((triton.testing.do_bench(lambda: fn(tiles), return_mode="median") / 1e3, tiles))
+            timed.append((bench(lambda: fn(tiles)), tiles))
         except Exception as e:  # a shape the compiler rejects (e.g. out of shared memory)
             print(f"    {tiles}: {type(e).__name__}: {str(e)[:120]}", flush=True)
     timed.sort(key=lambda x: x[0])
@@ -136,8 +144,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         experts = torch.unique(expert_ids).numel()
         touched = experts * sum(per_gemm)
         flops = 2 * expert_ids.numel() * cfg.hidden_size * 3 * cfg.intermediate_size
-        whole = triton.testing.do_bench(lambda: moe_triton(h, expert_ids, weights, *w, cfg.swiglu_limit, residual=h),
-                                        return_mode="median") / 1e3
+        whole = bench(lambda: moe_triton(h, expert_ids, weights, *w, cfg.swiglu_limit, residual=h))
         p = plan(expert_ids, E)
         act = grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
                             swiglu_limit=cfg.swiglu_limit, tiles=mma_tiles(p.num_rows, E, True))
@@ -151,9 +158,9 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
 
         old = (mma_tiles(p.num_rows, E, True), mma_tiles(p.num_rows, E, False))
         new = (choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False))
-        t_old = [triton.testing.do_bench(lambda: fn(t), return_mode="median") / 1e3 for fn, t in zip((gemm1, gemm2), old)]
-        t_new = [triton.testing.do_bench(lambda: fn(t), return_mode="median") / 1e3 for fn, t in zip((gemm1, gemm2), new)]
-        gemms = triton.testing.do_bench(lambda: (gemm1(), gemm2()), return_mode="median") / 1e3
+        t_old = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), old)]
+        t_new = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), new)]
+        gemms = bench(lambda: (gemm1(), gemm2()))
         row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched, "flops": flops,
                "seconds": whole, "gemm_seconds": gemms, "tiles": new[0], "gemm_old_seconds": t_old,
                "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
@@ -224,7 +231,10 @@ def main() -> None:
     ap.add_argument("--model", nargs="+", default=["gpt-oss-20b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tiles of both kernels")
+    ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
     args = ap.parse_args()
+    global REP_MS
+    REP_MS = args.rep
     bw, mm = ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
