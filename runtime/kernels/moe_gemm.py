@@ -544,30 +544,24 @@ class Tiles:
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
 
 
-# Up to this many rows per expert (rows / experts touched, at best) the GEMV kernel runs; above, the
-# tensor-core kernel. Tiles of one row while rows are this sparse (rows * GEMV_SINGLE_ROWS <= experts):
-# then nearly every expert has one row, and a one-row kernel needs the fewest registers.
-GEMV_ROWS_PER_EXPERT = 4
-GEMV_SINGLE_ROWS = 8
+# Where the CUDA-core GEMV beats the tensor-core kernel (scripts/bench_moe.py --sweep, gpt-oss-20b on
+# an H100, 2026-11-25): with at most one row per expert on average (rows <= experts); from two rows
+# per expert on (16 tokens of 20b) the tensor-core kernel wins. One-row tiles while at most half the
+# experts have a row (1-4 tokens of 20b: 54 vs 98 us at 1 token, 139 vs 168 at 4), two-row tiles up to
+# one row per expert (8 tokens: 202 vs 208 us).
+GEMV_ROWS_PER_EXPERT = 1
+GEMV_SINGLE_ROWS = 2
 
 
 def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
-    """Tile shapes by rows per expert (to be tuned with scripts/bench_moe.py --sweep on an H100):
-    decode is bound by streaming (and decoding) the weight bytes, prefill by the MMAs.
-
-    The GEMV shapes are chosen offline from their sm_90 SASS (ptxas 12.9): no register spills, at
-    most 128 registers (4 programs of 4 warps per SM), few instructions per weight byte, compile times
-    of seconds. One row per tile: 32 x 512 per program, 4 weight rows per thread, K unrolled (128
-    registers); up to two rows: the same with a K loop (unrolled, ptxas gives the mlp2 variant 155
-    registers); up to four: 16 x 1024 with 8 warps, a K loop (unrolled, the four row-count bodies
-    take ptxas most of a minute)."""
+    """Tile shapes by rows per expert, the fastest in scripts/bench_moe.py --sweep on an H100: decode
+    is bound by streaming (and decoding) the weight bytes, prefill by the MMAs. mlp1 (swiglu) and
+    mlp2 differ only in the GEMV's decode route, which the sweep found faster each way."""
     per_expert = rows / max(1, min(rows, num_experts))
     if rows * GEMV_SINGLE_ROWS <= num_experts:
-        return Tiles(1, 32, 512, 4, 1, "gemv")
-    if per_expert <= 2:
-        return Tiles(2, 32, 512, 4, 1, "gemv", unroll=False)
+        return Tiles(1, 16, 512, 4, 1, "gemv", decode="fp16" if swiglu else "e4m3")
     if per_expert <= GEMV_ROWS_PER_EXPERT:
-        return Tiles(4, 16, 1024, 8, 1, "gemv", unroll=False)
+        return Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
     return mma_tiles(rows, num_experts, swiglu)
 
 
@@ -575,8 +569,8 @@ def mma_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     """The tensor-core kernel's tiles by rows per expert (the fastest in scripts/bench_moe.py --sweep
     on an H100, before the GEMV existed)."""
     per_expert = rows / max(1, min(rows, num_experts))
-    if per_expert <= 2:
-        return Tiles(8, 64, 256, 4, 4)
+    if per_expert <= 2:  # re-swept with the GEMV in place (2 rows per expert: 189 + 106 us at 16 tokens)
+        return Tiles(8, 64, 128, 4, 4) if swiglu else Tiles(8, 32, 128, 2, 4)
     if per_expert <= 16:
         return Tiles(16, 64, 128, 4, 4) if swiglu else Tiles(16, 128, 128, 4, 4)
     if per_expert <= 128:
