@@ -20,12 +20,21 @@ mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
 chmod 700 "$dir/munge"; chmod 400 "$dir/munge/munge.key"
 munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
   --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed"
+# A requeued job may start again only cred_expire + 1 s after its requeue (slurm.conf(5)): slurmctld
+# sets that BeginTime so that the new launch credential is newer than the node's revocation of the
+# old run's one. Both are time stamps in whole seconds: a relaunch within the revocation's second is
+# refused by slurmd ("error: Job N already killed, do not launch batch job"; slurmctld: "Killing
+# non-startable batch JobId=N: Job credential revoked") and the job fails, exit code 1, not run.
+# Hence never `scontrol update StartTime=now` a requeued job; here cred_expire is 10 s instead of
+# 120 s, short enough for tests to let Slurm restart a requeued job itself, long enough for a step's
+# credential to reach slurmd on a loaded machine. sched_interval=1: the main scheduler starts such a
+# job within a second of its BeginTime (no event does; by default it would wait up to 60 s).
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=local
 SlurmctldHost=$host(127.0.0.1)
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/state
@@ -45,6 +54,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
 KillWait=10
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
