@@ -73,6 +73,7 @@ class DecodeGraphs:
         self._ints = torch.zeros((rows, 4), dtype=torch.int64, device=dev)
         self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32, pin_memory=pinned)
                              for kind, pool in self.pools.items()}
+        self._host_tables_np = {kind: t.numpy() for kind, t in self._host_tables.items()}  # same memory, for row writes
         self._tables = {kind: t.to(dev) for kind, t in self._host_tables.items()}
         self._staged = {kind: [None] * rows for kind in self.pools}  # (cache serial, entries) per table row
         self._cu_q = torch.arange(rows + 1, dtype=torch.int32, device=dev)
@@ -109,7 +110,7 @@ class DecodeGraphs:
         for row, (chunk, token) in enumerate(zip(chunks, token_ids)):
             position = chunk.start
             ints[row, 0], ints[row, 1] = token, position
-            for kind, pool in self.pools.items():
+            for kind in self.pools:
                 pages = chunk.cache.table(kind)
                 ints[row, 2 + kind] = pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
                 self._stage_table(kind, row, chunk.cache.serial, pages)
@@ -117,7 +118,7 @@ class DecodeGraphs:
             ints[row, :2] = 0
             for kind, pool in self.pools.items():
                 ints[row, 2 + kind] = pool.scratch * PAGE_SIZE
-                self._host_tables[kind][row, 0] = pool.scratch
+                self._host_tables_np[kind][row, 0] = pool.scratch
                 self._staged[kind][row] = None
         self._ints[:size].copy_(self._host_ints[:size], non_blocking=True)
         for kind in self.pools:
@@ -133,7 +134,7 @@ class DecodeGraphs:
         staged = self._staged[kind][row]
         done = staged[1] if staged is not None and staged[0] == serial else 0
         if len(pages) > done:
-            self._host_tables[kind].numpy()[row, done:len(pages)] = pages[done:]
+            self._host_tables_np[kind][row, done:len(pages)] = pages[done:]
         self._staged[kind][row] = (serial, len(pages))
 
     # ------------------------------------------------------------------------------ capture
