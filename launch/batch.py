@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> dict:
         llm.generate(requests, on_result=write, should_stop=stop)
         progress.close()
     stats["stopped_by"] = stop.received
+    stats["graph_replays"] = llm.graph_replays
     stats["seconds"] = time.perf_counter() - start
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     return stats
@@ -114,8 +115,8 @@ def main(cfg: DictConfig) -> None:
         return
     replica = f"replica 0 of {cfg.parallel.dp or 'all'}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     print(f"done: {replica}{stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
-          f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s",
-          file=sys.stderr)
+          f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s, "
+          f"{stats['graph_replays']} decode steps replayed from CUDA graphs", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def hf_decode_tokens_per_s(cfg, device: torch.device, prompt: int, decode: int, 
 def run(cfg: DictConfig) -> dict:
     with clean_exit():
         llm = build_llm(cfg)
+        if cfg.hf and llm.parallel.world_size > 1:
+            raise ValueError("hf=true times transformers on one GPU: run the bench without torchrun for it")
     dev, model_cfg = llm.device, llm.config
     limits = ceilings(dev)
     bw, mm = limits.get("copy_bytes_per_s"), limits.get("matmul_flops")
@@ -148,8 +150,10 @@ def run(cfg: DictConfig) -> dict:
     for prompt in cfg.ttft_prompts:
         seconds = timed_generate(llm, 1, prompt, 1, cfg.repeat)
         rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds, "prefill_tokens_per_s": prompt / seconds})
-    roof_decode = bw / weight_bytes_per_token(model_cfg) if bw else None
-    roof_prefill = mm / flops_per_token(model_cfg) if mm else None
+    # A replica of n GPUs reads its weights and does its FLOPs n ways: n times one GPU's ceilings.
+    gpus = llm.parallel.replica.size
+    roof_decode = gpus * bw / weight_bytes_per_token(model_cfg) if bw else None
+    roof_prefill = gpus * mm / flops_per_token(model_cfg) if mm else None
     for r in rows:
         if r["kind"] == "decode" and r["batch"] == 1 and roof_decode:
             r["roofline_tokens_per_s"] = roof_decode
@@ -158,6 +162,7 @@ def run(cfg: DictConfig) -> dict:
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     report = {"model": str(cfg.model.get("name")),
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(llm.dtype),
+              "gpus_per_replica": gpus, "layout": {k: getattr(llm.parallel.layout, k) for k in ("tp", "ep", "dp")},
               "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
               "cuda_graphs": None if llm._graphs is None else sorted(llm._graphs.replays),
               "ceilings": limits, "rows": rows}
@@ -176,7 +181,9 @@ def run(cfg: DictConfig) -> dict:
 def table(report: dict) -> str:
     peak = "" if report["peak_GiB"] is None else f", peak GPU memory {report['peak_GiB']:.1f} GiB"
     kv = "growing" if report["kv_cache_tokens"] is None else f"{report['kv_cache_tokens']:,} tokens"
-    lines = [f"{report['model']} on {report['device']} ({report['dtype']}), KV cache {kv}{peak}",
+    gpus = report.get("gpus_per_replica", 1)
+    where = report["device"] if gpus == 1 else f"{gpus}x {report['device']} ({report['layout']})"
+    lines = [f"{report['model']} on {where} ({report['dtype']}), KV cache {kv}{peak} per GPU",
              "| measurement | value | roofline | % of roofline |", "|---|---:|---:|---:|"]
 
     def pct(value, roof):
@@ -202,6 +209,8 @@ def table(report: dict) -> str:
 @hydra.main(version_base=None, config_path="../configs", config_name="bench")
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # every rank of the replica timed the same steps: rank 0 reports
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -12,9 +12,10 @@ What the graph sees is fixed at capture: tensor addresses, shapes and every laun
 - the block tables have one column per page of `max_model_len` positions, and attention splits the
   key range as for `max_model_len` (its kernel cuts each sequence's actual range into that many
   slices, so the split count only sets the parallelism, and empty slices cost one early exit);
-- the KV pools must be fixed (not growable), and `supported` checks that too; for now graphs run
-  only where a step has no collective (one rank per replica): expert parallelism sizes its
-  all-to-all on the host, and captured NCCL all-reduces await a multi-GPU run to verify them.
+- the KV pools must be fixed (not growable), and `supported` checks that too. Tensor parallelism's
+  NCCL all-reduces and all-gathers are captured into the graph like any kernel (every rank of the
+  replica replays the same sizes in the same order); expert parallelism is not captured, as it
+  sizes its all-to-all on the host.
 Staging copies a sequence's page list into the pinned host block table only where it grew since
 the last step in the same row, so long contexts cost no more host work per step than short ones.
 """
@@ -44,9 +45,6 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
         return "graphs need the Triton kernels on a CUDA device"
     if model.parallel.experts_partition.size > 1:
         return "expert parallelism sizes its all-to-all on the host"
-    if model.parallel.tp.size > 1 or model.parallel.experts_split.size > 1:
-        # NCCL collectives can be captured, but that has not been run on a multi-GPU machine here yet.
-        return "collectives inside a captured step are not yet verified on several GPUs"
     if model.pool is None or model.pool.growable or (model.sliding_pool is not None and model.sliding_pool.growable):
         return "graphs need fixed KV pools (kv_cache_tokens or gpu_memory_fraction)"
     return None

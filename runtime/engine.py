@@ -180,6 +180,11 @@ class LLM:
         return int(pages)
 
     @property
+    def graph_replays(self) -> int:
+        """Decode steps replayed from CUDA graphs so far (0 when eager)."""
+        return 0 if self._graphs is None else sum(self._graphs.replays.values())
+
+    @property
     def harmony(self):
         if self._harmony is None:
             from runtime.harmony import get_harmony

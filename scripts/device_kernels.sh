@@ -16,6 +16,16 @@ case "${1:-all}" in
     timeout 380 python3 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda "batch_sizes=[1,8,64]" \
       "ttft_prompts=[8192,131072]" repeat=2 json=$OUT/bench120b.json 2>&1 | tail -12
     ;;
+  tp2)  # two GPUs: CUDA-graph tests (the tp=2 one captures NCCL collectives), then where a decode step's time goes
+    timeout 420 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
+    timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
+      | grep -v "^|---" | head -40
+    ;;
+  bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
+    timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
+      parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \
+      json=$OUT/bench120b_tp2.json 2>&1 | grep -v Warning | tail -16
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096

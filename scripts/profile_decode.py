@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,17 +34,35 @@ def main() -> None:
         decode = {name: (total[name][0] - one.get(name, (0, 0))[0], total[name][1] - one.get(name, (0, 0))[1])
                   for name in total}
         busy = sum(us for us, _ in decode.values())
+        wall = (wall_seconds(llm, prompts, args.steps + 1) - wall_seconds(llm, prompts, 1)) * 1e6
         print(f"\n{args.model} batch {batch} context {args.context}{' eager' if args.eager else ''}: "
-              f"GPU busy {busy / args.steps:,.0f} us per decode step")
+              f"GPU busy {busy / args.steps:,.0f} us per decode step, wall {wall / args.steps:,.0f} us "
+              f"(GPU idle {(wall - busy) / args.steps:,.0f} us: host work not overlapped, launch gaps)")
         print("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
             print(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
 
 
+def requests(prompts: list[list[int]], tokens: int) -> list[dict]:
+    return [{"id": i, "prompt_token_ids": p, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+            for i, p in enumerate(prompts)]
+
+
+def wall_seconds(llm: LLM, prompts: list[list[int]], tokens: int, repeat: int = 3) -> float:
+    """Median wall time of one generate of `tokens` tokens per prompt, without the profiler."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(requests(prompts, tokens))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def kernel_times(llm: LLM, prompts: list[list[int]], tokens: int) -> dict[str, tuple[float, int]]:
     """{kernel name: (GPU microseconds, launches)} of one generate of `tokens` tokens per prompt."""
-    reqs = [{"id": i, "prompt_token_ids": p, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-            for i, p in enumerate(prompts)]
+    reqs = requests(prompts, tokens)
     llm.generate(reqs)  # warm-up: compiles and captures
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate(reqs)
