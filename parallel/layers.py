@@ -103,7 +103,7 @@ class ColumnParallelLinear(Sharded):
 
 
 class RowParallelLinear(Sharded):
-    """y = sum over ranks of x_r W_r^T, plus b once: input features split, one all-reduce."""
+    """y = sum over ranks of x_r W_r^T, plus b once (on the first rank): input features split, one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, g: Group, dtype, device, bias: bool = True,
                  what: str = "input features"):
@@ -115,11 +115,9 @@ class RowParallelLinear(Sharded):
             self.add("bias", (out_features,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self, "bias", None)
-        if self.group.size == 1:  # the bias in the GEMM's epilogue, not one more launch
-            return linear(x, self.weight, bias)
-        y = all_reduce(linear(x, self.weight), self.group)
-        return y + bias if bias is not None else y
+        # The bias in the GEMM's epilogue (not one more launch), on the group's first rank only.
+        bias = getattr(self, "bias", None) if self.group.rank == 0 else None
+        return all_reduce(linear(x, self.weight, bias), self.group)
 
 
 class VocabParallelEmbedding(Sharded):

@@ -196,7 +196,7 @@ class MoE(Sharded):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h), where h is x's RMSNorm (computed by the caller, fused with the residual add)."""
         cfg = self.cfg
-        every_expert_here = self.partition.size == 1 and self.split.size == 1
+        every_expert_here = self.partition.size == 1  # whole, or the same slice of each (split)
         if use_triton(x):
             from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax: one launch
 
@@ -204,15 +204,15 @@ class MoE(Sharded):
                                                torch.int32 if every_expert_here else torch.int64)
         else:
             expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
+        reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         if every_expert_here and use_triton(x):
             from runtime.kernels.moe_gemm import moe_triton  # every expert here: no exchange, fused combine
 
             return moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
                               self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
-                              cfg.swiglu_limit, residual=x)
+                              cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0)
         lo, hi = token_slice(x.shape[0], self.partition)
         routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
-        reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         y = self._expert_rows()(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
                                 self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
                                 self.mlp2_bias, cfg.swiglu_limit, reduce)

@@ -21,6 +21,13 @@ case "${1:-all}" in
     timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
       | grep -v "^|---" | head -40
     ;;
+  profile-tp2)  # where decode steps' time goes: gpt-oss-120b at tp=2 (rank 0's kernels), gpt-oss-20b on one GPU
+    timeout 240 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -4
+    timeout 200 torchrun --nproc-per-node 2 scripts/profile_decode.py --model gpt-oss-120b --batch 1 64 --context 128 \
+      --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -44
+    timeout 120 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
+      | grep -v "^|---\|Warning\|warn" | head -30
+    ;;
   bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
     timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \

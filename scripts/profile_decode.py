@@ -2,18 +2,21 @@
 replays, as the engine runs them) grouped by kernel name, per step, under torch.profiler.
 
     python scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 1024
+    torchrun --nproc-per-node 2 scripts/profile_decode.py --model gpt-oss-120b   # tp=2, rank 0's kernels
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from parallel import groups
 from runtime.engine import LLM
 
 
@@ -25,22 +28,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="profile without CUDA graphs")
     args = ap.parse_args()
+    # Under torchrun the ranks form one tensor-parallel replica; rank 0 prints.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    parallel = groups.init(groups.Layout(tp=world), device_type="cuda")
     llm = LLM("dummy", model=args.model, max_batch_size=max(args.batch), kv_cache_tokens=1 << 20,
-              enforce_eager=args.eager)
+              enforce_eager=args.eager, parallel=parallel)
+    show = print if parallel.rank == 0 else (lambda *a, **k: None)
     for batch in args.batch:
-        prompts = [torch.randint(0, 199998, (args.context,)).tolist() for _ in range(batch)]
+        gen = torch.Generator().manual_seed(batch)  # the same prompts on every rank
+        prompts = [torch.randint(0, 199998, (args.context,), generator=gen).tolist() for _ in range(batch)]
         one, total = kernel_times(llm, prompts, 1), kernel_times(llm, prompts, args.steps + 1)
         # The difference is `steps` decode steps alone: the prefill step is in both.
         decode = {name: (total[name][0] - one.get(name, (0, 0))[0], total[name][1] - one.get(name, (0, 0))[1])
                   for name in total}
         busy = sum(us for us, _ in decode.values())
-        wall = (wall_seconds(llm, prompts, args.steps + 1) - wall_seconds(llm, prompts, 1)) * 1e6
-        print(f"\n{args.model} batch {batch} context {args.context}{' eager' if args.eager else ''}: "
-              f"GPU busy {busy / args.steps:,.0f} us per decode step, wall {wall / args.steps:,.0f} us "
-              f"(GPU idle {(wall - busy) / args.steps:,.0f} us: host work not overlapped, launch gaps)")
-        print("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
+        host = host_phases(llm, prompts, args.steps + 1, batch)
+        show(f"\n{args.model} batch {batch} context {args.context}{' eager' if args.eager else ''}: "
+             f"GPU busy {busy / args.steps:,.0f} us per decode step; wall per step of {batch} decodes "
+             f"(medians, us): " + ", ".join(f"{k} {v:,.0f}" for k, v in host.items()))
+        show("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
-            print(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
+            show(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
 
 
 def requests(prompts: list[list[int]], tokens: int) -> list[dict]:
@@ -48,16 +56,38 @@ def requests(prompts: list[list[int]], tokens: int) -> list[dict]:
             for i, p in enumerate(prompts)]
 
 
-def wall_seconds(llm: LLM, prompts: list[list[int]], tokens: int, repeat: int = 3) -> float:
-    """Median wall time of one generate of `tokens` tokens per prompt, without the profiler."""
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+def host_phases(llm: LLM, prompts: list[list[int]], tokens: int, batch: int) -> dict[str, float]:
+    """Wall microseconds of the engine loop's phases in steps of `batch` decodes (medians), without
+    the profiler: results+plan (host: the previous step's tokens handed out, admission, this step's
+    plan), forward (staging and launches; returns before the GPU is done), sample (waits for the GPU,
+    then samples with one host sync), and the whole step. GPU busy beside `step` says how long the
+    GPU idles per step."""
+    marks: list[tuple[str, float, int]] = []
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            marks.append((name, time.perf_counter(), len(args[0].chunks) if name == "forward" else 0))
+            return out
+        return wrapper
+
+    originals = llm._plan, llm._forward, llm._sample
+    llm._plan, llm._forward, llm._sample = (timed("plan", originals[0]), timed("forward", originals[1]),
+                                            timed("sample", originals[2]))
+    try:
         llm.generate(requests(prompts, tokens))
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    finally:
+        llm._plan, llm._forward, llm._sample = originals
+    phases = collections.defaultdict(list)
+    names = [m[0] for m in marks]
+    for i in range(1, len(marks) - 2):
+        if names[i - 1:i + 3] != ["sample", "plan", "forward", "sample"] or marks[i + 1][2] != batch:
+            continue
+        previous, planned, launched, sampled = (m[1] for m in marks[i - 1:i + 3])
+        for name, seconds in (("results+plan", planned - previous), ("forward", launched - planned),
+                              ("sample", sampled - launched), ("step", sampled - previous)):
+            phases[name].append(seconds * 1e6)
+    return {name: statistics.median(v) for name, v in phases.items()}
 
 
 def kernel_times(llm: LLM, prompts: list[list[int]], tokens: int) -> dict[str, tuple[float, int]]:

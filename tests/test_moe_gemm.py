@@ -87,6 +87,27 @@ def test_moe_triton_matches_route_experts_combine(tokens):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("tokens", [1, 29])
+def test_moe_triton_with_experts_split_over_two_ranks_sums_to_the_whole(tokens):
+    """Each expert's intermediate dimension split in two (what tensor parallelism gives each rank):
+    the two ranks' partial results, summed by `reduce`, equal the whole MoE; the first rank alone
+    adds mlp2's bias and the residual."""
+    E, d, inter, k = 8, 128, 128, 4
+    w1 = random_experts(E, 2 * inter, d)
+    w2 = random_experts(E, d, inter)
+    h, residual = torch.randn(tokens, d), torch.randn(tokens, d)
+    expert_ids, weights = route(torch.randn(tokens, E), k)
+    whole = moe_triton(h, expert_ids, weights, *w1, *w2, 7.0, residual=residual)
+    partials = []
+    for rank, (lo, hi) in enumerate([(0, inter // 2), (inter // 2, inter)]):
+        mlp1 = (w1[0][:, 2 * lo:2 * hi], w1[1][:, 2 * lo:2 * hi], w1[2][:, 2 * lo:2 * hi])  # (gate, linear) row pairs
+        mlp2 = (w2[0][:, :, lo // 32:hi // 32].contiguous(), w2[1][:, :, lo // 32:hi // 32].contiguous(), w2[2])
+        moe_triton(h, expert_ids, weights, *mlp1, *mlp2, 7.0, residual=residual,
+                   reduce=lambda t: partials.append(t) or t, first=rank == 0)
+    assert all(t.dtype == torch.float32 for t in partials)
+    assert torch.allclose(partials[0] + partials[1], whole, rtol=1e-5, atol=1e-4)
+
+
 def test_combine_writes_every_element_in_k_order():
     y = torch.randn(12, 40)
     position = torch.randperm(12).to(torch.int32)

@@ -31,12 +31,12 @@ REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 10
                  "seed": 11, "logprobs": True})
 
 
-def env():
+def env(**extra):
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def batch_job(nproc, checkpoint, inp, out, *overrides, background=False):
+def batch_job(nproc, checkpoint, inp, out, *overrides, background=False, extra_env=None):
     """Run the batch job on nproc gloo ranks (torchrun) and return its results by id, or the process."""
     launcher = [sys.executable, "-m"]
     if nproc > 1:
@@ -45,8 +45,8 @@ def batch_job(nproc, checkpoint, inp, out, *overrides, background=False):
     cmd = launcher + ["launch.batch", f"checkpoint={checkpoint}", f"input={inp}", f"output={out}", "progress=false",
                       *overrides]
     if background:
-        return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+        return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return {r["id"]: r for r in map(json.loads, Path(out).read_text().splitlines())}
 
@@ -71,6 +71,18 @@ def test_layouts_match_one_rank(tiny_checkpoints, single_rank, tmp_path, nproc, 
     inp, expected = single_rank
     got = batch_job(nproc, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", *layout)
     assert sorted(got, key=str) == sorted(expected, key=str)
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+
+
+def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_rank, tmp_path):
+    """tp=2 through the Triton kernels (the interpreter): each rank's MoE holds half of every
+    expert's intermediate dimension and sums the combined rows across ranks (moe_triton's reduce);
+    the output projection adds its bias on the first rank only. Same answer as one reference rank."""
+    inp, expected = single_rank
+    got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
+                    extra_env={"GPT_OSS_TRITON": "1", "TRITON_INTERPRET": "1"})
     for rid, want in expected.items():
         assert got[rid]["token_ids"] == want["token_ids"], rid
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4

@@ -191,7 +191,8 @@ def _moe_gemm_kernel(
         else:
             acc = tl.dot(lo, tl.trans(x_even.to(tl.bfloat16)), acc)
             acc = tl.dot(hi, tl.trans(x_odd.to(tl.bfloat16)), acc)
-    acc += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    if bias_ptr is not None:
+        acc += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     if SWIGLU:  # rows of W alternate gate, linear
         gate, linear = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_T)), (0, 2, 1)))
         gate = tl.minimum(gate, limit)
@@ -401,7 +402,10 @@ def _gemv_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expe
     if GROUPS % GPI != 0:  # the last, partial chunk
         acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
                                             x_offs, FULL, col_ok, kg, GROUPS, True, EVEN_N, DECODE, T, GPI)
-    bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     UNDO: tl.constexpr = 64.0 if DECODE == 2 else 16384.0  # undoes the decode's 2^-6 (2^-14)
     _gemv_store(acc0, bias, UNDO, out_ptr, row0, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
     if T > 1:
@@ -604,10 +608,11 @@ def scales_fold(scales: torch.Tensor) -> bool:
 
 
 def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan, blocks: torch.Tensor,
-                  scales: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype, swiglu_limit: float | None = None,
-                  tiles: Tiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  swiglu_limit: float | None = None, tiles: Tiles | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = W_e x[source[i] // source_div] + b_e for sorted rows i of expert e (then SwiGLU);
-    source None reads x[i] (x already sorted)."""
+    source None reads x[i] (x already sorted); bias None adds none."""
     E, N, groups, group_bytes = blocks.shape
     assert x.shape[1] == groups * 32 and group_bytes == 16, (x.shape, blocks.shape)
     tiles = tiles or choose_tiles(p.num_rows, E, swiglu_limit is not None)
@@ -623,7 +628,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3}[tiles.decode]
         _moe_gemv_kernel[grid](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
-            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), bias.stride(0),
+            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
             float(swiglu_limit or 0.0),
             K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
             DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
@@ -634,7 +639,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     _moe_gemm_kernel[grid](
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
-        blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), bias.stride(0),
+        blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), 0 if bias is None else bias.stride(0),
         float(swiglu_limit or 0.0),
         GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None, DOT_FP32=INTERPRET or x.dtype == torch.float32,
         PTX=not INTERPRET, FOLD=scales_fold(scales), BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
@@ -660,16 +665,22 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor, resi
 
 def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, mlp1_blocks, mlp1_scales,
                mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit: float,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The MoE on one rank holding every expert: [T, d] = residual + sum_k w_k * expert_k(h).
+               residual: torch.Tensor | None = None, reduce=None, first: bool = True) -> torch.Tensor:
+    """The MoE on a rank holding every expert (or the same slice of every expert's intermediate
+    dimension): [T, d] = residual + sum_k w_k * expert_k(h).
 
     h [T, d]; expert_ids, weights [T, k]. Rows are never copied out of h: the first GEMM gathers
-    token order[i] // k for sorted pair i."""
+    token order[i] // k for sorted pair i. With the experts split over ranks, `reduce` sums over
+    them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias and the
+    residual, and the combined rows (fp32, one per token, not one per token and expert) are summed."""
     T, top_k = expert_ids.shape
     p = plan(expert_ids, mlp1_blocks.shape[0])
     act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype, swiglu_limit=limit)
-    y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias, torch.float32)
-    return combine(y, p.position, weights, residual, h.dtype if residual is None else residual.dtype)
+    y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias if first else None, torch.float32)
+    out_dtype = h.dtype if residual is None else residual.dtype
+    if reduce is None:
+        return combine(y, p.position, weights, residual, out_dtype)
+    return reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
 
 
 def expert_rows_triton(x, experts, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
