@@ -54,11 +54,15 @@ class DecodeGraphs:
     """replay=False runs the same static-buffer forward without capturing it: how the CPU tests check
     the staging, the padding and the fixed-width tables through Triton's interpreter."""
 
-    def __init__(self, model: GptOss, max_batch_size: int, max_model_len: int, replay: bool = True):
+    def __init__(self, model: GptOss, max_batch_size: int, max_model_len: int, sampled: torch.Tensor,
+                 replay: bool = True):
         reason = supported(model, replay)
         if reason is not None:
             raise ValueError(f"CUDA graphs are not possible here: {reason}")
         self.model, self.max_model_len, self.replay = model, max_model_len, replay
+        # The engine's buffer of the step before's sampled tokens: rows whose token the host does not
+        # know yet (it was sampled by the step still in flight) read it from here, on the GPU.
+        self._sampled = sampled
         pinned = model.device.type == "cuda"  # asynchronous host-to-device copies
         self.sizes = capture_sizes(max_batch_size)
         rows, dev = self.sizes[-1], model.device
@@ -66,9 +70,10 @@ class DecodeGraphs:
         if model.sliding_pool is not None:
             self.pools[True] = model.sliding_pool
         width = pages_for(max_model_len)
-        # Per row: token id, position, full-layer slot, sliding-layer slot (one host-to-device copy).
-        self._host_ints = torch.zeros((rows, 4), dtype=torch.int64, pin_memory=pinned)
-        self._ints = torch.zeros((rows, 4), dtype=torch.int64, device=dev)
+        # Per row: token id, position, full-layer slot, sliding-layer slot, and the row of `sampled`
+        # holding the token when the host does not have it (else -1): one host-to-device copy.
+        self._host_ints = torch.zeros((rows, 5), dtype=torch.int64, pin_memory=pinned)
+        self._ints = torch.zeros((rows, 5), dtype=torch.int64, device=dev)
         self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32, pin_memory=pinned)
                              for kind, pool in self.pools.items()}
         self._host_tables_np = {kind: t.numpy() for kind, t in self._host_tables.items()}  # same memory, for row writes
@@ -87,10 +92,11 @@ class DecodeGraphs:
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
 
-    def run(self, chunks: list[SequenceChunk], token_ids: list[int]) -> torch.Tensor:
-        """Logits [b, vocab] (fp32) of one decode token per chunk (pages already reserved)."""
+    def run(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int]) -> torch.Tensor:
+        """Logits [b, vocab] (fp32) of one decode token per chunk (pages already reserved); the
+        token of row r is sampled[sources[r]] where r is in `sources`, else token_ids[r]."""
         size = next(s for s in self.sizes if s >= len(chunks))
-        self._stage(chunks, token_ids, size)
+        self._stage(chunks, token_ids, sources, size)
         if not self.replay:
             self._forward(size)
         else:
@@ -101,19 +107,19 @@ class DecodeGraphs:
         return self._logits[:len(chunks)]
 
     # ------------------------------------------------------------------------------- inputs
-    def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], size: int) -> None:
+    def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int], size: int) -> None:
         if self._inputs_read is not None:
             self._inputs_read.synchronize()  # the host buffers are about to be overwritten
         ints = self._host_ints.numpy()
         for row, (chunk, token) in enumerate(zip(chunks, token_ids)):
             position = chunk.start
-            ints[row, 0], ints[row, 1] = token, position
+            ints[row, 0], ints[row, 1], ints[row, 4] = token, position, sources.get(row, -1)
             for kind in self.pools:
                 pages = chunk.cache.table(kind)
                 ints[row, 2 + kind] = pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
                 self._stage_table(kind, row, chunk.cache.serial, pages)
         for row in range(len(chunks), size):  # padding: position 0 of the scratch page
-            ints[row, :2] = 0
+            ints[row, :2], ints[row, 4] = 0, -1
             for kind, pool in self.pools.items():
                 ints[row, 2 + kind] = pool.scratch * PAGE_SIZE
                 self._host_tables_np[kind][row, 0] = pool.scratch
@@ -138,12 +144,14 @@ class DecodeGraphs:
     # ------------------------------------------------------------------------------ capture
     def _forward(self, size: int) -> None:
         ints = self._ints[:size]
+        source = ints[:, 4]
+        tokens = torch.where(source >= 0, self._sampled[source.clamp(min=0)], ints[:, 0])
         positions = ints[:, 1]
         layers = {kind: PagedLayers(pool, ints[:, 2 + kind], self._tables[kind][:size])
                   for kind, pool in self.pools.items()}
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
                           max_q_len=1, max_k_len=self.max_model_len)
-        self._logits[:size].copy_(self.model.forward_paged(ints[:, 0], positions, paged, self._all_rows[:size]))
+        self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
 
     def _capture(self, size: int) -> None:
         """Run the step once outside the graph (kernels compile, caches fill; it writes the same keys

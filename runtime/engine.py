@@ -4,6 +4,11 @@ Generation is continuous batching over a flat token batch: every step carries on
 each running sequence plus prompt chunks of newly admitted ones, up to a token budget, so long
 prompts are prefilled in chunks while other sequences keep decoding. Finished requests are handed
 to a callback at once, so a caller can write them before the batch ends.
+
+One step is always in flight: the host plans and launches step n+1 while the GPU runs step n, and
+only then waits for step n's tokens. Step n+1's decode rows read the tokens step n sampled from a
+GPU buffer, so the host never waits for them to plan; a sequence that step n ends with a stop token
+has one wasted row in step n+1, whose output is dropped. (vLLM calls this async scheduling.)
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from runtime.config import ModelConfig, preset
 from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, sliding_pages_bound
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import make_generator, sample_rows
+from runtime.sampling import make_generator, sample_on_device
+from runtime.transfer import to_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PENDING = -1  # in a sequence's tokens: sampled by the step in flight, not on the host yet
 
 
 @dataclasses.dataclass
@@ -60,6 +67,9 @@ class _Sequence:
     computed: int = 0  # tokens whose K/V are in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
+    sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
+    done: bool = False  # finished: a row of it in the step in flight is dropped
 
 
 @dataclasses.dataclass
@@ -69,6 +79,15 @@ class _Plan:
     positions: list[int]
     chunks: list[SequenceChunk]
     logits_rows: list[int]
+    pending: dict[int, int]  # id row -> row of the sampled-token buffer holding that (PENDING) token
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step on the GPU whose sampled tokens are on their way to the host."""
+    samples: list[tuple[int, _Sequence, int]]  # (request index, sequence, index of its PENDING token)
+    host: torch.Tensor  # [2, rows] fp64: tokens (exact) and logprobs, filled by an asynchronous copy
+    ready: torch.cuda.Event | None  # the copy is done (None off CUDA: copies there are synchronous)
 
 
 def memory_report(device: torch.device) -> dict:
@@ -147,10 +166,17 @@ class LLM:
         self.pool = self.model.make_pool(pages, None if pages is None else sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+        # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
+        # two pinned host buffers their copies alternate between (one per step in flight or landing).
+        self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._host_samples = [torch.zeros((2, max_batch_size), dtype=torch.float64, pin_memory=pinned)
+                              for _ in range(2)]
+        self._steps = 0
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
         self._graphs = None
         if not enforce_eager and cuda_graphs.supported(self.model) is None:
-            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, self.max_model_len)
+            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, self.max_model_len, self._sampled)
 
     def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
         """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
@@ -235,10 +261,14 @@ class LLM:
 
     def _run(self, waiting, finish, should_stop) -> None:
         """Continuous batching: admit while the batch and the KV pool have room, plan a step (which
-        may preempt the latest admitted sequences when pages run out), run it, sample, retire."""
+        may preempt the latest admitted sequences when pages run out) and launch it, then hand out
+        the tokens of the step before while this one runs."""
         running: dict[int, _Sequence] = {}  # in admission order
-        while waiting or running:
+        in_flight: _Launched | None = None
+        while waiting or running or in_flight:
             if should_stop is not None and self._agreed(should_stop()):
+                if in_flight is not None:  # its finished requests are kept
+                    self._land(in_flight, running, waiting, finish)
                 return
             while waiting and len(running) < self.max_batch_size:
                 index, item = waiting[0]
@@ -254,22 +284,63 @@ class LLM:
                         break  # wait for running sequences to finish
                 waiting.popleft()
                 running[index] = seq if seq else self._admit(req)
-            if not running:
+            launched = None
+            if running:
+                plan, wants = self._plan(running, waiting)
+                if plan.chunks:
+                    launched = self._launch(plan, wants, running)
+            if in_flight is not None:
+                self._land(in_flight, running, waiting, finish)
+            in_flight = launched
+
+    def _launch(self, plan: _Plan, wants: list[int], running: dict[int, _Sequence]) -> _Launched:
+        """Run the step and sample its wanted rows on the GPU; the tokens start their way to the host
+        and wait in the sequences as PENDING."""
+        seqs = [running[i] for i in wants]
+        tokens, logprobs = sample_on_device(self._forward(plan), [s.request.params for s in seqs],
+                                            [s.generator for s in seqs])
+        if self.parallel.replica.size > 1:  # the replica's first rank's picks: the ranks never drift apart
+            tokens = broadcast(tokens, self.parallel.replica)
+            logprobs = broadcast(logprobs, self.parallel.replica)
+        self._sampled[:len(seqs)].copy_(tokens)
+        host = self._host_samples[self._steps % 2][:, :len(seqs)]
+        self._steps += 1
+        host.copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        samples = []
+        for row, (index, seq) in enumerate(zip(wants, seqs)):
+            seq.tokens.append(PENDING)
+            seq.pending += 1
+            seq.sample_row = row
+            samples.append((index, seq, len(seq.tokens) - 1))
+        return _Launched(samples, host, ready)
+
+    def _land(self, step: _Launched, running: dict[int, _Sequence], waiting, finish) -> None:
+        """Wait for a launched step's tokens and hand them to their sequences; retire the finished."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens, logprobs = step.host.tolist()
+        for (index, seq, slot), token, logprob in zip(step.samples, tokens, logprobs):
+            if seq.done:  # it ended at the step before: this row was computed in vain
                 continue
-            plan, wants_logits = self._plan(running, waiting)
-            if not plan.chunks:
+            token = int(token)
+            seq.tokens[slot] = token
+            seq.generated.append(token)
+            seq.logprobs.append(logprob)
+            seq.pending -= 1
+            reason = self._finish_reason(seq)
+            if reason is None:
                 continue
-            logits = self._forward(plan)
-            for index, (token, logprob) in zip(wants_logits, self._sample(logits, wants_logits, running)):
-                seq = running[index]
-                seq.generated.append(token)
-                seq.logprobs.append(logprob)
-                seq.tokens.append(token)
-                reason = self._finish_reason(seq)
-                if reason is not None:
-                    del running[index]
-                    seq.cache.release()
-                    finish(index, self._result(seq, reason))
+            seq.done = True
+            if running.get(index) is seq:
+                del running[index]
+            else:  # preempted while its token was on the way
+                waiting.remove((index, seq))
+            seq.cache.release()
+            finish(index, self._result(seq, reason))
 
     def _preempt(self, index: int, running: dict, waiting) -> None:
         """Send a running sequence back to the front of the queue; its KV is recomputed when it
@@ -286,18 +357,6 @@ class LLM:
             return flag
         return bool(broadcast(torch.tensor([flag], device=self.device), self.parallel.replica).item())
 
-    def _sample(self, logits: torch.Tensor, wants: list[int], running: dict[int, _Sequence]):
-        """(token, logprob) per row. Every rank of a replica samples the same way from the same
-        logits; the replica's first rank's picks are broadcast so the ranks can never drift apart."""
-        if not wants:
-            return []
-        picks = sample_rows(logits, [running[i].request.params for i in wants], [running[i].generator for i in wants])
-        if self.parallel.replica.size == 1 or not picks:
-            return picks
-        tokens = broadcast(torch.tensor([t for t, _ in picks], device=self.device), self.parallel.replica)
-        logprobs = broadcast(torch.tensor([lp for _, lp in picks], device=self.device), self.parallel.replica)
-        return list(zip(tokens.tolist(), logprobs.tolist()))
-
     def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[_Plan, list[int]]:
         """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
 
@@ -305,7 +364,7 @@ class LLM:
         recently admitted sequence not yet in this step is preempted (or, if every other one is,
         this one waits instead)."""
         budget = self.max_batch_tokens
-        ids, positions, chunks, logits_rows, wants = [], [], [], [], []
+        ids, positions, chunks, logits_rows, wants, pending = [], [], [], [], [], {}
         order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
         planned: set[int] = set()
         for index in order:
@@ -313,7 +372,7 @@ class LLM:
                 continue
             seq = running[index]
             take = min(len(seq.tokens) - seq.computed, budget)
-            if take == 0:
+            if take == 0 or self._ends_with_pending(seq):
                 continue
             if not self._reserve(index, seq.computed + take, running, waiting, planned):
                 continue
@@ -321,23 +380,37 @@ class LLM:
             budget -= take
             start = seq.computed
             ids.extend(seq.tokens[start:start + take])
+            if ids[-1] == PENDING:  # only a decode token can be one: what the step in flight samples
+                pending[len(ids) - 1] = seq.sample_row
             positions.extend(range(start, start + take))
             chunks.append(SequenceChunk(start, take, seq.cache))
             seq.computed += take
             if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
                 logits_rows.append(len(ids) - 1)
                 wants.append(index)
-        return _Plan(ids, positions, chunks, logits_rows), wants
+        return _Plan(ids, positions, chunks, logits_rows, pending), wants
+
+    def _ends_with_pending(self, seq: _Sequence) -> bool:
+        """Whether the step in flight gives the sequence its last token (max_tokens or the context
+        limit reached), so it needs no further step."""
+        return seq.pending > 0 and (len(seq.generated) + seq.pending >= seq.request.params.max_tokens
+                                    or len(seq.tokens) >= self.max_model_len)
 
     def _forward(self, plan: _Plan) -> torch.Tensor:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
         graphs, anything else runs the model eagerly."""
-        if self._graphs is not None and self._graphs.fits(plan.chunks):
-            logits = self._graphs.run(plan.chunks, plan.ids)
-            return logits if len(plan.logits_rows) == len(plan.chunks) else logits[plan.logits_rows]
         dev = self.device
-        return self.model(Step(torch.tensor(plan.ids, device=dev), torch.tensor(plan.positions, device=dev),
-                               plan.chunks, torch.tensor(plan.logits_rows, device=dev, dtype=torch.long)))
+        if self._graphs is not None and self._graphs.fits(plan.chunks):
+            logits = self._graphs.run(plan.chunks, plan.ids, plan.pending)
+            if len(plan.logits_rows) == len(plan.chunks):
+                return logits
+            return logits[to_device(plan.logits_rows, torch.int64, dev)]
+        ids = to_device(plan.ids, torch.int64, dev)
+        if plan.pending:  # tokens the step in flight samples: from the GPU buffer, not the host
+            ids[to_device(list(plan.pending), torch.int64, dev)] = \
+                self._sampled[to_device(list(plan.pending.values()), torch.int64, dev)]
+        return self.model(Step(ids, to_device(plan.positions, torch.int64, dev), plan.chunks,
+                               to_device(plan.logits_rows, torch.int64, dev)))
 
     def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
         """Pages for positions computed..end-1 of running[index], preempting others if needed; False
@@ -356,7 +429,7 @@ class LLM:
     def _finish_reason(self, seq: _Sequence) -> str | None:
         if seq.generated[-1] in seq.request.stop_token_ids:
             return "stop"
-        if len(seq.generated) >= seq.request.params.max_tokens or len(seq.tokens) >= self.max_model_len:
+        if len(seq.generated) >= seq.request.params.max_tokens or len(seq.tokens) - seq.pending >= self.max_model_len:
             return "length"
         return None
 

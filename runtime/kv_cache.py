@@ -23,6 +23,8 @@ import itertools
 
 import torch
 
+from runtime.transfer import to_device
+
 PAGE_SIZE = 16
 RELEASED = -1  # a sliding page list's entry for a page given back
 
@@ -178,7 +180,7 @@ class SequenceKV:
         positions = torch.arange(start, end)
         pages = table[positions // pool.page_size]
         assert (pages != RELEASED).all(), "positions outside a sliding layer's window"
-        return (pages * pool.page_size + positions % pool.page_size).to(pool._device)
+        return to_device(pages * pool.page_size + positions % pool.page_size, torch.int64, pool._device)
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, KVH, D] at positions start..start+n-1 of `layer`."""

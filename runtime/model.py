@@ -29,6 +29,7 @@ from runtime.kernels.moe import expert_rows, route
 from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
 from runtime.kv_cache import RELEASED, PagePool, SequenceKV, page_bytes
+from runtime.transfer import to_device
 
 
 @dataclasses.dataclass
@@ -61,7 +62,7 @@ class PagedLayers:
         width = max(len(t) for t in tables)
         padded = [t + [RELEASED] * (width - len(t)) for t in tables]  # entries the kernel never reads
         pool = chunks[0].cache.sliding_pool if sliding else chunks[0].cache.pool
-        return cls(pool, slots, torch.tensor(padded, dtype=torch.int32).to(device, non_blocking=True))
+        return cls(pool, slots, to_device(padded, torch.int32, device))
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class PagedStep:
         cu_q = [0]
         for c in chunks:
             cu_q.append(cu_q[-1] + c.length)
-        as_int32 = lambda values: torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+        as_int32 = lambda values: to_device(values, torch.int32, device)  # noqa: E731
         sliding = PagedLayers.of(chunks, True, device) if chunks[0].cache.sliding_pool is not None else None
         return cls(PagedLayers.of(chunks, False, device), sliding, as_int32(cu_q), as_int32([c.start for c in chunks]),
                    max(c.length for c in chunks), max(c.start + c.length for c in chunks))

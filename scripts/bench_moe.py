@@ -58,8 +58,17 @@ def candidates(rows_per_expert: float) -> list[Tiles]:
         return [Tiles(t, n, k, w, s) for t in (8, 16) for n in (32, 64, 128) for k in (128, 256)
                 for w, s in ((4, 4), (2, 4), (4, 6)) if t == 8 or rows_per_expert > 4]
     if rows_per_expert <= 128:
-        return [Tiles(t, n, k, w, s) for t in (32, 64) for n in (64, 128) for k in (64, 128)
-                for w, s in ((4, 3), (8, 3), (4, 5))]
+        # 28 shapes, most with block_t 32: at 32 rows per expert (256 tokens of 20b) block_t 64 computes
+        # half padding. block_t 16 and 64 (the old Tiles(64, 128, 64, 4, 3) among them) for contrast;
+        # a 128 x 256 decoded tile only with 8 warps (4 would hold 128 of its values per thread).
+        # On an H100 (2026-11-25) block_t 64 still won (perhaps as a second tile decodes the weights again).
+        return ([Tiles(32, n, k, w, s) for n, k in ((64, 128), (64, 256), (128, 64), (128, 128))
+                 for w, s in ((4, 3), (4, 4), (8, 3), (2, 4))]
+                + [Tiles(32, 64, 64, 4, 3), Tiles(32, 128, 256, 8, 3), Tiles(32, 32, 128, 2, 4), Tiles(32, 32, 256, 4, 3)]
+                + [Tiles(16, n, k, w, s) for n, k, w, s in ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3),
+                                                            (32, 256, 2, 4))]
+                + [Tiles(64, n, k, w, s) for n, k, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                                                            (128, 128, 8, 3))])
     return [Tiles(t, n, k, w, s) for t in (128, 256) for n in (64, 128) for k in (64, 128)
             for w, s in ((4, 3), (8, 3), (8, 4))]
 

@@ -28,6 +28,18 @@ case "${1:-all}" in
     timeout 120 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
       | grep -v "^|---\|Warning\|warn" | head -30
     ;;
+  check)  # after a change to the engine: every GPU test, then where decode steps' time goes (20b, one GPU)
+    timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x 2>&1 | tail -6
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 \
+      --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -30
+    ;;
+  benches)  # the engine benchmark: gpt-oss-20b on one GPU (against transformers), gpt-oss-120b at tp=2 on two
+    CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
+      "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,131072]" repeat=2 hf=true json=$OUT/bench20b.json 2>&1 | tail -14
+    timeout 240 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
+      parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,131072]" repeat=2 \
+      json=$OUT/bench120b_tp2.json 2>&1 | grep -v Warning | tail -12
+    ;;
   bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
     timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \

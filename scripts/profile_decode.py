@@ -44,7 +44,7 @@ def main() -> None:
         busy = sum(us for us, _ in decode.values())
         host = host_phases(llm, prompts, args.steps + 1, batch)
         show(f"\n{args.model} batch {batch} context {args.context}{' eager' if args.eager else ''}: "
-             f"GPU busy {busy / args.steps:,.0f} us per decode step; wall per step of {batch} decodes "
+             f"GPU busy {busy / args.steps:,.0f} us per decode step; wall per iteration launching {batch} decodes "
              f"(medians, us): " + ", ".join(f"{k} {v:,.0f}" for k, v in host.items()))
         show("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
@@ -57,35 +57,35 @@ def requests(prompts: list[list[int]], tokens: int) -> list[dict]:
 
 
 def host_phases(llm: LLM, prompts: list[list[int]], tokens: int, batch: int) -> dict[str, float]:
-    """Wall microseconds of the engine loop's phases in steps of `batch` decodes (medians), without
-    the profiler: results+plan (host: the previous step's tokens handed out, admission, this step's
-    plan), forward (staging and launches; returns before the GPU is done), sample (waits for the GPU,
-    then samples with one host sync), and the whole step. GPU busy beside `step` says how long the
-    GPU idles per step."""
+    """Wall microseconds of the engine loop's phases in iterations that launch `batch` decodes
+    (medians), without the profiler: plan (host: admission and this step's plan), launch (staging,
+    the forward's launches and sampling's; returns before the GPU is done), land (waits for the step
+    before's tokens, then hands them out) and the whole iteration. The GPU runs one step per
+    iteration, so GPU busy beside `iteration` says how long it idles per step."""
     marks: list[tuple[str, float, int]] = []
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
             out = fn(*args, **kwargs)
-            marks.append((name, time.perf_counter(), len(args[0].chunks) if name == "forward" else 0))
+            marks.append((name, time.perf_counter(), len(args[0].chunks) if name == "launch" else 0))
             return out
         return wrapper
 
-    originals = llm._plan, llm._forward, llm._sample
-    llm._plan, llm._forward, llm._sample = (timed("plan", originals[0]), timed("forward", originals[1]),
-                                            timed("sample", originals[2]))
+    originals = llm._plan, llm._launch, llm._land
+    llm._plan, llm._launch, llm._land = (timed("plan", originals[0]), timed("launch", originals[1]),
+                                         timed("land", originals[2]))
     try:
         llm.generate(requests(prompts, tokens))
     finally:
-        llm._plan, llm._forward, llm._sample = originals
+        llm._plan, llm._launch, llm._land = originals
     phases = collections.defaultdict(list)
     names = [m[0] for m in marks]
     for i in range(1, len(marks) - 2):
-        if names[i - 1:i + 3] != ["sample", "plan", "forward", "sample"] or marks[i + 1][2] != batch:
+        if names[i - 1:i + 3] != ["land", "plan", "launch", "land"] or marks[i + 1][2] != batch:
             continue
-        previous, planned, launched, sampled = (m[1] for m in marks[i - 1:i + 3])
-        for name, seconds in (("results+plan", planned - previous), ("forward", launched - planned),
-                              ("sample", sampled - launched), ("step", sampled - previous)):
+        previous, planned, launched, landed = (m[1] for m in marks[i - 1:i + 3])
+        for name, seconds in (("plan", planned - previous), ("launch", launched - planned),
+                              ("land", landed - launched), ("iteration", landed - previous)):
             phases[name].append(seconds * 1e6)
     return {name: statistics.median(v) for name, v in phases.items()}
 

@@ -206,7 +206,7 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly():
         if replay:
             assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
         else:
-            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, replay=False)
+            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled, replay=False)
         results[replay] = llm.generate(reqs)
         assert llm.preemptions > 0 and len(llm._graphs.replays) >= 3, (llm.preemptions, llm._graphs.replays)
     for a, b in zip(results[True], results[False]):

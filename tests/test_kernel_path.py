@@ -205,7 +205,7 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     monkeypatch.setenv("GPT_OSS_TRITON", "1")
     fast = LLM(tiny_checkpoints["original"], **settings)
     poison(fast.model)
-    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, replay=False)
+    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
     got = fast.generate(reqs)
     for g, w in zip(got, want):
         assert g.error is None and g.token_ids == w.token_ids
