@@ -86,7 +86,7 @@ class _Plan:
 class _Launched:
     """A step on the GPU whose sampled tokens are on their way to the host."""
     samples: list[tuple[int, _Sequence, int]]  # (request index, sequence, index of its PENDING token)
-    host: torch.Tensor  # [2, rows] fp64: tokens (exact) and logprobs, filled by an asynchronous copy
+    host: torch.Tensor  # [rows, 2] fp64: token (exact) and logprob per row, filled by an asynchronous copy
     ready: torch.cuda.Event | None  # the copy is done (None off CUDA: copies there are synchronous)
 
 
@@ -170,7 +170,9 @@ class LLM:
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
         self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
         pinned = self.device.type == "cuda"
-        self._host_samples = [torch.zeros((2, max_batch_size), dtype=torch.float64, pin_memory=pinned)
+        # [rows, 2] (token, logprob): a leading-rows slice stays contiguous, which an asynchronous
+        # device-to-host copy needs (into a strided view torch copies synchronously).
+        self._host_samples = [torch.zeros((max_batch_size, 2), dtype=torch.float64, pin_memory=pinned)
                               for _ in range(2)]
         self._steps = 0
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
@@ -303,9 +305,9 @@ class LLM:
             tokens = broadcast(tokens, self.parallel.replica)
             logprobs = broadcast(logprobs, self.parallel.replica)
         self._sampled[:len(seqs)].copy_(tokens)
-        host = self._host_samples[self._steps % 2][:, :len(seqs)]
+        host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
-        host.copy_(torch.stack([tokens.double(), logprobs.double()]), non_blocking=True)
+        host.copy_(torch.stack([tokens.double(), logprobs.double()], dim=1), non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -322,8 +324,7 @@ class LLM:
         """Wait for a launched step's tokens and hand them to their sequences; retire the finished."""
         if step.ready is not None:
             step.ready.synchronize()
-        tokens, logprobs = step.host.tolist()
-        for (index, seq, slot), token, logprob in zip(step.samples, tokens, logprobs):
+        for (index, seq, slot), (token, logprob) in zip(step.samples, step.host.tolist()):
             if seq.done:  # it ended at the step before: this row was computed in vain
                 continue
             token = int(token)
