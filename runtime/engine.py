@@ -299,8 +299,10 @@ class LLM:
         """Run the step and sample its wanted rows on the GPU; the tokens start their way to the host
         and wait in the sequences as PENDING."""
         seqs = [running[i] for i in wants]
-        tokens, logprobs = sample_on_device(self._forward(plan), [s.request.params for s in seqs],
-                                            [s.generator for s in seqs])
+        logits = self._forward(plan)
+        if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
+            return _Launched([], self._host_samples[0][:0], None)
+        tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         if self.parallel.replica.size > 1:  # the replica's first rank's picks: the ranks never drift apart
             tokens = broadcast(tokens, self.parallel.replica)
             logprobs = broadcast(logprobs, self.parallel.replica)
@@ -430,7 +432,8 @@ class LLM:
     def _finish_reason(self, seq: _Sequence) -> str | None:
         if seq.generated[-1] in seq.request.stop_token_ids:
             return "stop"
-        if len(seq.generated) >= seq.request.params.max_tokens or len(seq.tokens) - seq.pending >= self.max_model_len:
+        context = len(seq.tokens) - seq.pending  # pending tokens: of a later step, not this one
+        if len(seq.generated) >= seq.request.params.max_tokens or context >= self.max_model_len:
             return "length"
         return None
 

@@ -73,6 +73,40 @@ def test_random_mixes_under_preemption_match_each_request_alone(tiny_checkpoints
     assert llm.preemptions > 0 and max(steps) > 1  # the pool really was too small for the batch
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_stop_tokens_under_preemption_match_each_request_alone(tiny_checkpoints, roomy, seed):
+    """Requests that end on a stop token partway. A step is always in flight, so such a request's
+    next row is already computing when its stop token reaches the host (and it may have been
+    preempted meanwhile): its result must still end at the stop token, as when run alone, and every
+    page must come back."""
+    reqs = []
+    for r in random_requests(seed + 10, 6, max_prompt=12, max_new=24):
+        out = roomy.generate([r])[0].token_ids
+        stop = (out[len(out) // 2],) if len(out) > 2 else ()  # a token it produces: it stops there
+        reqs.append(Request(r.id, r.prompt_token_ids, r.params, stop_token_ids=stop))
+    llm = tight(tiny_checkpoints, 64, 6, 24)
+    got = llm.generate(reqs)
+    alone = [roomy.generate([r])[0] for r in reqs]
+    assert sum(a.finish_reason == "stop" for a in alone) >= 2
+    for g, a in zip(got, alone):
+        assert g.error is None and (g.token_ids, g.finish_reason) == (a.token_ids, a.finish_reason), g.id
+    assert llm.pool.free_pages == llm.pool.num_pages and llm.preemptions > 0
+
+
+def test_a_sequence_preempted_while_its_last_token_is_in_flight_finishes(tiny_checkpoints, roomy):
+    """Two pages of 16 positions, two 10-token prompts. When A needs its second page (writing
+    position 16, step 8), B is preempted while step 7, which samples B's 7th and last token, is
+    still in flight: that token lands while B waits, B finishes from the queue, and A then runs on."""
+    a = Request("a", list(range(300, 310)), SamplingParams(max_tokens=12, temperature=0), stop_token_ids=())
+    b = Request("b", list(range(400, 410)), SamplingParams(max_tokens=7, temperature=0), stop_token_ids=())
+    llm = tight(tiny_checkpoints, 32, 2, 64)
+    got = llm.generate([a, b])
+    for g, r in zip(got, (a, b)):
+        want = roomy.generate([r])[0]
+        assert g.error is None and (g.token_ids, g.finish_reason) == (want.token_ids, "length"), g.id
+    assert llm.preemptions == 1 and llm.pool.free_pages == llm.pool.num_pages == 2
+
+
 def test_a_request_longer_than_the_cache_fails_alone(tiny_checkpoints, roomy):
     llm = tight(tiny_checkpoints, 32, 4, 64)
     short = Request(0, [5, 6, 7], SamplingParams(max_tokens=4, temperature=0), stop_token_ids=())
