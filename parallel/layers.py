@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.functional import linear
 
 from parallel.groups import Group, LayoutError
+from runtime.kernels import use_triton
 
 Slices = dict[int, list[tuple[int, int]]]
 # torch 2.13 renames all_gather_into_tensor (and warns on the old name); older releases have only it.
@@ -41,6 +42,17 @@ def broadcast(t: torch.Tensor, g: Group) -> torch.Tensor:
     if g.size > 1:
         dist.broadcast(t, src=g.first, group=g.group)
     return t
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear; on the kernel path, for a few rows (decode at small batches), the Triton GEMV
+    (runtime/kernels/dense_gemv.py), where cuBLAS reads the weight at 69-76% of copy bandwidth."""
+    if x.dim() == 2 and x.shape[0] <= 4 and use_triton(x):
+        from runtime.kernels.dense_gemv import fits, linear_gemv
+
+        if fits(x, weight):
+            return linear_gemv(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 # --------------------------------------------------------------------------------------- sharding
@@ -99,7 +111,7 @@ class ColumnParallelLinear(Sharded):
             self.add("bias", (offset,), dtype, {0: rows})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, getattr(self, "bias", None))
+        return _linear(x, self.weight, getattr(self, "bias", None))
 
 
 class RowParallelLinear(Sharded):
@@ -117,7 +129,7 @@ class RowParallelLinear(Sharded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias in the GEMM's epilogue (not one more launch), on the group's first rank only.
         bias = getattr(self, "bias", None) if self.group.rank == 0 else None
-        return all_reduce(linear(x, self.weight, bias), self.group)
+        return all_reduce(_linear(x, self.weight, bias), self.group)
 
 
 class VocabParallelEmbedding(Sharded):

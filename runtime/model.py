@@ -197,21 +197,21 @@ class MoE(Sharded):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h), where h is x's RMSNorm (computed by the caller, fused with the residual add)."""
         cfg = self.cfg
-        every_expert_here = self.partition.size == 1  # whole, or the same slice of each (split)
-        if use_triton(x):
-            from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax: one launch
-
-            expert_ids, weights = route_triton(h, self.gate.weight, self.gate.bias, cfg.experts_per_token,
-                                               torch.int32 if every_expert_here else torch.int64)
-        else:
-            expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
-        if every_expert_here and use_triton(x):
-            from runtime.kernels.moe_gemm import moe_triton  # every expert here: no exchange, fused combine
+        if self.partition.size == 1 and use_triton(x):  # every expert here (whole, or the same slice of each)
+            from runtime.kernels.moe_gemm import moe_triton  # no exchange, fused combine
+            from runtime.kernels.router_triton import route_and_plan  # gate, top-k, softmax, rows sorted by expert
 
+            expert_ids, weights, rows = route_and_plan(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
             return moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
                               self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
-                              cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0)
+                              cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0, rows=rows)
+        if use_triton(x):
+            from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax
+
+            expert_ids, weights = route_triton(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
+        else:
+            expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
         lo, hi = token_slice(x.shape[0], self.partition)
         routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
         y = self._expert_rows()(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,

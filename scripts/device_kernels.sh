@@ -40,6 +40,13 @@ case "${1:-all}" in
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,131072]" repeat=2 \
       json=$OUT/bench120b_tp2.json 2>&1 | grep -v Warning | tail -12
     ;;
+  quick)  # a short check after kernel changes: their GPU tests, the graph tests, the dense GEMV bench, batch 1 and 8
+    timeout 100 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_router_kernel.py -p no:cacheprovider 2>&1 | tail -3
+    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph_decode or bf16_on_gpu" 2>&1 | tail -3
+    timeout 60 python3 scripts/bench_dense_gemv.py 2>&1 | grep -v "^|---" | tail -12
+    timeout 120 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8]" \
+      "ttft_prompts=[]" repeat=3 2>&1 | tail -5
+    ;;
   bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
     timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \

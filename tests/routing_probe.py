@@ -40,6 +40,13 @@ class RouteRecorder:
             return original_triton(h, weight, bias, k, ids_dtype)
 
         monkeypatch.setattr(router_triton, "route_triton", recording_route_triton)
+        original_plan = router_triton.route_and_plan
+
+        def recording_route_and_plan(h, weight, bias, k):
+            self.calls.append(torch.nn.functional.linear(h, weight, bias).detach().float().cpu())
+            return original_plan(h, weight, bias, k)
+
+        monkeypatch.setattr(router_triton, "route_and_plan", recording_route_and_plan)
 
     def take(self) -> list[torch.Tensor]:
         """Router logits per layer [positions, experts] over the steps since the last take (steps

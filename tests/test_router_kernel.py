@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime.kernels.moe import route  # noqa: E402
-from runtime.kernels.router_triton import route_triton  # noqa: E402
+from runtime.kernels.moe_gemm import plan  # noqa: E402
+from runtime.kernels.router_triton import route_and_plan, route_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,6 +47,19 @@ def test_route_triton_matches_the_reference_fp32(gen, tokens, experts, width, k)
         assert ids.dtype == ids_dtype and ids.shape == (tokens, k) and weights.shape == (tokens, k)
         assert torch.equal(ids.long(), want_ids)
         torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+
+
+# up to 16 tokens the sort runs inside the top-k program; beyond, moe_gemm.plan
+@pytest.mark.parametrize("tokens, experts, k", [(1, 32, 4), (7, 8, 4), (16, 128, 4), (16, 4, 3), (17, 32, 4)])
+def test_route_and_plan_equals_route_then_plan(gen, tokens, experts, k):
+    h, weight, bias = gate(gen, tokens, experts, 96, torch.float32)
+    ids, weights, rows = route_and_plan(h, weight, bias, k)
+    want_ids, want_weights = route_triton(h, weight, bias, k, torch.int32)
+    want = plan(want_ids, experts)
+    assert ids.dtype == torch.int32 and torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
+    for name in ("order", "position", "counts", "offsets"):
+        assert torch.equal(getattr(rows, name), getattr(want, name)), name
+    assert (rows.num_rows, rows.num_experts) == (tokens * k, experts)
 
 
 @pytest.mark.parametrize("tokens", [2, 80])

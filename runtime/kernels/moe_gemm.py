@@ -458,7 +458,14 @@ def _moe_gemv_kernel(
 @triton.jit
 def _plan_kernel(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
                  M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
-    """Counting sort of up to a few hundred rows by expert in one program (the decode-sized plan).
+    """The decode-sized plan in one program (see count_sort)."""
+    count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E, M_POW2, E_POW2, CHUNK)
+
+
+@triton.jit
+def count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
+               M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """Counting sort of up to a few hundred rows by expert, in the calling program.
 
     Row i goes to offsets[e_i] + (number of earlier rows with the same expert): stable."""
     i = tl.arange(0, M_POW2)
@@ -516,18 +523,30 @@ class Plan:
 PLAN_KERNEL_ROWS = 512  # up to here one program sorts (decode); beyond, torch.sort (prefill)
 
 
+def empty_plan(rows: int, num_experts: int, device) -> Plan:
+    """A Plan's buffers for `rows` rows, to be filled by a kernel that calls count_sort."""
+    order = torch.empty(rows, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    return Plan(order, torch.empty_like(order), counts, torch.empty_like(counts), rows, num_experts)
+
+
+def count_sort_sizes(rows: int) -> dict:
+    """count_sort's block sizes for `rows` rows: all rows at once, compared CHUNK at a time."""
+    m_pow2 = max(16, triton.next_power_of_2(rows))
+    return {"M_POW2": m_pow2, "CHUNK": max(16, 8192 // m_pow2)}
+
+
 def plan(experts: torch.Tensor, num_experts: int) -> Plan:
     """Sort rows by expert (stable) and count them; `experts` [m] holds each row's expert index."""
     flat = experts.reshape(-1).to(torch.int32)
     m, dev = flat.numel(), flat.device
+    if 0 < m <= PLAN_KERNEL_ROWS:  # one launch instead of a dozen small torch ops
+        p = empty_plan(m, num_experts, dev)
+        _plan_kernel[(1,)](flat, p.order, p.position, p.counts, p.offsets, m, num_experts,
+                           E_POW2=triton.next_power_of_2(num_experts), **count_sort_sizes(m), num_warps=8)
+        return p
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     offsets = torch.empty_like(counts)
-    if 0 < m <= PLAN_KERNEL_ROWS:  # one launch instead of a dozen small torch ops
-        order, position = torch.empty_like(flat), torch.empty_like(flat)
-        m_pow2 = max(16, triton.next_power_of_2(m))
-        _plan_kernel[(1,)](flat, order, position, counts, offsets, m, num_experts, M_POW2=m_pow2,
-                           E_POW2=triton.next_power_of_2(num_experts), CHUNK=max(16, 8192 // m_pow2), num_warps=8)
-        return Plan(order, position, counts, offsets, m, num_experts)
     _, order = torch.sort(flat, stable=True)
     counts.zero_().scatter_add_(0, flat.long(), torch.ones_like(flat))
     torch.sub(torch.cumsum(counts, 0, dtype=torch.int32), counts, out=offsets)
@@ -671,16 +690,18 @@ def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor, resi
 
 def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, mlp1_blocks, mlp1_scales,
                mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit: float,
-               residual: torch.Tensor | None = None, reduce=None, first: bool = True) -> torch.Tensor:
+               residual: torch.Tensor | None = None, reduce=None, first: bool = True,
+               rows: Plan | None = None) -> torch.Tensor:
     """The MoE on a rank holding every expert (or the same slice of every expert's intermediate
     dimension): [T, d] = residual + sum_k w_k * expert_k(h).
 
     h [T, d]; expert_ids, weights [T, k]. Rows are never copied out of h: the first GEMM gathers
     token order[i] // k for sorted pair i. With the experts split over ranks, `reduce` sums over
     them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias and the
-    residual, and the combined rows (fp32, one per token, not one per token and expert) are summed."""
+    residual, and the combined rows (fp32, one per token, not one per token and expert) are summed.
+    `rows`: the (token, expert) pairs already sorted by expert (router_triton.route_and_plan)."""
     T, top_k = expert_ids.shape
-    p = plan(expert_ids, mlp1_blocks.shape[0])
+    p = rows if rows is not None else plan(expert_ids, mlp1_blocks.shape[0])
     act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype, swiglu_limit=limit)
     y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias if first else None, torch.float32)
     out_dtype = h.dtype if residual is None else residual.dtype

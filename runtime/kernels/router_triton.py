@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
+
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FEW_TOKENS = 64  # up to here the gate is a GEMV split over experts; beyond, one tl.dot kernel per 16 tokens
+FUSED_PLAN_TOKENS = 16  # up to here route_and_plan sorts the rows by expert in the top-k program
 
 
 @triton.jit
@@ -77,6 +80,17 @@ def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW
 
 
 @triton.jit
+def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
+                       K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                       M_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """Every token's top K (one program), then its (token, expert) rows sorted by expert: the MoE's
+    plan, without a launch of its own."""
+    _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K, K_POW2, E_POW2, BLOCK_T)
+    tl.debug_barrier()  # the ids just stored are visible to every thread of this program
+    count_sort(ids_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T * K, E, M_POW2, E_POW2, CHUNK)
+
+
+@triton.jit
 def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h, stride_w,
                    K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -104,6 +118,12 @@ def route_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: i
                  ids_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts [T, k] (ids_dtype) and their weights [T, k] (fp32) of h [T, d] under the gate
     (weight [E, d], bias [E])."""
+    return _route(h, weight, bias, k, ids_dtype)
+
+
+def _route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
+           ids_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_triton's body: route_and_plan calls it too (tests record each public call once)."""
     T, D = h.shape
     E = weight.shape[0]
     assert weight.shape == (E, D) and bias.shape == (E,) and h.stride(1) == 1 and weight.stride(1) == 1
@@ -113,15 +133,40 @@ def route_triton(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: i
         return ids, weights
     e_pow2, k_pow2 = max(16, triton.next_power_of_2(E)), triton.next_power_of_2(k)
     if T <= FEW_TOKENS:  # decode: the weight split over E programs, then one small top-k launch
-        logits = torch.empty((T, E), dtype=torch.float32, device=h.device)
-        block_t = min(8, triton.next_power_of_2(T))
-        _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0),
-                                                        weight.stride(0), BLOCK_T=block_t, BLOCK_D=256, num_warps=4)
-        _top_k_kernel[(triton.cdiv(T, 16),)](logits, ids, weights, T, E, K=k, K_POW2=k_pow2, E_POW2=e_pow2,
-                                             BLOCK_T=16, num_warps=4)
+        _top_k_kernel[(triton.cdiv(T, 16),)](_gate_logits(h, weight, bias), ids, weights, T, E, K=k, K_POW2=k_pow2,
+                                             E_POW2=e_pow2, BLOCK_T=16, num_warps=4)
         return ids, weights
     _router_kernel[(triton.cdiv(T, 16),)](  # prefill: 16 tokens a program (tl.dot's smallest M on Hopper)
         h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
         K=k, K_POW2=k_pow2, E_POW2=e_pow2, BLOCK_T=16,
         BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32, num_warps=4)
     return ids, weights
+
+
+def _gate_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [T, E] of few tokens (rounded to h's dtype), the weight split over E programs."""
+    (T, D), E = h.shape, weight.shape[0]
+    logits = torch.empty((T, E), dtype=torch.float32, device=h.device)
+    block_t = min(8, triton.next_power_of_2(T))
+    _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0), weight.stride(0),
+                                                    BLOCK_T=block_t, BLOCK_D=256, num_warps=4)
+    return logits
+
+
+def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor, Plan]:
+    """route_triton (int32 ids) and the rows sorted by expert (moe_gemm.plan) for a rank holding
+    every expert. Up to FUSED_PLAN_TOKENS tokens the sort runs in the top-k launch (one program
+    sees all of them), which saves a launch a layer in decode steps."""
+    T, E = h.shape[0], weight.shape[0]
+    if T == 0 or T > FUSED_PLAN_TOKENS:
+        ids, weights = _route(h, weight, bias, k, torch.int32)
+        return ids, weights, plan(ids, E)
+    ids = torch.empty((T, k), dtype=torch.int32, device=h.device)
+    weights = torch.empty((T, k), dtype=torch.float32, device=h.device)
+    rows = empty_plan(T * k, E, h.device)
+    _top_k_plan_kernel[(1,)](_gate_logits(h, weight, bias), ids, weights, rows.order, rows.position, rows.counts,
+                             rows.offsets, T, E, K=k, K_POW2=triton.next_power_of_2(k),
+                             E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS,
+                             **count_sort_sizes(T * k), num_warps=4)
+    return ids, weights, rows
