@@ -45,9 +45,10 @@ def broadcast(t: torch.Tensor, g: Group) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear; on the kernel path, for a few rows (decode at small batches), the Triton GEMV
-    (runtime/kernels/dense_gemv.py), where cuBLAS reads the weight at 69-76% of copy bandwidth."""
-    if x.dim() == 2 and x.shape[0] <= 4 and use_triton(x):
+    """linear; on the kernel path for one row (batch-1 decode) the Triton GEMV
+    (runtime/kernels/dense_gemv.py): 20b decoded 388.0 against 368.8 tok/s with cuBLAS there (one
+    H100, same machine, 2026-11-25). At 4 rows it lost to cuBLAS alone (0.59-0.88x), so not there."""
+    if x.dim() == 2 and x.shape[0] == 1 and use_triton(x):
         from runtime.kernels.dense_gemv import fits, linear_gemv
 
         if fits(x, weight):
