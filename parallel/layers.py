@@ -44,11 +44,12 @@ def broadcast(t: torch.Tensor, g: Group) -> torch.Tensor:
     return t
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear; on the kernel path for one row (batch-1 decode) the Triton GEMV
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: Group) -> torch.Tensor:
+    """linear; on the kernel path for one row (batch-1 decode) of an unsplit layer the Triton GEMV
     (runtime/kernels/dense_gemv.py): 20b decoded 388.0 against 368.8 tok/s with cuBLAS there (one
-    H100, same machine, 2026-11-25). At 4 rows it lost to cuBLAS alone (0.59-0.88x), so not there."""
-    if x.dim() == 2 and x.shape[0] == 1 and use_triton(x):
+    H100, same machine, 2026-11-25). At 4 rows it lost to cuBLAS alone (0.59-0.88x), and so did the
+    tp=2 output projection's shape (0.52x), so tensor-parallel shards keep cuBLAS until measured."""
+    if x.dim() == 2 and x.shape[0] == 1 and g.size == 1 and use_triton(x):
         from runtime.kernels.dense_gemv import fits, linear_gemv
 
         if fits(x, weight):
@@ -102,6 +103,7 @@ class ColumnParallelLinear(Sharded):
     def __init__(self, segments: list[int], in_features: int, g: Group, dtype, device, bias: bool = True,
                  what: str = "output features"):
         super().__init__(device)
+        self.group = g
         rows, offset = [], 0
         for n in segments:
             lo, hi = shard(n, g, what)
@@ -112,7 +114,7 @@ class ColumnParallelLinear(Sharded):
             self.add("bias", (offset,), dtype, {0: rows})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, getattr(self, "bias", None))
+        return _linear(x, self.weight, getattr(self, "bias", None), self.group)
 
 
 class RowParallelLinear(Sharded):
@@ -130,7 +132,7 @@ class RowParallelLinear(Sharded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias in the GEMM's epilogue (not one more launch), on the group's first rank only.
         bias = getattr(self, "bias", None) if self.group.rank == 0 else None
-        return all_reduce(_linear(x, self.weight, bias), self.group)
+        return all_reduce(_linear(x, self.weight, bias, self.group), self.group)
 
 
 class VocabParallelEmbedding(Sharded):
