@@ -28,6 +28,15 @@ def tiny_checkpoints(tmp_path_factory):
     return {"original": str(original), "hf": str(hf)}
 
 
+@pytest.fixture
+def gen():
+    """A generator on the tests' device (CUDA when there is one) with a fresh random seed, printed so a
+    failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    return torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -19,13 +19,6 @@ from runtime.kernels.dense_gemv import FEW_ROWS, fits, gemv_config, linear_gemv 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator(DEVICE).manual_seed(seed)
-
-
 def problem(gen, m, n, k, dtype, bias=True):
     """x [m, k] as a slice of a wider buffer (row stride > k), weight [n, k] / sqrt(k), bias [n]."""
     x = torch.randn(m, k + 3, generator=gen, device=DEVICE).to(dtype)[:, :k]

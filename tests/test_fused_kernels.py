@@ -25,13 +25,6 @@ EPS = preset("gpt-oss-20b").rms_norm_eps
 BF16_U = 2.0**-8  # bf16 unit roundoff: rounding to nearest moves a value by at most this fraction of it
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator(DEVICE).manual_seed(seed)
-
-
 def randn(*shape, gen, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
 

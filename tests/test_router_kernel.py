@@ -22,13 +22,6 @@ from runtime.kernels.router_triton import route_and_plan, route_triton  # noqa: 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return torch.Generator(DEVICE).manual_seed(seed)
-
-
 def gate(gen, tokens, experts, width, dtype):
     h = torch.randn(tokens, width, generator=gen, device=DEVICE).to(dtype)
     weight = (torch.randn(experts, width, generator=gen, device=DEVICE) / width**0.5).to(dtype)

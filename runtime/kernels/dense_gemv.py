@@ -39,6 +39,26 @@ def _row_fma(acc, w, x_ptrs, k_ok, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK_K step: the weight tile at k0 loaded once and applied to each of the M rows of x;
+    MASKED for the last, partial step."""
+    if MASKED:
+        k_ok = (k0 + xk) < K
+        w = tl.load(w_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
+    else:
+        k_ok = None
+        w = tl.load(w_ptrs + k0).to(tl.float32)
+    acc0 = _row_fma(acc0, w, x_ptr + k0 + xk, k_ok, MASKED)
+    if M > 1:
+        acc1 = _row_fma(acc1, w, x_ptr + stride_xm + k0 + xk, k_ok, MASKED)
+    if M > 2:
+        acc2 = _row_fma(acc2, w, x_ptr + 2 * stride_xm + k0 + xk, k_ok, MASKED)
+    if M > 3:
+        acc3 = _row_fma(acc3, w, x_ptr + 3 * stride_xm + k0 + xk, k_ok, MASKED)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _store_row(y_row_ptr, acc, b, n, n_ok):
     tl.store(y_row_ptr + n, (tl.sum(acc, 1) + b).to(y_row_ptr.dtype.element_ty), mask=n_ok)
 
@@ -68,24 +88,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
     # staged too, so that memory grows with M); 1 leaves the loop plain.
     k_full = K - K % BLOCK_K
     for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
-        w = tl.load(w_ptrs + k0).to(tl.float32)
-        acc0 = _row_fma(acc0, w, x_ptr + k0 + xk, None, False)
-        if M > 1:
-            acc1 = _row_fma(acc1, w, x_ptr + stride_xm + k0 + xk, None, False)
-        if M > 2:
-            acc2 = _row_fma(acc2, w, x_ptr + 2 * stride_xm + k0 + xk, None, False)
-        if M > 3:
-            acc3 = _row_fma(acc3, w, x_ptr + 3 * stride_xm + k0 + xk, None, False)
+        acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M, False)
     if k_full < K:
-        k_ok = (k_full + xk) < K
-        w = tl.load(w_ptrs + k_full, mask=k_ok, other=0.0).to(tl.float32)
-        acc0 = _row_fma(acc0, w, x_ptr + k_full + xk, k_ok, True)
-        if M > 1:
-            acc1 = _row_fma(acc1, w, x_ptr + stride_xm + k_full + xk, k_ok, True)
-        if M > 2:
-            acc2 = _row_fma(acc2, w, x_ptr + 2 * stride_xm + k_full + xk, k_ok, True)
-        if M > 3:
-            acc3 = _row_fma(acc3, w, x_ptr + 3 * stride_xm + k_full + xk, k_ok, True)
+        acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k_full, xk, K, M, True)
     if HAS_BIAS:
         b = tl.load(b_ptr + rows).to(tl.float32)
     else:
