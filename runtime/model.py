@@ -121,15 +121,17 @@ class Attention(Sharded):
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None) -> torch.Tensor:
         """The attention block's output projection (this rank's partial sum, all-reduced), without
-        the residual: the caller adds it, fused with the MoE's norm."""
+        the residual: the caller adds it, fused with the MoE's norm. h: x's RMSNorm under this
+        block's norm, where the block before computed it (fused with its MoE combine)."""
         cfg = self.cfg
         if ctx.paged is not None:
             from runtime.kernels.attention_triton import paged_attention_triton
             from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
 
-            _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
+            if h is None:
+                _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
             p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
             keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
             q, _, _ = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
@@ -138,7 +140,8 @@ class Attention(Sharded):
                                          sm_scale=self.sm_scale, window=self.window, max_q_len=p.max_q_len,
                                          max_k_len=p.max_k_len)
             return self.out(out.flatten(-2))
-        h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
+        if h is None:
+            h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
         q, k, v = self.qkv(h).split([self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim,
                                      self.kv_heads * cfg.head_dim], dim=-1)
         q = apply_rope(q.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
@@ -194,8 +197,11 @@ class MoE(Sharded):
             return expert_rows_triton
         return expert_rows
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x + MoE(h), where h is x's RMSNorm (computed by the caller, fused with the residual add)."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor,
+                next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x + MoE(h), then that sum's RMSNorm under next_norm (the next block's attention norm
+        scale) where the kernel path computes it in the MoE's last launch, else None), where h is
+        x's RMSNorm (computed by the caller, fused with the residual add)."""
         cfg = self.cfg
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         if self.partition.size == 1 and use_triton(x):  # every expert here (whole, or the same slice of each)
@@ -203,9 +209,12 @@ class MoE(Sharded):
             from runtime.kernels.router_triton import route_and_plan  # gate, top-k, softmax, rows sorted by expert
 
             expert_ids, weights, rows = route_and_plan(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
-            return moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                              self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
-                              cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0, rows=rows)
+            norm = (next_norm, cfg.rms_norm_eps) if next_norm is not None else None
+            out = moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
+                             self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
+                             cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0, rows=rows,
+                             next_norm=norm)
+            return out if norm is not None else (out, None)
         if use_triton(x):
             from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax
 
@@ -218,7 +227,7 @@ class MoE(Sharded):
                                 self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
                                 self.mlp2_bias, cfg.swiglu_limit, reduce)
         out = self.exchange.combine(y, weights[lo:hi], routed)
-        return x + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype)
+        return x + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype), None
 
 
 class Block(nn.Module):
@@ -227,15 +236,18 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, dtype, parallel)
         self.mlp = MoE(cfg, layer, dtype, parallel)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        delta = self.attn(x, ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None,
+                next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the block's output, its RMSNorm under next_norm or None): see MoE.forward; h is x's
+        RMSNorm under this block's attention norm, when the block before computed it."""
+        delta = self.attn(x, ctx, h)
         if ctx.paged is not None:
             from runtime.kernels.fused_triton import add_rms_norm_triton
 
             x, h = add_rms_norm_triton(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
         else:
             x, h = add_rms_norm(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
-        return self.mlp(x, h)
+        return self.mlp(x, h, next_norm)
 
 
 class GptOss(nn.Module):
@@ -306,9 +318,12 @@ class GptOss(nn.Module):
         return self._layers(token_ids, ctx, logits_indices)
 
     def _layers(self, token_ids: torch.Tensor, ctx: StepContext, logits_indices: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(token_ids)
-        for block in self.block:
-            x = block(x, ctx)
+        x, h = self.embedding(token_ids), None
+        for n, block in enumerate(self.block):
+            # The kernel path computes the next block's attention norm in this block's last launch.
+            last = n + 1 == len(self.block)
+            following = self.block[n + 1].attn.norm.scale if ctx.paged is not None and not last else None
+            x, h = block(x, ctx, h, following)
         x = rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
         return self.unembedding(x)
 

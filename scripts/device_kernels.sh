@@ -52,6 +52,17 @@ case "${1:-all}" in
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \
       json=$OUT/bench120b_tp2.json 2>&1 | grep -v Warning | tail -16
     ;;
+  pdl)  # programmatic dependent launch: batch 1/8/64 with it off and on (same machine), the batch-1 profile, GPU tests
+    python3 -c "import triton; from runtime.kernels import pdl; import torch; print('triton', triton.__version__, 'pdl', pdl.enabled(torch.device('cuda', 0)))"
+    for flag in 0 1 0 1; do
+      echo "GPT_OSS_PDL=$flag"
+      GPT_OSS_PDL=$flag timeout 110 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
+        "batch_sizes=[1,8,64]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode" | head -3
+    done
+    timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 128 --steps 16 2>&1 \
+      | grep -v "^|---\|Warning\|warn" | head -24
+    timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -x 2>&1 | tail -4
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096

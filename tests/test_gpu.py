@@ -230,6 +230,29 @@ def test_cuda_graph_decode_follows_the_eager_engine():
         assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3
 
 
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
+    """Kernels launched with PDL (each may start before the one before it ends, and waits for it
+    before touching activations) give bit for bit the tokens and logprobs of plain launches, in
+    CUDA graphs and eagerly (prefill), at batch 1 and with several sequences."""
+    import dataclasses
+
+    from runtime.kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda", 0)):
+        pytest.skip("PDL needs a Hopper GPU and Triton's launch_pdl option")
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(13)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 12,
+             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((9, 700, 130))]
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("GPT_OSS_PDL", flag)
+        llm = LLM("dummy", model=cfg, max_batch_size=4, kv_cache_tokens=4096)
+        results[flag] = llm.generate(reqs[:1]) + llm.generate(reqs)
+    for a, b in zip(results["1"], results["0"]):
+        assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
     """tp=2 on two GPUs (NCCL): decode steps replayed from graphs, with the all-reduces and the

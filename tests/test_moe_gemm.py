@@ -117,6 +117,34 @@ def test_combine_writes_every_element_in_k_order():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_with_the_next_norm_equals_combine_then_rms_norm(dtype):
+    """The combine's fused RMSNorm (the next block's attention norm) normalizes the residual as
+    rounded and stored, like rmsnorm.add_rms_norm on it; 2880 wide (not a power of two): masked."""
+    from runtime.kernels.rmsnorm import add_rms_norm
+
+    T, D = 3, 2880
+    y = torch.randn(T * 4, D)
+    position = torch.randperm(T * 4).to(torch.int32)
+    weights = torch.rand(T, 4)
+    residual = torch.randn(T, D).to(dtype)
+    gain = torch.rand(D) + 0.5
+    out, normed = combine(y, position, weights, residual, dtype, norm=(gain, 1e-5))
+    assert torch.equal(out, combine(y, position, weights, residual, dtype))
+    _, want = add_rms_norm(out, None, gain, 1e-5)
+    # fp32: the sums' order alone; bf16: both round one fp32 value, at most one ulp (2^-7) apart
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert normed.dtype == dtype and torch.allclose(normed.float(), want.float(), rtol=rtol, atol=1e-5)
+
+
+def test_programmatic_dependent_launch_is_off_on_cpu_and_when_disabled(monkeypatch):
+    from runtime.kernels import pdl
+
+    assert pdl.launch_args(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("GPT_OSS_PDL", "0")
+    assert not pdl.enabled(torch.device("cuda", 0))  # read before any CUDA call: no GPU needed
+
+
 # ------------------------------------------------------------------------------ the GEMV kernel (decode)
 def grouped_reference(x, order, source_div, experts, blocks, scales, bias, limit):
     """fp32 decode-then-matmul per sorted row (then the clamped SwiGLU), the GEMMs' contract."""

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels import pdl
+
 # The interpreter computes bf16 dots wrongly (environment.md); it gets fp32 operands instead.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -68,13 +70,14 @@ def _paged_attention_kernel(
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
     # Slots in reverse: the last tiles of a causal sequence see the most keys, so they start first
     # and the short ones fill the tail of the schedule.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl.wait_for_previous_kernel(PDL)
     seq = _find_sequence(cu_q_ptr, tile, num_seqs, BLOCK_T)
     q_begin = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_begin
@@ -162,7 +165,7 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits, stride_on,
-                    stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """One (query row, head): merge the split partials and add the sink to the denominator."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -170,10 +173,11 @@ def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, nu
     sp_ok = sp < num_splits
     part = (row * num_heads + head) * num_splits + sp
     d = tl.arange(0, HEAD_DIM)
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e); a weight: before the wait
+    pdl.wait_for_previous_kernel(PDL)
     m = tl.load(part_m_ptr + part, mask=sp_ok, other=-1.0e30)
     l = tl.load(part_l_ptr + part, mask=sp_ok, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
-    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e)
     m_all = tl.maximum(tl.max(m, 0), sink)
     w = tl.exp2(m - m_all)
     denom = tl.sum(l * w, 0) + tl.exp2(sink - m_all)
@@ -250,12 +254,12 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1,
         DOT_FP32=INTERPRET or q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device),
     )
     if num_splits > 1:
         _combine_kernel[(n_rows, num_heads)](
             part_m, part_l, part_acc, sinks, out, num_heads, num_splits, out.stride(0), out.stride(1),
             SPLITS_P=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            num_warps=4,
+            num_warps=4, **pdl.launch_args(q.device),
         )
     return out

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels import pdl
+
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
@@ -48,6 +50,12 @@ def _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M: tl.con
     else:
         k_ok = None
         w = tl.load(w_ptrs + k0).to(tl.float32)
+    return _apply(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k0, xk, k_ok, M, MASKED)
+
+
+@triton.jit
+def _apply(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k0, xk, k_ok, M: tl.constexpr, MASKED: tl.constexpr):
+    """A loaded weight tile (fp32) at k0 applied to each of the M rows of x."""
     acc0 = _row_fma(acc0, w, x_ptr + k0 + xk, k_ok, MASKED)
     if M > 1:
         acc1 = _row_fma(acc1, w, x_ptr + stride_xm + k0 + xk, k_ok, MASKED)
@@ -65,7 +73,8 @@ def _store_row(y_row_ptr, acc, b, n, n_ok):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
+                 PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     # Past-the-end rows re-read row N-1 (their sums are never stored): the loop's loads need no row mask.
@@ -83,13 +92,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
     acc1 = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
-    # Whole BLOCK_K steps unmasked, then one masked tail (2880 = 2 x 1024 + 832). STAGES > 1 has
-    # Triton prefetch the next steps' tiles through shared memory (cp.async; x's broadcast tiles are
-    # staged too, so that memory grows with M); 1 leaves the loop plain.
+    # The first step's weight tile is loaded before waiting for the kernel that wrote x (with PDL
+    # this overlaps that kernel's end), masked in case it is also the last; then whole BLOCK_K steps
+    # unmasked, then one masked tail (2880 = 2 x 1024 + 832). STAGES > 1 has Triton prefetch the
+    # next steps' tiles through shared memory (cp.async; x's broadcast tiles are staged too, so that
+    # memory grows with M); 1 leaves the loop plain.
+    k_ok = xk < K
+    w = tl.load(w_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+    pdl.wait_for_previous_kernel(PDL)
+    acc0, acc1, acc2, acc3 = _apply(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, 0, xk, k_ok, M, True)
     k_full = K - K % BLOCK_K
-    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(BLOCK_K, k_full, BLOCK_K, num_stages=STAGES):
         acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M, False)
-    if k_full < K:
+    if (k_full < K) & (k_full > 0):  # K < BLOCK_K: the first step was the tail
         acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k_full, xk, K, M, True)
     if HAS_BIAS:
         b = tl.load(b_ptr + rows).to(tl.float32)
@@ -173,5 +188,5 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, out, N, K, x.stride(0), out.stride(0),
         M=M, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        VEC=min(16 // x.element_size(), block_k), **cfg)
+        VEC=min(16 // x.element_size(), block_k), **cfg, **pdl.launch_args(x.device))
     return out

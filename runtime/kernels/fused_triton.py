@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from runtime.kernels import pdl
+
 # The interpreter (CPU) runs tl.cos/tl.sin as numpy; it has no libdevice (calls return None there).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,12 +34,14 @@ _TILE = 4096  # elements per program: 8 KB of bf16 per tensor, enough in flight 
 def _add_rms_norm_kernel(
     x_ptr, delta_ptr, gain_ptr, res_ptr, out_ptr,
     M, N, stride_x, stride_d, stride_r, stride_o, eps,
-    HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M * stride can pass 2^31
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N  # widths such as 2880 are not powers of two: the tail is masked and reads zeros
     mask = (rows < M)[:, None] & col_ok[None, :]
+    gain = tl.load(gain_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # a weight: before the wait
+    pdl.wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(delta_ptr + rows[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
@@ -49,7 +53,6 @@ def _add_rms_norm_kernel(
         r = x
     rf = r.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / N + eps)
-    gain = tl.load(gain_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = rf * inv_rms[:, None] * gain[None, :]
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -94,6 +97,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch
     _add_rms_norm_kernel[(triton.cdiv(M, block_m),)](
         x2, d2, gain, r2, n2, M, width, x2.stride(0), d2.stride(0), r2.stride(0), n2.stride(0), float(eps),
         HAS_DELTA=delta is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        **pdl.launch_args(x.device),
     )
     return residual, normed
 
@@ -102,7 +106,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch
 def _rope_qk_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot, concentration,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr, CACHE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
     # A [BLOCK_T tokens, BLOCK_H heads, HALF] tile of each row's heads (q, then k, then v, adjacent in
     # the QKV output): q and k heads are rotated in place; with CACHE, k (rotated) and v heads are
@@ -111,6 +115,7 @@ def _rope_qk_kernel(
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF_BLOCK)
     t_ok = tokens < N
+    pdl.wait_for_previous_kernel(PDL)
     pos = tl.load(pos_ptr + tokens, mask=t_ok, other=0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
     angle = pos[:, None] * inv_freq[None, :]  # one fp32 product, as in rope.cos_sin
@@ -191,6 +196,7 @@ def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
             qkv.stride(0), num_kv_heads * head_dim, float(concentration),
             Q_HEADS=num_q_heads, KV_HEADS=num_kv_heads, HALF=half, HALF_BLOCK=half_block, BLOCK_T=block_t,
             BLOCK_H=block_h, LIBDEVICE=not INTERPRET, CACHE=cache is not None, num_warps=4,
+            **pdl.launch_args(qkv.device),
         )
     q, k, v = qkv.unflatten(-1, (-1, head_dim)).split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
     return q, k, v

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels import pdl
+
 from runtime.kernels.moe import SWIGLU_ALPHA
 
 # The interpreter computes bf16 dots wrongly and runs no PTX (environment.md): fp32 operands and the
@@ -142,9 +144,10 @@ def _moe_gemm_kernel(
     x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
     GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr, PTX: tl.constexpr, FOLD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
+    pdl.wait_for_previous_kernel(PDL)
     expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
     if expert >= E:
         return
@@ -438,11 +441,12 @@ def _moe_gemv_kernel(
     E, N, stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
     K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
     DECODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
+    EVEN_N: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
 ):
     """The decode-sized grouped GEMM: out[r] = W_e x[source[r] // SOURCE_DIV] + b_e (then SwiGLU) for the
     up to BLOCK_T rows r of one tile, on CUDA cores. The tile's row count selects a specialised body
     (a uniform branch), so a tile of one row does one row's multiplies."""
+    pdl.wait_for_previous_kernel(PDL)
     expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
     if expert >= E:
         return
@@ -457,8 +461,9 @@ def _moe_gemv_kernel(
 
 @triton.jit
 def _plan_kernel(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
-                 M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+                 M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """The decode-sized plan in one program (see count_sort)."""
+    pdl.wait_for_previous_kernel(PDL)
     count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E, M_POW2, E_POW2, CHUNK)
 
 
@@ -487,12 +492,20 @@ def count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M,
 
 
 @triton.jit
-def _combine_kernel(y_ptr, position_ptr, weight_ptr, residual_ptr, out_ptr, D, stride_y, stride_res, stride_out,
-                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = residual[t] + sum_k weight[t, k] * y[position[t, k]], summed in k order (fp32)."""
+def _combine_kernel(y_ptr, position_ptr, weight_ptr, residual_ptr, out_ptr, gain_ptr, normed_ptr, D, stride_y,
+                    stride_res, stride_out, stride_normed, eps, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    NORM: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = residual[t] + sum_k weight[t, k] * y[position[t, k]], summed in k order (fp32).
+
+    NORM (one program holds the whole row): also normed[t] = RMSNorm(out[t]) * gain, of out as
+    rounded and stored, as add_rms_norm_triton(out, None, ...) would compute it: the next block's
+    attention norm, without a launch of its own."""
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
+    if NORM:
+        gain = tl.load(gain_ptr + d, mask=ok, other=0.0).to(tl.float32)  # a weight: before the wait
+    pdl.wait_for_previous_kernel(PDL)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         pos = tl.load(position_ptr + t * TOP_K + k).to(tl.int64)
@@ -500,7 +513,12 @@ def _combine_kernel(y_ptr, position_ptr, weight_ptr, residual_ptr, out_ptr, D, s
         acc += w * tl.load(y_ptr + pos * stride_y + d, mask=ok, other=0.0)
     if residual_ptr is not None:
         acc += tl.load(residual_ptr + t * stride_res + d, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_out + d, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_out + d, out, mask=ok)
+    if NORM:
+        r = out.to(tl.float32)  # zero past D
+        inv_rms = tl.rsqrt(tl.sum(r * r, 0) / D + eps)
+        tl.store(normed_ptr + t * stride_normed + d, (r * inv_rms * gain).to(normed_ptr.dtype.element_ty), mask=ok)
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -543,7 +561,8 @@ def plan(experts: torch.Tensor, num_experts: int) -> Plan:
     if 0 < m <= PLAN_KERNEL_ROWS:  # one launch instead of a dozen small torch ops
         p = empty_plan(m, num_experts, dev)
         _plan_kernel[(1,)](flat, p.order, p.position, p.counts, p.offsets, m, num_experts,
-                           E_POW2=triton.next_power_of_2(num_experts), **count_sort_sizes(m), num_warps=8)
+                           E_POW2=triton.next_power_of_2(num_experts), **count_sort_sizes(m), num_warps=8,
+                           **pdl.launch_args(dev))
         return p
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     offsets = torch.empty_like(counts)
@@ -658,7 +677,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
             K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
             DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             E_POW2=triton.next_power_of_2(E), EVEN_N=N % tiles.block_n == 0, UNROLL=tiles.unroll,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch_args(x.device),
         )
         return out
     _moe_gemm_kernel[grid](
@@ -669,29 +688,35 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None, DOT_FP32=INTERPRET or x.dtype == torch.float32,
         PTX=not INTERPRET, FOLD=scales_fold(scales), BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         E_POW2=triton.next_power_of_2(E), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **pdl.launch_args(x.device),
     )
     return out
 
 
 def combine(y: torch.Tensor, position: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    """[T, D]: residual + sum_k weights[t, k] * y[position[t, k]] (fp32 sums, one rounding)."""
+            out_dtype: torch.dtype, norm: tuple[torch.Tensor, float] | None = None):
+    """[T, D]: residual + sum_k weights[t, k] * y[position[t, k]] (fp32 sums, one rounding).
+
+    norm = (gain [D], eps): returns (that, its RMSNorm times gain), both out_dtype, in one launch."""
     T, top_k = weights.shape
     D = y.shape[1]
     out = torch.empty((T, D), dtype=out_dtype, device=y.device)
-    if T == 0:
-        return out
-    block_d = 1024
-    _combine_kernel[(T, triton.cdiv(D, block_d))](
-        y, position, weights.float().contiguous(), residual, out, D, y.stride(0),
-        residual.stride(0) if residual is not None else 0, out.stride(0), TOP_K=top_k, BLOCK_D=block_d)
-    return out
+    normed = torch.empty_like(out) if norm is not None else None
+    if T:
+        block_d = triton.next_power_of_2(D) if norm is not None else 1024  # NORM: a whole row a program
+        gain, eps = norm if norm is not None else (None, 0.0)
+        _combine_kernel[(T, triton.cdiv(D, block_d))](
+            y, position, weights.float().contiguous(), residual, out, gain, normed, D, y.stride(0),
+            residual.stride(0) if residual is not None else 0, out.stride(0), D, float(eps), TOP_K=top_k,
+            BLOCK_D=block_d, NORM=norm is not None, num_warps=min(16, max(4, block_d // 512)),
+            **pdl.launch_args(y.device))
+    return out if norm is None else (out, normed)
 
 
 def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, mlp1_blocks, mlp1_scales,
                mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit: float,
                residual: torch.Tensor | None = None, reduce=None, first: bool = True,
-               rows: Plan | None = None) -> torch.Tensor:
+               rows: Plan | None = None, next_norm: tuple[torch.Tensor, float] | None = None):
     """The MoE on a rank holding every expert (or the same slice of every expert's intermediate
     dimension): [T, d] = residual + sum_k w_k * expert_k(h).
 
@@ -699,15 +724,22 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     token order[i] // k for sorted pair i. With the experts split over ranks, `reduce` sums over
     them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias and the
     residual, and the combined rows (fp32, one per token, not one per token and expert) are summed.
-    `rows`: the (token, expert) pairs already sorted by expert (router_triton.route_and_plan)."""
+    `rows`: the (token, expert) pairs already sorted by expert (router_triton.route_and_plan).
+    next_norm = (gain, eps): returns (output, its RMSNorm times gain), the next block's attention
+    norm, computed in the combine's launch when there is nothing to reduce."""
     T, top_k = expert_ids.shape
     p = rows if rows is not None else plan(expert_ids, mlp1_blocks.shape[0])
     act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype, swiglu_limit=limit)
     y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias if first else None, torch.float32)
     out_dtype = h.dtype if residual is None else residual.dtype
     if reduce is None:
-        return combine(y, p.position, weights, residual, out_dtype)
-    return reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
+        return combine(y, p.position, weights, residual, out_dtype, norm=next_norm)
+    out = reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
+    if next_norm is None:
+        return out
+    from runtime.kernels.fused_triton import add_rms_norm_triton
+
+    return add_rms_norm_triton(out, None, *next_norm)
 
 
 def expert_rows_triton(x, experts, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,

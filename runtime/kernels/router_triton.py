@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels import pdl
 from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
@@ -49,13 +50,14 @@ def _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K: tl.constex
 
 @triton.jit
 def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride_w,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Logits [T, E] (rounded to h's dtype, stored fp32) for few tokens: a program per (BLOCK_T
     tokens, expert), so the E x d weight is read by E programs at once, not by one."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     expert = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
+    pdl.wait_for_previous_kernel(PDL)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + d) < D
@@ -70,11 +72,12 @@ def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride
 
 @triton.jit
 def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW2: tl.constexpr,
-                  E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+                  E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     e = tl.arange(0, E_POW2)
     e_ok = e < E
+    pdl.wait_for_previous_kernel(PDL)
     logits = tl.load(logits_ptr + t[:, None] * E + e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
     _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K, K_POW2, BLOCK_T, E_POW2)
 
@@ -82,10 +85,10 @@ def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW
 @triton.jit
 def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
                        K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                       M_POW2: tl.constexpr, CHUNK: tl.constexpr):
+                       M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Every token's top K (one program), then its (token, expert) rows sorted by expert: the MoE's
     plan, without a launch of its own."""
-    _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K, K_POW2, E_POW2, BLOCK_T)
+    _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K, K_POW2, E_POW2, BLOCK_T, PDL)
     tl.debug_barrier()  # the ids just stored are visible to every thread of this program
     count_sort(ids_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T * K, E, M_POW2, E_POW2, CHUNK)
 
@@ -93,12 +96,13 @@ def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr
 @triton.jit
 def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h, stride_w,
                    K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+                   BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     e = tl.arange(0, E_POW2)
     e_ok = e < E
     d = tl.arange(0, BLOCK_D)
+    pdl.wait_for_previous_kernel(PDL)
     acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + d) < D
@@ -134,12 +138,13 @@ def _route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
     e_pow2, k_pow2 = max(16, triton.next_power_of_2(E)), triton.next_power_of_2(k)
     if T <= FEW_TOKENS:  # decode: the weight split over E programs, then one small top-k launch
         _top_k_kernel[(triton.cdiv(T, 16),)](_gate_logits(h, weight, bias), ids, weights, T, E, K=k, K_POW2=k_pow2,
-                                             E_POW2=e_pow2, BLOCK_T=16, num_warps=4)
+                                             E_POW2=e_pow2, BLOCK_T=16, num_warps=4, **pdl.launch_args(h.device))
         return ids, weights
     _router_kernel[(triton.cdiv(T, 16),)](  # prefill: 16 tokens a program (tl.dot's smallest M on Hopper)
         h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
         K=k, K_POW2=k_pow2, E_POW2=e_pow2, BLOCK_T=16,
-        BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32, num_warps=4)
+        BLOCK_D=128 if e_pow2 <= 32 else 64, DOT_FP32=INTERPRET or h.dtype == torch.float32, num_warps=4,
+        **pdl.launch_args(h.device))
     return ids, weights
 
 
@@ -149,7 +154,8 @@ def _gate_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     logits = torch.empty((T, E), dtype=torch.float32, device=h.device)
     block_t = min(8, triton.next_power_of_2(T))
     _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0), weight.stride(0),
-                                                    BLOCK_T=block_t, BLOCK_D=256, num_warps=4)
+                                                    BLOCK_T=block_t, BLOCK_D=256, num_warps=4,
+                                                    **pdl.launch_args(h.device))
     return logits
 
 
@@ -168,5 +174,5 @@ def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k:
     _top_k_plan_kernel[(1,)](_gate_logits(h, weight, bias), ids, weights, rows.order, rows.position, rows.counts,
                              rows.offsets, T, E, K=k, K_POW2=triton.next_power_of_2(k),
                              E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS,
-                             **count_sort_sizes(T * k), num_warps=4)
+                             **count_sort_sizes(T * k), num_warps=4, **pdl.launch_args(h.device))
     return ids, weights, rows
