@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="profile without CUDA graphs")
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="also time the decode graph's replays with programmatic dependent launch on and off")
     args = ap.parse_args()
     # Under torchrun the ranks form one tensor-parallel replica; rank 0 prints.
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -49,6 +51,42 @@ def main() -> None:
         show("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
             show(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
+        if args.pdl_ab and not args.eager:
+            show(f"decode graph replay at batch {batch} (GPU time a step, median of 3 x 100 replays, us): "
+                 + ", ".join(f"PDL {flag} {us:,.1f}" for flag, us in pdl_ab(llm, prompts, batch)))
+
+
+def replay_us(llm: LLM, batch: int, replays: int = 100) -> float:
+    """Median GPU microseconds of one replay of the captured batch-`batch` decode graph, replays
+    queued back to back (the GPU never waits for the host), timed with CUDA events."""
+    graph = llm._graphs._graphs[next(s for s in llm._graphs.sizes if s >= batch)]
+    for _ in range(10):
+        graph.replay()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
+    events[0].record()
+    for e in events[1:]:
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in zip(events, events[1:]))
+
+
+def pdl_ab(llm: LLM, prompts: list[list[int]], batch: int) -> list[tuple[str, float]]:
+    """(GPT_OSS_PDL value, replay_us) with the graphs captured again under each value, alternately."""
+    times = collections.defaultdict(list)
+    saved = os.environ.get("GPT_OSS_PDL")
+    try:
+        for flag in ("0", "1") * 3:
+            os.environ["GPT_OSS_PDL"] = flag
+            llm._graphs._graphs.clear()  # captured again on the next decode step, under this flag
+            llm.generate(requests(prompts, 2))
+            times[flag].append(replay_us(llm, batch))
+    finally:
+        if saved is None:
+            os.environ.pop("GPT_OSS_PDL", None)
+        else:
+            os.environ["GPT_OSS_PDL"] = saved
+    return [(flag, statistics.median(v)) for flag, v in times.items()]
 
 
 def requests(prompts: list[list[int]], tokens: int) -> list[dict]:
