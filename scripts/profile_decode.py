@@ -78,7 +78,8 @@ def pdl_ab(llm: LLM, prompts: list[list[int]], batch: int) -> list[tuple[str, fl
     try:
         for flag in ("0", "1") * 3:
             os.environ["GPT_OSS_PDL"] = flag
-            llm._graphs._graphs.clear()  # captured again on the next decode step, under this flag
+            llm._graphs._graphs.clear()  # captured again on the next decode step, under this flag,
+            llm._graphs._memory = None  # in a new memory pool (the old one went with its graphs)
             llm.generate(requests(prompts, 2))
             times[flag].append(replay_us(llm, batch))
     finally:
