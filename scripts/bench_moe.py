@@ -105,7 +105,10 @@ def gemv_candidates(rows: int, num_experts: int) -> list[Tiles]:
     if per_expert > 8:
         return []
     block_ts = (1, 2) if rows * 8 <= num_experts else (2, 1, 4) if per_expert <= 2 else (4, 2)
-    return [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
+    tiles = [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
+    if 1 in block_ts:  # the tensor-core route: two weight rows a thread, 32 // groups lanes a row pair
+        tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "mma") for g in (4, 8, 16, 32) for w in (2, 4, 8)]
+    return tiles
 
 
 def reference(x, source, source_div, experts_sorted, blocks, scales, bias, limit):
@@ -193,7 +196,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                 per = p.num_rows / max(1, min(p.num_rows, E))
                 mma = time_candidates(fn, check, candidates(per))
                 gemv = time_candidates(fn, check, [t for t in gemv_candidates(p.num_rows, E) if gemv_tiles_ok(t)])
-                gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]])
+                gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3] if t.decode != "mma"])
                 gemv.sort(key=lambda x: x[0])
                 for kind, timed in (("tensor-core", mma), ("gemv", gemv)):
                     if timed:

@@ -63,6 +63,16 @@ case "${1:-all}" in
       | grep -v "^|---\|Warning\|warn" | head -24
     timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -x 2>&1 | tail -4
     ;;
+  mma-gemv)  # the MoE's one-row GEMV on tensor cores: decode-step A/B, per-GEMM A/B, its GPU tests, then a tile sweep
+    timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 4 --context 128 --steps 8 \
+      --ab GPT_OSS_MOE_MMA_GEMV 2>&1 | grep "replay\|GPU busy\|Error"
+    for flag in 0 1; do
+      GPT_OSS_MOE_MMA_GEMV=$flag timeout 60 python3 scripts/bench_moe.py --model gpt-oss-20b --tokens 1 4 2>&1 | grep "gemm"
+    done
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x -k \
+      "tensor_cores or triton_experts or scale_ranges or kv_cache_decode or replays_the_static or programmatic" 2>&1 | tail -3
+    timeout 150 python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 2>&1 | grep "best gemv\|FASTEST"
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096

@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="profile without CUDA graphs")
-    ap.add_argument("--pdl-ab", action="store_true",
-                    help="also time the decode graph's replays with programmatic dependent launch on and off")
+    ap.add_argument("--ab", metavar="ENV", default=None,
+                    help="also time the decode graph's replays with the switch ENV at 0 and at 1, e.g. GPT_OSS_PDL "
+                         "(programmatic dependent launch) or GPT_OSS_MOE_MMA_GEMV (the MoE's tensor-core GEMV)")
     args = ap.parse_args()
     # Under torchrun the ranks form one tensor-parallel replica; rank 0 prints.
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -51,9 +52,9 @@ def main() -> None:
         show("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
             show(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
-        if args.pdl_ab and not args.eager:
+        if args.ab and not args.eager:
             show(f"decode graph replay at batch {batch} (GPU time a step, median of 3 x 100 replays, us): "
-                 + ", ".join(f"PDL {flag} {us:,.1f}" for flag, us in pdl_ab(llm, prompts, batch)))
+                 + ", ".join(f"{args.ab}={flag} {us:,.1f}" for flag, us in switch_ab(llm, prompts, batch, args.ab)))
 
 
 def replay_us(llm: LLM, batch: int, replays: int = 100) -> float:
@@ -71,22 +72,22 @@ def replay_us(llm: LLM, batch: int, replays: int = 100) -> float:
     return statistics.median(a.elapsed_time(b) * 1e3 for a, b in zip(events, events[1:]))
 
 
-def pdl_ab(llm: LLM, prompts: list[list[int]], batch: int) -> list[tuple[str, float]]:
-    """(GPT_OSS_PDL value, replay_us) with the graphs captured again under each value, alternately."""
+def switch_ab(llm: LLM, prompts: list[list[int]], batch: int, env: str) -> list[tuple[str, float]]:
+    """(value of the switch `env`, replay_us) with the graphs captured again under each value, alternately."""
     times = collections.defaultdict(list)
-    saved = os.environ.get("GPT_OSS_PDL")
+    saved = os.environ.get(env)
     try:
         for flag in ("0", "1") * 3:
-            os.environ["GPT_OSS_PDL"] = flag
+            os.environ[env] = flag
             llm._graphs._graphs.clear()  # captured again on the next decode step, under this flag,
             llm._graphs._memory = None  # in a new memory pool (the old one went with its graphs)
             llm.generate(requests(prompts, 2))
             times[flag].append(replay_us(llm, batch))
     finally:
         if saved is None:
-            os.environ.pop("GPT_OSS_PDL", None)
+            os.environ.pop(env, None)
         else:
-            os.environ["GPT_OSS_PDL"] = saved
+            os.environ[env] = saved
     return [(flag, statistics.median(v)) for flag, v in times.items()]
 
 

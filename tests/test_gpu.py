@@ -161,6 +161,53 @@ def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
     assert torch.isfinite(poisoned).all()  # every element written
 
 
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
+@pytest.mark.parametrize("split", [1, 2])  # 2: each expert's intermediate dimension halved (tensor parallelism)
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, tokens):
+    """The one-row GEMV on tensor cores (decode "mma") against the CUDA-core one on the same bf16
+    inputs, mlp1 (SwiGLU) and mlp2: both sum exact products in fp32, so only the order of the sums
+    differs. K = 2880 and 1440 end in a partial chunk; every output element is written (poisoned
+    first); some scale bytes sit at the route's lower end (66)."""
+    import dataclasses
+
+    from runtime.kernels.moe import route
+    from runtime.kernels.moe_gemm import Tiles, grouped_mxfp4, mma_gemv_fits, plan
+
+    cfg = preset(name)
+    E, d, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size // split
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 10 * split)
+
+    def experts(n, k):
+        blocks = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = torch.randint(110, 131, (E, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
+        scales[:, ::7, ::5] = 66
+        return blocks, scales, torch.randn(E, n, device="cuda", generator=gen).to(torch.bfloat16)
+
+    w1, w2 = experts(2 * inter, d), experts(d, inter)
+    expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
+    p = plan(expert_ids.reshape(-1), E)
+    h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
+    mma = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma")
+    assert mma_gemv_fits(h, w1[1], mma) and mma_gemv_fits(h, w2[1], mma)
+    outs = {}
+    for decode in ("mma", "fp16"):
+        tiles = dataclasses.replace(mma, decode=decode)
+        act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
+        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
+                      tiles=tiles, out=act)
+        act_in = outs["mma"][0] if decode == "fp16" else act  # the same mlp2 input for both routes
+        y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
+        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=tiles, out=y)
+        assert torch.isfinite(act).all() and torch.isfinite(y).all()
+        outs[decode] = (act, y)
+    (act, y), (act_ref, y_ref) = outs["mma"], outs["fp16"]
+    # bf16 outputs of fp32 sums that differ in order: one bf16 rounding apart, or cancellation's noise
+    a, b = act.float(), act_ref.float()
+    assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-4 * b.abs().max()).all()
+    assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("top_scale", [128, 131])  # <= 128: the folded one-multiply decode; above: two
 def test_triton_decode_at_both_scale_ranges(top_scale):
     from runtime.kernels.moe import expert_rows

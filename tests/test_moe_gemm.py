@@ -315,3 +315,131 @@ def test_gemv_ptx_decode_routes_emulated(e4m3, log2):
     for block, expected in zip(blocks, want):
         got = [v * 2.0 ** log2 for v in emulate_ptx(ptx, block.view(torch.int32).tolist())]
         assert got == expected.tolist()
+
+
+# ---------------------------------------------------------------- the one-row GEMV on tensor cores (PTX)
+def _bf16_bits_to_float(bits: int) -> float:
+    return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def _float_to_bf16_bits(value: float) -> int:
+    bits = int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF  # round to nearest even
+
+
+def emulate_warp_ptx(ptx: str, lanes: list[dict]) -> None:
+    """Runs the tensor-core GEMV's PTX for a whole warp, in place on each lane's registers (dicts
+    from operand names such as "$8" to ints, fp32 operands as Python floats). mma.sync gathers the
+    fragments from all 32 lanes as the PTX ISA lays out m16n8k16 (lane 4g + t: A rows g and g + 8 at
+    k 2t, 2t + 1, 2t + 8, 2t + 9; B column g at the same k; D[g, 2t..2t+1] and D[g+8, 2t..2t+1])."""
+    for lane, regs in enumerate(lanes):
+        regs["%laneid"] = lane
+
+    def val(regs, token):
+        if token in regs:
+            return regs[token]
+        if token.startswith("0f"):
+            return float(np.array([int(token[2:], 16)], dtype=np.uint32).view(np.float32)[0])
+        return int(token, 0) & 0xFFFFFFFF
+
+    for line in ptx.split("\n"):
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op.startswith("mma.sync"):
+            groups = [[t.strip() for t in g.split(",")] for g in re.findall(r"\{([^}]*)\}", rest)]
+            d, a, b, c = groups
+            A, B = np.zeros((16, 16)), np.zeros((16, 8))
+            C = np.zeros((16, 8))
+            for lane, regs in enumerate(lanes):
+                g, t = lane // 4, lane % 4
+                halves = [[_bf16_bits_to_float(regs[r] & 0xFFFF), _bf16_bits_to_float(regs[r] >> 16)] for r in a]
+                A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = halves[0], halves[1]
+                A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = halves[2], halves[3]
+                bh = [[_bf16_bits_to_float(regs[r] & 0xFFFF), _bf16_bits_to_float(regs[r] >> 16)] for r in b]
+                B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = bh[0], bh[1]
+                C[g, 2 * t:2 * t + 2] = [regs[c[0]], regs[c[1]]]
+                C[g + 8, 2 * t:2 * t + 2] = [regs[c[2]], regs[c[3]]]
+            D = (A @ B + C).astype(np.float32)
+            for lane, regs in enumerate(lanes):
+                g, t = lane // 4, lane % 4
+                for reg, value in zip(d, (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
+                    regs[reg] = float(value)
+            continue
+        for regs in lanes:
+            dst, *src = [t.strip() for t in rest.split(",")]
+            v = [val(regs, s) for s in src]
+            if op in ("mov.b32", "mov.u32", "mov.f32"):
+                regs[dst] = v[0]
+            elif op == "add.u32":
+                regs[dst] = (v[0] + v[1]) & 0xFFFFFFFF
+            elif op == "shl.b32":
+                regs[dst] = (v[0] << v[1]) & 0xFFFFFFFF
+            elif op == "shr.u32":
+                regs[dst] = v[0] >> v[1]
+            elif op == "and.b32":
+                regs[dst] = v[0] & v[1]
+            elif op == "or.b32":
+                regs[dst] = v[0] | v[1]
+            elif op == "prmt.b32":  # no sign-replicate selectors here
+                pool = [(v[0] >> 8 * i) & 255 for i in range(4)] + [(v[1] >> 8 * i) & 255 for i in range(4)]
+                regs[dst] = sum(pool[(v[2] >> 4 * i) & 7] << 8 * i for i in range(4))
+            elif op == "mul.rn.bf16x2":
+                lo = _float_to_bf16_bits(_bf16_bits_to_float(v[0] & 0xFFFF) * _bf16_bits_to_float(v[1] & 0xFFFF))
+                hi = _float_to_bf16_bits(_bf16_bits_to_float(v[0] >> 16) * _bf16_bits_to_float(v[1] >> 16))
+                regs[dst] = lo | hi << 16
+            elif op == "add.f32":
+                regs[dst] = float(np.float32(v[0]) + np.float32(v[1]))
+            elif op == "setp.eq.u32":
+                regs[dst] = v[0] == v[1]
+            elif op == "selp.f32":
+                regs[dst] = v[0] if v[2] else v[1]
+            else:
+                raise ValueError(f"not emulated: {line}")
+
+
+def test_tensor_core_gemv_ptx_emulated_on_a_warp():
+    """The one-row tensor-core GEMV's PTX (decode, scale, 8 MMAs per step, then the diagonal) on one
+    warp laid out as _gemv_mma_tile's tiles are on the GPU (lane 16 r + b: block b of rows r and
+    r + 8): two steps of 16 blocks each; every row's sum of the kept values is its dot product with
+    x, up to fp32 rounding. Scale bytes span the route's whole range, 66..192."""
+    from runtime.kernels.moe_gemm import MMA_SCALE_OFFSET, _mma_result_ptx, _mma_step_ptx
+
+    gen = torch.Generator().manual_seed(5)
+    rows, steps = 4, 2  # this warp's rows: 0, 1 (row A of lanes 0-15, 16-31) and 8, 9 (row B)
+    blocks = torch.randint(0, 256, (rows, steps * 16, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(66, 193, (rows, steps * 16), dtype=torch.uint8, generator=gen)
+    scales[:, :4] = torch.tensor([66, 192, 127, 100])
+    x = (torch.randn(steps * 16 * 32, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(
+        torch.bfloat16)
+    weights = mxfp4.decode(blocks, scales, torch.float32).double()
+    want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
+    lanes = [{f"${56 + n}": 0.0 for n in range(8)} for _ in range(32)]
+    x_words = x.view(torch.int16).view(torch.int32).tolist()  # word q of block b: x_words[16 b + q]
+    step_ptx = _mma_step_ptx()
+    for step in range(steps):
+        for lane, regs in enumerate(lanes):
+            r, b = lane // 16, step * 16 + lane % 16
+            words_a = blocks[r, b].view(torch.int32).tolist()
+            words_b = blocks[r + 2, b].view(torch.int32).tolist()
+            for n in range(4):
+                regs[f"${8 + n}"], regs[f"${12 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
+                for k in range(4):  # x input k holds words 4k .. 4k + 3 of the block (elements 0-3)
+                    regs[f"${24 + 8 * k + n}"] = x_words[16 * b + 4 * k + n] & 0xFFFFFFFF
+            regs["$16"], regs["$20"] = int(scales[r, b]), int(scales[r + 2, b])
+        emulate_warp_ptx(step_ptx, lanes)
+        for regs in lanes:  # the outputs come back in as the next step's accumulators
+            for n in range(8):
+                regs[f"${56 + n}"] = regs[f"${n}"]
+    for regs in lanes:
+        for n in range(8):
+            regs[f"${8 + n}"] = regs[f"${n}"]
+    emulate_warp_ptx(_mma_result_ptx(), lanes)
+    got = torch.zeros(rows, dtype=torch.float64)
+    for lane, regs in enumerate(lanes):
+        r = lane // 16
+        assert all(regs[f"${n}"] == 0.0 for n in (1, 2, 3, 5, 6, 7))
+        got[r] += regs["$0"]
+        got[r + 2] += regs["$4"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (got, want)

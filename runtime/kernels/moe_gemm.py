@@ -248,7 +248,7 @@ def _decode32_ptx(e4m3: bool) -> str:
 _DECODE32_FP16 = tl.constexpr(_decode32_ptx(e4m3=False))
 _DECODE32_E4M3 = tl.constexpr(_decode32_ptx(e4m3=True))
 _DECODE32_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 4))
-DECODE_INT, DECODE_FP16, DECODE_E4M3 = 0, 1, 2  # the GEMV's decode routes (integer: the interpreter's)
+DECODE_INT, DECODE_FP16, DECODE_E4M3, DECODE_MMA = 0, 1, 2, 3  # the GEMV's routes (integer: the interpreter's)
 
 
 @triton.jit
@@ -435,6 +435,142 @@ def _gemv_store(acc, bias, UNDO: tl.constexpr, out_ptr, row, stride_out, cols, N
         tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
+# ------------------------------------------------------------------ decode: the one-row GEMV on tensor cores
+# The CUDA-core GEMV above spends ~5 instructions per weight (decode to fp16, widen to fp32, FMA, x
+# conversions) and is issue-bound at ~45% of the copy bandwidth. This route hands the multiply-adds
+# to mma.sync (m16n8k16, bf16 in, fp32 accumulate) and decodes with the bf16 bit trick of `_decode_ptx`,
+# about 3 instructions per weight. A GEMV has one column; the MMA is used on its diagonal:
+#
+# Lane l = 4g + t of a warp supplies A rows g and g + 8 at k slots {2t, 2t+1, 2t+8, 2t+9} and B column
+# g at the same k slots, and receives D[g, 2t..2t+1] and D[g+8, 2t..2t+1]. So D[g, g] (and D[g+8, g])
+# sums, over the four lanes 4g..4g+3 alone, each lane's A row g values times its own B values: if
+# every lane puts into A two weight rows (its "row A" and "row B") and into B the x values at the same
+# k, D[g, g] is the dot product of the row A that lanes 4g..4g+3 share with x over the K positions
+# they hold, whatever the other lanes do. The kernel's tiles [BLOCK_N, GPI, 4] int32 (a 16-byte block
+# of 32 weights per thread: sizePerThread [1, 1, 4], GPI lanes along the blocks, warps along rows)
+# give exactly that when GPI is a multiple of 4 and each thread holds 2 rows (BLOCK_N = 2 x 32 / GPI
+# x warps): lanes 4g..4g+3 hold 4 blocks of the same 2 rows. D[g, g] sits in lane 4g + g // 2 (element
+# g % 2, and g % 2 + 2 for row B); `_MMA_RESULT` keeps those and zeroes the rest, and a sum over the
+# tile's blocks adds the partial dot products up.
+#
+# The block scale multiplies the decoded weights (bf16: exact, its exponent range is fp32's), times
+# 2^-MMA_SCALE_OFFSET so that scale bytes up to 192 fit; the result is multiplied back at the end.
+# Exact for scale bytes 66..192 (`mma_scales_ok`); other tensors keep the CUDA-core route.
+MMA_SCALE_OFFSET = 64
+
+
+def _mma_pair_ptx(word: str, scale: str, out: str, i: int) -> list[str]:
+    """bf16x2 `out` = (nibble i, nibble i + 4) of `word` times 2^(scale - 127 - MMA_SCALE_OFFSET): the
+    sign/exponent/mantissa bits dropped into a bf16's (the value times 2^-126, `_decode_ptx`'s trick),
+    then one packed multiply by `scale`, a bf16x2 of 2^(s - 1 - MMA_SCALE_OFFSET)."""
+    payload, sign = 6 - 4 * i, 12 - 4 * i  # nibble i's bits 4i..4i+2 to 6..8, bit 4i + 3 to 15
+    return [f"shl.b32 a, {word}, {payload};" if payload >= 0 else f"shr.u32 a, {word}, {-payload};",
+            "and.b32 a, a, 0x01C001C0;",
+            f"shl.b32 b, {word}, {sign};" if sign else f"mov.b32 b, {word};",
+            "and.b32 b, b, 0x80008000;", "or.b32 a, a, b;", f"mul.rn.bf16x2 {out}, a, {scale};"]
+
+
+def _mma_step_ptx() -> str:
+    """One thread's 32-value block of two weight rows against x, as 8 MMAs accumulating into two sets
+    of 4 fp32 registers (words 0-1 into $0-$3, words 2-3 into $4-$7, two independent chains).
+
+    Operands (pack 8: elements 0-3 are row A's, 4-7 row B's, as the thread holds its two rows):
+    $8-$11 row A's 4 words, $12-$15 row B's; $16 row A's scale byte, $20 row B's; x, the block's 32
+    bf16 values as 16 words (word q holds values 2q, 2q + 1), in $24-$27, $32-$35, $40-$43, $48-$51
+    (four words from each of four inputs); $56-$63 the accumulators coming in."""
+    def x_word(q: int) -> str:
+        return f"${24 + 8 * (q // 4) + q % 4}"
+
+    lines = ["{", ".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<4>;"]
+    for reg, scale in (("sa", "$16"), ("sb", "$20")):  # bf16x2 2^(s - 1 - offset): exponent field s + 126 - offset
+        lines += [f"add.u32 {reg}, {scale}, {126 - MMA_SCALE_OFFSET};", f"shl.b32 a, {reg}, 23;",
+                  f"shl.b32 {reg}, {reg}, 7;", f"or.b32 {reg}, {reg}, a;"]
+    lines += [f"mov.b32 ${n}, ${56 + n};" for n in range(8)]
+    for w in range(4):
+        for i in range(4):
+            lines += _mma_pair_ptx(f"${8 + w}", "sa", f"ra{i}", i)
+            lines += _mma_pair_ptx(f"${12 + w}", "sb", f"rb{i}", i)
+            # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
+            lines.append(f"prmt.b32 bx{i}, {x_word(4 * w + i // 2)}, {x_word(4 * w + 2 + i // 2)}, "
+                         f"{'0x5410' if i % 2 == 0 else '0x7632'};")
+        acc = "$0, $1, $2, $3" if w < 2 else "$4, $5, $6, $7"
+        for i0, i1 in ((0, 1), (2, 3)):
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{acc}}}, "
+                         f"{{ra{i0}, rb{i0}, ra{i1}, rb{i1}}}, {{bx{i0}, bx{i1}}}, {{{acc}}};")
+    return "\n".join(lines + ["}"])
+
+
+def _mma_result_ptx() -> str:
+    """The accumulators ($8-$15, pack 8) -> row A's dot product in $0 and row B's in $4 where this lane
+    holds the diagonal (lane 4g + t with t == g // 2: D[g, g] is element g % 2, D[g+8, g] element
+    g % 2 + 2), zero everywhere else."""
+    lines = ["{", ".reg .b32 lane, g, t, h;", ".reg .pred holder, odd;", ".reg .f32 e<4>, ra, rb;",
+             "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "shr.u32 h, g, 1;",
+             "setp.eq.u32 holder, t, h;", "and.b32 h, g, 1;", "setp.eq.u32 odd, h, 1;"]
+    lines += [f"add.f32 e{n}, ${8 + n}, ${12 + n};" for n in range(4)]  # the two chains
+    lines += ["selp.f32 ra, e1, e0, odd;", "selp.f32 rb, e3, e2, odd;",
+              "selp.f32 $0, ra, 0f00000000, holder;", "selp.f32 $4, rb, 0f00000000, holder;"]
+    lines += [f"mov.f32 ${n}, 0f00000000;" for n in (1, 2, 3, 5, 6, 7)]
+    return "\n".join(lines + ["}"])
+
+
+_MMA_STEP = tl.constexpr(_mma_step_ptx())
+_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 48 + ["f"] * 8))
+_MMA_RESULT = tl.constexpr(_mma_result_ptx())
+_MMA_RESULT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
+_MMA_UNDO = tl.constexpr(2.0 ** MMA_SCALE_OFFSET)
+
+
+@triton.jit
+def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row, N,
+                   stride_x_words, stride_out, stride_we, stride_se, stride_biase, limit,
+                   K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above).
+    K is walked in unrolled chunks of GPI blocks per weight row; a last, partial chunk is masked
+    (weights and x both zero there). Rows past N re-read row N - 1 and are never stored."""
+    K_WORDS: tl.constexpr = K_BYTES // 4
+    GROUPS: tl.constexpr = K_BYTES // 16
+    GPI: tl.constexpr = BLOCK_K // 32
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(cols, N - 1).to(tl.int64)[:, None, None]
+    kg = tl.arange(0, GPI)[None, :, None]
+    j = tl.arange(0, 4)[None, None, :]
+    w_ptrs = words_ptr + expert * stride_we + rows * K_WORDS + kg * 4 + j
+    # scales and x through [BLOCK_N, GPI, 4] offsets too, so their loads take the weights' layout
+    s_ptrs = scales_ptr + expert * stride_se + rows * GROUPS + kg + 0 * j
+    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + _row_source(source_ptr, row, GATHER, SOURCE_DIV) * stride_x_words
+    x_offs = kg * 16 + j + 0 * rows
+    acc = tl.zeros((BLOCK_N, GPI, 4), dtype=tl.float32)
+    for c in tl.static_range((GROUPS + GPI - 1) // GPI):
+        if (c + 1) * GPI <= GROUPS:
+            words = tl.load(w_ptrs + c * GPI * 4)
+            scale = tl.load(s_ptrs + c * GPI).to(tl.int32)
+            x_chunk = x_row + c * GPI * 16 + x_offs
+            x0 = tl.load(x_chunk)
+            x1 = tl.load(x_chunk + 4)
+            x2 = tl.load(x_chunk + 8)
+            x3 = tl.load(x_chunk + 12)
+        else:
+            ok = (c * GPI + kg + 0 * j + 0 * rows) < GROUPS
+            words = tl.load(w_ptrs + c * GPI * 4, mask=ok, other=0)
+            scale = tl.load(s_ptrs + c * GPI, mask=ok, other=127).to(tl.int32)
+            x_chunk = x_row + c * GPI * 16 + x_offs
+            x0 = tl.load(x_chunk, mask=ok, other=0)
+            x1 = tl.load(x_chunk + 4, mask=ok, other=0)
+            x2 = tl.load(x_chunk + 8, mask=ok, other=0)
+            x3 = tl.load(x_chunk + 12, mask=ok, other=0)
+        acc = tl.inline_asm_elementwise(_MMA_STEP, _MMA_STEP_CONSTRAINTS, [words, scale, x0, x1, x2, x3, acc],
+                                        dtype=tl.float32, is_pure=True, pack=8)
+    part = tl.inline_asm_elementwise(_MMA_RESULT, _MMA_RESULT_CONSTRAINTS, [acc], dtype=tl.float32, is_pure=True,
+                                     pack=8)
+    if bias_ptr is not None:
+        bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=cols < N, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    _gemv_store(tl.sum(part, 2), bias, _MMA_UNDO, out_ptr, row, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+
+
 @triton.jit
 def _moe_gemv_kernel(
     x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
@@ -451,6 +587,11 @@ def _moe_gemv_kernel(
     if expert >= E:
         return
     expert = expert.to(tl.int64)
+    if DECODE == 3:  # DECODE_MMA: one row a tile, x in bf16 (stride_x counts int32 words)
+        _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, N,
+                       stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+                       K_BYTES, GATHER, SOURCE_DIV, SWIGLU, BLOCK_N, BLOCK_K)
+        return
     n = tl.minimum(row_end - row0, BLOCK_T)
     for t in tl.static_range(1, BLOCK_T + 1):
         if n == t:
@@ -582,7 +723,7 @@ class Tiles:
     num_warps: int
     num_stages: int
     kernel: str = "mma"  # "mma": _moe_gemm_kernel (tensor cores); "gemv": _moe_gemv_kernel (block_t <= 4)
-    decode: str = "fp16"  # the GEMV's decode route on the GPU: "fp16" or "e4m3" (see _decode32_ptx)
+    decode: str = "fp16"  # the GEMV's route on the GPU: "fp16", "e4m3" (see _decode32_ptx) or "mma" (_gemv_mma_tile)
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
 
 
@@ -593,6 +734,7 @@ class Tiles:
 # one row per expert (8 tokens: 202 vs 208 us).
 GEMV_ROWS_PER_EXPERT = 1
 GEMV_SINGLE_ROWS = 2
+CUDA_CORE_DECODE = {True: "fp16", False: "e4m3"}  # one-row tiles' CUDA-core route, mlp1 (swiglu) and mlp2
 
 
 def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
@@ -600,15 +742,17 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     is bound by streaming (and decoding) the weight bytes, prefill by the MMAs. mlp1 (swiglu) and
     mlp2 differ only in the GEMV's decode route, which the sweep found faster each way."""
     per_expert = rows / max(1, min(rows, num_experts))
-    if rows * GEMV_SINGLE_ROWS <= num_experts:
-        tiles = Tiles(1, 16, 512, 4, 1, "gemv", decode="fp16" if swiglu else "e4m3")
+    if rows * GEMV_SINGLE_ROWS <= num_experts:  # "mma" where grouped_mxfp4 can take it (mma_gemv_fits)
+        mma = os.environ.get("GPT_OSS_MOE_MMA_GEMV", "1") != "0"  # the bench's A/B switch
+        tiles = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
     elif per_expert <= GEMV_ROWS_PER_EXPERT:
         tiles = Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
     else:
         return mma_tiles(rows, num_experts, swiglu)
     # The interpreter runs programs one after another in Python, each at about the same cost whatever
     # its tile: the CPU tests of the whole model get the GEMV with 8x fewer, wider programs.
-    return dataclasses.replace(tiles, block_n=128) if INTERPRET else tiles
+    # (It runs no PTX, so no tensor-core route either.)
+    return dataclasses.replace(tiles, block_n=128, decode=CUDA_CORE_DECODE[swiglu]) if INTERPRET else tiles
 
 
 def mma_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
@@ -633,22 +777,41 @@ def mma_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
 def gemv_tiles_ok(tiles: Tiles) -> bool:
     """Shapes the GEMV supports. Its decode takes each 32-value block's 4 words from one thread
     (inline asm with pack=4), which holds when a thread loads 16 bytes per block: at least one
-    block per thread in a step (smaller tensors get narrower loads) and power-of-two sizes."""
+    block per thread in a step (smaller tensors get narrower loads) and power-of-two sizes. The
+    tensor-core route ("mma") needs one row a tile, lanes in fours along the blocks and exactly two
+    weight rows a thread (see _gemv_mma_tile)."""
     pow2 = all(v > 0 and v & (v - 1) == 0 for v in (tiles.block_n, tiles.block_k, tiles.num_warps))
+    groups = tiles.block_k // 32
+    if tiles.decode == "mma":
+        return (pow2 and tiles.block_t == 1 and 4 <= groups <= 32
+                and tiles.block_n == 2 * (32 // groups) * tiles.num_warps)
     return (pow2 and 1 <= tiles.block_t <= 4 and tiles.block_n >= 2 and 64 <= tiles.block_k <= 1024
-            and tiles.block_n * (tiles.block_k // 32) >= 32 * tiles.num_warps and tiles.decode in ("fp16", "e4m3"))
+            and tiles.block_n * groups >= 32 * tiles.num_warps and tiles.decode in ("fp16", "e4m3"))
+
+
+def _checked_once(scales: torch.Tensor, name: str, check) -> bool:
+    """check(scales) (a host sync), computed once per tensor contents and remembered on the tensor
+    with its version counter, which any in-place write (such as loading a checkpoint into it) bumps."""
+    cached = getattr(scales, name, None)
+    if cached is None or cached[0] != scales._version:
+        cached = (scales._version, bool(check(scales)) if scales.numel() else True)
+        setattr(scales, name, cached)
+    return cached[1]
 
 
 def scales_fold(scales: torch.Tensor) -> bool:
-    """Whether every scale byte is <= 128, so the decode needs one multiply per pair, not two.
+    """Whether every scale byte is <= 128, so the decode needs one multiply per pair, not two."""
+    return _checked_once(scales, "_gpt_oss_fold", lambda s: s.max() <= 128)
 
-    Checked once per tensor contents (a host sync) and remembered on the tensor with its version
-    counter, which any in-place write (such as loading a checkpoint into it) bumps."""
-    cached = getattr(scales, "_gpt_oss_fold", None)
-    if cached is None or cached[0] != scales._version:
-        cached = (scales._version, bool(scales.max() <= 128) if scales.numel() else True)
-        scales._gpt_oss_fold = cached
-    return cached[1]
+
+def mma_gemv_fits(x: torch.Tensor, scales: torch.Tensor, tiles: Tiles) -> bool:
+    """Whether the one-row tensor-core GEMV takes this call: bf16 x with 16-byte aligned rows on a
+    Hopper GPU, and every scale byte in 66..192 (exact in its bf16 operands, see MMA_SCALE_OFFSET)."""
+    if INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not gemv_tiles_ok(tiles):
+        return False
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return _checked_once(scales, "_gpt_oss_mma_range", lambda s: (s.min() >= 66) & (s.max() <= 192))
 
 
 def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan, blocks: torch.Tensor,
@@ -666,13 +829,15 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         return out
     grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
     if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
+        if tiles.decode == "mma" and not mma_gemv_fits(x, scales, tiles):
+            tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu_limit is not None])
         assert gemv_tiles_ok(tiles), tiles
         assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
             and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), (blocks.stride(), scales.stride())
-        decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3}[tiles.decode]
+        decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3, "mma": DECODE_MMA}[tiles.decode]
         _moe_gemv_kernel[grid](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
-            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
+            E, N, x.stride(0) // 2 if decode == DECODE_MMA else x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
             float(swiglu_limit or 0.0),
             K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
             DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
