@@ -401,13 +401,14 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict]) -> None:
 
 def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     """The one-row tensor-core GEMV's PTX (decode, scale, 8 MMAs per step, then the diagonal) on one
-    warp laid out as _gemv_mma_tile's tiles are on the GPU (lane 16 r + b: block b of rows r and
-    r + 8): two steps of 16 blocks each; every row's sum of the kept values is its dot product with
-    x, up to fp32 rounding. Scale bytes span the route's whole range, 66..192."""
+    warp laid out as _gemv_mma_tile's tiles are on the GPU (lane 16 r + b: block b of the even row
+    2r and, in the second tensor, of the odd row 2r + 1): two steps of 16 blocks each; every row's
+    sum of the kept values is its dot product with x, up to fp32 rounding. Scale bytes span the
+    route's whole range, 66..192."""
     from runtime.kernels.moe_gemm import MMA_SCALE_OFFSET, _mma_result_ptx, _mma_step_ptx
 
     gen = torch.Generator().manual_seed(5)
-    rows, steps = 4, 2  # this warp's rows: 0, 1 (row A of lanes 0-15, 16-31) and 8, 9 (row B)
+    rows, steps = 4, 2  # even rows 0, 2 and odd rows 1, 3: lanes 0-15 hold rows 0-1, lanes 16-31 rows 2-3
     blocks = torch.randint(0, 256, (rows, steps * 16, 16), dtype=torch.uint8, generator=gen)
     scales = torch.randint(66, 193, (rows, steps * 16), dtype=torch.uint8, generator=gen)
     scales[:, :4] = torch.tensor([66, 192, 127, 100])
@@ -415,23 +416,23 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
         torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
     want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
-    lanes = [{f"${56 + n}": 0.0 for n in range(8)} for _ in range(32)]
+    lanes = [{f"${40 + n}": 0.0 for n in range(8)} for _ in range(32)]
     x_words = x.view(torch.int16).view(torch.int32).tolist()  # word q of block b: x_words[16 b + q]
     step_ptx = _mma_step_ptx()
     for step in range(steps):
         for lane, regs in enumerate(lanes):
             r, b = lane // 16, step * 16 + lane % 16
-            words_a = blocks[r, b].view(torch.int32).tolist()
-            words_b = blocks[r + 2, b].view(torch.int32).tolist()
+            words_a = blocks[2 * r, b].view(torch.int32).tolist()
+            words_b = blocks[2 * r + 1, b].view(torch.int32).tolist()
             for n in range(4):
                 regs[f"${8 + n}"], regs[f"${12 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
-                for k in range(4):  # x input k holds words 4k .. 4k + 3 of the block (elements 0-3)
-                    regs[f"${24 + 8 * k + n}"] = x_words[16 * b + 4 * k + n] & 0xFFFFFFFF
-            regs["$16"], regs["$20"] = int(scales[r, b]), int(scales[r + 2, b])
+                regs[f"${16 + n}"], regs[f"${20 + n}"] = int(scales[2 * r, b]), int(scales[2 * r + 1, b])
+            for q in range(16):  # x inputs 0-3, element n of input k: word 4k + n of the block
+                regs[f"${24 + q}"] = x_words[16 * b + q] & 0xFFFFFFFF
         emulate_warp_ptx(step_ptx, lanes)
         for regs in lanes:  # the outputs come back in as the next step's accumulators
             for n in range(8):
-                regs[f"${56 + n}"] = regs[f"${n}"]
+                regs[f"${40 + n}"] = regs[f"${n}"]
     for regs in lanes:
         for n in range(8):
             regs[f"${8 + n}"] = regs[f"${n}"]
@@ -440,6 +441,6 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     for lane, regs in enumerate(lanes):
         r = lane // 16
         assert all(regs[f"${n}"] == 0.0 for n in (1, 2, 3, 5, 6, 7))
-        got[r] += regs["$0"]
-        got[r + 2] += regs["$4"]
+        got[2 * r] += regs["$0"]
+        got[2 * r + 1] += regs["$4"]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (got, want)

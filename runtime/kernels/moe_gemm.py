@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 import triton
@@ -439,23 +440,24 @@ def _gemv_store(acc, bias, UNDO: tl.constexpr, out_ptr, row, stride_out, cols, N
 # The CUDA-core GEMV above spends ~5 instructions per weight (decode to fp16, widen to fp32, FMA, x
 # conversions) and is issue-bound at ~45% of the copy bandwidth. This route hands the multiply-adds
 # to mma.sync (m16n8k16, bf16 in, fp32 accumulate) and decodes with the bf16 bit trick of `_decode_ptx`,
-# about 3 instructions per weight. A GEMV has one column; the MMA is used on its diagonal:
+# about 4 instructions per weight. A GEMV has one column; the MMA is used on its diagonal:
 #
 # Lane l = 4g + t of a warp supplies A rows g and g + 8 at k slots {2t, 2t+1, 2t+8, 2t+9} and B column
 # g at the same k slots, and receives D[g, 2t..2t+1] and D[g+8, 2t..2t+1]. So D[g, g] (and D[g+8, g])
 # sums, over the four lanes 4g..4g+3 alone, each lane's A row g values times its own B values: if
-# every lane puts into A two weight rows (its "row A" and "row B") and into B the x values at the same
-# k, D[g, g] is the dot product of the row A that lanes 4g..4g+3 share with x over the K positions
-# they hold, whatever the other lanes do. The kernel's tiles [BLOCK_N, GPI, 4] int32 (a 16-byte block
-# of 32 weights per thread: sizePerThread [1, 1, 4], GPI lanes along the blocks, warps along rows)
-# give exactly that when GPI is a multiple of 4 and each thread holds 2 rows (BLOCK_N = 2 x 32 / GPI
-# x warps): lanes 4g..4g+3 hold 4 blocks of the same 2 rows. D[g, g] sits in lane 4g + g // 2 (element
-# g % 2, and g % 2 + 2 for row B); `_MMA_RESULT` keeps those and zeroes the rest, and a sum over the
-# tile's blocks adds the partial dot products up.
+# every lane puts into A two weight rows (an even row and the odd row after it, as two tensors of the
+# same shape, so elementwise they always pair up) and into B the x values at the same k, D[g, g] is
+# the dot product of the even row that lanes 4g..4g+3 share with x over the K positions they hold,
+# whatever the other lanes do. Lanes 4g..4g+3 do share their rows: the tiles [BLOCK_N / 2, GPI, 4]
+# int32 (a 16-byte block of 32 weights per thread) put the lanes along the GPI blocks of a row first,
+# and GPI is a multiple of 4 (`mma_route_verified` checks it once per GPU on a probe, and falls back
+# to the CUDA-core route if a compiler lays them out otherwise). D[g, g] sits in lane 4g + g // 2
+# (element g % 2, and g % 2 + 2 for the odd row); `_MMA_RESULT` keeps those and zeroes the rest, and
+# a sum over the tile's blocks adds the partial dot products up.
 #
 # The block scale multiplies the decoded weights (bf16: exact, its exponent range is fp32's), times
 # 2^-MMA_SCALE_OFFSET so that scale bytes up to 192 fit; the result is multiplied back at the end.
-# Exact for scale bytes 66..192 (`mma_scales_ok`); other tensors keep the CUDA-core route.
+# Exact for scale bytes 66..192 (`mma_gemv_fits`); other tensors keep the CUDA-core route.
 MMA_SCALE_OFFSET = 64
 
 
@@ -471,27 +473,24 @@ def _mma_pair_ptx(word: str, scale: str, out: str, i: int) -> list[str]:
 
 
 def _mma_step_ptx() -> str:
-    """One thread's 32-value block of two weight rows against x, as 8 MMAs accumulating into two sets
-    of 4 fp32 registers (words 0-1 into $0-$3, words 2-3 into $4-$7, two independent chains).
+    """One thread's 32-value block of an even and an odd weight row against x: 8 MMAs accumulating into
+    two sets of 4 fp32 registers (words 0-1 into $0-$3, words 2-3 into $4-$7: two independent chains).
 
-    Operands (pack 8: elements 0-3 are row A's, 4-7 row B's, as the thread holds its two rows):
-    $8-$11 row A's 4 words, $12-$15 row B's; $16 row A's scale byte, $20 row B's; x, the block's 32
-    bf16 values as 16 words (word q holds values 2q, 2q + 1), in $24-$27, $32-$35, $40-$43, $48-$51
-    (four words from each of four inputs); $56-$63 the accumulators coming in."""
-    def x_word(q: int) -> str:
-        return f"${24 + 8 * (q // 4) + q % 4}"
-
+    Operands (pack 4, one block's 4 words per input): $8-$11 the even row's words, $12-$15 the odd
+    row's; $16 the even row's scale byte, $20 the odd row's; x, the block's 32 bf16 values as 16
+    words (word q holds values 2q, 2q + 1), in $24-$27, $28-$31, $32-$35, $36-$39; $40-$47 the
+    accumulators coming in."""
     lines = ["{", ".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<4>;"]
     for reg, scale in (("sa", "$16"), ("sb", "$20")):  # bf16x2 2^(s - 1 - offset): exponent field s + 126 - offset
         lines += [f"add.u32 {reg}, {scale}, {126 - MMA_SCALE_OFFSET};", f"shl.b32 a, {reg}, 23;",
                   f"shl.b32 {reg}, {reg}, 7;", f"or.b32 {reg}, {reg}, a;"]
-    lines += [f"mov.b32 ${n}, ${56 + n};" for n in range(8)]
+    lines += [f"mov.b32 ${n}, ${40 + n};" for n in range(8)]
     for w in range(4):
         for i in range(4):
             lines += _mma_pair_ptx(f"${8 + w}", "sa", f"ra{i}", i)
             lines += _mma_pair_ptx(f"${12 + w}", "sb", f"rb{i}", i)
             # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
-            lines.append(f"prmt.b32 bx{i}, {x_word(4 * w + i // 2)}, {x_word(4 * w + 2 + i // 2)}, "
+            lines.append(f"prmt.b32 bx{i}, ${24 + 4 * w + i // 2}, ${26 + 4 * w + i // 2}, "
                          f"{'0x5410' if i % 2 == 0 else '0x7632'};")
         acc = "$0, $1, $2, $3" if w < 2 else "$4, $5, $6, $7"
         for i0, i1 in ((0, 1), (2, 3)):
@@ -501,9 +500,9 @@ def _mma_step_ptx() -> str:
 
 
 def _mma_result_ptx() -> str:
-    """The accumulators ($8-$15, pack 8) -> row A's dot product in $0 and row B's in $4 where this lane
-    holds the diagonal (lane 4g + t with t == g // 2: D[g, g] is element g % 2, D[g+8, g] element
-    g % 2 + 2), zero everywhere else."""
+    """The two accumulator sets ($8-$11, $12-$15; pack 4) -> the even row's dot product in $0 and the
+    odd row's in $4 where this lane holds the diagonal (lane 4g + t with t == g // 2: D[g, g] is
+    element g % 2, D[g+8, g] element g % 2 + 2), zero in every other output."""
     lines = ["{", ".reg .b32 lane, g, t, h;", ".reg .pred holder, odd;", ".reg .f32 e<4>, ra, rb;",
              "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "shr.u32 h, g, 1;",
              "setp.eq.u32 holder, t, h;", "and.b32 h, g, 1;", "setp.eq.u32 odd, h, 1;"]
@@ -515,7 +514,7 @@ def _mma_result_ptx() -> str:
 
 
 _MMA_STEP = tl.constexpr(_mma_step_ptx())
-_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 48 + ["f"] * 8))
+_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 32 + ["f"] * 8))
 _MMA_RESULT = tl.constexpr(_mma_result_ptx())
 _MMA_RESULT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
 _MMA_UNDO = tl.constexpr(2.0 ** MMA_SCALE_OFFSET)
@@ -526,49 +525,69 @@ def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, 
                    stride_x_words, stride_out, stride_we, stride_se, stride_biase, limit,
                    K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above).
-    K is walked in unrolled chunks of GPI blocks per weight row; a last, partial chunk is masked
-    (weights and x both zero there). Rows past N re-read row N - 1 and are never stored."""
+    """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above):
+    the tile's even and odd features as two [BLOCK_N / 2, GPI, 4] tiles. K is walked in unrolled
+    chunks of GPI blocks per weight row; a last, partial chunk is masked (weights and x both zero
+    there). Features past N re-read feature N - 1 and are never stored. With SWIGLU the even
+    features are the gates and the odd ones their linear halves (the checkpoint interleaves them)."""
     K_WORDS: tl.constexpr = K_BYTES // 4
     GROUPS: tl.constexpr = K_BYTES // 16
     GPI: tl.constexpr = BLOCK_K // 32
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(cols, N - 1).to(tl.int64)[:, None, None]
-    kg = tl.arange(0, GPI)[None, :, None]
+    HALF: tl.constexpr = BLOCK_N // 2
+    even = tl.program_id(1) * BLOCK_N + 2 * tl.arange(0, HALF)
+    rows_a = tl.minimum(even, N - 1).to(tl.int64)[:, None, None]
+    rows_b = tl.minimum(even + 1, N - 1).to(tl.int64)[:, None, None]
+    kg = tl.arange(0, GPI)
+    kg = ((kg % 2) * (GPI // 2) + kg // 2)[None, :, None]  # interleaved (any order is right): see _gemv_tile
     j = tl.arange(0, 4)[None, None, :]
-    w_ptrs = words_ptr + expert * stride_we + rows * K_WORDS + kg * 4 + j
-    # scales and x through [BLOCK_N, GPI, 4] offsets too, so their loads take the weights' layout
-    s_ptrs = scales_ptr + expert * stride_se + rows * GROUPS + kg + 0 * j
-    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + _row_source(source_ptr, row, GATHER, SOURCE_DIV) * stride_x_words
-    x_offs = kg * 16 + j + 0 * rows
-    acc = tl.zeros((BLOCK_N, GPI, 4), dtype=tl.float32)
+    wa_ptrs = words_ptr + expert * stride_we + rows_a * K_WORDS + kg * 4 + j
+    wb_ptrs = words_ptr + expert * stride_we + rows_b * K_WORDS + kg * 4 + j
+    sa_ptrs = scales_ptr + expert * stride_se + rows_a * GROUPS + kg
+    sb_ptrs = scales_ptr + expert * stride_se + rows_b * GROUPS + kg
+    x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32)) + _row_source(source_ptr, row, GATHER, SOURCE_DIV) * stride_x_words
+              + kg * 16 + j)  # [1, GPI, 4]: broadcast over the rows
+    chain1 = tl.zeros((HALF, GPI, 4), dtype=tl.float32)  # the MMAs' two accumulator chains (both rows each)
+    chain2 = tl.zeros((HALF, GPI, 4), dtype=tl.float32)
     for c in tl.static_range((GROUPS + GPI - 1) // GPI):
+        at = c * GPI
         if (c + 1) * GPI <= GROUPS:
-            words = tl.load(w_ptrs + c * GPI * 4)
-            scale = tl.load(s_ptrs + c * GPI).to(tl.int32)
-            x_chunk = x_row + c * GPI * 16 + x_offs
-            x0 = tl.load(x_chunk)
-            x1 = tl.load(x_chunk + 4)
-            x2 = tl.load(x_chunk + 8)
-            x3 = tl.load(x_chunk + 12)
+            wa = tl.load(wa_ptrs + at * 4)
+            wb = tl.load(wb_ptrs + at * 4)
+            sa = tl.load(sa_ptrs + at).to(tl.int32)
+            sb = tl.load(sb_ptrs + at).to(tl.int32)
+            x0 = tl.load(x_ptrs + at * 16)
+            x1 = tl.load(x_ptrs + at * 16 + 4)
+            x2 = tl.load(x_ptrs + at * 16 + 8)
+            x3 = tl.load(x_ptrs + at * 16 + 12)
         else:
-            ok = (c * GPI + kg + 0 * j + 0 * rows) < GROUPS
-            words = tl.load(w_ptrs + c * GPI * 4, mask=ok, other=0)
-            scale = tl.load(s_ptrs + c * GPI, mask=ok, other=127).to(tl.int32)
-            x_chunk = x_row + c * GPI * 16 + x_offs
-            x0 = tl.load(x_chunk, mask=ok, other=0)
-            x1 = tl.load(x_chunk + 4, mask=ok, other=0)
-            x2 = tl.load(x_chunk + 8, mask=ok, other=0)
-            x3 = tl.load(x_chunk + 12, mask=ok, other=0)
-        acc = tl.inline_asm_elementwise(_MMA_STEP, _MMA_STEP_CONSTRAINTS, [words, scale, x0, x1, x2, x3, acc],
-                                        dtype=tl.float32, is_pure=True, pack=8)
-    part = tl.inline_asm_elementwise(_MMA_RESULT, _MMA_RESULT_CONSTRAINTS, [acc], dtype=tl.float32, is_pure=True,
-                                     pack=8)
+            ok = (at + kg) < GROUPS
+            wa = tl.load(wa_ptrs + at * 4, mask=ok, other=0)
+            wb = tl.load(wb_ptrs + at * 4, mask=ok, other=0)
+            sa = tl.load(sa_ptrs + at, mask=ok, other=127).to(tl.int32)
+            sb = tl.load(sb_ptrs + at, mask=ok, other=127).to(tl.int32)
+            x0 = tl.load(x_ptrs + at * 16, mask=ok, other=0)
+            x1 = tl.load(x_ptrs + at * 16 + 4, mask=ok, other=0)
+            x2 = tl.load(x_ptrs + at * 16 + 8, mask=ok, other=0)
+            x3 = tl.load(x_ptrs + at * 16 + 12, mask=ok, other=0)
+        chain1, chain2 = tl.inline_asm_elementwise(
+            _MMA_STEP, _MMA_STEP_CONSTRAINTS, [wa, wb, sa, sb, x0, x1, x2, x3, chain1, chain2],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    part_a, part_b = tl.inline_asm_elementwise(_MMA_RESULT, _MMA_RESULT_CONSTRAINTS, [chain1, chain2],
+                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    ya = tl.sum(tl.sum(part_a, 2), 1) * _MMA_UNDO
+    yb = tl.sum(tl.sum(part_b, 2), 1) * _MMA_UNDO
     if bias_ptr is not None:
-        bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=cols < N, other=0.0).to(tl.float32)
+        ya += tl.load(bias_ptr + expert * stride_biase + even, mask=even < N, other=0.0).to(tl.float32)
+        yb += tl.load(bias_ptr + expert * stride_biase + even + 1, mask=even + 1 < N, other=0.0).to(tl.float32)
+    out_row = out_ptr + row.to(tl.int64) * stride_out
+    if SWIGLU:  # even features are gates, odd ones linear: output feature i is the pair (2i, 2i + 1)
+        gate = tl.minimum(ya, limit)
+        linear = tl.minimum(tl.maximum(yb, -limit), limit)
+        act = gate * tl.sigmoid(1.702 * gate) * (linear + 1.0)
+        tl.store(out_row + even // 2, act.to(out_ptr.dtype.element_ty), mask=even + 1 < N)
     else:
-        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    _gemv_store(tl.sum(part, 2), bias, _MMA_UNDO, out_ptr, row, stride_out, cols, N, limit, SWIGLU, BLOCK_N)
+        tl.store(out_row + even, ya.to(out_ptr.dtype.element_ty), mask=even < N)
+        tl.store(out_row + even + 1, yb.to(out_ptr.dtype.element_ty), mask=even + 1 < N)
 
 
 @triton.jit
@@ -806,12 +825,46 @@ def scales_fold(scales: torch.Tensor) -> bool:
 
 def mma_gemv_fits(x: torch.Tensor, scales: torch.Tensor, tiles: Tiles) -> bool:
     """Whether the one-row tensor-core GEMV takes this call: bf16 x with 16-byte aligned rows on a
-    Hopper GPU, and every scale byte in 66..192 (exact in its bf16 operands, see MMA_SCALE_OFFSET)."""
+    Hopper GPU, every scale byte in 66..192 (exact in its bf16 operands, see MMA_SCALE_OFFSET), and
+    the route verified on this GPU with these tiles (`mma_route_verified`)."""
     if INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not gemv_tiles_ok(tiles):
         return False
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return _checked_once(scales, "_gpt_oss_mma_range", lambda s: (s.min() >= 66) & (s.max() <= 192))
+    if not _checked_once(scales, "_gpt_oss_mma_range", lambda s: (s.min() >= 66) & (s.max() <= 192)):
+        return False
+    return mma_route_verified(x.device, tiles)
+
+
+_MMA_VERIFIED: dict[tuple, bool] = {}
+
+
+def mma_route_verified(device: torch.device, tiles: Tiles) -> bool:
+    """Whether the tensor-core GEMV gives the CUDA-core route's results (to fp32 rounding) on a probe,
+    checked once per GPU and tiles: its diagonal trick needs the compiler to put four consecutive
+    lanes on one weight row (see above), which a Triton version could lay out otherwise. Not during a
+    CUDA graph capture (the check syncs): there an unchecked route is not taken."""
+    key = (device.index, tiles)
+    if key not in _MMA_VERIFIED:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _MMA_VERIFIED[key] = True  # the probe's own calls take the route
+        gen = torch.Generator(device=device).manual_seed(0)
+        E, N, K = 2, 2 * tiles.block_n, 2 * tiles.block_k + 64  # two tiles, two full chunks and a partial one
+        blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=device, generator=gen)
+        scales = torch.randint(116, 125, (E, N, K // 32), dtype=torch.uint8, device=device, generator=gen)
+        bias = torch.randn(E, N, device=device, generator=gen).to(torch.bfloat16)
+        x = torch.randn(3, K, device=device, generator=gen).to(torch.bfloat16)
+        p = plan(torch.tensor([1, 0, 1], device=device), E)
+        mma = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32, tiles=tiles)
+        ref = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32,
+                            tiles=dataclasses.replace(tiles, decode="fp16"))
+        ok = bool(((mma - ref).norm() <= 1e-5 * ref.norm()).item())
+        if not ok:
+            warnings.warn(f"the MoE's tensor-core GEMV disagrees with the CUDA-core one on {device} with {tiles}: "
+                          "using the CUDA-core route")
+        _MMA_VERIFIED[key] = ok
+    return _MMA_VERIFIED[key]
 
 
 def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan, blocks: torch.Tensor,
