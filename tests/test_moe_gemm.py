@@ -327,9 +327,10 @@ def _float_to_bf16_bits(value: float) -> int:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF  # round to nearest even
 
 
-def emulate_warp_ptx(ptx: str, lanes: list[dict]) -> None:
+def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None = None) -> None:
     """Runs the tensor-core GEMV's PTX for a whole warp, in place on each lane's registers (dicts
-    from operand names such as "$8" to ints, fp32 operands as Python floats). mma.sync gathers the
+    from operand names such as "$8" to ints, fp32 operands as Python floats); loads read `memory`
+    (address -> byte). mma.sync gathers the
     fragments from all 32 lanes as the PTX ISA lays out m16n8k16 (lane 4g + t: A rows g and g + 8 at
     k 2t, 2t + 1, 2t + 8, 2t + 9; B column g at the same k; D[g, 2t..2t+1] and D[g+8, 2t..2t+1])."""
     for lane, regs in enumerate(lanes):
@@ -366,6 +367,16 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict]) -> None:
                 g, t = lane // 4, lane % 4
                 for reg, value in zip(d, (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
                     regs[reg] = float(value)
+            continue
+        if op.startswith("ld.global"):
+            for regs in lanes:
+                m = re.fullmatch(r"(.*),\s*\[\s*([\w$]+)\s*(?:\+\s*(\d+))?\s*\]", rest)
+                base = regs[m.group(2)] + int(m.group(3) or 0)
+                if op == "ld.global.u8":
+                    regs[m.group(1).strip()] = memory[base]
+                else:  # ld.global.v4.b32 {a, b, c, d}
+                    for n, reg in enumerate(t.strip() for t in m.group(1).strip("{} ").split(",")):
+                        regs[reg] = sum(memory[base + 4 * n + i] << 8 * i for i in range(4))
             continue
         for regs in lanes:
             dst, *src = [t.strip() for t in rest.split(",")]
@@ -416,8 +427,10 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
         torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
     want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
-    lanes = [{f"${40 + n}": 0.0 for n in range(8)} for _ in range(32)]
-    x_words = x.view(torch.int16).view(torch.int32).tolist()  # word q of block b: x_words[16 b + q]
+    lanes = [{f"${28 + n}": 0.0 for n in range(8)} for _ in range(32)]
+    # memory: scale bytes of row r, block b at 1000 + 100 r + b; x at 1 << 16 (16-byte aligned)
+    memory = {1000 + 100 * r + b: int(scales[r, b]) for r in range(rows) for b in range(steps * 16)}
+    memory.update(enumerate(x.view(torch.uint8).tolist(), start=1 << 16))
     step_ptx = _mma_step_ptx()
     for step in range(steps):
         for lane, regs in enumerate(lanes):
@@ -426,13 +439,12 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
             words_b = blocks[2 * r + 1, b].view(torch.int32).tolist()
             for n in range(4):
                 regs[f"${8 + n}"], regs[f"${12 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
-                regs[f"${16 + n}"], regs[f"${20 + n}"] = int(scales[2 * r, b]), int(scales[2 * r + 1, b])
-            for q in range(16):  # x inputs 0-3, element n of input k: word 4k + n of the block
-                regs[f"${24 + q}"] = x_words[16 * b + q] & 0xFFFFFFFF
-        emulate_warp_ptx(step_ptx, lanes)
+                regs[f"${16 + n}"], regs[f"${20 + n}"] = 1000 + 100 * 2 * r + b, 1000 + 100 * (2 * r + 1) + b
+                regs[f"${24 + n}"] = (1 << 16) + 64 * b
+        emulate_warp_ptx(step_ptx, lanes, memory)
         for regs in lanes:  # the outputs come back in as the next step's accumulators
             for n in range(8):
-                regs[f"${40 + n}"] = regs[f"${n}"]
+                regs[f"${28 + n}"] = regs[f"${n}"]
     for regs in lanes:
         for n in range(8):
             regs[f"${8 + n}"] = regs[f"${n}"]

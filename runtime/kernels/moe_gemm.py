@@ -448,12 +448,15 @@ def _gemv_store(acc, bias, UNDO: tl.constexpr, out_ptr, row, stride_out, cols, N
 # every lane puts into A two weight rows (an even row and the odd row after it, as two tensors of the
 # same shape, so elementwise they always pair up) and into B the x values at the same k, D[g, g] is
 # the dot product of the even row that lanes 4g..4g+3 share with x over the K positions they hold,
-# whatever the other lanes do. Lanes 4g..4g+3 do share their rows: the tiles [BLOCK_N / 2, GPI, 4]
-# int32 (a 16-byte block of 32 weights per thread) put the lanes along the GPI blocks of a row first,
-# and GPI is a multiple of 4 (`mma_route_verified` checks it once per GPU on a probe, and falls back
-# to the CUDA-core route if a compiler lays them out otherwise). D[g, g] sits in lane 4g + g // 2
-# (element g % 2, and g % 2 + 2 for the odd row); `_MMA_RESULT` keeps those and zeroes the rest, and
-# a sum over the tile's blocks adds the partial dot products up.
+# whatever the other lanes do. Lanes 4g..4g+3 do share their rows: the weight tiles [BLOCK_N / 2,
+# GPI * 4] int32 hold a chunk's words of a row contiguously, so the compiler gives each thread one
+# block's 4 words (a 16-byte load) and puts consecutive lanes on consecutive blocks of a row (checked
+# for Triton 3.6 and 3.9; `mma_route_verified` also checks it once per GPU on a probe, and falls back
+# to the CUDA-core route if a compiler lays them out otherwise). The scale bytes and x are loaded
+# inside the asm, from addresses, so that the weights are the only tensors whose layout the
+# compiler chooses. D[g, g] sits in lane 4g + g // 2 (element g % 2, and g % 2 + 2 for the odd row);
+# `_MMA_RESULT` keeps those and zeroes the rest, and a sum over the tile's blocks adds the partial
+# dot products up.
 #
 # The block scale multiplies the decoded weights (bf16: exact, its exponent range is fp32's), times
 # 2^-MMA_SCALE_OFFSET so that scale bytes up to 192 fit; the result is multiplied back at the end.
@@ -477,20 +480,24 @@ def _mma_step_ptx() -> str:
     two sets of 4 fp32 registers (words 0-1 into $0-$3, words 2-3 into $4-$7: two independent chains).
 
     Operands (pack 4, one block's 4 words per input): $8-$11 the even row's words, $12-$15 the odd
-    row's; $16 the even row's scale byte, $20 the odd row's; x, the block's 32 bf16 values as 16
-    words (word q holds values 2q, 2q + 1), in $24-$27, $28-$31, $32-$35, $36-$39; $40-$47 the
-    accumulators coming in."""
-    lines = ["{", ".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<4>;"]
-    for reg, scale in (("sa", "$16"), ("sb", "$20")):  # bf16x2 2^(s - 1 - offset): exponent field s + 126 - offset
-        lines += [f"add.u32 {reg}, {scale}, {126 - MMA_SCALE_OFFSET};", f"shl.b32 a, {reg}, 23;",
+    row's; $16 the address of the even row's scale byte, $20 the odd row's; $24 the address of the
+    block's 32 bf16 x values (16-byte aligned; word q holds values 2q, 2q + 1); $28-$35 the
+    accumulators coming in. Scales and x are loaded here, not by Triton, so that the only tensors
+    the compiler lays out are the weights (see above: the lanes must follow the weight rows)."""
+    lines = ["{", ".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<4>, x<16>;",
+             "ld.global.u8 sa, [$16];", "ld.global.u8 sb, [$20];"]
+    lines += [f"ld.global.v4.b32 {{x{4 * v}, x{4 * v + 1}, x{4 * v + 2}, x{4 * v + 3}}}, [$24 + {16 * v}];"
+              for v in range(4)]
+    for reg in ("sa", "sb"):  # bf16x2 2^(s - 1 - offset): exponent field s + 126 - offset
+        lines += [f"add.u32 {reg}, {reg}, {126 - MMA_SCALE_OFFSET};", f"shl.b32 a, {reg}, 23;",
                   f"shl.b32 {reg}, {reg}, 7;", f"or.b32 {reg}, {reg}, a;"]
-    lines += [f"mov.b32 ${n}, ${40 + n};" for n in range(8)]
+    lines += [f"mov.b32 ${n}, ${28 + n};" for n in range(8)]
     for w in range(4):
         for i in range(4):
             lines += _mma_pair_ptx(f"${8 + w}", "sa", f"ra{i}", i)
             lines += _mma_pair_ptx(f"${12 + w}", "sb", f"rb{i}", i)
             # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
-            lines.append(f"prmt.b32 bx{i}, ${24 + 4 * w + i // 2}, ${26 + 4 * w + i // 2}, "
+            lines.append(f"prmt.b32 bx{i}, x{4 * w + i // 2}, x{4 * w + 2 + i // 2}, "
                          f"{'0x5410' if i % 2 == 0 else '0x7632'};")
         acc = "$0, $1, $2, $3" if w < 2 else "$4, $5, $6, $7"
         for i0, i1 in ((0, 1), (2, 3)):
@@ -514,7 +521,7 @@ def _mma_result_ptx() -> str:
 
 
 _MMA_STEP = tl.constexpr(_mma_step_ptx())
-_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 32 + ["f"] * 8))
+_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 12 + ["f"] * 8))
 _MMA_RESULT = tl.constexpr(_mma_result_ptx())
 _MMA_RESULT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
 _MMA_UNDO = tl.constexpr(2.0 ** MMA_SCALE_OFFSET)
@@ -522,7 +529,7 @@ _MMA_UNDO = tl.constexpr(2.0 ** MMA_SCALE_OFFSET)
 
 @triton.jit
 def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row, N,
-                   stride_x_words, stride_out, stride_we, stride_se, stride_biase, limit,
+                   stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
                    K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above):
@@ -535,47 +542,35 @@ def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, 
     GPI: tl.constexpr = BLOCK_K // 32
     HALF: tl.constexpr = BLOCK_N // 2
     even = tl.program_id(1) * BLOCK_N + 2 * tl.arange(0, HALF)
-    rows_a = tl.minimum(even, N - 1).to(tl.int64)[:, None, None]
-    rows_b = tl.minimum(even + 1, N - 1).to(tl.int64)[:, None, None]
-    kg = tl.arange(0, GPI)
-    kg = ((kg % 2) * (GPI // 2) + kg // 2)[None, :, None]  # interleaved (any order is right): see _gemv_tile
-    j = tl.arange(0, 4)[None, None, :]
-    wa_ptrs = words_ptr + expert * stride_we + rows_a * K_WORDS + kg * 4 + j
-    wb_ptrs = words_ptr + expert * stride_we + rows_b * K_WORDS + kg * 4 + j
-    sa_ptrs = scales_ptr + expert * stride_se + rows_a * GROUPS + kg
-    sb_ptrs = scales_ptr + expert * stride_se + rows_b * GROUPS + kg
-    x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32)) + _row_source(source_ptr, row, GATHER, SOURCE_DIV) * stride_x_words
-              + kg * 16 + j)  # [1, GPI, 4]: broadcast over the rows
-    chain1 = tl.zeros((HALF, GPI, 4), dtype=tl.float32)  # the MMAs' two accumulator chains (both rows each)
-    chain2 = tl.zeros((HALF, GPI, 4), dtype=tl.float32)
+    rows_a = tl.minimum(even, N - 1).to(tl.int64)[:, None]
+    rows_b = tl.minimum(even + 1, N - 1).to(tl.int64)[:, None]
+    # [HALF, GPI * 4] tiles: a chunk's words of a row are contiguous, so the compiler vectorizes each
+    # thread's 4 words (one block) and puts consecutive lanes on consecutive blocks of the same row.
+    q = tl.arange(0, GPI * 4)[None, :]
+    wa_ptrs = words_ptr + expert * stride_we + rows_a * K_WORDS + q
+    wb_ptrs = words_ptr + expert * stride_we + rows_b * K_WORDS + q
+    x_row = x_ptr + _row_source(source_ptr, row, GATHER, SOURCE_DIV) * stride_x
+    chain1 = tl.zeros((HALF, GPI * 4), dtype=tl.float32)  # the MMAs' two accumulator chains (both rows each)
+    chain2 = tl.zeros((HALF, GPI * 4), dtype=tl.float32)
     for c in tl.static_range((GROUPS + GPI - 1) // GPI):
-        at = c * GPI
+        group = c * GPI + q // 4
         if (c + 1) * GPI <= GROUPS:
-            wa = tl.load(wa_ptrs + at * 4)
-            wb = tl.load(wb_ptrs + at * 4)
-            sa = tl.load(sa_ptrs + at).to(tl.int32)
-            sb = tl.load(sb_ptrs + at).to(tl.int32)
-            x0 = tl.load(x_ptrs + at * 16)
-            x1 = tl.load(x_ptrs + at * 16 + 4)
-            x2 = tl.load(x_ptrs + at * 16 + 8)
-            x3 = tl.load(x_ptrs + at * 16 + 12)
-        else:
-            ok = (at + kg) < GROUPS
-            wa = tl.load(wa_ptrs + at * 4, mask=ok, other=0)
-            wb = tl.load(wb_ptrs + at * 4, mask=ok, other=0)
-            sa = tl.load(sa_ptrs + at, mask=ok, other=127).to(tl.int32)
-            sb = tl.load(sb_ptrs + at, mask=ok, other=127).to(tl.int32)
-            x0 = tl.load(x_ptrs + at * 16, mask=ok, other=0)
-            x1 = tl.load(x_ptrs + at * 16 + 4, mask=ok, other=0)
-            x2 = tl.load(x_ptrs + at * 16 + 8, mask=ok, other=0)
-            x3 = tl.load(x_ptrs + at * 16 + 12, mask=ok, other=0)
+            wa = tl.load(wa_ptrs + c * GPI * 4)
+            wb = tl.load(wb_ptrs + c * GPI * 4)
+        else:  # past K: zero weights, and scale and x addresses kept inside the row (finite values)
+            wa = tl.load(wa_ptrs + c * GPI * 4, mask=group < GROUPS, other=0)
+            wb = tl.load(wb_ptrs + c * GPI * 4, mask=group < GROUPS, other=0)
+            group = tl.minimum(group, GROUPS - 1)
+        sa = (scales_ptr + expert * stride_se + rows_a * GROUPS + group).to(tl.int64)
+        sb = (scales_ptr + expert * stride_se + rows_b * GROUPS + group).to(tl.int64)
+        xs = (x_row + group * 32 + 0 * rows_a).to(tl.int64)
         chain1, chain2 = tl.inline_asm_elementwise(
-            _MMA_STEP, _MMA_STEP_CONSTRAINTS, [wa, wb, sa, sb, x0, x1, x2, x3, chain1, chain2],
+            _MMA_STEP, _MMA_STEP_CONSTRAINTS, [wa, wb, sa, sb, xs, chain1, chain2],
             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
     part_a, part_b = tl.inline_asm_elementwise(_MMA_RESULT, _MMA_RESULT_CONSTRAINTS, [chain1, chain2],
                                                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-    ya = tl.sum(tl.sum(part_a, 2), 1) * _MMA_UNDO
-    yb = tl.sum(tl.sum(part_b, 2), 1) * _MMA_UNDO
+    ya = tl.sum(part_a, 1) * _MMA_UNDO
+    yb = tl.sum(part_b, 1) * _MMA_UNDO
     if bias_ptr is not None:
         ya += tl.load(bias_ptr + expert * stride_biase + even, mask=even < N, other=0.0).to(tl.float32)
         yb += tl.load(bias_ptr + expert * stride_biase + even + 1, mask=even + 1 < N, other=0.0).to(tl.float32)
@@ -606,7 +601,7 @@ def _moe_gemv_kernel(
     if expert >= E:
         return
     expert = expert.to(tl.int64)
-    if DECODE == 3:  # DECODE_MMA: one row a tile, x in bf16 (stride_x counts int32 words)
+    if DECODE == 3:  # DECODE_MMA: one row a tile, x in bf16
         _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, N,
                        stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
                        K_BYTES, GATHER, SOURCE_DIV, SWIGLU, BLOCK_N, BLOCK_K)
@@ -797,13 +792,13 @@ def gemv_tiles_ok(tiles: Tiles) -> bool:
     """Shapes the GEMV supports. Its decode takes each 32-value block's 4 words from one thread
     (inline asm with pack=4), which holds when a thread loads 16 bytes per block: at least one
     block per thread in a step (smaller tensors get narrower loads) and power-of-two sizes. The
-    tensor-core route ("mma") needs one row a tile, lanes in fours along the blocks and exactly two
-    weight rows a thread (see _gemv_mma_tile)."""
+    tensor-core route ("mma") needs one row a tile, lanes in fours along the blocks and no lane
+    left without a weight row (see _gemv_mma_tile)."""
     pow2 = all(v > 0 and v & (v - 1) == 0 for v in (tiles.block_n, tiles.block_k, tiles.num_warps))
     groups = tiles.block_k // 32
-    if tiles.decode == "mma":
+    if tiles.decode == "mma":  # each half tile covers the CTA's lanes: 32 // groups rows a warp
         return (pow2 and tiles.block_t == 1 and 4 <= groups <= 32
-                and tiles.block_n == 2 * (32 // groups) * tiles.num_warps)
+                and tiles.block_n // 2 >= (32 // groups) * tiles.num_warps)
     return (pow2 and 1 <= tiles.block_t <= 4 and tiles.block_n >= 2 and 64 <= tiles.block_k <= 1024
             and tiles.block_n * groups >= 32 * tiles.num_warps and tiles.decode in ("fp16", "e4m3"))
 
@@ -811,9 +806,10 @@ def gemv_tiles_ok(tiles: Tiles) -> bool:
 def _checked_once(scales: torch.Tensor, name: str, check) -> bool:
     """check(scales) (a host sync), computed once per tensor contents and remembered on the tensor
     with its version counter, which any in-place write (such as loading a checkpoint into it) bumps."""
+    version = -1 if scales.is_inference() else scales._version  # inference tensors keep no counter
     cached = getattr(scales, name, None)
-    if cached is None or cached[0] != scales._version:
-        cached = (scales._version, bool(check(scales)) if scales.numel() else True)
+    if cached is None or cached[0] != version:
+        cached = (version, bool(check(scales)) if scales.numel() else True)
         setattr(scales, name, cached)
     return cached[1]
 
@@ -890,7 +886,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3, "mma": DECODE_MMA}[tiles.decode]
         _moe_gemv_kernel[grid](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
-            E, N, x.stride(0) // 2 if decode == DECODE_MMA else x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
+            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
             float(swiglu_limit or 0.0),
             K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
             DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
