@@ -24,13 +24,16 @@ count, by a uniform branch) and BLOCK_N output features; each thread streams 16-
 packed weights (one 32-value MXFP4 block, one 128-bit load), decodes each word of 8 values with a
 few byte-parallel logic ops into exact fp16 (the value times 2^-14, no scale), widens them to fp32
 and multiplies them into each row of x with fp32 FMAs; the block's scale multiplies its partial sum
-once. Every weight is read and decoded once per tile, whatever its row count. `choose_tiles` picks
-the kernel and tiles by rows per expert; the grid depends only on (rows, N, E), as for the MMAs.
+once. Every weight is read and decoded once per tile, whatever its row count. With one row a tile
+(up to E / 2 rows) and bf16 x, the same kernel hands the multiply-adds to mma.sync instead, used on
+its diagonal (`_gemv_mma_tile`: fewer instructions per weight, which is what bounds this kernel).
+`choose_tiles` picks the kernel and tiles by rows per expert; the grid depends only on (rows, N, E),
+as for the MMAs.
 
 Epilogues: mlp1 adds the bias and applies the clamped SwiGLU over interleaved (gate, linear) rows,
 writing only the activation; mlp2 adds the bias and writes fp32 rows in sorted order, and
 `combine` sums each token's four rows with their routing weights onto the residual, in a fixed order
-(deterministic: no atomics).
+(deterministic: no atomics), and can normalize the result for the next block (one launch fewer).
 
 `moe_triton` is the single-rank MoE (gather, both GEMMs, weighted combine + residual); `expert_rows_triton`
 is the drop-in for `moe.expert_rows` used with expert parallelism. Both are checked against the
@@ -594,8 +597,9 @@ def _moe_gemv_kernel(
     EVEN_N: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
 ):
     """The decode-sized grouped GEMM: out[r] = W_e x[source[r] // SOURCE_DIV] + b_e (then SwiGLU) for the
-    up to BLOCK_T rows r of one tile, on CUDA cores. The tile's row count selects a specialised body
-    (a uniform branch), so a tile of one row does one row's multiplies."""
+    up to BLOCK_T rows r of one tile, on CUDA cores (DECODE 0-2) or, one row a tile, on tensor cores
+    (DECODE 3). The tile's row count selects a specialised body (a uniform branch), so a tile of one
+    row does one row's multiplies."""
     pdl.wait_for_previous_kernel(PDL)
     expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
     if expert >= E:
@@ -745,7 +749,9 @@ class Tiles:
 # an H100, 2026-11-25): with at most one row per expert on average (rows <= experts); from two rows
 # per expert on (16 tokens of 20b) the tensor-core kernel wins. One-row tiles while at most half the
 # experts have a row (1-4 tokens of 20b: 54 vs 98 us at 1 token, 139 vs 168 at 4), two-row tiles up to
-# one row per expert (8 tokens: 202 vs 208 us).
+# one row per expert (8 tokens: 202 vs 208 us). The one-row tiles' tensor-core route (2026-11-25,
+# same bench): 4 tokens 55.6 + 85.1 -> 37.4 + 64.7 us for the two GEMMs; in a batch-1 decode graph
+# 2,332 -> 2,167 us a step (profile_decode --ab GPT_OSS_MOE_MMA_GEMV).
 GEMV_ROWS_PER_EXPERT = 1
 GEMV_SINGLE_ROWS = 2
 CUDA_CORE_DECODE = {True: "fp16", False: "e4m3"}  # one-row tiles' CUDA-core route, mlp1 (swiglu) and mlp2
