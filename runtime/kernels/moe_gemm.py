@@ -536,10 +536,11 @@ def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, 
                    K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above):
-    the tile's even and odd features as two [BLOCK_N / 2, GPI, 4] tiles. K is walked in unrolled
-    chunks of GPI blocks per weight row; a last, partial chunk is masked (weights and x both zero
-    there). Features past N re-read feature N - 1 and are never stored. With SWIGLU the even
-    features are the gates and the odd ones their linear halves (the checkpoint interleaves them)."""
+    the tile's even and odd features as two [BLOCK_N / 2, GPI * 4] tiles of weight words. K is walked
+    in unrolled chunks of GPI blocks per weight row; in a last, partial chunk the weights past K load
+    as zeros and their scale and x addresses stay inside the row. Features past N re-read feature
+    N - 1 and are never stored. With SWIGLU the even features are the gates and the odd ones their
+    linear halves (the checkpoint interleaves them)."""
     K_WORDS: tl.constexpr = K_BYTES // 4
     GROUPS: tl.constexpr = K_BYTES // 16
     GPI: tl.constexpr = BLOCK_K // 32
