@@ -260,6 +260,29 @@ def _e4m3(b: int) -> float:
     return (-1.0 if b & 128 else 1.0) * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
 
 
+def _integer_op(op: str, v: list[int]) -> int | None:
+    """The 32-bit logic the decode routes use, on Python ints; None for any other op."""
+    if op == "shl.b32":
+        return (v[0] << v[1]) & 0xFFFFFFFF
+    if op == "shr.u32":
+        return v[0] >> v[1]
+    if op == "and.b32":
+        return v[0] & v[1]
+    if op == "or.b32":
+        return v[0] | v[1]
+    if op == "add.u32":
+        return (v[0] + v[1]) & 0xFFFFFFFF
+    if op == "prmt.b32":  # byte i of d = byte (selector nibble i) of {a, b}; bit 3: sign replicate
+        pool = [(v[0] >> 8 * i) & 255 for i in range(4)] + [(v[1] >> 8 * i) & 255 for i in range(4)]
+        out = 0
+        for i in range(4):
+            sel = (v[2] >> 4 * i) & 15
+            byte = pool[sel & 7] if not sel & 8 else (255 if pool[sel & 7] & 128 else 0)
+            out |= byte << 8 * i
+        return out
+    return None
+
+
 def emulate_ptx(ptx: str, inputs: list[int]) -> list[float]:
     """Runs the few PTX instructions the GEMV's decode uses on Python ints; returns $0.. as floats."""
     regs = {f"${32 + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
@@ -278,22 +301,8 @@ def emulate_ptx(ptx: str, inputs: list[int]) -> list[float]:
             regs[unpack.group(1)], regs[unpack.group(2)] = v & 0xFFFF, v >> 16
             continue
         d, *a = [t.strip() for t in rest.split(",")]
-        if op == "shl.b32":
-            regs[d] = (val(a[0]) << val(a[1])) & 0xFFFFFFFF
-        elif op == "shr.u32":
-            regs[d] = val(a[0]) >> val(a[1])
-        elif op == "and.b32":
-            regs[d] = val(a[0]) & val(a[1])
-        elif op == "or.b32":
-            regs[d] = val(a[0]) | val(a[1])
-        elif op == "prmt.b32":  # byte i of d = byte (selector nibble i) of {a, b}; bit 3: sign replicate
-            pool = [(val(a[0]) >> 8 * i) & 255 for i in range(4)] + [(val(a[1]) >> 8 * i) & 255 for i in range(4)]
-            out = 0
-            for i in range(4):
-                sel = (val(a[2]) >> 4 * i) & 15
-                byte = pool[sel & 7] if not sel & 8 else (255 if pool[sel & 7] & 128 else 0)
-                out |= byte << 8 * i
-            regs[d] = out
+        if (result := _integer_op(op, [val(t) for t in a])) is not None:
+            regs[d] = result
         elif op == "cvt.rn.f16x2.e4m3x2":  # low byte to the low half
             h = val(a[0])
             halves = [int(np.array(_e4m3((h >> s) & 255), dtype=np.float16).view(np.uint16)) for s in (0, 8)]
@@ -383,19 +392,8 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
             v = [val(regs, s) for s in src]
             if op in ("mov.b32", "mov.u32", "mov.f32"):
                 regs[dst] = v[0]
-            elif op == "add.u32":
-                regs[dst] = (v[0] + v[1]) & 0xFFFFFFFF
-            elif op == "shl.b32":
-                regs[dst] = (v[0] << v[1]) & 0xFFFFFFFF
-            elif op == "shr.u32":
-                regs[dst] = v[0] >> v[1]
-            elif op == "and.b32":
-                regs[dst] = v[0] & v[1]
-            elif op == "or.b32":
-                regs[dst] = v[0] | v[1]
-            elif op == "prmt.b32":  # no sign-replicate selectors here
-                pool = [(v[0] >> 8 * i) & 255 for i in range(4)] + [(v[1] >> 8 * i) & 255 for i in range(4)]
-                regs[dst] = sum(pool[(v[2] >> 4 * i) & 7] << 8 * i for i in range(4))
+            elif (result := _integer_op(op, v)) is not None:
+                regs[dst] = result
             elif op == "mul.rn.bf16x2":
                 lo = _float_to_bf16_bits(_bf16_bits_to_float(v[0] & 0xFFFF) * _bf16_bits_to_float(v[1] & 0xFFFF))
                 hi = _float_to_bf16_bits(_bf16_bits_to_float(v[0] >> 16) * _bf16_bits_to_float(v[1] >> 16))
