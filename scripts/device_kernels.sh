@@ -47,6 +47,16 @@ case "${1:-all}" in
     timeout 120 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8]" \
       "ttft_prompts=[]" repeat=3 2>&1 | tail -5
     ;;
+  two-gpus-split)  # a two-GPU machine used as two: every GPU test on GPU 0 while GPU 1 runs the one-GPU 120b benchmark
+    (CUDA_VISIBLE_DEVICES=1 timeout 560 bash -c "python3 scripts/profile_decode.py --model gpt-oss-120b --batch 1 \
+      --context 1024 --steps 16 2>&1 | grep -v '^|---\|Warning\|warn' | head -24; python3 -m launch.bench checkpoint=dummy \
+      model=gpt-oss-120b device=cuda 'batch_sizes=[1,8,64,256]' 'ttft_prompts=[8192,131072]' repeat=2 \
+      json=$OUT/bench120b_one_gpu.json 2>&1 | tail -14" > $OUT/one_gpu_120b.log 2>&1) &
+    CUDA_VISIBLE_DEVICES=0 timeout 540 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+      | grep -E "passed|failed|FAILED|Error" | tail -12
+    wait
+    cat $OUT/one_gpu_120b.log
+    ;;
   bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
     timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \
