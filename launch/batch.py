@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from launch.common import build_llm, clean_exit, fail_fast, init_parallel
 from launch.progress import Progress
+from parallel import groups
 from parallel.groups import Parallel
 from runtime.engine import Result
 from runtime.jsonl import NoOutput, OutputFile, read_input
@@ -107,6 +108,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     with fail_fast():
         stats = run(cfg)
+        groups.shutdown()
     if stats["stopped_by"]:
         print(f"stopped by {stats['stopped_by']}: {stats['written']} of {stats['requests']} "
               f"requests written; rerun with the same output to finish the rest", file=sys.stderr)

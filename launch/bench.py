@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from launch.common import build_llm, clean_exit
+from parallel import groups
 from runtime.checkpoint import tensor_specs
 from runtime.engine import LLM
 
@@ -209,7 +210,9 @@ def table(report: dict) -> str:
 @hydra.main(version_base=None, config_path="../configs", config_name="bench")
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    groups.shutdown()
+    if rank != 0:
         return  # every rank of the replica timed the same steps: rank 0 reports
     if cfg.json:
         with open(cfg.json, "w") as f:

@@ -83,6 +83,7 @@ class Parallel:
     experts_partition: Group  # ranks holding different experts (the all-to-all group)
     replica: Group
     dp_rank: int
+    replica_host: Group | None = None  # the replica over gloo, for host-side messages (the step plans)
 
     @property
     def is_writer(self) -> bool:
@@ -97,15 +98,15 @@ def _single_group() -> Group:
 def single(device: torch.device | str = "cpu") -> Parallel:
     """World size 1: every group is this process alone."""
     return Parallel(0, 1, Layout(), torch.device(device), _single_group(), _single_group(), _single_group(),
-                    _single_group(), 0)
+                    _single_group(), 0, _single_group())
 
 
-def _make_group(ranks: list[int], me: int, cache: dict, timeout: datetime.timedelta) -> Group:
-    key = tuple(ranks)
+def _make_group(ranks: list[int], me: int, cache: dict, timeout: datetime.timedelta, backend: str | None) -> Group:
+    key = (tuple(ranks), backend)
     if key not in cache:
         # Sub-groups do not inherit the world's timeout; without one they wait 30 minutes.
-        cache[key] = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
-    return Group(cache[key], ranks.index(me), len(ranks), key) if me in ranks else None
+        cache[key] = dist.new_group(list(ranks), timeout=timeout, backend=backend) if len(ranks) > 1 else None
+    return Group(cache[key], ranks.index(me), len(ranks), tuple(ranks)) if me in ranks else None
 
 
 def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
@@ -118,13 +119,15 @@ def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
         members = list(range(base, base + size))
         candidates = {
             "replica": [members],
+            "replica_host": [members],
             "tp": [members[i:i + layout.tp] for i in range(0, size, layout.tp)],
             "experts_split": [members[i:i + layout.experts_split] for i in range(0, size, layout.experts_split)],
             "experts_partition": [members[j::layout.experts_split] for j in range(layout.experts_split)],
         }
         for kind, groups in candidates.items():
+            backend = "gloo" if kind == "replica_host" else None  # None: the world's (NCCL on GPUs)
             for ranks in groups:
-                g = _make_group(ranks, me, cache, timeout)
+                g = _make_group(ranks, me, cache, timeout, backend)
                 if g is not None:
                     mine[kind] = g
     return mine
@@ -161,9 +164,12 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
     g = _groups(world_size, layout, rank, timeout)
     heartbeat.start(rank, world_size)
     return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
-                    g["replica"], rank // layout.replica_size)
+                    g["replica"], rank // layout.replica_size, g["replica_host"])
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done with it: a rank that exits while another
+    still finishes a collective with it can abort in gloo's teardown."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

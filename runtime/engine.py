@@ -31,6 +31,7 @@ from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, slidi
 from runtime.model import GptOss, SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample_on_device
+from runtime.step_plan import PlanChannel, StepPlan
 from runtime.transfer import to_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,16 +71,6 @@ class _Sequence:
     pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
     sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
     done: bool = False  # finished: a row of it in the step in flight is dropped
-
-
-@dataclasses.dataclass
-class _Plan:
-    """One step on the host: token ids and positions of the chunks, and the rows whose logits are wanted."""
-    ids: list[int]
-    positions: list[int]
-    chunks: list[SequenceChunk]
-    logits_rows: list[int]
-    pending: dict[int, int]  # id row -> row of the sampled-token buffer holding that (PENDING) token
 
 
 @dataclasses.dataclass
@@ -177,6 +168,11 @@ class LLM:
         self._steps = 0
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
         self._graphs = None
+        # The replica's first rank plans every step and sends the plan to the others (step_plan.py).
+        self._plans = None
+        if self.parallel.replica.size > 1:
+            self._plans = PlanChannel(self.parallel.replica_host, self.model.pool, self.model.sliding_pool,
+                                      self.config.sliding_window)
         if not enforce_eager and cuda_graphs.supported(self.model) is None:
             self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, self.max_model_len, self._sampled)
 
@@ -199,7 +195,7 @@ class LLM:
         budget = (total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
                   - sliding_pages * self.model.kv_page_bytes(sliding=True))
         pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
-        if torch.distributed.is_initialized():  # every rank schedules the same steps: the smallest pool
+        if torch.distributed.is_initialized():  # the first rank's page ids index every rank's pool: the smallest
             torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)
         if int(pages) < 1:
             raise ValueError(f"no GPU memory left for the KV cache with gpu_memory_fraction={gpu_memory_fraction} "
@@ -230,9 +226,16 @@ class LLM:
         """Generate for every request; results come back in the order given (and to `on_result` as
         they finish). Dicts are parsed with make_request; one that fails becomes an error result.
 
-        `should_stop` is asked before every step (on a replica's first rank, whose answer all its
-        ranks follow); once it says yes, generation ends and only the finished results return.
+        `should_stop` is asked before every step; once it says yes, generation ends and only the
+        finished results return.
+
+        Every rank of a model replica calls generate. Its first rank (parallel.is_writer) schedules,
+        samples and returns the results; the others run the steps it sends them (their requests are
+        not read) and return an empty list.
         """
+        if not self.parallel.is_writer:
+            self._follow()
+            return []
         results: dict[int, Result] = {}
 
         def finish(index: int, result: Result) -> None:
@@ -268,10 +271,10 @@ class LLM:
         running: dict[int, _Sequence] = {}  # in admission order
         in_flight: _Launched | None = None
         while waiting or running or in_flight:
-            if should_stop is not None and self._agreed(should_stop()):
+            if should_stop is not None and should_stop():
                 if in_flight is not None:  # its finished requests are kept
                     self._land(in_flight, running, waiting, finish)
-                return
+                break
             while waiting and len(running) < self.max_batch_size:
                 index, item = waiting[0]
                 seq = item if isinstance(item, _Sequence) else None
@@ -294,18 +297,32 @@ class LLM:
             if in_flight is not None:
                 self._land(in_flight, running, waiting, finish)
             in_flight = launched
+        if self._plans is not None:
+            self._plans.end()
 
-    def _launch(self, plan: _Plan, wants: list[int], running: dict[int, _Sequence]) -> _Launched:
-        """Run the step and sample its wanted rows on the GPU; the tokens start their way to the host
-        and wait in the sequences as PENDING."""
+    def _follow(self) -> None:
+        """A replica's other ranks: run each step the first rank plans, until it ends the call. The
+        first rank broadcasts the tokens a step samples into the buffer the next step's decode rows
+        read (the same device-side order of collectives on every rank)."""
+        while (step := self._plans.receive()) is not None:
+            plan, samples = step
+            self._forward(plan)
+            if samples:
+                tokens = torch.empty(samples, dtype=self._sampled.dtype, device=self.device)
+                self._sampled[:samples].copy_(broadcast(tokens, self.parallel.replica))
+
+    def _launch(self, plan: StepPlan, wants: list[int], running: dict[int, _Sequence]) -> _Launched:
+        """Send the plan to the replica's other ranks, run the step and sample its wanted rows on the
+        GPU; the tokens start their way to the host and wait in the sequences as PENDING."""
         seqs = [running[i] for i in wants]
+        if self._plans is not None:
+            self._plans.send(plan, len(seqs))
         logits = self._forward(plan)
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
         tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-        if self.parallel.replica.size > 1:  # the replica's first rank's picks: the ranks never drift apart
-            tokens = broadcast(tokens, self.parallel.replica)
-            logprobs = broadcast(logprobs, self.parallel.replica)
+        if self.parallel.replica.size > 1:  # for the other ranks' next decode rows (see _follow)
+            broadcast(tokens, self.parallel.replica)
         self._sampled[:len(seqs)].copy_(tokens)
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
@@ -354,20 +371,14 @@ class LLM:
         waiting.appendleft((index, seq))
         self.preemptions += 1
 
-    def _agreed(self, flag: bool) -> bool:
-        """The replica's first rank's flag, on every rank of the replica."""
-        if self.parallel.replica.size == 1:
-            return flag
-        return bool(broadcast(torch.tensor([flag], device=self.device), self.parallel.replica).item())
-
-    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[_Plan, list[int]]:
+    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[StepPlan, list[int]]:
         """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
 
         Each chunk's pages are reserved here, before the step runs. When the pool is out, the most
         recently admitted sequence not yet in this step is preempted (or, if every other one is,
         this one waits instead)."""
         budget = self.max_batch_tokens
-        ids, positions, chunks, logits_rows, wants, pending = [], [], [], [], [], {}
+        ids, positions, chunks, logits_rows, wants, pending, keys = [], [], [], [], [], {}, []
         order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
         planned: set[int] = set()
         for index in order:
@@ -387,11 +398,12 @@ class LLM:
                 pending[len(ids) - 1] = seq.sample_row
             positions.extend(range(start, start + take))
             chunks.append(SequenceChunk(start, take, seq.cache))
+            keys.append(index)
             seq.computed += take
             if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
                 logits_rows.append(len(ids) - 1)
                 wants.append(index)
-        return _Plan(ids, positions, chunks, logits_rows, pending), wants
+        return StepPlan(ids, positions, chunks, logits_rows, pending, keys), wants
 
     def _ends_with_pending(self, seq: _Sequence) -> bool:
         """Whether the step in flight gives the sequence its last token (max_tokens or the context
@@ -399,7 +411,7 @@ class LLM:
         return seq.pending > 0 and (len(seq.generated) + seq.pending >= seq.request.params.max_tokens
                                     or len(seq.tokens) >= self.max_model_len)
 
-    def _forward(self, plan: _Plan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
         graphs, anything else runs the model eagerly."""
         dev = self.device

@@ -100,6 +100,13 @@ class PagePool:
         self._free.extend(range(2 * old - 1, old - 1, -1))
         self._num_pages = 2 * old
 
+    def grow_to(self, num_pages: int) -> None:
+        """At least num_pages pages (a growable pool; another rank's page ids must index this one)."""
+        if num_pages > self._num_pages and not self.growable:
+            raise ValueError(f"a fixed pool of {self._num_pages} KV pages cannot hold page ids up to {num_pages - 1}")
+        while self._num_pages < num_pages:
+            self._grow()
+
     def page_bytes(self) -> int:
         """Bytes of one page id across this pool's layers, keys and values."""
         return page_bytes(len(self.layers), *self._shape, self._dtype, self.page_size)
@@ -111,53 +118,30 @@ class PagePool:
 _serials = itertools.count()
 
 
-class SequenceKV:
-    """One sequence's pages: positions 0..computed-1 hold keys and values in every full layer, and the
-    last `window` of them in every sliding layer.
+class PageTables:
+    """A sequence's page lists in the two pools, and the reads and writes through them. The pages
+    are allocated by someone else: by SequenceKV (below), or, on the other ranks of a model replica,
+    by the replica's first rank, whose scheduler sends its tables with each step (runtime/step_plan.py).
 
     `serial` is new whenever the page lists start over (at creation and at release), so a holder of
     a copy of a page list (the CUDA graphs' staged block tables) can tell when it has gone stale."""
 
-    def __init__(self, full: PagePool, sliding: PagePool | None = None, window: int | None = None):
+    def __init__(self, full: PagePool, sliding: PagePool | None = None, window: int | None = None,
+                 serial: int | None = None):
         self.pool, self.sliding_pool, self.window = full, sliding, window
-        self.serial = next(_serials)
+        self.serial = next(_serials) if serial is None else serial
         self.pages: list[int] = []  # full layers' pages in position order
         self.sliding_pages: list[int] = []  # sliding layers' pages in position order, RELEASED once out of the window
-        self._released_upto = 0  # sliding_pages[:_released_upto] are all RELEASED
+        self.released_upto = 0  # sliding_pages[:released_upto] are all RELEASED
         self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
 
     def _kind(self, layer: int) -> bool:
         """True for a sliding-window layer (one the sliding pool holds)."""
         return self.sliding_pool is not None and layer in self.sliding_pool.keys
 
-    def pages_missing(self, end: int) -> int:
-        """Full-pool pages still to allocate before positions up to end - 1 can be written."""
-        return max(0, self.pool.pages_for(end) - len(self.pages))
-
     def reserve(self, start: int, end: int) -> None:
-        """Pages for writing positions start..end-1 (and reading the window before start): releases
-        sliding pages that no query from `start` on can see, then allocates. OutOfPages when the
-        fixed full pool has too few (nothing is allocated then)."""
-        if not self.pool.growable and self.pages_missing(end) > self.pool.free_pages:
-            raise OutOfPages(f"{self.pages_missing(end)} more KV pages needed, {self.pool.free_pages} free")
-        while len(self.pages) * self.pool.page_size < end:
-            self.pages.append(self.pool.allocate())
-        if self.sliding_pool is None:
-            return
-        ps = self.sliding_pool.page_size
-        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
-        # Entries before _released_upto are all released already: a long sequence's step visits only
-        # the pages that just left the window, not every page of its history.
-        for i in range(self._released_upto, min(oldest_visible // ps, len(self.sliding_pages))):
-            if self.sliding_pages[i] != RELEASED:
-                self.sliding_pool.release([self.sliding_pages[i]])
-                self.sliding_pages[i] = RELEASED
-            self._released_upto = i + 1
-        while len(self.sliding_pages) * ps < end:
-            index = len(self.sliding_pages)
-            # A page wholly before the window is never written: keep its entry released.
-            live = (index + 1) * ps > oldest_visible
-            self.sliding_pages.append(self.sliding_pool.allocate() if live else RELEASED)
+        """Given pages: positions start..end-1 must already be in the tables."""
+        assert len(self.pages) * self.pool.page_size >= end, (len(self.pages), end)
 
     def table(self, sliding: bool) -> list[int]:
         return self.sliding_pages if sliding else self.pages
@@ -197,12 +181,46 @@ class SequenceKV:
         slots = self._rows(sliding, start, end)
         return pool.keys[layer].flatten(0, 1)[slots], pool.values[layer].flatten(0, 1)[slots]
 
+
+class SequenceKV(PageTables):
+    """One sequence's pages, allocated from the pools as it grows: positions 0..computed-1 hold
+    keys and values in every full layer, and the last `window` of them in every sliding layer."""
+
+    def pages_missing(self, end: int) -> int:
+        """Full-pool pages still to allocate before positions up to end - 1 can be written."""
+        return max(0, self.pool.pages_for(end) - len(self.pages))
+
+    def reserve(self, start: int, end: int) -> None:
+        """Pages for writing positions start..end-1 (and reading the window before start): releases
+        sliding pages that no query from `start` on can see, then allocates. OutOfPages when the
+        fixed full pool has too few (nothing is allocated then)."""
+        if not self.pool.growable and self.pages_missing(end) > self.pool.free_pages:
+            raise OutOfPages(f"{self.pages_missing(end)} more KV pages needed, {self.pool.free_pages} free")
+        while len(self.pages) * self.pool.page_size < end:
+            self.pages.append(self.pool.allocate())
+        if self.sliding_pool is None:
+            return
+        ps = self.sliding_pool.page_size
+        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
+        # Entries before released_upto are all released already: a long sequence's step visits only
+        # the pages that just left the window, not every page of its history.
+        for i in range(self.released_upto, min(oldest_visible // ps, len(self.sliding_pages))):
+            if self.sliding_pages[i] != RELEASED:
+                self.sliding_pool.release([self.sliding_pages[i]])
+                self.sliding_pages[i] = RELEASED
+            self.released_upto = i + 1
+        while len(self.sliding_pages) * ps < end:
+            index = len(self.sliding_pages)
+            # A page wholly before the window is never written: keep its entry released.
+            live = (index + 1) * ps > oldest_visible
+            self.sliding_pages.append(self.sliding_pool.allocate() if live else RELEASED)
+
     def release(self) -> None:
         """Give every page back (the sequence is finished, or preempted)."""
         self.pool.release(self.pages)
         if self.sliding_pool is not None:
             self.sliding_pool.release(self.sliding_pages)
-        self.pages, self.sliding_pages, self._slots, self._released_upto = [], [], {}, 0
+        self.pages, self.sliding_pages, self._slots, self.released_upto = [], [], {}, 0
         self.serial = next(_serials)
 
     def __del__(self):

@@ -57,6 +57,19 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  two-gpus-check)  # a two-GPU machine: every GPU test (GPU 1) while GPU 0 times 20b alone; then tp=2 (both GPUs)
+    (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+      | grep -E "passed|failed|FAILED|Error" | tail -12 > $OUT/gpu_tests.log) &
+    CUDA_VISIBLE_DEVICES=0 GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 \
+      --context 128 --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -22
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
+      "batch_sizes=[1,4,8,64,256]" "ttft_prompts=[]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -9
+    wait
+    cat $OUT/gpu_tests.log
+    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
+    timeout 170 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
+      parallel.tp=2 "batch_sizes=[1,64]" "ttft_prompts=[]" repeat=2 2>&1 | grep -v Warning | tail -6
+    ;;
   bench120b-tp2)  # gpt-oss-120b over two GPUs (tp=2): the engine benchmark, up to a 131,072-token prompt
     timeout 570 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,8,64,256]" "ttft_prompts=[8192,32768,131072]" repeat=2 \

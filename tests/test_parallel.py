@@ -76,6 +76,19 @@ def test_layouts_match_one_rank(tiny_checkpoints, single_rank, tmp_path, nproc, 
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
 
 
+def test_tensor_parallel_under_preemption_and_chunked_prefill_matches_one_rank(tiny_checkpoints, single_rank,
+                                                                               tmp_path):
+    """tp=2 with a KV pool too small for the batch and a small token budget: the first rank
+    preempts, chunks prompts and sends page tables that change under the other rank's feet; every
+    request still gets the single-rank answer."""
+    inp, expected = single_rank
+    got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
+                    "kv_cache_tokens=64", "max_batch_size=4", "max_batch_tokens=8")
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+
+
 def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_rank, tmp_path):
     """tp=2 through the Triton kernels (the interpreter): each rank's MoE holds half of every
     expert's intermediate dimension and sums the combined rows across ranks (moe_triton's reduce);
