@@ -47,6 +47,14 @@ class RouteRecorder:
             return original_plan(h, weight, bias, k)
 
         monkeypatch.setattr(router_triton, "route_and_plan", recording_route_and_plan)
+        original_fused = router_triton.norm_route_and_plan
+
+        def recording_norm_route_and_plan(x, delta, gain, eps, weight, bias, k):
+            out = original_fused(x, delta, gain, eps, weight, bias, k)
+            self.calls.append(torch.nn.functional.linear(out[1], weight, bias).detach().float().cpu())
+            return out
+
+        monkeypatch.setattr(router_triton, "norm_route_and_plan", recording_norm_route_and_plan)
 
     def take(self) -> list[torch.Tensor]:
         """Router logits per layer [positions, experts] over the steps since the last take (steps

@@ -8,6 +8,12 @@ gate weight (E x d: 180 KiB for gpt-oss-20b, 720 KiB for 120b) over one program 
 second launch picks the top k; for more tokens one kernel takes 16 tokens a program, streams the
 whole weight through tl.dot and picks the top k from the logits in registers.
 
+`route_and_plan` also sorts the (token, expert) rows by expert (the MoE GEMMs' plan) in the top-k
+program. `norm_route_and_plan` goes further for a decode step on a rank holding every expert: the
+residual add after attention, the MoE's RMSNorm, the gate, the top-k and the sort in ONE launch,
+where each (token, expert) program normalizes its row and takes one logit, and the last program to
+finish (an atomic counter) does the rest.
+
 The logits are rounded to the activation dtype before the top-k, as the reference's bf16 linear
 rounds its output, so both compare the same numbers.
 """
@@ -21,6 +27,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.fused_triton import MAX_WIDTH, add_rms_norm_triton
 from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
@@ -83,14 +90,93 @@ def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW
 
 
 @triton.jit
+def _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
+                      K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                      M_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """Every token's top K of logits [T <= BLOCK_T, E] (in the calling program), then its (token,
+    expert) rows sorted by expert: the MoE's plan, without a launch of its own."""
+    t = tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    e = tl.arange(0, E_POW2)
+    e_ok = e < E
+    # .cg reads L2, never this SM's L1: in the fused kernel other programs wrote these logits in the
+    # same launch (L1 is not coherent between SMs); after a kernel boundary it costs nothing.
+    logits = tl.load(logits_ptr + t[:, None] * E + e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0,
+                     cache_modifier=".cg")
+    _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K, K_POW2, BLOCK_T, E_POW2)
+    tl.debug_barrier()  # the ids just stored are visible to every thread of this program
+    count_sort(ids_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T * K, E, M_POW2, E_POW2, CHUNK)
+
+
+@triton.jit
 def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
                        K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                        M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Every token's top K (one program), then its (token, expert) rows sorted by expert: the MoE's
-    plan, without a launch of its own."""
-    _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K, K_POW2, E_POW2, BLOCK_T, PDL)
-    tl.debug_barrier()  # the ids just stored are visible to every thread of this program
-    count_sort(ids_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T * K, E, M_POW2, E_POW2, CHUNK)
+    """_plan_from_logits in one program, of logits an earlier launch wrote."""
+    pdl.wait_for_previous_kernel(PDL)
+    _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
+                      K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
+
+
+@triton.jit
+def _norm_route_plan_kernel(x_ptr, delta_ptr, gain_ptr, w_ptr, b_ptr, res_ptr, h_ptr, logits_ptr, counter_ptr,
+                            ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
+                            T, D, E, stride_x, stride_d, stride_r, stride_h, stride_w, eps,
+                            K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_D: tl.constexpr, M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """Program (token t, expert e): token t's residual add and RMSNorm (stored by expert 0's
+    programs), its gate logit for expert e; the last program to finish routes every token and
+    sorts the rows (_plan_from_logits). Grid (T, E), T <= BLOCK_T."""
+    t = tl.program_id(0) + tl.arange(0, 1)  # [1, BLOCK_D] tiles: the layout add_rms_norm_triton's rows have
+    expert = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    # Weights only before the wait (pdl.py): the norm's gain, this expert's gate row and bias.
+    gain = tl.load(gain_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + expert * stride_w + cols, mask=col_ok, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + expert).to(tl.float32)
+    pdl.wait_for_previous_kernel(PDL)
+    mask = col_ok[None, :]
+    x = tl.load(x_ptr + t[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    d = tl.load(delta_ptr + t[:, None] * stride_d + cols[None, :], mask=mask, other=0.0)
+    # add_rms_norm_triton's arithmetic, step for step (so its outputs are this kernel's, bit for bit):
+    # fp32 sum rounded once to the residual's dtype, the norm of that rounded residual in fp32.
+    r = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
+    rf = r.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / D + eps)
+    h = (rf * inv_rms[:, None] * gain[None, :]).to(h_ptr.dtype.element_ty)
+    first = (cols < tl.where(expert == 0, D, 0))[None, :]  # every expert's program computes the row; one stores it
+    tl.store(res_ptr + t[:, None] * stride_r + cols[None, :], r, mask=first)
+    tl.store(h_ptr + t[:, None] * stride_h + cols[None, :], h, mask=first)
+    logit = tl.sum(h.to(tl.float32) * w[None, :], axis=1) + bias
+    logit = logit.to(h_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds its output
+    tl.store(logits_ptr + t * E + expert, logit)
+    if _last_to_finish(counter_ptr, T * E):
+        _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
+                          K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
+
+
+@triton.jit
+def _last_to_finish(counter_ptr, num_programs):
+    """Whether this program is the last of the grid past this point (every other program's earlier
+    global stores are then visible to it); that program also resets the counter for the next launch.
+
+    Ordering, in the PTX memory model: each program's stores -> bar.sync (orders every thread's
+    stores before thread 0's atomic, CTA scope) -> atom.acq_rel.gpu, whose release half makes them
+    visible at gpu scope (release is cumulative) before the count moves. The last program's acquire
+    half reads the final count, so it synchronizes with every earlier program's release; the
+    bar.sync after it extends that to all its threads, and the compiler cannot hoist the caller's
+    loads above a barrier or an acquire. Those loads are .cg (L2, the gpu-scope coherence point),
+    so no line of another launch's logits that this SM's L1 may still hold can be read."""
+    tl.debug_barrier()
+    count = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = count == num_programs - 1
+    if last:
+        # Every program has counted: nothing else touches the counter in this launch, and the next
+        # launch (a later layer, a graph replay) sees this store, as kernels end by flushing theirs.
+        tl.store(counter_ptr, 0)
+    tl.debug_barrier()
+    return last
 
 
 @triton.jit
@@ -164,6 +250,12 @@ def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k:
     """route_triton (int32 ids) and the rows sorted by expert (moe_gemm.plan) for a rank holding
     every expert. Up to FUSED_PLAN_TOKENS tokens the sort runs in the top-k launch (one program
     sees all of them), which saves a launch a layer in decode steps."""
+    return _route_and_plan(h, weight, bias, k)
+
+
+def _route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor, Plan]:
+    """route_and_plan's body: norm_route_and_plan calls it too (tests record each public call once)."""
     T, E = h.shape[0], weight.shape[0]
     if T == 0 or T > FUSED_PLAN_TOKENS:
         ids, weights = _route(h, weight, bias, k, torch.int32)
@@ -176,3 +268,54 @@ def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k:
                              E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS,
                              **count_sort_sizes(T * k), num_warps=4, **pdl.launch_args(h.device))
     return ids, weights, rows
+
+
+# One "programs finished" counter per device, zero between launches (each launch's last program
+# resets it): persistent, so CUDA graphs capture its address. Launches sharing it must not overlap,
+# which holds for the launches of one stream (a PDL launch touches it only after its wait).
+_DONE_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _done_counter(device: torch.device) -> torch.Tensor:
+    counter = _DONE_COUNTERS.get(device)
+    if counter is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Made inside a capture, it would be zeroed only by the replays: run one step eagerly first.
+            raise RuntimeError("norm_route_and_plan's counter must exist before CUDA graph capture")
+        counter = _DONE_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def norm_route_and_plan(x: torch.Tensor, delta: torch.Tensor, gain: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, Plan]:
+    """(x + delta, h = its RMSNorm times gain, then route_and_plan(h, weight, bias, k)): the residual
+    add after attention, the MoE's norm and its router, for a rank holding every expert.
+
+    Up to FUSED_PLAN_TOKENS tokens (decode) one launch does it all, with a program per (token,
+    expert): each normalizes its token's row (a few KiB, read by E programs at once from L2) and
+    takes one gate logit; the last program to finish picks every token's top k and sorts the rows.
+    Unfused, that is three launches (add_rms_norm_triton, the gate GEMV, the top-k). Outputs equal
+    add_rms_norm_triton's and route_and_plan's (the logits up to their summation order)."""
+    (T, D), E = x.shape, weight.shape[0]
+    if T == 0 or T > FUSED_PLAN_TOKENS or D > MAX_WIDTH:
+        x, h = add_rms_norm_triton(x, delta, gain, eps)
+        return (x, h) + _route_and_plan(h, weight, bias, k)
+    assert delta.shape == x.shape and gain.shape == (D,) and weight.shape == (E, D) and bias.shape == (E,)
+    assert x.stride(1) == 1 and delta.stride(1) == 1 and gain.is_contiguous() and weight.stride(1) == 1
+    residual = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(residual)
+    ids = torch.empty((T, k), dtype=torch.int32, device=x.device)
+    weights = torch.empty((T, k), dtype=torch.float32, device=x.device)
+    logits = torch.empty((T, E), dtype=torch.float32, device=x.device)  # written and read within the launch
+    rows = empty_plan(T * k, E, x.device)
+    block_d = triton.next_power_of_2(D)
+    _norm_route_plan_kernel[(T, E)](
+        x, delta, gain, weight, bias, residual, h, logits, _done_counter(x.device), ids, weights, rows.order,
+        rows.position, rows.counts, rows.offsets, T, D, E, x.stride(0), delta.stride(0), residual.stride(0),
+        h.stride(0), weight.stride(0), float(eps), K=k, K_POW2=triton.next_power_of_2(k),
+        E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS, BLOCK_D=block_d,
+        **count_sort_sizes(T * k),
+        num_warps=min(16, max(4, block_d // 512)),  # 8 at d = 2880, as add_rms_norm_triton's rows
+        **pdl.launch_args(x.device))
+    return residual, h, ids, weights, rows
