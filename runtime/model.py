@@ -128,14 +128,24 @@ class Attention(Sharded):
         cfg = self.cfg
         if ctx.paged is not None:
             from runtime.kernels.attention_triton import paged_attention_triton
+            from runtime.kernels.dense_gemv import Rope, fits, linear_gemv
             from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
 
             if h is None:
                 _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
             p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
             keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
-            q, _, _ = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
-                                     self.kv_heads, cfg.head_dim, cache=(keys, values, kv.slots))
+            cache = (keys, values, kv.slots)
+            rope = Rope(ctx.positions, ctx.inv_freq, ctx.concentration, cfg.head_dim, self.heads, self.kv_heads)
+            weight, bias = self.qkv.weight, getattr(self.qkv, "bias", None)
+            if h.shape[0] == 1 and self.qkv.group.size == 1 and fits(h, weight, rope):
+                # Batch-1 decode, where self.qkv would run the GEMV anyway (parallel/layers._linear): the
+                # GEMV's epilogue also rotates q, k and fills the cache, one launch instead of two.
+                qkv = linear_gemv(h, weight, bias, rope=rope, cache=cache)
+                q = qkv.unflatten(-1, (-1, cfg.head_dim))[:, :self.heads]
+            else:
+                q, _, _ = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
+                                         self.kv_heads, cfg.head_dim, cache=cache)
             out = paged_attention_triton(q, keys, values, kv.block_table, p.cu_q, p.q_start, self.sinks,
                                          sm_scale=self.sm_scale, window=self.window, max_q_len=p.max_q_len,
                                          max_k_len=p.max_k_len)
@@ -197,29 +207,35 @@ class MoE(Sharded):
             return expert_rows_triton
         return expert_rows
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor,
+    def forward(self, x: torch.Tensor, delta: torch.Tensor,
                 next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x + MoE(h), then that sum's RMSNorm under next_norm (the next block's attention norm
-        scale) where the kernel path computes it in the MoE's last launch, else None), where h is
-        x's RMSNorm (computed by the caller, fused with the residual add)."""
-        cfg = self.cfg
+        """(r + MoE(h), then that sum's RMSNorm under next_norm (the next block's attention norm
+        scale) where the kernel path computes it in the MoE's last launch, else None), where
+        r = x + delta is the residual after attention (delta: the attention block's output) and h
+        is r's RMSNorm under this MoE's norm. The add and the norm run fused; on a rank holding
+        every expert, in decode steps, in one launch with the router."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         if self.partition.size == 1 and use_triton(x):  # every expert here (whole, or the same slice of each)
             from runtime.kernels.moe_gemm import moe_triton  # no exchange, fused combine
-            from runtime.kernels.router_triton import route_and_plan  # gate, top-k, softmax, rows sorted by expert
+            from runtime.kernels.router_triton import norm_route_and_plan  # add, norm, gate, top-k, softmax, plan
 
-            expert_ids, weights, rows = route_and_plan(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
-            norm = (next_norm, cfg.rms_norm_eps) if next_norm is not None else None
+            x, h, expert_ids, weights, rows = norm_route_and_plan(x, delta, self.norm.scale, eps, self.gate.weight,
+                                                                  self.gate.bias, cfg.experts_per_token)
+            norm = (next_norm, eps) if next_norm is not None else None
             out = moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
                              self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
                              cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0, rows=rows,
                              next_norm=norm)
             return out if norm is not None else (out, None)
         if use_triton(x):
+            from runtime.kernels.fused_triton import add_rms_norm_triton
             from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax
 
+            x, h = add_rms_norm_triton(x, delta, self.norm.scale, eps)
             expert_ids, weights = route_triton(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
         else:
+            x, h = add_rms_norm(x, delta, self.norm.scale, eps)
             expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
         lo, hi = token_slice(x.shape[0], self.partition)
         routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
@@ -238,16 +254,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None,
                 next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the block's output, its RMSNorm under next_norm or None): see MoE.forward; h is x's
-        RMSNorm under this block's attention norm, when the block before computed it."""
-        delta = self.attn(x, ctx, h)
-        if ctx.paged is not None:
-            from runtime.kernels.fused_triton import add_rms_norm_triton
-
-            x, h = add_rms_norm_triton(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
-        else:
-            x, h = add_rms_norm(x, delta, self.mlp.norm.scale, self.mlp.cfg.rms_norm_eps)
-        return self.mlp(x, h, next_norm)
+        """(the block's output, its RMSNorm under next_norm or None): see MoE.forward, which also
+        adds the attention's output to the residual; h is x's RMSNorm under this block's attention
+        norm, when the block before computed it."""
+        return self.mlp(x, self.attn(x, ctx, h), next_norm)
 
 
 class GptOss(nn.Module):

@@ -10,6 +10,11 @@ bias, x read, output written) and that as a share of the device-to-device copy b
 the same run. The kernel's output is checked against the fp32 reference before it is timed (the
 bound of tests/test_dense_gemv.py). --sweep also times a grid of (BLOCK_N, BLOCK_K, STAGES,
 num_warps) per shape and prints the best next to gemv_config's choice.
+
+A last table times gpt-oss's batch-1 QKV step on the kernel path: the GEMV then rope_qk_triton
+(RoPE and the KV-cache store, two launches) against the GEMV with both in its epilogue (`rope=`),
+in its default config (rotation pairs, 8 rows a program) and with whole heads a program (BLOCK_N
+64: 80 programs); --sweep also sweeps the fused launch's config.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.bench import ceilings  # noqa: E402
-from runtime.kernels.dense_gemv import gemv_config, linear_gemv  # noqa: E402
+from runtime.config import preset  # noqa: E402
+from runtime.kernels.dense_gemv import Rope, gemv_config, linear_gemv  # noqa: E402
+from runtime.kernels.fused_triton import rope_qk_triton  # noqa: E402
+from runtime.kernels.rope import yarn_frequencies  # noqa: E402
 
 SHAPES = [("qkv", 5120, 2880), ("out", 2880, 4096), ("qkv tp=2", 2560, 2880), ("out tp=2", 2880, 2048)]
 HEADER = ("| shape | N x K | M | cuBLAS us | TB/s | % copy | gemv us | TB/s | % copy | speedup | config |\n"
@@ -83,6 +91,68 @@ def short(cfg: dict) -> str:
     return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']} w{cfg['num_warps']}"
 
 
+def rope_problem(gen: torch.Generator):
+    """gpt-oss's batch-1 QKV step: (x, weight, bias, Rope, cache) with the KV pages of one layer."""
+    cfg = preset("gpt-oss-20b")
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    x, weight, bias = problem(1, (heads + 2 * kv_heads) * d, cfg.hidden_size, gen)
+    inv_freq, c = yarn_frequencies(d, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
+                                   cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    rope = Rope(torch.tensor([100000], device="cuda"), inv_freq.cuda(), c, d, heads, kv_heads)
+    pages = torch.zeros(256, 16, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    return x, weight, bias, rope, (pages, torch.zeros_like(pages), torch.tensor([1234], device="cuda"))
+
+
+def two_launches(x, weight, bias, rope, cache, out, **config):
+    linear_gemv(x, weight, bias, out=out, **config)
+    return rope_qk_triton(out, rope.positions, rope.inv_freq, rope.concentration, rope.num_q_heads,
+                          rope.num_kv_heads, rope.head_dim, cache=cache)
+
+
+def check_rope(x, weight, bias, rope, cache, **config) -> None:
+    """The fused launch against the two: within 3 bf16 roundings of c (|a| + |b|) for a pair (a, b)."""
+    plain = linear_gemv(x, weight, bias, **config).float().unflatten(-1, (-1, rope.head_dim))
+    want = torch.empty(1, weight.shape[0], device=x.device, dtype=x.dtype)
+    two_launches(x, weight, bias, rope, cache, want, **config)
+    got = linear_gemv(x, weight, bias, rope=rope, cache=cache, **config).float()
+    a, b = plain.chunk(2, dim=-1)
+    scale = (rope.concentration * torch.cat([a.abs() + b.abs()] * 2, dim=-1)).flatten(-2)
+    err = (got - want.float()).abs()
+    assert bool((err <= 3 * 2.0**-8 * scale + 1e-3).all()), f"linear_gemv(rope=) {config} off by {err.max():.3g}"
+
+
+def bench_rope(gen, bw: float, sweep_too: bool) -> list[str]:
+    """Rows of the QKV + RoPE + cache table (M = 1)."""
+    x, weight, bias, rope, cache = rope_problem(gen)
+    out = torch.empty(1, weight.shape[0], device="cuda", dtype=torch.bfloat16)
+    nbytes = moved_bytes(1, *weight.shape) + 4 * rope.num_kv_heads * rope.head_dim  # + k and v rows stored
+    t_two = bench(lambda: two_launches(x, weight, bias, rope, cache, out))
+    rows = [f"| gemv + rope_qk_triton | default | {t_two * 1e6:.1f} | {100 * nbytes / t_two / bw:.0f}% | 1.00x |"]
+    timed = []
+    for name, cfg in [("fused", {}), ("fused, whole heads", {"BLOCK_N": 64, "BLOCK_K": 64})]:
+        timed.append((name, cfg, time_fused(x, weight, bias, rope, cache, out, cfg)))
+    if sweep_too:
+        swept = [("fused, swept", cfg, time_fused(x, weight, bias, rope, cache, out, cfg, quick=True))
+                 for cfg in sweep_configs(1, weight.shape[1])]
+        timed += sorted((row for row in swept if row[2] is not None), key=lambda row: row[2])[:3]
+    for name, cfg, t in timed:
+        if t is not None:
+            shown = short({**gemv_config(1, *weight.shape), **cfg})
+            rows.append(f"| {name} | {shown} | {t * 1e6:.1f} | {100 * nbytes / t / bw:.0f}% | {t_two / t:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def time_fused(x, weight, bias, rope, cache, out, cfg: dict, quick: bool = False) -> float | None:
+    """Seconds of the fused launch in config cfg, checked first; None where it fails to compile or launch."""
+    try:
+        check_rope(x, weight, bias, rope, cache, **cfg)
+        return bench(lambda: linear_gemv(x, weight, bias, out=out, rope=rope, cache=cache, **cfg), quick=quick)
+    except Exception as e:  # noqa: BLE001  (out of resources and the like: report, go on)
+        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="x rows M (1-4)")
@@ -120,6 +190,10 @@ def main() -> None:
         print("\n## Sweep: heuristic vs best config\n\n| shape | M | heuristic us | best us | best % copy |\n"
               "|---|---|---|---|---|")
         print("\n".join(best))
+    rope_rows = bench_rope(gen, bw, args.sweep)
+    print("\n## QKV + RoPE + KV-cache store, M = 1: two launches vs the fused GEMV\n\n"
+          "| variant | config | us | % copy | speedup |\n|---|---|---|---|---|")
+    print("\n".join(rope_rows))
 
 
 if __name__ == "__main__":

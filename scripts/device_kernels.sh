@@ -57,6 +57,22 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  fusions-ab)  # every GPU test (GPU 1) while GPU 0 times 20b decode before (.carry/base: a worktree of the commit
+    # before) and after this tree's changes, the fused QKV GEMV, and where a batch-1 step's time goes (PDL off)
+    (CUDA_VISIBLE_DEVICES=1 timeout 400 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+      | grep -E "passed|failed|FAILED|Error|assert" | tail -30 > $OUT/gpu_tests.log) &
+    export CUDA_VISIBLE_DEVICES=0
+    for tree in .carry/base $PWD .carry/base $PWD; do
+      echo "tree $tree"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b \
+        device=cuda "batch_sizes=[1,4]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode tokens")
+    done
+    timeout 60 python3 scripts/bench_dense_gemv.py 2>&1 | grep -v "^|---" | tail -8
+    GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 \
+      --context 128 --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -20
+    wait
+    cat $OUT/gpu_tests.log
+    ;;
   two-gpus-check)  # a two-GPU machine: every GPU test (GPU 1) while GPU 0 times 20b alone; then tp=2 (both GPUs)
     (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
       | grep -E "passed|failed|FAILED|Error" | tail -12 > $OUT/gpu_tests.log) &

@@ -10,24 +10,47 @@ registers; every x row (up to FEW_ROWS) is applied to the same loaded weight til
 byte is read once. The partial sums are added up once at the end, the bias added in fp32 and the
 result rounded once to x's dtype: the reference up to the order of the fp32 sums.
 
-The reference is torch.nn.functional.linear itself.
+Given `rope=` (a QKV projection: q heads, then k, then v, head_dim wide each), the epilogue also does
+fused_triton.rope_qk_triton's work, saving that launch in a decode step: it rotates the q and k
+heads of the fp32 sums, rounds every output once, stores q, k, v as rope_qk_triton would leave them
+and, given `cache=`, k and v at each row's slot of the KV pages. A program then owns whole rotation
+pairs (features i and i + D/2 of one head, _pair_rows): two runs of BLOCK_N / 2 rows of a head while
+BLOCK_N <= D, BLOCK_N / D whole heads beyond. So BLOCK_N, the grid and the weight streaming stay the
+GEMV's (8 rows, 640 programs at gpt-oss's QKV; whole heads of 64 would leave 80 programs for 132
+SMs). Rounding once instead of twice (GEMV, then RoPE), it is within 3u * c * (|a| + |b|) of the two
+launches for a pair (a, b), u the dtype's unit roundoff; in fp32 the two are equal.
+
+The reference is torch.nn.functional.linear itself (with rope.rope_qk for `rope=`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.fused_triton import rope_cos_sin, rope_rotate
 
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Rope(NamedTuple):
+    """RoPE in linear_gemv's epilogue, for a weight of (num_q_heads + 2 num_kv_heads) * head_dim rows:
+    what rope_qk_triton takes besides qkv and the cache (in another order: head_dim comes last there)."""
+    positions: torch.Tensor  # [M] integers, one per row of x
+    inv_freq: torch.Tensor  # [head_dim / 2] fp32
+    concentration: float
+    head_dim: int
+    num_q_heads: int
+    num_kv_heads: int
 
 
 @triton.jit
@@ -67,15 +90,79 @@ def _apply(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k0, xk, k_ok, M: tl.cons
 
 
 @triton.jit
-def _store_row(y_row_ptr, acc, b, n, n_ok):
-    tl.store(y_row_ptr + n, (tl.sum(acc, 1) + b).to(y_row_ptr.dtype.element_ty), mask=n_ok)
+def _pair_rows(BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr):
+    """This program's output features when it rotates: [BLOCK_N // (2 PAIRS) heads, 2 halves, PAIRS]
+    flattened, so every feature's partner (i <-> i + D/2) is in the same program. PAIRS = D/2 gives
+    whole heads, consecutive; fewer give HEAD_DIM // (2 PAIRS) programs per head."""
+    j = tl.arange(0, BLOCK_N)
+    per_head = HEAD_DIM // (2 * PAIRS)
+    head = tl.program_id(0) // per_head * (BLOCK_N // (2 * PAIRS)) + j // (2 * PAIRS)
+    col = tl.program_id(0) % per_head * PAIRS + j % PAIRS
+    return head * HEAD_DIM + (j // PAIRS) % 2 * (HEAD_DIM // 2) + col
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr,
-                 PDL: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _halves(v, PAIRS: tl.constexpr):
+    """A vector in _pair_rows' order as (its first-half entries, their partners), [heads, PAIRS] each."""
+    return tl.split(tl.permute(tl.reshape(v, (v.shape[0] // (2 * PAIRS), 2, PAIRS)), (0, 2, 1)))
+
+
+@triton.jit
+def _store_rope_row(y_row_ptr, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr, stride_slot,
+                    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                    CACHE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Row m's fp32 outputs y at features n (_pair_rows): q and k heads rotated by row m's position as
+    rope_qk_triton does (shared helpers), each output rounded once; with CACHE, k and v also stored
+    at row m's slot of the pages [slots, KV_HEADS, HEAD_DIM]. Positions and slots are step inputs:
+    read here, after the kernel's PDL wait."""
+    first, second = _halves(y, PAIRS)
+    at, _ = _halves(n, PAIRS)  # features of `first`; their partners are HEAD_DIM // 2 further
+    head, col = at // HEAD_DIM, at % HEAD_DIM
+    ok = head < Q_HEADS + 2 * KV_HEADS  # a last program of whole heads may pass the end
+    rotated = head < Q_HEADS + KV_HEADS
+    pos = tl.load(pos_ptr + m).to(tl.float32)
+    cos, sin = rope_cos_sin(pos, tl.load(inv_freq_ptr + col), concentration, LIBDEVICE)
+    r_first, r_second = rope_rotate(first, second, cos, sin)
+    first = tl.where(rotated, r_first, first).to(y_row_ptr.dtype.element_ty)  # v heads pass unrotated
+    second = tl.where(rotated, r_second, second).to(y_row_ptr.dtype.element_ty)
+    tl.store(y_row_ptr + at, first, mask=ok)
+    tl.store(y_row_ptr + at + HEAD_DIM // 2, second, mask=ok)
+    if CACHE:
+        slot = tl.load(slots_ptr + m).to(tl.int64)
+        kv_head = tl.where(rotated, head - Q_HEADS, head - Q_HEADS - KV_HEADS)
+        row = slot * stride_slot + kv_head * HEAD_DIM + col
+        is_k = rotated & (head >= Q_HEADS)
+        is_v = ok & (head >= Q_HEADS + KV_HEADS)
+        tl.store(k_ptr + row, first, mask=is_k)
+        tl.store(k_ptr + row + HEAD_DIM // 2, second, mask=is_k)
+        tl.store(v_ptr + row, first, mask=is_v)
+        tl.store(v_ptr + row + HEAD_DIM // 2, second, mask=is_v)
+
+
+@triton.jit
+def _store_row(y_ptr, stride_ym, acc, b, n, n_ok, m: tl.constexpr, pos_ptr, inv_freq_ptr, concentration, k_ptr,
+               v_ptr, slots_ptr, stride_slot, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_HEADS: tl.constexpr,
+               KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Row m of the output: its partial sums added up, the bias added, rounded once (after RoPE with ROPE)."""
+    y = tl.sum(acc, 1) + b
+    if ROPE:
+        _store_rope_row(y_ptr + m * stride_ym, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
+                        slots_ptr, stride_slot, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, CACHE, LIBDEVICE)
+    else:
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
+                 pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr, stride_slot,
+                 M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 VEC: tl.constexpr, STAGES: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
+                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                 LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    if ROPE:
+        n = _pair_rows(BLOCK_N, HEAD_DIM, PAIRS)
+    else:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     # Past-the-end rows re-read row N-1 (their sums are never stored): the loop's loads need no row mask.
     rows = tl.minimum(n, N - 1).to(tl.int64)
@@ -110,13 +197,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M: tl.c
         b = tl.load(b_ptr + rows).to(tl.float32)
     else:
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    _store_row(y_ptr, acc0, b, n, n_ok)
+    _store_row(y_ptr, stride_ym, acc0, b, n, n_ok, 0, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr,
+               stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
     if M > 1:
-        _store_row(y_ptr + stride_ym, acc1, b, n, n_ok)
+        _store_row(y_ptr, stride_ym, acc1, b, n, n_ok, 1, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
+                   slots_ptr, stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
     if M > 2:
-        _store_row(y_ptr + 2 * stride_ym, acc2, b, n, n_ok)
+        _store_row(y_ptr, stride_ym, acc2, b, n, n_ok, 2, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
+                   slots_ptr, stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
     if M > 3:
-        _store_row(y_ptr + 3 * stride_ym, acc3, b, n, n_ok)
+        _store_row(y_ptr, stride_ym, acc3, b, n, n_ok, 3, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
+                   slots_ptr, stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
 
 
 @functools.cache
@@ -152,26 +243,55 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": 1, "num_warps": 4}
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def fits(x: torch.Tensor, weight: torch.Tensor, rope: Rope | None = None) -> bool:
     """Whether linear_gemv takes x [M, K] and weight [N, K]: 1 <= M <= FEW_ROWS, unit stride along K,
-    a contiguous weight of x's dtype, both on one CUDA device (or CPU tensors under the interpreter)."""
+    a contiguous weight of x's dtype, both on one CUDA device (or CPU tensors under the interpreter);
+    with `rope`, also a power-of-two head_dim (the epilogue's tiles), N = (Hq + 2 Hkv) * head_dim,
+    one position per row and fp32 inv_freq [head_dim / 2], on x's device."""
     if x.dim() != 2 or weight.dim() != 2 or not 1 <= x.shape[0] <= FEW_ROWS or x.shape[1] != weight.shape[1]:
         return False
     if x.shape[1] == 0 or weight.shape[0] == 0 or x.stride(1) != 1 or not weight.is_contiguous():
         return False
     if x.dtype != weight.dtype or x.dtype not in _DTYPES or x.device != weight.device:
         return False
+    if rope is not None and not _rope_fits(x, weight, rope):
+        return False
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
 
+def _rope_fits(x: torch.Tensor, weight: torch.Tensor, rope: Rope) -> bool:
+    d, positions, inv_freq = rope.head_dim, rope.positions, rope.inv_freq
+    if d < 2 or d & (d - 1) or weight.shape[0] != (rope.num_q_heads + 2 * rope.num_kv_heads) * d:
+        return False
+    if positions.shape != (x.shape[0],) or positions.dtype.is_floating_point or positions.device != x.device:
+        return False
+    return inv_freq.shape == (d // 2,) and inv_freq.dtype == torch.float32 and inv_freq.device == x.device
+
+
+def _check_cache(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor, rope: Rope) -> None:
+    """KV pages [num_pages, page_size, Hkv, D] (contiguous, x's dtype) and one flat slot per row of x."""
+    k_pages, v_pages, slots = cache
+    assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.shape == v_pages.shape
+    assert k_pages.shape[2:] == (rope.num_kv_heads, rope.head_dim), k_pages.shape
+    assert k_pages.dtype == v_pages.dtype == x.dtype and k_pages.device == v_pages.device == x.device
+    assert slots.shape == (x.shape[0],) and not slots.dtype.is_floating_point and slots.device == x.device
+
+
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                out: torch.Tensor | None = None, **config) -> torch.Tensor:
+                out: torch.Tensor | None = None, rope: Rope | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **config) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype (fp32 sums, rounded once).
 
     `out` ([M, N], x.dtype, unit stride along N) receives the result if given. `config` overrides
     any of gemv_config's BLOCK_N, BLOCK_K, STAGES, num_warps (the bench's sweep).
+
+    `rope`: the result is a QKV projection's output as rope_qk_triton would leave it (q and k heads
+    rotated by row m's position rope.positions[m]; v as it was), computed from the fp32 sums with one
+    rounding; `cache` = (k_pages, v_pages, slots) also stores row m's k (rotated) and v at flat row
+    slots[m] of the pages, as rope_qk_triton does. With rope, BLOCK_N must be at least 2.
     """
-    assert fits(x, weight), "linear_gemv: see fits()"
+    assert fits(x, weight, rope), "linear_gemv: see fits()"
+    assert cache is None or rope is not None, "linear_gemv: a cache is filled only with rope"
     M, K = x.shape
     N = weight.shape[0]
     if bias is not None:
@@ -187,6 +307,33 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     block_k = cfg.pop("BLOCK_K")
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, out, N, K, x.stride(0), out.stride(0),
-        M=M, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        VEC=min(16 // x.element_size(), block_k), **cfg, **pdl.launch_args(x.device))
+        *_rope_args(x, rope, cache), M=M, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        VEC=min(16 // x.element_size(), block_k), **_rope_constants(rope, cache, block_n), **cfg,
+        **pdl.launch_args(x.device))
     return out
+
+
+def _rope_args(x: torch.Tensor, rope: Rope | None, cache) -> tuple:
+    """The kernel's positions, inv_freq, concentration, k and v pages, slots and page row stride
+    (stand-ins, never read, where absent)."""
+    if rope is None:
+        return x, x, 1.0, x, x, x, 0
+    if cache is None:
+        cache = (x, x, rope.positions)
+    else:
+        _check_cache(cache, x, rope)
+    k_pages, v_pages, slots = cache
+    return (rope.positions.contiguous(), rope.inv_freq.contiguous(), float(rope.concentration), k_pages, v_pages,
+            slots.contiguous(), rope.num_kv_heads * rope.head_dim)
+
+
+def _rope_constants(rope: Rope | None, cache, block_n: int) -> dict:
+    """The kernel's RoPE constexprs. A program owns PAIRS rotation pairs of each of its heads: half its
+    rows while BLOCK_N <= head_dim (BLOCK_N stays the GEMV's, so the grid keeps its size), whole
+    heads beyond."""
+    if rope is None:
+        return {"ROPE": False, "CACHE": False, "Q_HEADS": 0, "KV_HEADS": 0, "HEAD_DIM": 2, "PAIRS": 1,
+                "LIBDEVICE": False}
+    assert block_n >= 2, "linear_gemv: RoPE needs BLOCK_N >= 2 (a program owns whole pairs)"
+    return {"ROPE": True, "CACHE": cache is not None, "Q_HEADS": rope.num_q_heads, "KV_HEADS": rope.num_kv_heads,
+            "HEAD_DIM": rope.head_dim, "PAIRS": min(block_n, rope.head_dim) // 2, "LIBDEVICE": not INTERPRET}

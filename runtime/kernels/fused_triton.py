@@ -103,6 +103,26 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch
 
 
 @triton.jit
+def rope_cos_sin(pos, inv_freq, concentration, LIBDEVICE: tl.constexpr):
+    """c * cos and c * sin of the angles pos * inv_freq (fp32, broadcast shapes), as rope.cos_sin
+    computes them before its rounding; shared by every kernel that rotates, so all agree bit for bit."""
+    angle = pos * inv_freq  # one fp32 product, as in rope.cos_sin
+    if LIBDEVICE:
+        # __nv_cosf/__nv_sinf reduce the argument exactly; angles reach 131071 rad at the longest context.
+        cos, sin = libdevice.cos(angle), libdevice.sin(angle)
+    else:
+        cos, sin = tl.cos(angle), tl.sin(angle)
+    return cos * concentration, sin * concentration
+
+
+@triton.jit
+def rope_rotate(first, second, cos, sin):
+    """The half-split pair (first, second) = (x_i, x_{i + D/2}) rotated, in fp32: rounding each output
+    once is the caller's (the reference rounds cos/sin and every product to the activation dtype)."""
+    return first * cos - second * sin, second * cos + first * sin
+
+
+@triton.jit
 def _rope_qk_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot, concentration,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
@@ -118,14 +138,7 @@ def _rope_qk_kernel(
     pdl.wait_for_previous_kernel(PDL)
     pos = tl.load(pos_ptr + tokens, mask=t_ok, other=0).to(tl.float32)
     inv_freq = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
-    angle = pos[:, None] * inv_freq[None, :]  # one fp32 product, as in rope.cos_sin
-    if LIBDEVICE:
-        # __nv_cosf/__nv_sinf reduce the argument exactly; angles reach 131071 rad at the longest context.
-        cos = libdevice.cos(angle) * concentration
-        sin = libdevice.sin(angle) * concentration
-    else:
-        cos = tl.cos(angle) * concentration
-        sin = tl.sin(angle) * concentration
+    cos, sin = rope_cos_sin(pos[:, None], inv_freq[None, :], concentration, LIBDEVICE)
     rotated = (heads < Q_HEADS + KV_HEADS)[None, :, None]  # v heads pass through unrotated
     cos = tl.where(rotated, cos[:, None, :], 1.0)
     sin = tl.where(rotated, sin[:, None, :], 0.0)
@@ -133,10 +146,10 @@ def _rope_qk_kernel(
     mask = t_ok[:, None, None] & (heads < Q_HEADS + 2 * KV_HEADS)[None, :, None] & (i < HALF)[None, None, :]
     first = tl.load(qkv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(qkv_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    # Half-split pairs (i, i + D/2); fp32 math and one rounding per output (the reference rounds
-    # cos/sin and every product to the activation dtype).
-    out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
-    out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
+    # Half-split pairs (i, i + D/2); fp32 math and one rounding per output.
+    out_first, out_second = rope_rotate(first, second, cos, sin)
+    out_first = out_first.to(qkv_ptr.dtype.element_ty)
+    out_second = out_second.to(qkv_ptr.dtype.element_ty)
     tl.store(qkv_ptr + offs, out_first, mask=mask & rotated)
     tl.store(qkv_ptr + offs + HALF, out_second, mask=mask & rotated)
     if CACHE:  # cache rows [slots, KV_HEADS, 2 * HALF]: k heads to k_cache, v heads to v_cache
