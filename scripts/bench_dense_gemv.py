@@ -69,9 +69,11 @@ def moved_bytes(m: int, n: int, k: int) -> int:
 
 def sweep_configs(m: int, k: int):
     """(BLOCK_N, BLOCK_K, STAGES, num_warps) with 2-16 KiB of bf16 weight per program per step."""
-    for bn, bk, stages, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 3), (4, 8)):
-        if 1024 <= bn * bk <= 8192 and bk <= triton.next_power_of_2(k) and (warps == 4 or bn * bk >= 4096):
-            yield {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "num_warps": warps}
+    for bn, bk, stages, warps, unroll in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 3), (4, 8),
+                                                           (False, True)):
+        if 1024 <= bn * bk <= 8192 and bk <= triton.next_power_of_2(k) and (warps == 4 or bn * bk >= 4096) \
+                and not (unroll and stages > 1):  # unrolled steps are not pipelined through shared memory
+            yield {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "num_warps": warps, "UNROLL": unroll}
 
 
 def sweep(m: int, n: int, k: int, gen, out) -> list[tuple[float, dict]]:
@@ -88,7 +90,7 @@ def sweep(m: int, n: int, k: int, gen, out) -> list[tuple[float, dict]]:
 
 
 def short(cfg: dict) -> str:
-    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']} w{cfg['num_warps']}"
+    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']} w{cfg['num_warps']}{' u' if cfg.get('UNROLL') else ''}"
 
 
 def rope_problem(gen: torch.Generator):

@@ -57,6 +57,24 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  unroll-tp2)  # GPU 0: the dense GEMV's unrolled steps A/B, then 20b end to end; GPU 1 meanwhile: GPU tests of
+    # the GEMV and the graphs; then both GPUs: the tp=2 graph test and 120b at tp=2 (the step plans over gloo)
+    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_gpu.py \
+      -p no:cacheprovider -k "not tensor_parallel" 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -20 \
+      > $OUT/gpu_tests.log) &
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 4 --context 128 --steps 8 \
+      --ab GPT_OSS_GEMV_UNROLL 2>&1 | grep "replay\|GPU busy\|Error"
+    timeout 60 python3 scripts/bench_dense_gemv.py --rows 1 2>&1 | grep -v "^|---" | tail -14
+    timeout 200 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
+      "batch_sizes=[1,4,8,64,256]" "ttft_prompts=[]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -8
+    wait
+    cat $OUT/gpu_tests.log
+    unset CUDA_VISIBLE_DEVICES
+    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
+    timeout 170 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
+      parallel.tp=2 "batch_sizes=[1,64]" "ttft_prompts=[]" repeat=2 2>&1 | grep -v Warning | tail -6
+    ;;
   fusions-ab)  # every GPU test (GPU 1) while GPU 0 times 20b decode before (.carry/base: a worktree of the commit
     # before) and after this tree's changes, the fused QKV GEMV, and where a batch-1 step's time goes (PDL off)
     (CUDA_VISIBLE_DEVICES=1 timeout 400 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \

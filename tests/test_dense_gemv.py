@@ -58,6 +58,17 @@ def test_linear_gemv_matches_linear_fp32(gen, m, n, k, overrides, bias):
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n, k, overrides", SHAPES)
+def test_unrolled_steps_equal_the_loop(gen, m, n, k, overrides):
+    """The unrolled K steps do the loop's arithmetic in the loop's order: the same bits."""
+    x, weight, b = problem(gen, m, n, k, torch.float32, True)
+    looped = linear_gemv(x, weight, b, UNROLL=False, **overrides)
+    unrolled = linear_gemv(x, weight, b, UNROLL=True, **overrides)
+    assert torch.equal(looped, unrolled)
+    torch.testing.assert_close(unrolled, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_gemv_allocates_its_output(gen):
     x, weight, b = problem(gen, 3, 9, 50, torch.float32)
     y = linear_gemv(x, weight, b, BLOCK_K=16)

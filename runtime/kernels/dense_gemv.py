@@ -39,6 +39,7 @@ from runtime.kernels.fused_triton import rope_cos_sin, rope_rotate
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
+MAX_UNROLL = 16  # K steps unrolled at most (more: the loop, so compile time and code size stay small)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -156,7 +157,7 @@ def _store_row(y_ptr, stride_ym, acc, b, n, n_ok, m: tl.constexpr, pos_ptr, inv_
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
                  pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr, stride_slot,
                  M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 VEC: tl.constexpr, STAGES: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
+                 VEC: tl.constexpr, STAGES: tl.constexpr, UNROLL_STEPS: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
                  LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
     if ROPE:
@@ -189,8 +190,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
     pdl.wait_for_previous_kernel(PDL)
     acc0, acc1, acc2, acc3 = _apply(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, 0, xk, k_ok, M, True)
     k_full = K - K % BLOCK_K
-    for k0 in tl.range(BLOCK_K, k_full, BLOCK_K, num_stages=STAGES):
-        acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M, False)
+    if UNROLL_STEPS > 0:  # K's full steps unrolled: no step's loads wait for the sums before it
+        for s in tl.static_range(1, UNROLL_STEPS):
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, s * BLOCK_K, xk, K, M,
+                                           False)
+    else:
+        for k0 in tl.range(BLOCK_K, k_full, BLOCK_K, num_stages=STAGES):
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M, False)
     if (k_full < K) & (k_full > 0):  # K < BLOCK_K: the first step was the tail
         acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k_full, xk, K, M, True)
     if HAS_BIAS:
@@ -232,6 +238,9 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
       be 112), so 7+ programs of 4 warps fit an SM and the whole grid runs in one wave.
     - STAGES 1: no shared-memory pipelining; the resident grid alone keeps about 20-45 KiB of loads
       in flight per SM.
+    - UNROLL: K's steps unrolled (up to MAX_UNROLL of them), so that a program's loads are issued
+      together rather than one step's after the sums of the step before; GPT_OSS_GEMV_UNROLL=0 keeps
+      the loop (the bench's A/B switch).
     """
     block_n = 8
     while block_n > 2 and triton.cdiv(N, block_n) < 4 * sms:
@@ -240,7 +249,8 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
     while block_k > 128 and M * block_n * block_k > 8192:
         block_k //= 2
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))  # no wider than K (tiny shapes)
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": 1, "num_warps": 4}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": 1, "num_warps": 4,
+            "UNROLL": os.environ.get("GPT_OSS_GEMV_UNROLL", "1") != "0"}
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, rope: Rope | None = None) -> bool:
@@ -283,7 +293,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype (fp32 sums, rounded once).
 
     `out` ([M, N], x.dtype, unit stride along N) receives the result if given. `config` overrides
-    any of gemv_config's BLOCK_N, BLOCK_K, STAGES, num_warps (the bench's sweep).
+    any of gemv_config's BLOCK_N, BLOCK_K, STAGES, num_warps, UNROLL (the bench's sweep).
 
     `rope`: the result is a QKV projection's output as rope_qk_triton would leave it (q and k heads
     rotated by row m's position rope.positions[m]; v as it was), computed from the fp32 sums with one
@@ -305,6 +315,8 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     cfg.update(config)
     block_n = cfg.pop("BLOCK_N")
     block_k = cfg.pop("BLOCK_K")
+    steps = K // block_k  # full steps
+    cfg["UNROLL_STEPS"] = steps if cfg.pop("UNROLL") and steps <= MAX_UNROLL else 0
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, out, N, K, x.stride(0), out.stride(0),
         *_rope_args(x, rope, cache), M=M, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
