@@ -57,6 +57,13 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  h100-final)  # one H100: where a batch-1 step's time goes (PDL off: each kernel's own time), then the
+    # engine benchmark of 20b against transformers, up to a 131,072-token prompt
+    GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 128 \
+      --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -12
+    timeout 460 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8,64,256]" \
+      "ttft_prompts=[8192,32768,131072]" repeat=2 hf=true json=$OUT/bench20b_h100.json 2>&1 | tail -16
+    ;;
   unroll-tp2)  # GPU 0: the dense GEMV's unrolled steps A/B, then 20b end to end; GPU 1 meanwhile: GPU tests of
     # the GEMV and the graphs; then both GPUs: the tp=2 graph test and 120b at tp=2 (the step plans over gloo)
     (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_gpu.py \
