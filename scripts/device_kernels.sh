@@ -57,6 +57,16 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  tiles-ab)  # one GPU: 20b decode with this tree's tiles against .carry/base (a worktree of the commit before),
+    # alternately, then the GPU tests of the kernels whose tiles changed and of the whole model
+    for tree in .carry/base $PWD .carry/base $PWD; do
+      echo "tree $tree"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b \
+        device=cuda "batch_sizes=[1,4]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode tokens")
+    done
+    timeout 250 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_gpu.py -p no:cacheprovider 2>&1 \
+      | grep -E "passed|failed|FAILED|Error|assert" | tail -20
+    ;;
   h100-final)  # one H100: where a batch-1 step's time goes (PDL off: each kernel's own time), then the
     # engine benchmark of 20b against transformers, up to a 131,072-token prompt
     GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 128 \

@@ -172,7 +172,7 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     import dataclasses
 
     from runtime.kernels.moe import route
-    from runtime.kernels.moe_gemm import Tiles, grouped_mxfp4, mma_gemv_fits, plan
+    from runtime.kernels.moe_gemm import choose_tiles, grouped_mxfp4, mma_gemv_fits, plan
 
     cfg = preset(name)
     E, d, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size // split
@@ -188,17 +188,17 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
     p = plan(expert_ids.reshape(-1), E)
     h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
-    mma = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma")
-    assert mma_gemv_fits(h, w1[1], mma) and mma_gemv_fits(h, w2[1], mma)
+    mma1, mma2 = choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False)  # the model's tiles
+    assert mma1.decode == mma2.decode == "mma"
+    assert mma_gemv_fits(h, w1[1], mma1) and mma_gemv_fits(h, w2[1], mma2)
     outs = {}
     for decode in ("mma", "fp16"):
-        tiles = dataclasses.replace(mma, decode=decode)
         act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
         grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
-                      tiles=tiles, out=act)
+                      tiles=dataclasses.replace(mma1, decode=decode), out=act)
         act_in = outs["mma"][0] if decode == "fp16" else act  # the same mlp2 input for both routes
         y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
-        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=tiles, out=y)
+        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=dataclasses.replace(mma2, decode=decode), out=y)
         assert torch.isfinite(act).all() and torch.isfinite(y).all()
         outs[decode] = (act, y)
     (act, y), (act_ref, y_ref) = outs["mma"], outs["fp16"]

@@ -39,6 +39,10 @@ from runtime.kernels.fused_triton import rope_cos_sin, rope_rotate
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
+# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_dense_gemv.py --sweep --rows 1` on an
+# H100 (2026-11-26): 20.0 us against 43.7 with the plain GEMV's 8 x 512 unrolled tiles, whose RoPE
+# epilogue on top of eight rows' unrolled loads costs more than the unrolling saves.
+ROPE_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "UNROLL": False}
 MAX_UNROLL = 16  # K steps unrolled at most (more: the loop, so compile time and code size stay small)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -310,6 +314,8 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1 and out.device == x.device
     cfg = gemv_config(M, N, K, _num_sms(x.device.index if x.is_cuda else None))
+    if rope is not None and not INTERPRET:
+        cfg.update(ROPE_CONFIG)
     if INTERPRET:  # the interpreter runs programs one by one at a cost each: few, wide ones (CPU tests)
         cfg.update(BLOCK_N=min(64, triton.next_power_of_2(N)), BLOCK_K=min(256, max(16, triton.next_power_of_2(K))))
     cfg.update(config)
