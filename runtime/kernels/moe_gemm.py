@@ -709,9 +709,10 @@ def empty_plan(rows: int, num_experts: int, device) -> Plan:
 
 
 def count_sort_sizes(rows: int) -> dict:
-    """count_sort's block sizes for `rows` rows: all rows at once, compared CHUNK at a time."""
+    """count_sort's block sizes for `rows` rows: all rows at once, compared CHUNK at a time (never
+    more columns than rows: a decode step's 4-64 rows compare as [M_POW2, M_POW2] tiles, not [16, 512])."""
     m_pow2 = max(16, triton.next_power_of_2(rows))
-    return {"M_POW2": m_pow2, "CHUNK": max(16, 8192 // m_pow2)}
+    return {"M_POW2": m_pow2, "CHUNK": min(m_pow2, max(16, 8192 // m_pow2))}
 
 
 def plan(experts: torch.Tensor, num_experts: int) -> Plan:

@@ -265,7 +265,7 @@ def _route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k
     rows = empty_plan(T * k, E, h.device)
     _top_k_plan_kernel[(1,)](_gate_logits(h, weight, bias), ids, weights, rows.order, rows.position, rows.counts,
                              rows.offsets, T, E, K=k, K_POW2=triton.next_power_of_2(k),
-                             E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS,
+                             E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=max(1, triton.next_power_of_2(T)),
                              **count_sort_sizes(T * k), num_warps=4, **pdl.launch_args(h.device))
     return ids, weights, rows
 
@@ -314,7 +314,7 @@ def norm_route_and_plan(x: torch.Tensor, delta: torch.Tensor, gain: torch.Tensor
         x, delta, gain, weight, bias, residual, h, logits, _done_counter(x.device), ids, weights, rows.order,
         rows.position, rows.counts, rows.offsets, T, D, E, x.stride(0), delta.stride(0), residual.stride(0),
         h.stride(0), weight.stride(0), float(eps), K=k, K_POW2=triton.next_power_of_2(k),
-        E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=FUSED_PLAN_TOKENS, BLOCK_D=block_d,
+        E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=max(1, triton.next_power_of_2(T)), BLOCK_D=block_d,
         **count_sort_sizes(T * k),
         num_warps=min(16, max(4, block_d // 512)),  # 8 at d = 2880, as add_rms_norm_triton's rows
         **pdl.launch_args(x.device))
