@@ -57,6 +57,18 @@ case "${1:-all}" in
     wait
     cat $OUT/one_gpu_120b.log
     ;;
+  graph-ab)  # one GPU: decode-graph GPU time a step (PDL off and on) of .carry/base (the commit before) and this
+    # tree, alternately; where a step's time goes (PDL off); the router's GPU tests
+    for tree in .carry/base $PWD .carry/base $PWD; do
+      echo "tree $tree"
+      (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 120 python3 scripts/profile_decode.py --model gpt-oss-20b \
+        --batch 1 4 --context 128 --steps 8 --ab GPT_OSS_PDL 2>&1 | grep "replay")
+    done
+    GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 128 \
+      --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -9
+    timeout 150 python3 -m pytest -q -m gpu tests/test_router_kernel.py tests/test_gpu.py -p no:cacheprovider \
+      -k "route or router or cuda_graph_decode or kv_cache" 2>&1 | tail -2
+    ;;
   tiles-ab)  # one GPU: 20b decode with this tree's tiles against .carry/base (a worktree of the commit before),
     # alternately, then the GPU tests of the kernels whose tiles changed and of the whole model
     for tree in .carry/base $PWD .carry/base $PWD; do
