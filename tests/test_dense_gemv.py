@@ -192,7 +192,8 @@ def assert_same_with_nans(got, want):
 # K with and without a partial block, 1-3 rows.
 ROPE_SHAPES = [(1, 16, 4, 2, 100, {}), (2, 64, 4, 2, 128, {"BLOCK_N": 32, "BLOCK_K": 64}),
                (1, 16, 3, 1, 72, {"BLOCK_N": 64, "BLOCK_K": 32}), (3, 16, 4, 2, 64, {"BLOCK_N": 4, "BLOCK_K": 16}),
-               (1, 64, 4, 2, 96, {"BLOCK_N": 128, "BLOCK_K": 32}), (1, 16, 2, 1, 64, {"BLOCK_N": 2, "BLOCK_K": 16})]
+               (1, 64, 4, 2, 96, {"BLOCK_N": 128, "BLOCK_K": 32}), (1, 16, 2, 1, 64, {"BLOCK_N": 2, "BLOCK_K": 16}),
+               (1, 16, 4, 2, 100, {"BLOCK_N": 2, "BLOCK_K": 128})]  # whole rows in one masked step (batch 1 on GPUs)
 
 
 @pytest.mark.parametrize("m, head_dim, q_heads, kv_heads, k, config", ROPE_SHAPES)

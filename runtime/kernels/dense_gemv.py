@@ -244,7 +244,9 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
       in flight per SM.
     - UNROLL: K's steps unrolled (up to MAX_UNROLL of them), so that a program's loads are issued
       together rather than one step's after the sums of the step before; GPT_OSS_GEMV_UNROLL=0 keeps
-      the loop (the bench's A/B switch).
+      the loop (the bench's A/B switch). Batch-1 decode graph: 1,998.7 -> 1,828.1 us a
+      step (H200, 2026-11-25). Loading whole rows (2 x 4096) in one step before the PDL wait, so that
+      the read overlaps the kernel before, was slower: 1,981 -> 2,062 us a step (H100, 2026-11-26).
     """
     block_n = 8
     while block_n > 2 and triton.cdiv(N, block_n) < 4 * sms:
