@@ -81,10 +81,15 @@ def test_route_triton_bf16_at_real_shapes(gen, experts, tokens):
     h, weight, bias = gate(gen, tokens, experts, 2880, torch.bfloat16)
     logits = torch.nn.functional.linear(h, weight, bias).float()
     ids, weights = route_triton(h, weight, bias, 4, torch.int32)
+    assert_routes_within_bf16(logits, ids, weights)
+
+
+def assert_routes_within_bf16(logits, ids, weights):
+    """Four distinct experts per token whose logits are within two bf16 ulps of the top four (the
+    kernel's logits round from another summation order), and their softmax weights to 2e-2."""
     want_values, _ = torch.topk(logits, 4, dim=-1)
     got_values = logits.gather(1, ids.long())
-    assert (ids.long().sort(-1).values.diff(dim=-1) > 0).all()  # four distinct experts per token
-    # Within two bf16 ulps of the logit scale: the kernel's logits round from another summation order.
+    assert (ids.long().sort(-1).values.diff(dim=-1) > 0).all()
     ulp = 2.0**-7 * want_values.abs().amax(-1, keepdim=True)
     assert ((got_values - want_values).abs() <= 2 * ulp).all()
     torch.testing.assert_close(weights, torch.softmax(got_values, -1), rtol=0, atol=2e-2)
@@ -231,13 +236,7 @@ def test_norm_route_and_plan_bf16_at_real_shapes(gen, experts, tokens):
     want_residual, want_h = add_rms_norm_triton(x, delta, gain, EPS)
     residual, h, ids, weights, rows = fused(x, delta, gain, weight, bias, 4)
     assert torch.equal(residual, want_residual) and torch.equal(h, want_h)
-    logits = torch.nn.functional.linear(h, weight, bias).float()
-    want_values, _ = torch.topk(logits, 4, dim=-1)
-    got_values = logits.gather(1, ids.long())
-    assert (ids.long().sort(-1).values.diff(dim=-1) > 0).all()  # four distinct experts per token
-    ulp = 2.0**-7 * want_values.abs().amax(-1, keepdim=True)
-    assert ((got_values - want_values).abs() <= 2 * ulp).all()
-    torch.testing.assert_close(weights, torch.softmax(got_values, -1), rtol=0, atol=2e-2)
+    assert_routes_within_bf16(torch.nn.functional.linear(h, weight, bias).float(), ids, weights)
     want = plan(ids, experts)
     for name in ("order", "position", "counts", "offsets"):
         assert torch.equal(getattr(rows, name), getattr(want, name)), name
