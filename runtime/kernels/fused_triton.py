@@ -31,6 +31,14 @@ _TILE = 4096  # elements per program: 8 KB of bf16 per tensor, enough in flight 
 
 
 @triton.jit
+def rms_norm_rows(rf, gain, n, eps):
+    """RMSNorm of fp32 rows rf [R, C] (zeros past column n) times gain [C], in fp32: the arithmetic
+    of every kernel here that normalizes rows, shared so that their outputs agree bit for bit."""
+    inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / n + eps)
+    return rf * inv_rms[:, None] * gain[None, :]
+
+
+@triton.jit
 def _add_rms_norm_kernel(
     x_ptr, delta_ptr, gain_ptr, res_ptr, out_ptr,
     M, N, stride_x, stride_d, stride_r, stride_o, eps,
@@ -51,9 +59,7 @@ def _add_rms_norm_kernel(
         tl.store(res_ptr + rows[:, None] * stride_r + cols[None, :], r, mask=mask)
     else:
         r = x
-    rf = r.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / N + eps)
-    y = rf * inv_rms[:, None] * gain[None, :]
+    y = rms_norm_rows(r.to(tl.float32), gain, N, eps)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

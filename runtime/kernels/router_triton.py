@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
-from runtime.kernels.fused_triton import MAX_WIDTH, add_rms_norm_triton
+from runtime.kernels.fused_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
 from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
@@ -142,9 +142,7 @@ def _norm_route_plan_kernel(x_ptr, delta_ptr, gain_ptr, w_ptr, b_ptr, res_ptr, h
     # add_rms_norm_triton's arithmetic, step for step (so its outputs are this kernel's, bit for bit):
     # fp32 sum rounded once to the residual's dtype, the norm of that rounded residual in fp32.
     r = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
-    rf = r.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(rf * rf, axis=1) / D + eps)
-    h = (rf * inv_rms[:, None] * gain[None, :]).to(h_ptr.dtype.element_ty)
+    h = rms_norm_rows(r.to(tl.float32), gain, D, eps).to(h_ptr.dtype.element_ty)
     first = (cols < tl.where(expert == 0, D, 0))[None, :]  # every expert's program computes the row; one stores it
     tl.store(res_ptr + t[:, None] * stride_r + cols[None, :], r, mask=first)
     tl.store(h_ptr + t[:, None] * stride_h + cols[None, :], h, mask=first)
