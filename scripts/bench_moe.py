@@ -99,16 +99,23 @@ GEMV_SHAPES = {
 }
 
 
+# (block_n, block_k, num_warps) of the multi-row route
+MMA_ROWS_SHAPES = [(32, 128, 2), (64, 128, 4), (128, 128, 8), (32, 256, 2), (64, 256, 4), (32, 512, 2), (64, 512, 4)]
+
+
 def gemv_candidates(rows: int, num_experts: int) -> list[Tiles]:
-    """GEMV tiles for this batch: rows per tile around the batch's rows per expert."""
+    """GEMV tiles for this batch: rows per tile around the batch's rows per expert, and the multi-row
+    tensor-core route with 8 and 16 rows a tile."""
     per_expert = rows / max(1, min(rows, num_experts))
+    multi_row = [Tiles(t, n, k, w, 1, "gemv", "mma_rows") for t in (8, 16) for n, k, w in MMA_ROWS_SHAPES
+                 if t == 8 or per_expert > 2] if per_expert <= 16 else []
     if per_expert > 8:
-        return []
+        return multi_row
     block_ts = (1, 2) if rows * 8 <= num_experts else (2, 1, 4) if per_expert <= 2 else (4, 2)
     tiles = [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
     if 1 in block_ts:  # the tensor-core route: two weight rows a thread, 32 // groups lanes a row pair
         tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "mma") for g in (4, 8, 16, 32) for w in (2, 4, 8)]
-    return tiles
+    return tiles + multi_row
 
 
 def reference(x, source, source_div, experts_sorted, blocks, scales, bias, limit):
@@ -142,7 +149,9 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 
 
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
-        sweep: bool = False) -> list[dict]:
+        sweep: bool = False, routes: tuple[str, ...] = ("mma", "gemv")) -> list[dict]:
+    """routes: which candidates the sweep times: "mma" (the tensor-core GEMM), "gemv" (every GEMV
+    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16")."""
     cfg = preset(model)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -194,9 +203,13 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                     return None if ok else f"relative error {rel:.2e}"
 
                 per = p.num_rows / max(1, min(p.num_rows, E))
-                mma = time_candidates(fn, check, candidates(per))
-                gemv = time_candidates(fn, check, [t for t in gemv_candidates(p.num_rows, E) if gemv_tiles_ok(t)])
-                gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3] if t.decode != "mma"])
+                mma = time_candidates(fn, check, candidates(per)) if "mma" in routes else []
+                wanted = [t for t in gemv_candidates(p.num_rows, E)
+                          if gemv_tiles_ok(t) and ("gemv" in routes or t.decode in routes)]
+                gemv = time_candidates(fn, check, wanted)
+                if "gemv" in routes:
+                    gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]
+                                                        if t.decode == "fp16"])
                 gemv.sort(key=lambda x: x[0])
                 for kind, timed in (("tensor-core", mma), ("gemv", gemv)):
                     if timed:
@@ -244,6 +257,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tiles of both kernels")
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
+    ap.add_argument("--routes", nargs="+", default=["mma", "gemv"],
+                    help="the sweep's candidates: mma (tensor-core GEMM), gemv (all GEMV routes), or GEMV decode names")
     args = ap.parse_args()
     global REP_MS
     REP_MS = args.rep
@@ -251,7 +266,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     for model in args.model:
-        rows += run(bw, mm, model, args.tokens, args.sweep)
+        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes))
     print(HEADER)
     for r in rows:
         print(format_row(r, bw, mm))

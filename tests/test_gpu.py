@@ -208,6 +208,54 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
+@pytest.mark.parametrize("block_t", [8, 16])
+@pytest.mark.parametrize("tokens", [3, 16, 64])
+def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, block_t, tokens):
+    """The multi-row tensor-core GEMV (decode "mma_rows", 8 or 16 rows a tile) against the CUDA-core
+    GEMV with one row a tile, on the same bf16 inputs, mlp1 (SwiGLU, rows gathered from the tokens)
+    and mlp2: both sum exact products in fp32, so only the order of the sums differs. Experts get
+    from 1 to over 16 rows (one expert is given a whole batch's worth), so tiles are full, partial,
+    and an expert spans several; every output element is written (poisoned first)."""
+    import dataclasses
+
+    from runtime.kernels.moe import route
+    from runtime.kernels.moe_gemm import PROBE_REFERENCE_TILES, Tiles, grouped_mxfp4, mma_gemv_fits, plan
+
+    cfg = preset(name)
+    E, d, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 100 * block_t)
+
+    def experts(n, k):
+        blocks = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = torch.randint(110, 131, (E, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
+        scales[:, ::7, ::5] = 66
+        return blocks, scales, torch.randn(E, n, device="cuda", generator=gen).to(torch.bfloat16)
+
+    w1, w2 = experts(2 * inter, d), experts(d, inter)
+    expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
+    expert_ids[:, 0] = 5  # one expert on every token
+    p = plan(expert_ids.reshape(-1), E)
+    h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
+    tiles = Tiles(block_t, 64, 128, 4, 1, "gemv", decode="mma_rows")
+    assert mma_gemv_fits(h, w1[1], tiles) and mma_gemv_fits(h, w2[1], tiles)
+    outs = {}
+    for t in (tiles, PROBE_REFERENCE_TILES):
+        act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
+        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
+                      tiles=t, out=act)
+        act_in = outs[tiles][0] if t is PROBE_REFERENCE_TILES else act  # the same mlp2 input for both routes
+        y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
+        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=t, out=y)
+        assert torch.isfinite(act).all() and torch.isfinite(y).all()
+        outs[t] = (act, y)
+    (act, y), (act_ref, y_ref) = outs[tiles], outs[PROBE_REFERENCE_TILES]
+    # bf16 outputs of fp32 sums that differ in order: one bf16 rounding apart, or cancellation's noise
+    a, b = act.float(), act_ref.float()
+    assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-4 * b.abs().max()).all()
+    assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("top_scale", [128, 131])  # <= 128: the folded one-multiply decode; above: two
 def test_triton_decode_at_both_scale_ranges(top_scale):
     from runtime.kernels.moe import expert_rows

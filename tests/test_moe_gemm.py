@@ -454,3 +454,87 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
         got[2 * r] += regs["$0"]
         got[2 * r + 1] += regs["$4"]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (got, want)
+
+
+@pytest.mark.parametrize("token_groups", [1, 2])
+def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
+    """The multi-row tensor-core GEMV's PTX on one warp laid out as _gemv_mma_rows_tile's tiles are on
+    the GPU (lane 4g + t: block t of each 4-block chunk of the even row 2g and, in the second tensor,
+    of the odd row 2g + 1; token g of each group of 8 as the B column): three chunks, 8 or 16 tokens;
+    after `_mma_rows_result_ptx`, lane 4g + t holds in $0, $1 the even row's products with tokens
+    2t, 2t + 1 of the group and in $4, $5 the odd row's, up to fp32 rounding. Scale bytes span the
+    route's whole range, 66..192."""
+    from runtime.kernels.moe_gemm import (MMA_SCALE_OFFSET, _mma_rows_result_ptx, _mma_step_constraints,
+                                          _mma_step_ptx)
+
+    gen = torch.Generator().manual_seed(6 + token_groups)
+    rows, steps, tokens = 16, 3, 8 * token_groups
+    K = steps * 4 * 32
+    blocks = torch.randint(0, 256, (rows, steps * 4, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(66, 193, (rows, steps * 4), dtype=torch.uint8, generator=gen)
+    scales[:4, 0] = torch.tensor([66, 192, 127, 100])
+    x = (torch.randn(tokens, K, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(torch.bfloat16)
+    weights = mxfp4.decode(blocks, scales, torch.float32).double()
+    want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double().T  # [rows, tokens]; the kernel undoes 2^-offset
+    first = 8 * token_groups  # the step's operands: outputs, 8 weight words, scale and x addresses, accumulators
+    assert len(_mma_step_constraints(token_groups).split(",")) == first + 16 + 4 * token_groups + first
+    lanes = [{f"${first + 16 + 4 * token_groups + n}": 0.0 for n in range(first)} for _ in range(32)]
+    # memory: scale bytes of row r, block b at 1000 + 100 r + b; token n's x at (1 << 16) + 2 K n
+    memory = {1000 + 100 * r + b: int(scales[r, b]) for r in range(rows) for b in range(steps * 4)}
+    memory.update(enumerate(x.view(torch.uint8).reshape(-1).tolist(), start=1 << 16))
+    step_ptx = _mma_step_ptx(token_groups)
+    for step in range(steps):
+        for lane, regs in enumerate(lanes):
+            g, b = lane // 4, step * 4 + lane % 4
+            words_a = blocks[2 * g, b].view(torch.int32).tolist()
+            words_b = blocks[2 * g + 1, b].view(torch.int32).tolist()
+            for n in range(4):
+                regs[f"${first + n}"], regs[f"${first + 4 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
+                regs[f"${first + 8 + n}"] = 1000 + 100 * 2 * g + b
+                regs[f"${first + 12 + n}"] = 1000 + 100 * (2 * g + 1) + b
+                for j in range(token_groups):
+                    regs[f"${first + 16 + 4 * j + n}"] = (1 << 16) + 2 * K * (8 * j + g) + 64 * b
+        emulate_warp_ptx(step_ptx, lanes, memory)
+        for regs in lanes:  # the outputs come back in as the next step's accumulators
+            for n in range(first):
+                regs[f"${first + 16 + 4 * token_groups + n}"] = regs[f"${n}"]
+    got = torch.full((rows, tokens), float("nan"), dtype=torch.float64)
+    chains = [{n: regs[f"${n}"] for n in range(first)} for regs in lanes]
+    for j in range(token_groups):
+        for lane, regs in enumerate(lanes):
+            for n in range(8):
+                regs[f"${8 + n}"] = chains[lane][8 * j + n]
+        emulate_warp_ptx(_mma_rows_result_ptx(), lanes)
+        for lane, regs in enumerate(lanes):
+            g, t = lane // 4, lane % 4
+            assert (regs["$2"], regs["$3"], regs["$6"], regs["$7"]) == (regs["$0"], regs["$1"], regs["$4"], regs["$5"])
+            for parity in (0, 1):
+                got[2 * g, 8 * j + 2 * t + parity] = regs[f"${parity}"]
+                got[2 * g + 1, 8 * j + 2 * t + parity] = regs[f"${4 + parity}"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), (got - want).abs().max()
+
+
+def test_multi_row_tensor_core_tiles():
+    """The multi-row route's shape rules, and the tiles choose_tiles gives it on a GPU (not under the
+    interpreter, which runs no PTX) for decode batches of both models."""
+    assert gemv_tiles_ok(Tiles(8, 64, 128, 4, 1, "gemv", decode="mma_rows"))
+    assert gemv_tiles_ok(Tiles(16, 128, 128, 4, 1, "gemv", decode="mma_rows"))
+    assert gemv_tiles_ok(Tiles(8, 32, 512, 2, 1, "gemv", decode="mma_rows"))  # 4 blocks a lane in a chunk
+    assert not gemv_tiles_ok(Tiles(8, 64, 1024, 4, 1, "gemv", decode="mma_rows"))
+    assert not gemv_tiles_ok(Tiles(8, 64, 64, 4, 1, "gemv", decode="mma_rows"))  # a chunk is 4 lanes' blocks
+    assert not gemv_tiles_ok(Tiles(4, 64, 128, 4, 1, "gemv", decode="mma_rows"))  # 8 or 16 rows
+    assert not gemv_tiles_ok(Tiles(8, 32, 128, 4, 1, "gemv", decode="mma_rows"))  # 16 rows for 4 warps
+    import runtime.kernels.moe_gemm as moe_gemm
+
+    interpret = moe_gemm.INTERPRET
+    try:
+        moe_gemm.INTERPRET = False
+        for experts, batches in ((32, (2, 4, 8, 16, 32, 64)), (128, (64, 128, 256, 512))):
+            for batch in batches:
+                for swiglu in (True, False):
+                    t = moe_gemm.choose_tiles(4 * batch, experts, swiglu)
+                    assert t.kernel == "mma" or gemv_tiles_ok(t), t
+                    if experts < 2 * (4 * batch) and 4 * batch <= 16 * experts:
+                        assert t.decode == "mma_rows", (batch, experts, t)
+    finally:
+        moe_gemm.INTERPRET = interpret

@@ -252,7 +252,7 @@ def _decode32_ptx(e4m3: bool) -> str:
 _DECODE32_FP16 = tl.constexpr(_decode32_ptx(e4m3=False))
 _DECODE32_E4M3 = tl.constexpr(_decode32_ptx(e4m3=True))
 _DECODE32_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 32 + ["r"] * 4))
-DECODE_INT, DECODE_FP16, DECODE_E4M3, DECODE_MMA = 0, 1, 2, 3  # the GEMV's routes (integer: the interpreter's)
+DECODE_INT, DECODE_FP16, DECODE_E4M3, DECODE_MMA, DECODE_MMA_ROWS = 0, 1, 2, 3, 4  # the GEMV's routes (integer: the interpreter's)
 
 
 @triton.jit
@@ -478,35 +478,52 @@ def _mma_pair_ptx(word: str, scale: str, out: str, i: int) -> list[str]:
             "and.b32 b, b, 0x80008000;", "or.b32 a, a, b;", f"mul.rn.bf16x2 {out}, a, {scale};"]
 
 
-def _mma_step_ptx() -> str:
-    """One thread's 32-value block of an even and an odd weight row against x: 8 MMAs accumulating into
-    two sets of 4 fp32 registers (words 0-1 into $0-$3, words 2-3 into $4-$7: two independent chains).
+def _mma_step_ptx(token_groups: int = 1) -> str:
+    """One thread's 32-value block of an even and an odd weight row against x: 8 MMAs per group of 8
+    tokens, accumulating into two sets of 4 fp32 registers per group (words 0-1 and words 2-3: two
+    independent chains).
 
-    Operands (pack 4, one block's 4 words per input): $8-$11 the even row's words, $12-$15 the odd
-    row's; $16 the address of the even row's scale byte, $20 the odd row's; $24 the address of the
-    block's 32 bf16 x values (16-byte aligned; word q holds values 2q, 2q + 1); $28-$35 the
-    accumulators coming in. Scales and x are loaded here, not by Triton, so that the only tensors
-    the compiler lays out are the weights (see above: the lanes must follow the weight rows)."""
-    lines = ["{", ".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<4>, x<16>;",
-             "ld.global.u8 sa, [$16];", "ld.global.u8 sb, [$20];"]
-    lines += [f"ld.global.v4.b32 {{x{4 * v}, x{4 * v + 1}, x{4 * v + 2}, x{4 * v + 3}}}, [$24 + {16 * v}];"
-              for v in range(4)]
+    Operands (pack 4, one block's 4 words per input), with G = token_groups and I = 8G the first
+    input: the outputs $0..$(8G - 1), group j's chains at 8j..8j + 3 and 8j + 4..8j + 7; $I..$I+3
+    the even row's words, $I+4..$I+7 the odd row's; $I+8 the address of the even row's scale byte,
+    $I+12 the odd row's; $I+16+4j the address of group j's 32 bf16 x values of the block (16-byte
+    aligned; word q holds values 2q, 2q + 1); then the accumulators coming in, in the outputs' order.
+    Scales and x are loaded here, not by Triton, so that the only tensors the compiler lays out are
+    the weights (see above: the lanes must follow the weight rows). The decoded weights of a block
+    are reused by every group's MMAs."""
+    first = 8 * token_groups
+    words_a, words_b, scale_a, scale_b = first, first + 4, first + 8, first + 12
+    x_addr = [first + 16 + 4 * j for j in range(token_groups)]
+    acc_in = first + 16 + 4 * token_groups
+    lines = ["{", f".reg .b32 a, b, sa, sb, ra<4>, rb<4>, bx<{4 * token_groups}>, x<{16 * token_groups}>;",
+             f"ld.global.u8 sa, [${scale_a}];", f"ld.global.u8 sb, [${scale_b}];"]
+    for j, addr in enumerate(x_addr):
+        lines += [f"ld.global.v4.b32 {{x{16 * j + 4 * v}, x{16 * j + 4 * v + 1}, x{16 * j + 4 * v + 2}, "
+                  f"x{16 * j + 4 * v + 3}}}, [${addr} + {16 * v}];" for v in range(4)]
     for reg in ("sa", "sb"):  # bf16x2 2^(s - 1 - offset): exponent field s + 126 - offset
         lines += [f"add.u32 {reg}, {reg}, {126 - MMA_SCALE_OFFSET};", f"shl.b32 a, {reg}, 23;",
                   f"shl.b32 {reg}, {reg}, 7;", f"or.b32 {reg}, {reg}, a;"]
-    lines += [f"mov.b32 ${n}, ${28 + n};" for n in range(8)]
+    lines += [f"mov.b32 ${n}, ${acc_in + n};" for n in range(first)]
     for w in range(4):
         for i in range(4):
-            lines += _mma_pair_ptx(f"${8 + w}", "sa", f"ra{i}", i)
-            lines += _mma_pair_ptx(f"${12 + w}", "sb", f"rb{i}", i)
-            # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
-            lines.append(f"prmt.b32 bx{i}, x{4 * w + i // 2}, x{4 * w + 2 + i // 2}, "
-                         f"{'0x5410' if i % 2 == 0 else '0x7632'};")
-        acc = "$0, $1, $2, $3" if w < 2 else "$4, $5, $6, $7"
-        for i0, i1 in ((0, 1), (2, 3)):
-            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{acc}}}, "
-                         f"{{ra{i0}, rb{i0}, ra{i1}, rb{i1}}}, {{bx{i0}, bx{i1}}}, {{{acc}}};")
+            lines += _mma_pair_ptx(f"${words_a + w}", "sa", f"ra{i}", i)
+            lines += _mma_pair_ptx(f"${words_b + w}", "sb", f"rb{i}", i)
+            for j in range(token_groups):
+                # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
+                x = 16 * j
+                lines.append(f"prmt.b32 bx{4 * j + i}, x{x + 4 * w + i // 2}, x{x + 4 * w + 2 + i // 2}, "
+                             f"{'0x5410' if i % 2 == 0 else '0x7632'};")
+        for j in range(token_groups):
+            base = 8 * j + (0 if w < 2 else 4)
+            acc = ", ".join(f"${base + n}" for n in range(4))
+            for i0, i1 in ((0, 1), (2, 3)):
+                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{acc}}}, "
+                             f"{{ra{i0}, rb{i0}, ra{i1}, rb{i1}}}, {{bx{4 * j + i0}, bx{4 * j + i1}}}, {{{acc}}};")
     return "\n".join(lines + ["}"])
+
+
+def _mma_step_constraints(token_groups: int) -> str:
+    return ",".join(["=f"] * 8 * token_groups + ["r"] * 8 + ["l"] * (8 + 4 * token_groups) + ["f"] * 8 * token_groups)
 
 
 def _mma_result_ptx() -> str:
@@ -523,11 +540,25 @@ def _mma_result_ptx() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _mma_rows_result_ptx() -> str:
+    """A multi-token tile's two accumulator chains ($8-$11, $12-$15; pack 4: D[g, 2t], D[g, 2t + 1],
+    D[g + 8, 2t], D[g + 8, 2t + 1] of lane 4g + t) -> the even row's sums for tokens 2t and 2t + 1
+    in $0, $1 (repeated in $2, $3) and the odd row's in $4, $5 (repeated in $6, $7): each output
+    element then holds one (feature, token) value, and the gate and linear halves of a token sit at
+    the same element of two tensors."""
+    lines = ["{", ".reg .f32 e<4>;"] + [f"add.f32 e{n}, ${8 + n}, ${12 + n};" for n in range(4)]
+    lines += [f"mov.f32 ${n}, e{n % 2};" for n in range(4)] + [f"mov.f32 ${4 + n}, e{2 + n % 2};" for n in range(4)]
+    return "\n".join(lines + ["}"])
+
+
 _MMA_STEP = tl.constexpr(_mma_step_ptx())
-_MMA_STEP_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 12 + ["f"] * 8))
+_MMA_STEP_CONSTRAINTS = tl.constexpr(_mma_step_constraints(1))
 _MMA_RESULT = tl.constexpr(_mma_result_ptx())
 _MMA_RESULT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 8))
 _MMA_UNDO = tl.constexpr(2.0 ** MMA_SCALE_OFFSET)
+_MMA_STEP2 = tl.constexpr(_mma_step_ptx(2))
+_MMA_STEP2_CONSTRAINTS = tl.constexpr(_mma_step_constraints(2))
+_MMA_ROWS_RESULT = tl.constexpr(_mma_rows_result_ptx())
 
 
 @triton.jit
@@ -590,6 +621,112 @@ def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
+def _x_rows(x_ptr, source_ptr, row0, n, token, stride_x, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr):
+    """Addresses of the x rows of a tile's tokens `token` (a tensor); tokens past the tile's n rows
+    read its last row (their results are never stored)."""
+    row = row0 + tl.minimum(token, n - 1)
+    if GATHER:
+        row = tl.load(source_ptr + row) // SOURCE_DIV
+    return x_ptr + row.to(tl.int64) * stride_x
+
+
+@triton.jit
+def _gemv_mma_rows_store(e, o, bias_ptr, out_ptr, expert, row0, n, N, even, first_token, stride_out, stride_biase,
+                         limit, SWIGLU: tl.constexpr):
+    """Store one group of 8 tokens from `_MMA_ROWS_RESULT`'s tensors: element [r, 4t + j] (j < 2) is
+    token first_token + 2t + j of the even feature `even[r]` (e) and the odd one after it (o)."""
+    c = tl.arange(0, 16)[None, :]
+    token = first_token + 2 * (c // 4) + c % 2
+    keep = (c % 4 < 2) & (token < n)
+    if bias_ptr is not None:
+        e += tl.load(bias_ptr + expert * stride_biase + even, mask=even < N, other=0.0).to(tl.float32)
+        o += tl.load(bias_ptr + expert * stride_biase + even + 1, mask=even + 1 < N, other=0.0).to(tl.float32)
+    out_rows = out_ptr + (row0 + token).to(tl.int64) * stride_out
+    if SWIGLU:  # even features are gates, odd ones linear: output feature i is the pair (2i, 2i + 1)
+        gate = tl.minimum(e, limit)
+        linear = tl.minimum(tl.maximum(o, -limit), limit)
+        act = gate * tl.sigmoid(1.702 * gate) * (linear + 1.0)
+        tl.store(out_rows + even // 2, act.to(out_ptr.dtype.element_ty), mask=keep & (even + 1 < N))
+    else:
+        tl.store(out_rows + even, e.to(out_ptr.dtype.element_ty), mask=keep & (even < N))
+        tl.store(out_rows + even + 1, o.to(out_ptr.dtype.element_ty), mask=keep & (even + 1 < N))
+
+
+@triton.jit
+def _rows_block_words(w_ptrs, q, block, GROUPS: tl.constexpr, FULL: tl.constexpr):
+    """The words of each lane's block `block` of a weight row (w_ptrs + the block's first word); past K
+    (in a last, partial chunk) zeros."""
+    if FULL:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=block < GROUPS, other=0)
+
+
+@triton.jit
+def _gemv_mma_rows_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, n, N,
+                        stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+                        K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
+                        TOKEN_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Up to 8 * TOKEN_GROUPS rows of x (bf16) of one expert against BLOCK_N output features, on tensor
+    cores as a real matrix product (see above): lanes 4g..4g + 3 hold the even and odd weight rows of
+    tile row r (g = r % 8) and supply token g of each group of 8 as the B column, and in each chunk
+    of K lane 4g + t holds blocks SUB * t .. SUB * t + SUB - 1 (SUB = BLOCK_K / 128: contiguous
+    bytes, so a lane quad reads 64 * SUB bytes of a row at once), so every lane with the same t holds
+    the same K positions. Each block is decoded once for all the tile's tokens. K is walked in
+    unrolled chunks; in a last, partial chunk the weights past K load as zeros and their scale and x
+    addresses stay inside the row. Features past N re-read feature N - 1 and are never stored."""
+    K_WORDS: tl.constexpr = K_BYTES // 4
+    GROUPS: tl.constexpr = K_BYTES // 16
+    SUB: tl.constexpr = BLOCK_K // 128
+    CB: tl.constexpr = BLOCK_K // 32  # blocks a chunk
+    HALF: tl.constexpr = BLOCK_N // 2
+    r = tl.arange(0, HALF)
+    even = tl.program_id(1) * BLOCK_N + 2 * r
+    rows_a = tl.minimum(even, N - 1).to(tl.int64)[:, None]
+    rows_b = tl.minimum(even + 1, N - 1).to(tl.int64)[:, None]
+    q = tl.arange(0, 16)[None, :]  # [HALF, 16] tiles: lane t of a quad holds words 4t..4t + 3 of each
+    lane_block = (q // 4) * SUB  # the lane's first block in a chunk
+    wa_ptrs = words_ptr + expert * stride_we + rows_a * K_WORDS + lane_block * 4 + q % 4
+    wb_ptrs = words_ptr + expert * stride_we + rows_b * K_WORDS + lane_block * 4 + q % 4
+    quad = (r % 8)[:, None]  # the lane quad holding row r: its token in each group of 8
+    x0_rows = _x_rows(x_ptr, source_ptr, row0, n, quad, stride_x, GATHER, SOURCE_DIV)
+    x1_rows = x0_rows
+    if TOKEN_GROUPS == 2:
+        x1_rows = _x_rows(x_ptr, source_ptr, row0, n, quad + 8, stride_x, GATHER, SOURCE_DIV)
+    chain1 = tl.zeros((HALF, 16), dtype=tl.float32)  # group 0's two accumulator chains
+    chain2 = tl.zeros((HALF, 16), dtype=tl.float32)
+    chain3 = tl.zeros((HALF, 16), dtype=tl.float32)  # group 1's (TOKEN_GROUPS == 2)
+    chain4 = tl.zeros((HALF, 16), dtype=tl.float32)
+    for c in tl.static_range((GROUPS + CB - 1) // CB):
+        for sub in tl.static_range(SUB):
+            block = c * CB + lane_block + sub
+            wa = _rows_block_words(wa_ptrs + (c * CB + sub) * 4, q, block, GROUPS, (c + 1) * CB <= GROUPS)
+            wb = _rows_block_words(wb_ptrs + (c * CB + sub) * 4, q, block, GROUPS, (c + 1) * CB <= GROUPS)
+            group = tl.minimum(block, GROUPS - 1)
+            sa = (scales_ptr + expert * stride_se + rows_a * GROUPS + group).to(tl.int64)
+            sb = (scales_ptr + expert * stride_se + rows_b * GROUPS + group).to(tl.int64)
+            xs0 = (x0_rows + group * 32).to(tl.int64)
+            if TOKEN_GROUPS == 1:
+                chain1, chain2 = tl.inline_asm_elementwise(
+                    _MMA_STEP, _MMA_STEP_CONSTRAINTS, [wa, wb, sa, sb, xs0, chain1, chain2],
+                    dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            else:
+                xs1 = (x1_rows + group * 32).to(tl.int64)
+                chain1, chain2, chain3, chain4 = tl.inline_asm_elementwise(
+                    _MMA_STEP2, _MMA_STEP2_CONSTRAINTS, [wa, wb, sa, sb, xs0, xs1, chain1, chain2, chain3, chain4],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=4)
+    features = even[:, None]
+    e, o = tl.inline_asm_elementwise(_MMA_ROWS_RESULT, _MMA_RESULT_CONSTRAINTS, [chain1, chain2],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    _gemv_mma_rows_store(e * _MMA_UNDO, o * _MMA_UNDO, bias_ptr, out_ptr, expert, row0, n, N, features, 0, stride_out,
+                         stride_biase, limit, SWIGLU)
+    if TOKEN_GROUPS == 2:
+        e, o = tl.inline_asm_elementwise(_MMA_ROWS_RESULT, _MMA_RESULT_CONSTRAINTS, [chain3, chain4],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        _gemv_mma_rows_store(e * _MMA_UNDO, o * _MMA_UNDO, bias_ptr, out_ptr, expert, row0, n, N, features, 8,
+                             stride_out, stride_biase, limit, SWIGLU)
+
+
+@triton.jit
 def _moe_gemv_kernel(
     x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
@@ -612,6 +749,11 @@ def _moe_gemv_kernel(
                        K_BYTES, GATHER, SOURCE_DIV, SWIGLU, BLOCK_N, BLOCK_K)
         return
     n = tl.minimum(row_end - row0, BLOCK_T)
+    if DECODE == 4:  # DECODE_MMA_ROWS: up to 8 or 16 rows a tile, x in bf16
+        _gemv_mma_rows_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, n, N,
+                            stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
+                            K_BYTES, GATHER, SOURCE_DIV, SWIGLU, BLOCK_T // 8, BLOCK_N, BLOCK_K)
+        return
     for t in tl.static_range(1, BLOCK_T + 1):
         if n == t:
             _gemv_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, N,
@@ -742,8 +884,10 @@ class Tiles:
     block_k: int  # reduction elements per step (a multiple of 32 for the GEMV)
     num_warps: int
     num_stages: int
-    kernel: str = "mma"  # "mma": _moe_gemm_kernel (tensor cores); "gemv": _moe_gemv_kernel (block_t <= 4)
-    decode: str = "fp16"  # the GEMV's route on the GPU: "fp16", "e4m3" (see _decode32_ptx) or "mma" (_gemv_mma_tile)
+    kernel: str = "mma"  # "mma": _moe_gemm_kernel (tensor cores); "gemv": _moe_gemv_kernel (block_t <= 4, or 8 or 16)
+    # the GEMV's route on the GPU: "fp16", "e4m3" (see _decode32_ptx), "mma" (_gemv_mma_tile, one row a tile)
+    # or "mma_rows" (_gemv_mma_rows_tile, 8 or 16 rows a tile)
+    decode: str = "fp16"
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
 
 
@@ -755,6 +899,7 @@ class Tiles:
 # same bench): 4 tokens 55.6 + 85.1 -> 37.4 + 64.7 us for the two GEMMs; in a batch-1 decode graph
 # 2,332 -> 2,167 us a step (profile_decode --ab GPT_OSS_MOE_MMA_GEMV).
 GEMV_ROWS_PER_EXPERT = 1
+MMA_ROWS_PER_EXPERT = 16  # the multi-row tensor-core GEMV up to here (GPT_OSS_MOE_MMA_ROWS=0: not at all)
 GEMV_SINGLE_ROWS = 2
 CUDA_CORE_DECODE = {True: "fp16", False: "e4m3"}  # one-row tiles' CUDA-core route, mlp1 (swiglu) and mlp2
 
@@ -770,6 +915,14 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
         # 26.1 us with 8 x 1024 against 28.6, but end to end that was within noise at batch 1 and ~1.5%
         # slower at batch 4 (two alternating runs each), so the tiles stayed.
         tiles = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
+    elif per_expert <= MMA_ROWS_PER_EXPERT and not INTERPRET and os.environ.get("GPT_OSS_MOE_MMA_ROWS", "1") != "0":
+        # scripts/bench_moe.py --sweep --routes mma_rows, two runs on two H100s (2026-11-26), 8 and 64 tokens of
+        # 20b and 64 of 120b: 64 features and 4 warps were fastest or within ~3% of it everywhere, and won in
+        # the batch-8 decode graph (5,264 against 5,537 us a step with 32 features and 2 warps); 256-value
+        # chunks (two blocks a lane) gained 7-12% for mlp1 and for 120b's mlp2 (245 against 274 us at 64
+        # tokens) and lost 3-7% for 20b's mlp2. 8 against 16 rows a tile at 64 tokens of 20b: within noise.
+        block_k = 256 if swiglu or num_experts >= 128 else 128
+        return Tiles(8 if per_expert <= 4 else 16, 64, block_k, 4, 1, "gemv", decode="mma_rows")
     elif per_expert <= GEMV_ROWS_PER_EXPERT:
         tiles = Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
     else:
@@ -803,13 +956,18 @@ def gemv_tiles_ok(tiles: Tiles) -> bool:
     """Shapes the GEMV supports. Its decode takes each 32-value block's 4 words from one thread
     (inline asm with pack=4), which holds when a thread loads 16 bytes per block: at least one
     block per thread in a step (smaller tensors get narrower loads) and power-of-two sizes. The
-    tensor-core route ("mma") needs one row a tile, lanes in fours along the blocks and no lane
-    left without a weight row (see _gemv_mma_tile)."""
+    tensor-core routes need lanes in fours along the blocks and no lane left without a weight row:
+    "mma" one row a tile (see _gemv_mma_tile), "mma_rows" 8 or 16 rows and chunks of 4, 8 or 16 blocks,
+    so that a row's 4 lanes span a chunk and the lanes with the same position in their four hold the
+    same K positions (see _gemv_mma_rows_tile)."""
     pow2 = all(v > 0 and v & (v - 1) == 0 for v in (tiles.block_n, tiles.block_k, tiles.num_warps))
     groups = tiles.block_k // 32
     if tiles.decode == "mma":  # each half tile covers the CTA's lanes: 32 // groups rows a warp
         return (pow2 and tiles.block_t == 1 and 4 <= groups <= 32
                 and tiles.block_n // 2 >= (32 // groups) * tiles.num_warps)
+    if tiles.decode == "mma_rows":  # 4 lanes along a row's 4 blocks, 8 rows a warp, warps along the rows
+        return (pow2 and tiles.block_t in (8, 16) and tiles.block_k in (128, 256, 512)
+                and tiles.block_n // 2 >= 8 * tiles.num_warps)
     return (pow2 and 1 <= tiles.block_t <= 4 and tiles.block_n >= 2 and 64 <= tiles.block_k <= 1024
             and tiles.block_n * groups >= 32 * tiles.num_warps and tiles.decode in ("fp16", "e4m3"))
 
@@ -831,7 +989,7 @@ def scales_fold(scales: torch.Tensor) -> bool:
 
 
 def mma_gemv_fits(x: torch.Tensor, scales: torch.Tensor, tiles: Tiles) -> bool:
-    """Whether the one-row tensor-core GEMV takes this call: bf16 x with 16-byte aligned rows on a
+    """Whether the tensor-core GEMV (either route) takes this call: bf16 x with 16-byte aligned rows on a
     Hopper GPU, every scale byte in 66..192 (exact in its bf16 operands, see MMA_SCALE_OFFSET), and
     the route verified on this GPU with these tiles (`mma_route_verified`)."""
     if INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not gemv_tiles_ok(tiles):
@@ -844,13 +1002,15 @@ def mma_gemv_fits(x: torch.Tensor, scales: torch.Tensor, tiles: Tiles) -> bool:
 
 
 _MMA_VERIFIED: dict[tuple, bool] = {}
+PROBE_REFERENCE_TILES = Tiles(1, 32, 256, 4, 1, "gemv", decode="fp16", unroll=False)  # CUDA cores, any K
 
 
 def mma_route_verified(device: torch.device, tiles: Tiles) -> bool:
     """Whether the tensor-core GEMV gives the CUDA-core route's results (to fp32 rounding) on a probe,
     checked once per GPU and tiles: its diagonal trick needs the compiler to put four consecutive
-    lanes on one weight row (see above), which a Triton version could lay out otherwise. Not during a
-    CUDA graph capture (the check syncs): there an unchecked route is not taken."""
+    lanes on one weight row (see above), the multi-row route also the rows' order over the lanes, which
+    a Triton version could lay out otherwise. Not during a CUDA graph capture (the check syncs): there
+    an unchecked route is not taken."""
     key = (device.index, tiles)
     if key not in _MMA_VERIFIED:
         if torch.cuda.is_current_stream_capturing():
@@ -861,11 +1021,12 @@ def mma_route_verified(device: torch.device, tiles: Tiles) -> bool:
         blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=device, generator=gen)
         scales = torch.randint(116, 125, (E, N, K // 32), dtype=torch.uint8, device=device, generator=gen)
         bias = torch.randn(E, N, device=device, generator=gen).to(torch.bfloat16)
-        x = torch.randn(3, K, device=device, generator=gen).to(torch.bfloat16)
-        p = plan(torch.tensor([1, 0, 1], device=device), E)
+        # expert 1 spans two tiles, the second partial; expert 0 has one partial tile
+        experts = [1] * (tiles.block_t + 3) + [0] * 3
+        x = torch.randn(len(experts), K, device=device, generator=gen).to(torch.bfloat16)
+        p = plan(torch.tensor(experts, device=device), E)
         mma = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32, tiles=tiles)
-        ref = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32,
-                            tiles=dataclasses.replace(tiles, decode="fp16"))
+        ref = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32, tiles=PROBE_REFERENCE_TILES)
         ok = bool(((mma - ref).norm() <= 1e-5 * ref.norm()).item())
         if not ok:
             warnings.warn(f"the MoE's tensor-core GEMV disagrees with the CUDA-core one on {device} with {tiles}: "
@@ -888,13 +1049,17 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     if p.num_rows == 0:
         return out
     grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
+    if tiles.kernel == "gemv" and tiles.decode in ("mma", "mma_rows") and not mma_gemv_fits(x, scales, tiles):
+        swiglu = swiglu_limit is not None  # the CUDA-core GEMV takes up to 4 rows a tile, the GEMM any
+        tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu]) if tiles.block_t == 1 \
+            else mma_tiles(p.num_rows, E, swiglu)
+        grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
     if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
-        if tiles.decode == "mma" and not mma_gemv_fits(x, scales, tiles):
-            tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu_limit is not None])
         assert gemv_tiles_ok(tiles), tiles
         assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
             and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), (blocks.stride(), scales.stride())
-        decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3, "mma": DECODE_MMA}[tiles.decode]
+        decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3, "mma": DECODE_MMA,
+                                             "mma_rows": DECODE_MMA_ROWS}[tiles.decode]
         _moe_gemv_kernel[grid](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
             E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
