@@ -1,20 +1,32 @@
 """Paged attention on one GPU: the Triton kernels at gpt-oss shapes, against ceilings measured in the same run.
 
-    python scripts/bench_attention.py [--sweep]
+    python scripts/bench_attention.py [--sweep] [--cases SUBSTRING ...] [--eager]
 
 bf16, 64 query heads, 8 KV heads, head_dim 64, page size 16, pages shuffled through the pool.
 Decode rows: TB/s on the K/V bytes read (visible keys x KVH x D x 2 bytes, for K and for V).
 Prefill rows: TFLOP/s counting 4 * D * H per visible (query, key) pair, so causal halving is exact.
 Percentages are of the device-to-device copy bandwidth (bytes read + written) and the bf16 8192^3
-torch.matmul rate. Times: CUDA events around each call, after warm-up, median of the repeats; no
-cache flush. --sweep also times a few tile / warp / stage / split settings per case and prints the
-best, for tuning the defaults in runtime/kernels/attention_triton.py. The last output is a
-markdown table; `run(ceilings)` returns its rows for a combined benchmark.
+torch.matmul rate.
+
+Times are taken as the model runs the kernels: calls captured back to back in a CUDA graph (enough
+to fill ~2 ms, at least one), CUDA events around each replay after warm-up, the median replay
+divided by the calls in it. Consecutive calls cycle through copies of the inputs, so a K/V pool
+smaller than the L2 cache is not served from it by the call before (as in the model, where each
+layer has its own cache); no flush otherwise. --eager times single eager calls instead (host
+launch included: at batch 1 that is most of what it measures).
+
+--sweep also times tile / warp / stage / split settings per case, prints each and the best, for
+tuning the defaults in runtime/kernels/attention_triton.py; settings that cannot run (shared memory
+exceeded) are skipped with the reason. --cases keeps the cases whose "name layer" contains any of
+the given substrings (e.g. --cases prefill, --cases "ctx 32k full"). The last output is a markdown
+table; `run(ceilings)` returns its rows for a combined benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +39,8 @@ from launch.bench import ceilings as measure_ceilings  # noqa: E402
 from runtime.kernels.attention_triton import choose_num_splits, paged_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, WINDOW = 64, 8, 64, 16, 128
+GRAPH_FILL_S = 2e-3  # a replay long enough that the events' own resolution and gaps do not matter
+MAX_COPIES = 4
 
 # (name, sequences as (q_start, n), sliding?). Decode queries sit at the end of their context.
 CASES = [
@@ -37,18 +51,60 @@ CASES = [
 ]
 
 
-def time_cuda(fn, warmup: int = 5, reps: int = 30) -> float:
-    """Median seconds of fn() by CUDA events, one pair per call."""
+def layer_name(sliding: bool) -> str:
+    return f"sliding {WINDOW}" if sliding else "full"
+
+
+def select(cases, patterns) -> list:
+    """The cases whose "name layer" contains any of the patterns (all of them without patterns)."""
+    return [c for c in cases if not patterns or any(p in f"{c[0]} {layer_name(c[2])}" for p in patterns)]
+
+
+def time_eager(fns, warmup: int = 5, reps: int = 30) -> float:
+    """Median seconds of one eager call by CUDA events, one pair per call (host launch included)."""
+    calls = itertools.cycle(fns)
     for _ in range(warmup):
-        fn()
+        next(calls)()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
         s.record()
-        fn()
+        next(calls)()
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def capture(fns, calls: int) -> torch.cuda.CUDAGraph:
+    """A graph of `calls` calls cycling through fns."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in itertools.islice(itertools.cycle(fns), calls):
+            fn()
+    return graph
+
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def time_graph(fns, warmup: int = 3, reps: int = 20) -> float:
+    """Median seconds of one call inside a CUDA graph of back-to-back calls filling ~GRAPH_FILL_S."""
+    for fn in fns:  # compiles (a setting that cannot run raises here, outside any capture)
+        fn()
+    torch.cuda.synchronize()
+    one = replay_seconds(capture(fns, len(fns)), warmup, 5) / len(fns)
+    calls = max(1, round(GRAPH_FILL_S / one))
+    return replay_seconds(capture(fns, calls), warmup, reps) / calls
 
 
 def ceilings() -> dict:
@@ -92,56 +148,79 @@ def make_inputs(seqs, device="cuda", dtype=torch.bfloat16):
     return q, k_pages, v_pages, block_table, cu_q.to(device), q_start, sinks
 
 
-def sweep_settings(decode: bool, sliding: bool, auto_splits: int):
-    """A few settings around the defaults (block_m stays 128 rows for prefill, 16 for decode)."""
-    settings = [{"block_n": bn, "num_warps": w, "num_stages": st}
-                for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
-    if decode and not sliding:
-        settings += [{"num_splits": max(1, auto_splits * f // 4)} for f in (1, 2, 8, 16)]
-    return settings
+def input_copies(seqs) -> int:
+    """Copies of the inputs that together hold twice the L2 cache, at most MAX_COPIES."""
+    pool_bytes = sum(-(-(start + n) // PAGE) for start, n in seqs) * PAGE * KV_HEADS * HEAD_DIM * 2 * 2
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(MAX_COPIES, -(-2 * l2 // pool_bytes)))
 
 
-def run(ceilings: dict, sweep: bool = False, cases=CASES) -> list[dict]:
+def sweep_settings(decode: bool, auto_splits: int) -> list[dict]:
+    """Prefill: rows per program (block_m), keys per tile, warps, stages. Decode (16-row tiles): the
+    split count around the heuristic's (x0.5 .. x4), keys per tile, warps, stages."""
+    if not decode:
+        return [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+                for bm in (64, 128, 256) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    splits = sorted({max(1, int(auto_splits * f)) for f in (0.5, 1, 2, 4)})
+    return [{"num_splits": sp, "block_n": bn, "num_warps": w, "num_stages": st}
+            for sp in splits for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def calls(copies, hints: dict, **settings) -> list:
+    """One call per input copy, with the given settings."""
+    return [functools.partial(paged_attention_triton, *inputs, **hints, **settings) for inputs in copies]
+
+
+def time_settings(timer, call, decode: bool, auto_splits: int) -> list[tuple[float, dict]]:
+    """(seconds, setting) for every setting that runs, fastest first; prints each as it goes."""
+    timed = []
+    for setting in sweep_settings(decode, auto_splits):
+        try:
+            seconds = timer(call(**setting))
+        except Exception as e:  # e.g. shared memory exceeded by a large tile with many stages
+            print(f"    skipped {setting}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
+            continue
+        print(f"    {seconds * 1e6:9.1f} us  {setting}", flush=True)
+        timed.append((seconds, setting))
+    return sorted(timed, key=lambda x: x[0])
+
+
+def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False) -> list[dict]:
     """One row per case: time, and achieved TB/s (decode) or TFLOP/s (prefill) with their % of the ceilings."""
+    timer = time_eager if eager else time_graph
     rows = []
     for name, seqs, sliding in cases:
         window = WINDOW if sliding else None
-        inputs = make_inputs(seqs)
-        q = inputs[0]
-        out = torch.empty_like(q)
+        copies = [make_inputs(seqs) for _ in range(input_copies(seqs))]
+        out = torch.empty_like(copies[0][0])
         max_q_len = max(n for _, n in seqs)
         max_k_len = max(start + n for start, n in seqs)
         hints = {"sm_scale": HEAD_DIM ** -0.5, "window": window, "out": out, "max_q_len": max_q_len,
                  "max_k_len": max_k_len}  # the host-side hints spare the timed call a device sync
-
-        def call(inputs=inputs, hints=hints, **kw):
-            return paged_attention_triton(*inputs, **hints, **kw)
-
-        seconds = time_cuda(call)
-        pairs = visible_pairs(seqs, window)
+        call = functools.partial(calls, copies, hints)
         decode = max_q_len == 1
+        label = f"{name:>20} {layer_name(sliding):>11}"
+        if sweep:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            auto = choose_num_splits(len(seqs) * KV_HEADS, max_k_len, sms) if decode else 1
+            print(f"{label}: sweep" + (f" (the heuristic's num_splits: {auto})" if decode else ""), flush=True)
+        seconds = timer(call())
+        pairs = visible_pairs(seqs, window)
         kv_bytes = sum(keys_read(start, n, window) for start, n in seqs) * KV_HEADS * HEAD_DIM * 2 * 2
         flops = 4 * HEAD_DIM * HEADS * pairs
-        row = {"case": name, "layer": "sliding 128" if sliding else "full", "us": seconds * 1e6,
+        row = {"case": name, "layer": layer_name(sliding), "us": seconds * 1e6,
                "TB/s": kv_bytes / seconds / 1e12, "%copy": 100 * kv_bytes / seconds / ceilings["copy_bytes_per_s"],
                "TFLOP/s": flops / seconds / 1e12, "%mm": 100 * flops / seconds / ceilings["matmul_flops"],
                "kind": "decode" if decode else "prefill"}
         if sweep:
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            auto = choose_num_splits(len(seqs) * KV_HEADS, max_k_len, sms) if decode else 1
-            timed = []
-            for setting in sweep_settings(decode, sliding, auto):
-                try:
-                    timed.append((time_cuda(lambda s=setting: call(**s), warmup=3, reps=15), setting))
-                except Exception as e:  # e.g. shared memory exceeded by a large tile with many stages
-                    print(f"  {setting}: {type(e).__name__}", flush=True)
-            best = min(timed, key=lambda x: x[0])
-            row["best us"], row["best setting"] = best[0] * 1e6, best[1]
+            timed = time_settings(timer, call, decode, auto)
+            if timed:
+                row["best us"], row["best setting"] = timed[0][0] * 1e6, timed[0][1]
         rows.append(row)
         metric = f"{row['TB/s']:.2f} TB/s ({row['%copy']:.0f}% copy)" if decode else \
             f"{row['TFLOP/s']:.0f} TFLOP/s ({row['%mm']:.0f}% mm)"
-        print(f"{name:>20} {row['layer']:>10}: {row['us']:9.1f} us  {metric}"
-              + (f"  best {row['best us']:.1f} us with {row['best setting']}" if sweep else ""), flush=True)
+        best = f"  best {row['best us']:.1f} us with {row['best setting']}" if "best us" in row else ""
+        print(f"{label}: {row['us']:9.1f} us  {metric}{best}", flush=True)
     return rows
 
 
@@ -154,17 +233,28 @@ def markdown(rows: list[dict], ceilings: dict) -> str:
         # Decode is judged by bandwidth, prefill by FLOP rate; the other column is shown for context.
         lines.append(f"| {r['case']} | {r['layer']} | {r['us']:.1f} | {r['TB/s']:.2f} | {r['%copy']:.0f} | "
                      f"{r['TFLOP/s']:.1f} | {r['%mm']:.1f} |")
+    swept = [r for r in rows if "best us" in r]
+    if swept:
+        lines += ["", "| case | layer | default (us) | best (us) | best setting |", "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['layer']} | {r['us']:.1f} | {r['best us']:.1f} | {r['best setting']} |"
+                  for r in swept]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="also time tile/warp/stage/split variants per case")
+    p.add_argument("--cases", nargs="+", default=[], metavar="SUBSTRING",
+                   help='only the cases whose "name layer" contains one of these, e.g. prefill, "ctx 32k full"')
+    p.add_argument("--eager", action="store_true", help="time single eager calls, not CUDA-graph replays")
     args = p.parse_args()
+    cases = select(CASES, args.cases)
+    if not cases:
+        p.error(f"no case matches {args.cases}: " + ", ".join(sorted({f'{c[0]} {layer_name(c[2])}' for c in CASES})))
     limits = ceilings()
     print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
           flush=True)
-    rows = run(limits, sweep=args.sweep)
+    rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager)
     print()
     print(markdown(rows, limits))
 

@@ -159,6 +159,26 @@ case "${1:-all}" in
       "tensor_cores or triton_experts or scale_ranges or kv_cache_decode or replays_the_static or programmatic" 2>&1 | tail -3
     timeout 150 python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 2>&1 | grep "best gemv\|FASTEST"
     ;;
+  attention)  # attention: its GPU tests, every case graph-timed, then the prefill tile sweep (full layers)
+    timeout 150 python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider 2>&1 | tail -2
+    timeout 120 python3 scripts/bench_attention.py 2>&1 | tail -16
+    timeout 300 python3 scripts/bench_attention.py --sweep --cases "prefill 4096 full" "prefill 16384 full" 2>&1 \
+      | grep -v "^    [ 0-9.]* us  {" | tail -14
+    ;;
+  attention-decode)  # the decode split/tile sweep at 32k and 131k (full layers)
+    timeout 280 python3 scripts/bench_attention.py --sweep --cases "ctx 32k full" "ctx 128k full" 2>&1 \
+      | grep -v "^    [ 0-9.]* us  {" | tail -12
+    ;;
+  mma-rows)  # the MoE's multi-row tensor-core GEMV: its GPU tests, decode-step A/B (20b batch 4/8/64), per-GEMM
+    # sweep at 8 and 64 tokens of 20b and 64 of 120b
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
+      "multi_row or tensor_cores or triton_experts or scale_ranges" 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -8
+    timeout 200 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 4 8 64 --context 128 --steps 8 \
+      --ab GPT_OSS_MOE_MMA_ROWS 2>&1 | grep "replay\|Error"
+    timeout 280 python3 scripts/bench_moe.py --model gpt-oss-20b gpt-oss-120b --sweep --routes mma_rows --rep 40 \
+      --tokens 8 64 2>&1 \
+      | grep "best\|FASTEST\|WRONG\|Error\|tokens .* gemm"
+    ;;
   moe)
     python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096

@@ -133,6 +133,24 @@ def test_split_k(window, num_splits):
     assert_close(triton_poisoned(b, block_n=16, num_splits=num_splits), reference(b))
 
 
+# Unmasked key tiles (those every row of a query tile sees whole) and the masked ones around them, at
+# 8-token query tiles and 16-key tiles. Query tiles that start 3 key tiles in (54), mid key tile
+# (37, 45, 53), two keys short of a tile edge (14, 30, 46: the tile ending at their next key must
+# stay masked), one key short (47: the tile ending at 47 needs no mask) and on an edge (48); ragged
+# ends (61 keys); a 2-token tile (48, 49), whose last query's window starts one key after its first
+# query's; decode at 101 and 64 keys.
+BOUNDARIES = [(6, 55), (37, 19), (47, 9), (48, 2), (100, 1), (63, 1)]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 8, 40])
+def test_unmasked_tiles_and_masked_edges(window, num_splits):
+    # Window 40 leaves a query tile of 8 tokens one unmasked key tile between two masked ones (the
+    # window's edge, the diagonal); window 8 leaves none. Three splits cut the unmasked run short.
+    b = paged_batch(BOUNDARIES, kv_heads=1, group=4, head_dim=16, page_size=16, window=window)
+    assert_close(triton_poisoned(b, block_m=32, block_n=16, num_splits=num_splits), reference(b))
+
+
 def test_split_k_chosen_automatically():
     b = paged_batch([(1000, 1)], kv_heads=1, group=8, head_dim=16, page_size=32, window=None)
     assert choose_num_splits(1, 1001, H100_SMS) == 1001 // 256  # the split the call below takes

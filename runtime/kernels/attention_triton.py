@@ -16,8 +16,10 @@ Design
 - Only the visible keys: a tile reads keys from its first query's oldest visible key (0, or
   t - W + 1 on sliding layers) through its last query, so only block-table entries covering that
   range are dereferenced (older pages of a sliding layer may be freed), causal tiles stop at the
-  diagonal, and sliding layers cost O(W + BLOCK_T) keys per tile instead of O(context).
-- Online softmax in fp32 and base 2 (sm_scale * log2(e) folded into the scores); the sink is one
+  diagonal, and sliding layers cost O(W + BLOCK_T) keys per tile instead of O(context). Key tiles
+  that every row of the tile sees whole (below the diagonal, inside the window) skip all masks;
+  only the tiles on the diagonal, at the window's edge and at the ragged end are masked.
+- Online softmax in fp32 and base 2 (sm_scale * log2(e) applied in the exponent); the sink is one
   more term of the denominator, exp2(sink * log2(e) - m), added at the end. It has no value.
 - Split-K (flash-decoding): when tiles x KV heads are fewer than the SMs (decode of a few long
   sequences), every tile's key range is cut into num_splits slices, each a program writing its
@@ -45,6 +47,10 @@ SPLIT_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
 H100_SMS = 132  # what the split heuristic assumes where there is no GPU to ask (the interpreter)
+# Prefill tiles of full layers: `scripts/bench_attention.py --sweep` on an H100 (2026-11-26) found 128
+# keys a tile with 2 stages fastest of 54 settings at 4,096 and 16,384 tokens (416.7 / 6,049 us against
+# 481.9 / 6,682 with 64 keys and 3 stages): a 128 x 128 fp32 score tile, 128 registers a thread at 4 warps.
+PREFILL_FULL_TILE = {"block_n": 128, "num_stages": 2}
 
 
 @triton.jit
@@ -59,6 +65,52 @@ def _find_sequence(cu_q_ptr, tile, num_seqs, BLOCK_T: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _attend_tile(q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
+                 stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Keys [start, start + BLOCK_N) into the online softmax of every row. MASKED applies k < k_end,
+    causality and the window; without it the caller vouches that every key is visible to every row."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    # One block-table read per key (cached; PAGE is a power of two, so // and % are shifts).
+    if MASKED:  # so entries past the visible range are never touched
+        k_ok = k_pos < k_end
+        page = tl.load(pages_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+    else:
+        page = tl.load(pages_row + k_pos // PAGE).to(tl.int64)
+    slot = k_pos % PAGE
+    k_rows = k_head + page[:, None] * stride_kp + slot[:, None] * stride_ks + d[None, :]
+    v_rows = v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs + d[None, :]
+    if MASKED:
+        k = tl.load(k_rows, mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_rows, mask=k_ok[:, None], other=0.0)  # zeros, not stale NaN: 0 * NaN is NaN
+    else:
+        k = tl.load(k_rows)
+        v = tl.load(v_rows)
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if MASKED:
+        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    # qk_scale (sm_scale * log2 e) stays out of q: q is bf16, and scaling it there would round the
+    # scores differently. It is applied to the fp32 scores inside the exponent instead, where
+    # s * qk_scale - m is one FMA a score (the row max scales exactly: the scale is positive).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -109,6 +161,18 @@ def _paged_attention_kernel(
     k_begin = lo + split * per_split
     k_end = tl.minimum(hi, k_begin + per_split)
 
+    # Tiles in [a, b) are visible to every row of the tile: their keys are at most the first query's
+    # position, inside this split, and (sliding) within the last query's window. They skip every
+    # mask (padding rows, q = 0, see them too: finite, never stored); the masked loops take the
+    # tiles before a (the sliding window's edge) and from b on (the diagonal and the ragged end).
+    # All three step over the same BLOCK_N grid from k_begin, so a split still covers whole tiles
+    # of [lo, hi). Operands are clamped before // (it truncates).
+    if SLIDING:
+        a = tl.minimum(k_begin + tl.cdiv(tl.maximum(hi - window - k_begin, 0), BLOCK_N) * BLOCK_N, k_end)
+    else:
+        a = k_begin
+    b = a + tl.maximum(tl.minimum(k_end, pos0 + 1) - a, 0) // BLOCK_N * BLOCK_N
+
     # A finite floor, not -inf: a row can see no key of a tile (padding, or a window edge), and
     # -inf - -inf would be NaN in the rescale.
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
@@ -117,34 +181,19 @@ def _paged_attention_kernel(
     pages_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
-    for start in range(k_begin, k_end, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < k_end
-        # One block-table read per key (cached; PAGE is a power of two, so // and % are shifts).
-        # Masked, so entries past the visible range are never touched.
-        page = tl.load(pages_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        slot = k_pos % PAGE
-        k_rows = k_head + page[:, None] * stride_kp + slot[:, None] * stride_ks
-        v_rows = v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs
-        k = tl.load(k_rows + d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_rows + d[None, :], mask=k_ok[:, None], other=0.0)  # zeros, not stale NaN: 0 * NaN is NaN
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if SLIDING:
-            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    if SLIDING:
+        for start in range(k_begin, a, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(
+                q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
+                stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, True, SLIDING, DOT_FP32)
+    for start in range(a, b, BLOCK_N):  # plain, so Triton's pipeliner prefetches the next tiles
+        acc, l_i, m_i = _attend_tile(
+            q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
+            stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, False, SLIDING, DOT_FP32)
+    for start in range(b, k_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(
+            q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
+            stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, True, SLIDING, DOT_FP32)
 
     if not SPLIT:
         sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
@@ -202,14 +251,15 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
                            cu_q: torch.Tensor, q_start: torch.Tensor, sinks: torch.Tensor, *, sm_scale: float,
                            window: int | None, out: torch.Tensor | None = None, max_q_len: int | None = None,
                            max_k_len: int | None = None, num_splits: int | None = None, block_m: int = 128,
-                           block_n: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                           block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """`attention.paged_attention` in Triton: q [N, H, D] over the paged cache, returns [N, H, D].
 
     max_q_len (longest query run in the step) and max_k_len (largest q_start[s] + n_s) pick the tile
     shape and the split count; a caller that knows them on the host passes them to spare a device
     sync. They only steer performance: any positive values give the same result. num_splits forces the split count (1 = never split). block_m: rows per program for prefill
-    (tokens x group heads); block_n: keys per tile (default 128 for decode-shaped tiles of 16 rows,
-    64 for 128-row prefill tiles, keeping the fp32 score tile at 64 registers a thread with 4 warps).
+    (tokens x group heads); block_n: keys per tile and num_stages: the pipeline's depth (defaults:
+    128 keys and 3 stages for decode-shaped tiles of 16 rows; for 128-row prefill tiles 128 keys and
+    2 stages on full layers, 64 keys and 3 stages on sliding ones, see PREFILL_FULL_TILE).
     """
     n_rows, num_heads, head_dim = q.shape
     _, page_size, num_kv, _ = k_pages.shape
@@ -232,7 +282,9 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     block_t = min(triton.next_power_of_2(max_q_len), max(1, block_m // group_p))
     rows = max(16, block_t * group_p)  # tl.dot needs M >= 16 on the GPU
     if block_n is None:
-        block_n = 128 if rows < 128 else 64
+        block_n = 128 if rows < 128 else PREFILL_FULL_TILE["block_n"] if window is None else 64
+    if num_stages is None:
+        num_stages = PREFILL_FULL_TILE["num_stages"] if rows >= 128 and window is None else 3
     slots = n_rows // block_t + num_seqs
     if num_splits is None:
         programs = min(slots, num_seqs * triton.cdiv(max_q_len, block_t)) * num_kv
