@@ -899,7 +899,7 @@ class Tiles:
 # same bench): 4 tokens 55.6 + 85.1 -> 37.4 + 64.7 us for the two GEMMs; in a batch-1 decode graph
 # 2,332 -> 2,167 us a step (profile_decode --ab GPT_OSS_MOE_MMA_GEMV).
 GEMV_ROWS_PER_EXPERT = 1
-MMA_ROWS_PER_EXPERT = 16  # the multi-row tensor-core GEMV up to here (GPT_OSS_MOE_MMA_ROWS=0: not at all)
+MMA_ROWS_PER_EXPERT = 8  # the multi-row tensor-core GEMV up to here, as measured (GPT_OSS_MOE_MMA_ROWS=0: not at all)
 GEMV_SINGLE_ROWS = 2
 CUDA_CORE_DECODE = {True: "fp16", False: "e4m3"}  # one-row tiles' CUDA-core route, mlp1 (swiglu) and mlp2
 
@@ -917,12 +917,13 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
         tiles = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
     elif per_expert <= MMA_ROWS_PER_EXPERT and not INTERPRET and os.environ.get("GPT_OSS_MOE_MMA_ROWS", "1") != "0":
         # scripts/bench_moe.py --sweep --routes mma_rows, two runs on two H100s (2026-11-26), 8 and 64 tokens of
-        # 20b and 64 of 120b: 64 features and 4 warps were fastest or within ~3% of it everywhere, and won in
-        # the batch-8 decode graph (5,264 against 5,537 us a step with 32 features and 2 warps); 256-value
-        # chunks (two blocks a lane) gained 7-12% for mlp1 and for 120b's mlp2 (245 against 274 us at 64
-        # tokens) and lost 3-7% for 20b's mlp2. 8 against 16 rows a tile at 64 tokens of 20b: within noise.
-        block_k = 256 if swiglu or num_experts >= 128 else 128
-        return Tiles(8 if per_expert <= 4 else 16, 64, block_k, 4, 1, "gemv", decode="mma_rows")
+        # 20b and 64 of 120b: 64 features, 4 warps and 8 rows a tile were fastest or within ~3% of it
+        # everywhere, and won in the batch-8 decode graph (5,264 against 5,537 us a step with 32 features
+        # and 2 warps). 256-value chunks (two blocks a lane) gained 7-12% at up to 2 rows per expert for
+        # mlp1 and for 120b's mlp2 (245 against 274 us at 64 tokens), lost 3-7% for 20b's mlp2 there, and
+        # lost at 8 rows per expert (64 tokens of 20b: 20% fewer tokens/s end to end with mlp1 at 256).
+        wide = per_expert <= 2 and (swiglu or num_experts >= 128)
+        return Tiles(8, 64, 256 if wide else 128, 4, 1, "gemv", decode="mma_rows")
     elif per_expert <= GEMV_ROWS_PER_EXPERT:
         tiles = Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
     else:
