@@ -161,6 +161,15 @@ def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
     assert torch.isfinite(poisoned).all()  # every element written
 
 
+def _random_experts(E, n, k, gen):
+    """Random MXFP4 experts [E, n, k] on the GPU (blocks, scales, bf16 bias), some scale bytes at the
+    tensor-core routes' lower end (66)."""
+    blocks = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
+    scales = torch.randint(110, 131, (E, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    scales[:, ::7, ::5] = 66
+    return blocks, scales, torch.randn(E, n, device="cuda", generator=gen).to(torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
 @pytest.mark.parametrize("split", [1, 2])  # 2: each expert's intermediate dimension halved (tensor parallelism)
 @pytest.mark.parametrize("tokens", [1, 4])
@@ -178,13 +187,7 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     E, d, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size // split
     gen = torch.Generator(device="cuda").manual_seed(tokens + 10 * split)
 
-    def experts(n, k):
-        blocks = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
-        scales = torch.randint(110, 131, (E, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
-        scales[:, ::7, ::5] = 66
-        return blocks, scales, torch.randn(E, n, device="cuda", generator=gen).to(torch.bfloat16)
-
-    w1, w2 = experts(2 * inter, d), experts(d, inter)
+    w1, w2 = _random_experts(E, 2 * inter, d, gen), _random_experts(E, d, inter, gen)
     expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
     p = plan(expert_ids.reshape(-1), E)
     h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
@@ -226,13 +229,7 @@ def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, bl
     E, d, inter = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     gen = torch.Generator(device="cuda").manual_seed(tokens + 100 * block_t)
 
-    def experts(n, k):
-        blocks = torch.randint(0, 256, (E, n, k // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
-        scales = torch.randint(110, 131, (E, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
-        scales[:, ::7, ::5] = 66
-        return blocks, scales, torch.randn(E, n, device="cuda", generator=gen).to(torch.bfloat16)
-
-    w1, w2 = experts(2 * inter, d), experts(d, inter)
+    w1, w2 = _random_experts(E, 2 * inter, d, gen), _random_experts(E, d, inter, gen)
     expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
     expert_ids[:, 0] = 5  # one expert on every token
     p = plan(expert_ids.reshape(-1), E)
