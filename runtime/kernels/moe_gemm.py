@@ -26,7 +26,9 @@ few byte-parallel logic ops into exact fp16 (the value times 2^-14, no scale), w
 and multiplies them into each row of x with fp32 FMAs; the block's scale multiplies its partial sum
 once. Every weight is read and decoded once per tile, whatever its row count. With one row a tile
 (up to E / 2 rows) and bf16 x, the same kernel hands the multiply-adds to mma.sync instead, used on
-its diagonal (`_gemv_mma_tile`: fewer instructions per weight, which is what bounds this kernel).
+its diagonal (`_gemv_mma_tile`: fewer instructions per weight, which is what bounds this kernel);
+from 2 to 8 rows per expert it uses mma.sync as a real product, 8 tokens a tile as the MMA's
+columns, each block decoded once for all of them (`_gemv_mma_rows_tile`).
 `choose_tiles` picks the kernel and tiles by rows per expert; the grid depends only on (rows, N, E),
 as for the MMAs.
 
