@@ -408,6 +408,29 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
                 raise ValueError(f"not emulated: {line}")
 
 
+def _set_step_operands(regs: dict, token_groups: int, blocks, even_row: int, block: int, x_addresses: list[int]):
+    """One lane's inputs to `_mma_step_ptx(token_groups)` (pack 4: each input 4 registers): block
+    `block`'s words of rows even_row and even_row + 1, their scale bytes' addresses (scale of row r,
+    block b at 1000 + 100 r + b in the emulated memory), and each token group's x address."""
+    first = 8 * token_groups
+    words_a = blocks[even_row, block].view(torch.int32).tolist()
+    words_b = blocks[even_row + 1, block].view(torch.int32).tolist()
+    for n in range(4):
+        regs[f"${first + n}"], regs[f"${first + 4 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
+        regs[f"${first + 8 + n}"] = 1000 + 100 * even_row + block
+        regs[f"${first + 12 + n}"] = 1000 + 100 * (even_row + 1) + block
+        for j, address in enumerate(x_addresses):
+            regs[f"${first + 16 + 4 * j + n}"] = address
+
+
+def _accumulators_back_in(lanes: list[dict], token_groups: int):
+    """A step's outputs become the next step's incoming accumulators (the last inputs)."""
+    first = 8 * token_groups
+    for regs in lanes:
+        for n in range(first):
+            regs[f"${first + 16 + 4 * token_groups + n}"] = regs[f"${n}"]
+
+
 def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     """The one-row tensor-core GEMV's PTX (decode, scale, 8 MMAs per step, then the diagonal) on one
     warp laid out as _gemv_mma_tile's tiles are on the GPU (lane 16 r + b: block b of the even row
@@ -433,16 +456,9 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     for step in range(steps):
         for lane, regs in enumerate(lanes):
             r, b = lane // 16, step * 16 + lane % 16
-            words_a = blocks[2 * r, b].view(torch.int32).tolist()
-            words_b = blocks[2 * r + 1, b].view(torch.int32).tolist()
-            for n in range(4):
-                regs[f"${8 + n}"], regs[f"${12 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
-                regs[f"${16 + n}"], regs[f"${20 + n}"] = 1000 + 100 * 2 * r + b, 1000 + 100 * (2 * r + 1) + b
-                regs[f"${24 + n}"] = (1 << 16) + 64 * b
+            _set_step_operands(regs, 1, blocks, 2 * r, b, [(1 << 16) + 64 * b])
         emulate_warp_ptx(step_ptx, lanes, memory)
-        for regs in lanes:  # the outputs come back in as the next step's accumulators
-            for n in range(8):
-                regs[f"${28 + n}"] = regs[f"${n}"]
+        _accumulators_back_in(lanes, 1)
     for regs in lanes:
         for n in range(8):
             regs[f"${8 + n}"] = regs[f"${n}"]
@@ -486,18 +502,10 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
     for step in range(steps):
         for lane, regs in enumerate(lanes):
             g, b = lane // 4, step * 4 + lane % 4
-            words_a = blocks[2 * g, b].view(torch.int32).tolist()
-            words_b = blocks[2 * g + 1, b].view(torch.int32).tolist()
-            for n in range(4):
-                regs[f"${first + n}"], regs[f"${first + 4 + n}"] = words_a[n] & 0xFFFFFFFF, words_b[n] & 0xFFFFFFFF
-                regs[f"${first + 8 + n}"] = 1000 + 100 * 2 * g + b
-                regs[f"${first + 12 + n}"] = 1000 + 100 * (2 * g + 1) + b
-                for j in range(token_groups):
-                    regs[f"${first + 16 + 4 * j + n}"] = (1 << 16) + 2 * K * (8 * j + g) + 64 * b
+            x_addresses = [(1 << 16) + 2 * K * (8 * j + g) + 64 * b for j in range(token_groups)]
+            _set_step_operands(regs, token_groups, blocks, 2 * g, b, x_addresses)
         emulate_warp_ptx(step_ptx, lanes, memory)
-        for regs in lanes:  # the outputs come back in as the next step's accumulators
-            for n in range(first):
-                regs[f"${first + 16 + 4 * token_groups + n}"] = regs[f"${n}"]
+        _accumulators_back_in(lanes, token_groups)
     got = torch.full((rows, tokens), float("nan"), dtype=torch.float64)
     chains = [{n: regs[f"${n}"] for n in range(first)} for regs in lanes]
     for j in range(token_groups):

@@ -164,18 +164,6 @@ def _paged_attention_kernel(
     k_begin = lo + split * per_split
     k_end = tl.minimum(hi, k_begin + per_split)
 
-    # Tiles in [a, b) are visible to every row of the tile: their keys are at most the first query's
-    # position, inside this split, and (sliding) within the last query's window. They skip every
-    # mask (padding rows, q = 0, see them too: finite, never stored); the masked loops take the
-    # tiles before a (the sliding window's edge) and from b on (the diagonal and the ragged end).
-    # All three step over the same BLOCK_N grid from k_begin, so a split still covers whole tiles
-    # of [lo, hi). Operands are clamped before // (it truncates).
-    if SLIDING:
-        a = tl.minimum(k_begin + tl.cdiv(tl.maximum(hi - window - k_begin, 0), BLOCK_N) * BLOCK_N, k_end)
-    else:
-        a = k_begin
-    b = a + tl.maximum(tl.minimum(k_end, pos0 + 1) - a, 0) // BLOCK_N * BLOCK_N
-
     # A finite floor, not -inf: a row can see no key of a tile (padding, or a window edge), and
     # -inf - -inf would be NaN in the rescale.
     m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
@@ -189,6 +177,17 @@ def _paged_attention_kernel(
     if BLOCK_T == 1:
         b = k_begin
     else:
+        # Tiles in [a, b) are visible to every row of the tile: their keys are at most the first query's
+        # position, inside this split, and (sliding) within the last query's window. They skip every
+        # mask (padding rows, q = 0, see them too: finite, never stored); the masked loops take the
+        # tiles before a (the sliding window's edge) and from b on (the diagonal and the ragged end).
+        # All three step over the same BLOCK_N grid from k_begin, so a split still covers whole tiles
+        # of [lo, hi). Operands are clamped before // (it truncates).
+        if SLIDING:
+            a = tl.minimum(k_begin + tl.cdiv(tl.maximum(hi - window - k_begin, 0), BLOCK_N) * BLOCK_N, k_end)
+        else:
+            a = k_begin
+        b = a + tl.maximum(tl.minimum(k_end, pos0 + 1) - a, 0) // BLOCK_N * BLOCK_N
         if SLIDING:
             for start in range(k_begin, a, BLOCK_N):
                 acc, l_i, m_i = _attend_tile(

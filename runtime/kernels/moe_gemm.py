@@ -626,10 +626,7 @@ def _gemv_mma_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, 
 def _x_rows(x_ptr, source_ptr, row0, n, token, stride_x, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr):
     """Addresses of the x rows of a tile's tokens `token` (a tensor); tokens past the tile's n rows
     read its last row (their results are never stored)."""
-    row = row0 + tl.minimum(token, n - 1)
-    if GATHER:
-        row = tl.load(source_ptr + row) // SOURCE_DIV
-    return x_ptr + row.to(tl.int64) * stride_x
+    return x_ptr + _row_source(source_ptr, row0 + tl.minimum(token, n - 1), GATHER, SOURCE_DIV) * stride_x
 
 
 @triton.jit
@@ -655,7 +652,7 @@ def _gemv_mma_rows_store(e, o, bias_ptr, out_ptr, expert, row0, n, N, even, firs
 
 
 @triton.jit
-def _rows_block_words(w_ptrs, q, block, GROUPS: tl.constexpr, FULL: tl.constexpr):
+def _rows_block_words(w_ptrs, block, GROUPS: tl.constexpr, FULL: tl.constexpr):
     """The words of each lane's block `block` of a weight row (w_ptrs + the block's first word); past K
     (in a last, partial chunk) zeros."""
     if FULL:
@@ -701,8 +698,8 @@ def _gemv_mma_rows_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_
     for c in tl.static_range((GROUPS + CB - 1) // CB):
         for sub in tl.static_range(SUB):
             block = c * CB + lane_block + sub
-            wa = _rows_block_words(wa_ptrs + (c * CB + sub) * 4, q, block, GROUPS, (c + 1) * CB <= GROUPS)
-            wb = _rows_block_words(wb_ptrs + (c * CB + sub) * 4, q, block, GROUPS, (c + 1) * CB <= GROUPS)
+            wa = _rows_block_words(wa_ptrs + (c * CB + sub) * 4, block, GROUPS, (c + 1) * CB <= GROUPS)
+            wb = _rows_block_words(wb_ptrs + (c * CB + sub) * 4, block, GROUPS, (c + 1) * CB <= GROUPS)
             group = tl.minimum(block, GROUPS - 1)
             sa = (scales_ptr + expert * stride_se + rows_a * GROUPS + group).to(tl.int64)
             sb = (scales_ptr + expert * stride_se + rows_b * GROUPS + group).to(tl.int64)
@@ -1051,12 +1048,11 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         out = torch.empty((p.num_rows, N // 2 if swiglu_limit is not None else N), dtype=out_dtype, device=x.device)
     if p.num_rows == 0:
         return out
-    grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
     if tiles.kernel == "gemv" and tiles.decode in ("mma", "mma_rows") and not mma_gemv_fits(x, scales, tiles):
         swiglu = swiglu_limit is not None  # the CUDA-core GEMV takes up to 4 rows a tile, the GEMM any
         tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu]) if tiles.block_t == 1 \
             else mma_tiles(p.num_rows, E, swiglu)
-        grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
+    grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
     if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
         assert gemv_tiles_ok(tiles), tiles
         assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
