@@ -149,9 +149,10 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 
 
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
-        sweep: bool = False, routes: tuple[str, ...] = ("mma", "gemv")) -> list[dict]:
+        sweep: bool = False, routes: tuple[str, ...] = ("mma", "gemv"), tiles: list[Tiles] | None = None) -> list[dict]:
     """routes: which candidates the sweep times: "mma" (the tensor-core GEMM), "gemv" (every GEMV
-    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16")."""
+    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16"); tiles: the tensor-core
+    GEMM's candidates instead of `candidates`."""
     cfg = preset(model)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -203,7 +204,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                     return None if ok else f"relative error {rel:.2e}"
 
                 per = p.num_rows / max(1, min(p.num_rows, E))
-                mma = time_candidates(fn, check, candidates(per)) if "mma" in routes else []
+                mma = time_candidates(fn, check, tiles or candidates(per)) if "mma" in routes else []
                 wanted = [t for t in gemv_candidates(p.num_rows, E)
                           if gemv_tiles_ok(t) and ("gemv" in routes or t.decode in routes)]
                 gemv = time_candidates(fn, check, wanted)
@@ -259,14 +260,17 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
     ap.add_argument("--routes", nargs="+", default=["mma", "gemv"],
                     help="the sweep's candidates: mma (tensor-core GEMM), gemv (all GEMV routes), or GEMV decode names")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES",
+                    help="the tensor-core GEMM's sweep candidates, e.g. 128,128,64,8,3 (default: by rows per expert)")
     args = ap.parse_args()
+    tiles = [Tiles(*(int(v) for v in t.split(","))) for t in args.tiles] if args.tiles else None
     global REP_MS
     REP_MS = args.rep
     bw, mm = ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     for model in args.model:
-        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes))
+        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes), tiles)
     print(HEADER)
     for r in rows:
         print(format_row(r, bw, mm))

@@ -408,6 +408,26 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
                 raise ValueError(f"not emulated: {line}")
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_gemm_ptx_decode_is_elementwise_emulated(fold):
+    """The tensor-core GEMM's decode (`_decode_ptx`): every byte value, each with its own random scale
+    (the compiler may group bytes of different blocks into one asm call); $0, $1 must be the low
+    nibbles' values of bytes (0, 1) and (2, 3), $2, $3 the high nibbles', exactly."""
+    from runtime.kernels.moe_gemm import _decode_ptx
+
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (256,), dtype=torch.uint8)])
+    scales = torch.randint(100, 129 if fold else 150, packed.shape, dtype=torch.uint8)  # fold needs <= 128
+    values = mxfp4.decode(packed.view(-1, 16)[:, None], torch.full((packed.numel() // 16, 1), 127, dtype=torch.uint8),
+                          torch.float32).view(-1, 2) * 2.0 ** (scales.double() - 127)[:, None]  # [byte, nibble]
+    ptx = _decode_ptx(fold)
+    for word, scale, want in zip(packed.view(torch.int32).tolist(), scales.view(torch.int32).tolist(),
+                                 values.view(-1, 4, 2).tolist()):
+        regs = {"$4": word & 0xFFFFFFFF, "$5": scale & 0xFFFFFFFF}
+        emulate_warp_ptx(ptx, [regs])
+        got = [_bf16_bits_to_float((regs[f"${r}"] >> half) & 0xFFFF) for r in range(4) for half in (0, 16)]
+        assert got == [want[b][nibble] for nibble in (0, 1) for b in range(4)], (hex(word), hex(scale))
+
+
 def _set_step_operands(regs: dict, token_groups: int, blocks, even_row: int, block: int, x_addresses: list[int]):
     """One lane's inputs to `_mma_step_ptx(token_groups)` (pack 4: each input 4 registers): block
     `block`'s words of rows even_row and even_row + 1, their scale bytes' addresses (scale of row r,

@@ -10,13 +10,16 @@ BLOCK_K] as the MMA's left operand and the few token rows as the right one. Weig
 operand at decode (1 to 64 tokens per expert), and as the left operand they stay in registers from
 decode to MMA; the token dimension only needs to be a multiple of 8.
 
-Decode. On the GPU, an inline-PTX routine turns 4 packed bytes (8 E2M1 values) and their scale
+Decode. On the GPU, an inline-PTX routine turns 4 packed bytes (8 E2M1 values) and their 4 scale
 bytes into 8 bfloat16 values with byte permutes, shifts and masks that drop each value's sign and
 exponent/mantissa bits into a bf16's sign and lowest exponent/highest mantissa bits (which is the
-value times 2^-126, exactly, subnormal for the smallest codes), then two packed bf16 multiplies: by
-2^126 and by the block's scale 2^(s-127) (bf16 bits s << 7). Low and high nibbles become two tiles
-that meet the even and odd input columns in two half-depth dots, so nothing is interleaved. The
-interpreter (CPU tests) cannot run PTX: it uses an integer-only decode of the same values.
+value times 2^-126, exactly, subnormal for the smallest codes), then packed bf16 multiplies by 2^126
+and by the byte's scale 2^(s-127) (bf16 bits s << 7). It is elementwise (each byte's two values
+from that byte and its own scale), so the compiler may lay the packed tile out as it likes: it reads
+the bytes from the pipeline's shared-memory buffer straight into the MMA's operand layout, where a
+thread's k pairs (2j, 2j + 1) are exactly byte j, and the decoded tile is never written back (a
+thread's bytes lie 4 apart, so they are read one at a time). The interpreter (CPU tests)
+cannot run PTX: it uses an integer-only decode of the same values.
 
 Token decoding (1 to 4 rows per expert): `_moe_gemv_kernel`, on CUDA cores, without tensor cores or
 shared memory. A program owns up to 4 rows of one expert (a body specialised to the tile's row
@@ -61,42 +64,34 @@ from runtime.kernels.moe import SWIGLU_ALPHA
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _decode_ptx(fold: bool) -> str:
-    """PTX turning 4 packed bytes b0..b3 ($4) and their scale ($5; the 4 bytes lie in one 16-byte
-    block, so they share a scale and only its byte 0 is read) into 8 bf16 values.
+    """PTX turning 4 packed bytes b0..b3 ($4) and their 4 scale bytes s0..s3 ($5) into 8 bf16 values,
+    elementwise: $0, $1 hold the low nibbles' values of (b0, b1) and (b2, b3), $2, $3 the high
+    nibbles'; each value is scaled by its own byte's scale, so the compiler may hand the asm any 4
+    elements (the dot's operand layout groups bytes from two rows).
 
-    Nibble i of the word (bits 4i..4i+3) and nibble i + 4 share their shifts into the two 16-bit
-    halves of a bf16x2: exponent/mantissa bits to 6-8, sign to 15, giving the value times 2^-126. So
-    each output register pairs byte j with byte j + 2: $0 = low nibbles of (b0, b2), $1 = (b1, b3),
-    $2 = high nibbles of (b0, b2), $3 = (b1, b3). The output tiles therefore list bytes in the order
-    0, 2, 1, 3 within every 4, and the kernel reads x in that order too (`_split_x`)."""
-    lines = ["{", ".reg .b32 s, a, b, big;", "mov.b32 big, 0x7E807E80;",  # 2^126 in both halves
-             "prmt.b32 s, $5, 0, 0x4040;"]  # scale byte 0 into both halves
-    if fold:  # 2^126 * 2^(s-127) = 2^(s-1): bf16 exponent field s + 126 (needs s <= 128)
-        lines.append("add.u32 s, s, 0x007E007E;")
-    lines.append("shl.b32 s, s, 7;")
-    # (output, payload shift, sign shift): a negative shift is to the right
-    for out, payload, sign in ((0, 6, 12), (1, -2, 4), (2, 2, 8), (3, -6, 0)):
-        lines.append(f"shl.b32 a, $4, {payload};" if payload >= 0 else f"shr.u32 a, $4, {-payload};")
-        lines.append("and.b32 a, a, 0x01C001C0;")
-        lines.append(f"shl.b32 b, $4, {sign};" if sign else "mov.b32 b, $4;")
-        lines += ["and.b32 b, b, 0x80008000;", "or.b32 a, a, b;"]
+    A byte permute puts bytes j, j + 1 into the two 16-bit halves; then shifts and masks drop a
+    nibble's exponent/mantissa bits into bits 6-8 and its sign into bit 15 of each half, which is the
+    value times 2^-126; two packed bf16 multiplies apply 2^126 and 2^(s-127) (bf16 bits s << 7),
+    folded into one when every scale byte is <= 128."""
+    lines = ["{", ".reg .b32 s01, s23, a, b, v, big;", "mov.b32 big, 0x7E807E80;"]  # 2^126 in both halves
+    pairs = {"s01": "0x4140", "s23": "0x4342"}  # prmt selectors: bytes (0, 1) or (2, 3) into the halves' low bytes
+    for reg, selector in pairs.items():
+        lines.append(f"prmt.b32 {reg}, $5, 0, {selector};")
+        if fold:  # 2^126 * 2^(s-127) = 2^(s-1): bf16 exponent field s + 126 (needs s <= 128)
+            lines.append(f"add.u32 {reg}, {reg}, 0x007E007E;")
+        lines.append(f"shl.b32 {reg}, {reg}, 7;")
+    # (output, bytes, payload shift, sign shift): low nibble bits 0-2 -> 6-8, 3 -> 15; high 4-6 -> 6-8, 7 -> 15
+    for out, scale, payload, sign in ((0, "s01", 6, 12), (1, "s23", 6, 12), (2, "s01", 2, 8), (3, "s23", 2, 8)):
+        lines += [f"prmt.b32 v, $4, 0, {pairs[scale]};", f"shl.b32 a, v, {payload};", "and.b32 a, a, 0x01C001C0;",
+                  f"shl.b32 b, v, {sign};", "and.b32 b, b, 0x80008000;", "or.b32 a, a, b;"]
         if not fold:
             lines.append("mul.rn.bf16x2 a, a, big;")
-        lines.append(f"mul.rn.bf16x2 ${out}, a, s;")
+        lines.append(f"mul.rn.bf16x2 ${out}, a, {scale};")
     return "\n".join(lines + ["}"])
 
 
 _DECODE_PTX = tl.constexpr(_decode_ptx(fold=False))
 _DECODE_PTX_FOLDED = tl.constexpr(_decode_ptx(fold=True))
-
-
-@triton.jit
-def _split_x(x, BLOCK_T: tl.constexpr, BYTES: tl.constexpr, PTX: tl.constexpr):
-    """x [BLOCK_T, 2 * BYTES] -> the columns meeting the low nibbles and those meeting the high ones,
-    in the decoded tiles' byte order: 0, 2, 1, 3 within every 4 bytes for the PTX decode."""
-    if PTX:  # element 8g + 4a + 2b + e (byte 4g + 2a + b, nibble e) moves to 8g + 4b + 2a + e
-        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_T, BYTES // 4, 2, 2, 2)), (0, 1, 3, 2, 4)), (BLOCK_T, 2 * BYTES))
-    return tl.split(tl.reshape(x, (BLOCK_T, BYTES, 2)))
 
 
 @triton.jit
@@ -154,10 +149,14 @@ def _moe_gemm_kernel(
 ):
     """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
     pdl.wait_for_previous_kernel(PDL)
-    expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
+    # Programs next to each other in launch order share a row tile and sweep its expert's output
+    # features: the rows (up to 256 x 5.6 KB) stay in L2 for all of them. Row tiles fastest (the
+    # other way round) re-read every row tile from memory for each feature tile once x outgrows the
+    # L2, as mlp2's input does at prefill (64k rows of 2880 bf16: 380 MB).
+    pid_n = tl.program_id(0)
+    expert, row0, row_end = _find_tile(counts_ptr, offsets_ptr, tl.program_id(1), E, BLOCK_T, E_POW2)
     if expert >= E:
         return
-    pid_n = tl.program_id(1)
     expert = expert.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_T)
     row_ok = rows < row_end
@@ -192,14 +191,16 @@ def _moe_gemm_kernel(
         scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, GROUPS, 1)), (BLOCK_N, GROUPS, 16)),
                            (BLOCK_N, BYTES))
         lo, hi = _decode(packed, scale, PTX, FOLD)
+        # byte j holds elements 2j (low nibble) and 2j + 1 (high): interleaved back into K order. The
+        # compiler then loads the packed bytes straight into the MMA operand's register layout (each
+        # thread's bytes decode to its own k pairs), with no round trip of the decoded tile through
+        # shared memory, and x reaches the MMA from where the pipeliner put it.
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         x = tl.load(x_ptrs + 2 * k0, mask=row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :], other=0.0)
-        x_even, x_odd = _split_x(x, BLOCK_T, BYTES, PTX)
         if DOT_FP32:
-            acc = tl.dot(lo.to(tl.float32), tl.trans(x_even.to(tl.float32)), acc, input_precision="ieee")
-            acc = tl.dot(hi.to(tl.float32), tl.trans(x_odd.to(tl.float32)), acc, input_precision="ieee")
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(lo, tl.trans(x_even.to(tl.bfloat16)), acc)
-            acc = tl.dot(hi, tl.trans(x_odd.to(tl.bfloat16)), acc)
+            acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     if SWIGLU:  # rows of W alternate gate, linear
@@ -935,21 +936,22 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
 
 def mma_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     """The tensor-core kernel's tiles by rows per expert (the fastest in scripts/bench_moe.py --sweep
-    on an H100, before the GEMV existed)."""
+    on an H100)."""
     per_expert = rows / max(1, min(rows, num_experts))
     if per_expert <= 2:  # re-swept with the GEMV in place (2 rows per expert: 189 + 106 us at 16 tokens)
         return Tiles(8, 64, 128, 4, 4) if swiglu else Tiles(8, 32, 128, 2, 4)
+    # Re-swept with the operand-layout decode and feature-tile-fastest grid (scripts/bench_moe.py --sweep
+    # --routes mma --tiles ..., H100, 2026-11-26; both GEMMs agreed at every size): 20b at 128, 256,
+    # 512, 1024, 4096 and 16384 tokens, 120b at 4096. 8 warps with 256-row tiles once an expert has
+    # more than 128 rows (4096 tokens of 20b: 1,308 + 678 us; the kernel before took 2,608-2,637 us for
+    # both, with 128-row tiles).
     if per_expert <= 16:
-        return Tiles(16, 64, 128, 4, 4) if swiglu else Tiles(16, 128, 128, 4, 4)
+        return Tiles(32, 128, 64, 8, 3)  # 229 + 132 us at 128 tokens of 20b
     if per_expert <= 48:
-        # Re-swept on an H100, 2026-11-25, at 32 rows per expert (256 tokens of 20b): block_t 32 or 16
-        # (less padding) lost to 64 (mlp1 310 us at best, mlp2 159), presumably since an expert split
-        # over two tiles has its weights decoded twice. mlp1 gains from 8 warps and block_k 128
-        # (284 -> 264 us); mlp2 keeps the old tiles (153 us, still the fastest). 49..128 not re-swept.
-        return Tiles(64, 128, 128, 8, 3) if swiglu else Tiles(64, 128, 64, 4, 3)
+        return Tiles(64, 128, 64, 4, 3)  # 266 + 143 us at 256 tokens
     if per_expert <= 128:
-        return Tiles(64, 128, 64, 4, 3)
-    return Tiles(128, 128, 64, 8, 3)
+        return Tiles(128, 64, 64, 4, 3)  # 506 + 261 us at 1024 tokens; 2,062 + 1,021 at 4096 of 120b
+    return Tiles(256, 128, 64, 8, 4)
 
 
 def gemv_tiles_ok(tiles: Tiles) -> bool:
@@ -1035,6 +1037,9 @@ def mma_route_verified(device: torch.device, tiles: Tiles) -> bool:
     return _MMA_VERIFIED[key]
 
 
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (Hopper has 227 KB; the epilogue needs some)
+
+
 def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan, blocks: torch.Tensor,
                   scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                   swiglu_limit: float | None = None, tiles: Tiles | None = None,
@@ -1069,14 +1074,19 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch_args(x.device),
         )
         return out
-    _moe_gemm_kernel[grid](
+    assert grid[0] < 2 ** 16, f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
+    # The tiles are chosen for bf16 x; fp32 x (the fp32 model) doubles each pipeline stage's x tile,
+    # so keep the stages that fit in shared memory.
+    stage_bytes = tiles.block_t * tiles.block_k * x.element_size() + tiles.block_n * tiles.block_k // 2
+    num_stages = max(1, min(tiles.num_stages, SHARED_MEMORY_BUDGET // stage_bytes))
+    _moe_gemm_kernel[grid[::-1]](
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), 0 if bias is None else bias.stride(0),
         float(swiglu_limit or 0.0),
         GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None, DOT_FP32=INTERPRET or x.dtype == torch.float32,
         PTX=not INTERPRET, FOLD=scales_fold(scales), BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        E_POW2=triton.next_power_of_2(E), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        E_POW2=triton.next_power_of_2(E), num_warps=tiles.num_warps, num_stages=num_stages,
         **pdl.launch_args(x.device),
     )
     return out
