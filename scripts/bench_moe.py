@@ -151,8 +151,8 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
         sweep: bool = False, routes: tuple[str, ...] = ("mma", "gemv"), tiles: list[Tiles] | None = None) -> list[dict]:
     """routes: which candidates the sweep times: "mma" (the tensor-core GEMM), "gemv" (every GEMV
-    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16"); tiles: the tensor-core
-    GEMM's candidates instead of `candidates`."""
+    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16"); tiles: the candidates of
+    both kernels instead of `candidates` and `gemv_candidates`."""
     cfg = preset(model)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -204,8 +204,9 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                     return None if ok else f"relative error {rel:.2e}"
 
                 per = p.num_rows / max(1, min(p.num_rows, E))
-                mma = time_candidates(fn, check, tiles or candidates(per)) if "mma" in routes else []
-                wanted = [t for t in gemv_candidates(p.num_rows, E)
+                given_mma = [t for t in tiles if t.kernel == "mma"] if tiles else candidates(per)
+                mma = time_candidates(fn, check, given_mma) if "mma" in routes else []
+                wanted = [t for t in ([t for t in tiles if t.kernel == "gemv"] if tiles else gemv_candidates(p.num_rows, E))
                           if gemv_tiles_ok(t) and ("gemv" in routes or t.decode in routes)]
                 gemv = time_candidates(fn, check, wanted)
                 if "gemv" in routes:
@@ -260,10 +261,11 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
     ap.add_argument("--routes", nargs="+", default=["mma", "gemv"],
                     help="the sweep's candidates: mma (tensor-core GEMM), gemv (all GEMV routes), or GEMV decode names")
-    ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES",
-                    help="the tensor-core GEMM's sweep candidates, e.g. 128,128,64,8,3 (default: by rows per expert)")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE]",
+                    help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 (the "
+                         "tensor-core GEMM) or 32,64,128,4,1,gemv,mma_rows (a GEMV route)")
     args = ap.parse_args()
-    tiles = [Tiles(*(int(v) for v in t.split(","))) for t in args.tiles] if args.tiles else None
+    tiles = [Tiles(*(int(v) for v in t.split(",")[:5]), *t.split(",")[5:]) for t in args.tiles] if args.tiles else None
     global REP_MS
     REP_MS = args.rep
     bw, mm = ceilings()
