@@ -125,7 +125,7 @@ def test_batch_llm_on_cuda_bf16(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
-@pytest.mark.parametrize("tokens", [1, 5, 61, 700, 4096])
+@pytest.mark.parametrize("tokens", [1, 5, 61, 100, 700, 4096])
 def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
     """Every tile shape choose_tiles picks (1 to 4096 tokens), the PTX decode, both entry points."""
     from runtime.kernels.moe import expert_rows, route
