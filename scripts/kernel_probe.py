@@ -22,13 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_moe import NAMES  # noqa: E402  (one layer's expert tensors, as the MoE benchmark builds them)
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.moe import route  # noqa: E402
 from runtime.kernels.moe_gemm import grouped_mxfp4, plan  # noqa: E402
-
-NAMES = ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales",
-         "mlp2_bias")
 
 
 def moe(model: str, tokens: int, gemm: int, runs: int) -> None:

@@ -1057,14 +1057,14 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         swiglu = swiglu_limit is not None  # the CUDA-core GEMV takes up to 4 rows a tile, the GEMM any
         tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu]) if tiles.block_t == 1 \
             else mma_tiles(p.num_rows, E, swiglu)
-    grid = (p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n))
+    row_tiles, feature_tiles = p.max_tiles(tiles.block_t), triton.cdiv(N, tiles.block_n)
     if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
         assert gemv_tiles_ok(tiles), tiles
         assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
             and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), (blocks.stride(), scales.stride())
         decode = DECODE_INT if INTERPRET else {"fp16": DECODE_FP16, "e4m3": DECODE_E4M3, "mma": DECODE_MMA,
                                              "mma_rows": DECODE_MMA_ROWS}[tiles.decode]
-        _moe_gemv_kernel[grid](
+        _moe_gemv_kernel[(row_tiles, feature_tiles)](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
             E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
             float(swiglu_limit or 0.0),
@@ -1074,12 +1074,12 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch_args(x.device),
         )
         return out
-    assert grid[0] < 2 ** 16, f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
+    assert row_tiles < 2 ** 16, f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
     # The tiles are chosen for bf16 x; fp32 x (the fp32 model) doubles each pipeline stage's x tile,
     # so keep the stages that fit in shared memory.
     stage_bytes = tiles.block_t * tiles.block_k * x.element_size() + tiles.block_n * tiles.block_k // 2
     num_stages = max(1, min(tiles.num_stages, SHARED_MEMORY_BUDGET // stage_bytes))
-    _moe_gemm_kernel[grid[::-1]](
+    _moe_gemm_kernel[(feature_tiles, row_tiles)](  # feature tiles fastest (see the kernel)
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), 0 if bias is None else bias.stride(0),
