@@ -6,7 +6,9 @@ Per model and token count: time (CUDA events via triton.testing.do_bench, median
 runs), the bytes of the experts touched (packed blocks + scales + biases of each distinct expert, read
 once), TB/s and TFLOP/s, and their share of the copy bandwidth and bf16 matmul rate measured in the
 same run (`ceilings`). Then each GEMM alone: the tensor-core kernel with the tiles it had before the
-GEMV existed (`mma_tiles`) against what `choose_tiles` picks now.
+GEMV existed (`mma_tiles`) against what `choose_tiles` picks now, and beside them a kernel that only
+reads the same experts' packed blocks (`read_only_seconds`): what one launch of that size reaches at
+all, timed the same way.
 
 `--sweep` times each GEMM over candidate tiles of both kernels (the tensor-core `_moe_gemm_kernel`
 and the CUDA-core `_moe_gemv_kernel`, the latter with both decode routes for its best shapes),
@@ -22,6 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +54,27 @@ def ceilings() -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
     measured = measure_ceilings(torch.device("cuda"))
     return measured["copy_bytes_per_s"], measured["matmul_flops"]
+
+
+@triton.jit
+def _read_experts_kernel(words_ptr, experts_ptr, out_ptr, expert_words, BLOCK: tl.constexpr):
+    """Program (i, j) reads words j * BLOCK.. of expert experts[i] and stores their sum: a kernel that
+    does nothing but read, for the read-only ceiling."""
+    expert = tl.load(experts_ptr + tl.program_id(0)).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(words_ptr + expert * expert_words + offs, mask=offs < expert_words, other=0)
+    tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(words, 0))
+
+
+def read_only_seconds(blocks: torch.Tensor, experts: torch.Tensor, block_words: int = 4096) -> float:
+    """Median seconds of one launch that only reads the packed blocks of `experts` (distinct ids) in
+    16 KB pieces, every load issued at once: what a kernel reading the bytes a GEMM streams, with
+    none of its work, reaches at this size (L2 flushed, as for the GEMMs)."""
+    words = blocks.view(torch.int32).reshape(blocks.shape[0], -1)
+    grid = (experts.numel(), triton.cdiv(words.shape[1], block_words))
+    out = torch.empty(grid, dtype=torch.int32, device=blocks.device)
+    return bench(lambda: _read_experts_kernel[grid](words, experts, out, words.shape[1], BLOCK=block_words,
+                                                    num_warps=4))
 
 
 def candidates(rows_per_expert: float) -> list[Tiles]:
@@ -186,11 +211,16 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched, "flops": flops,
                "seconds": whole, "gemm_seconds": gemms, "tiles": new[0], "gemm_old_seconds": t_old,
                "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
+        touched_ids = torch.unique(expert_ids).to(torch.int32)
         for i, name in enumerate(("gemm1", "gemm2")):
             nbytes = experts * per_gemm[i]
+            blocks = w[3 * i]
+            read = read_only_seconds(blocks, touched_ids)
             print(f"  tokens {tokens} {name} ({nbytes / 1e6:.1f} MB): tensor-core {old[i]} {t_old[i] * 1e6:.1f} us "
                   f"({100 * nbytes / t_old[i] / bw:.0f}% copy BW); now {new[i]} {t_new[i] * 1e6:.1f} us "
-                  f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x", flush=True)
+                  f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x; a read-only kernel over its "
+                  f"{experts} experts' blocks {read * 1e6:.1f} us "
+                  f"({100 * experts * blocks[0].numel() / read / bw:.0f}% copy BW)", flush=True)
         if sweep:
             order = p.order.long()
             refs = (reference(h, p.order, cfg.experts_per_token, expert_ids.reshape(-1)[order], *w[:3], cfg.swiglu_limit),
