@@ -16,6 +16,10 @@ What the graph sees is fixed at capture: tensor addresses, shapes and every laun
   NCCL all-reduces and all-gathers are captured into the graph like any kernel (every rank of the
   replica replays the same sizes in the same order); expert parallelism is not captured, as it
   sizes its all-to-all on the host.
+Each graph also samples greedily (runtime/kernels/greedy_triton.py): it writes every row's argmax
+into the engine's buffer of sampled tokens and the (token, logprob) pairs into `greedy_samples`, so
+a step whose rows are all greedy launches nothing after the replay but the copy to the host (a
+step with other rows samples them as before and overwrites the buffer).
 Staging copies a sequence's page list into the pinned host block table only where it grew since
 the last step in the same row, so long contexts cost no more host work per step than short ones.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import use_triton
+from runtime.kernels.greedy_triton import greedy_into
 from runtime.kv_cache import PAGE_SIZE, pages_for
 from runtime.model import GptOss, PagedLayers, PagedStep, SequenceChunk
 
@@ -86,6 +91,7 @@ class DecodeGraphs:
         # Every size's graph leaves its logits here, so no graph keeps an output of its own alive and
         # all their temporaries can share one memory pool (replays never overlap).
         self._logits = torch.empty((rows, model.cfg.vocab_size), dtype=torch.float32, device=dev)
+        self._greedy = torch.empty((rows, 2), dtype=torch.float64, device=dev)  # (token, logprob) per row
         self._memory = None  # the graphs' shared memory pool
         self._inputs_read = None  # event: the last replay's host-to-device copies are done
 
@@ -105,6 +111,11 @@ class DecodeGraphs:
             self._graphs[size].replay()
         self.replays[size] = self.replays.get(size, 0) + 1
         return self._logits[:len(chunks)]
+
+    def greedy_samples(self, rows: int) -> torch.Tensor:
+        """[rows, 2] float64 (token, logprob) of the last step's first rows, sampled greedily; their
+        tokens are also in the engine's sampled buffer."""
+        return self._greedy[:rows]
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int], size: int) -> None:
@@ -152,14 +163,19 @@ class DecodeGraphs:
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
                           max_q_len=1, max_k_len=self.max_model_len)
         self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
+        greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 
     def _capture(self, size: int) -> None:
         """Run the step once outside the graph (kernels compile, caches fill; it writes the same keys
-        and values the replay will), then capture it."""
+        and values the replay will), then capture it. That run also samples into the buffer of
+        sampled tokens, which the replay still has to read the step before's tokens from: it is
+        put back."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            step_before = self._sampled.clone()
             self._forward(size)
+            self._sampled.copy_(step_before)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory):

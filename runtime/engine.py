@@ -317,16 +317,21 @@ class LLM:
         seqs = [running[i] for i in wants]
         if self._plans is not None:
             self._plans.send(plan, len(seqs))
-        logits = self._forward(plan)
+        logits, greedy = self._forward(plan)
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
-        tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        params = [s.request.params for s in seqs]
+        if greedy is not None and all(p.temperature == 0 for p in params):
+            tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
+        else:
+            tokens, logprobs = sample_on_device(logits, params, [s.generator for s in seqs])
+            self._sampled[:len(seqs)].copy_(tokens)
+            pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
         if self.parallel.replica.size > 1:  # for the other ranks' next decode rows (see _follow)
             broadcast(tokens, self.parallel.replica)
-        self._sampled[:len(seqs)].copy_(tokens)
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
-        host.copy_(torch.stack([tokens.double(), logprobs.double()], dim=1), non_blocking=True)
+        host.copy_(pairs, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -411,21 +416,22 @@ class LLM:
         return seq.pending > 0 and (len(seq.generated) + seq.pending >= seq.request.params.max_tokens
                                     or len(seq.tokens) >= self.max_model_len)
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
-        graphs, anything else runs the model eagerly."""
+        graphs, anything else runs the model eagerly. Where a graph ran and every row is wanted,
+        also its greedy samples ([rows, 2] (token, logprob); the tokens already in `_sampled`)."""
         dev = self.device
         if self._graphs is not None and self._graphs.fits(plan.chunks):
             logits = self._graphs.run(plan.chunks, plan.ids, plan.pending)
             if len(plan.logits_rows) == len(plan.chunks):
-                return logits
-            return logits[to_device(plan.logits_rows, torch.int64, dev)]
+                return logits, self._graphs.greedy_samples(len(plan.chunks))
+            return logits[to_device(plan.logits_rows, torch.int64, dev)], None
         ids = to_device(plan.ids, torch.int64, dev)
         if plan.pending:  # tokens the step in flight samples: from the GPU buffer, not the host
             ids[to_device(list(plan.pending), torch.int64, dev)] = \
                 self._sampled[to_device(list(plan.pending.values()), torch.int64, dev)]
         return self.model(Step(ids, to_device(plan.positions, torch.int64, dev), plan.chunks,
-                               to_device(plan.logits_rows, torch.int64, dev)))
+                               to_device(plan.logits_rows, torch.int64, dev))), None
 
     def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
         """Pages for positions computed..end-1 of running[index], preempting others if needed; False

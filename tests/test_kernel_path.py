@@ -190,10 +190,11 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
     staged block tables at the fixed max_model_len width, batches padded into the scratch page,
     attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
+    from runtime import engine
     from runtime.cuda_graphs import DecodeGraphs
     from runtime.engine import LLM
     from runtime.requests import Request
-    from runtime.sampling import SamplingParams
+    from runtime.sampling import SamplingParams, sample_on_device
 
     gen = torch.Generator().manual_seed(5)
     reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
@@ -206,9 +207,13 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     fast = LLM(tiny_checkpoints["original"], **settings)
     poison(fast.model)
     fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
+    sampled_by_torch = []
+    monkeypatch.setattr(engine, "sample_on_device", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
     got = fast.generate(reqs)
     for g, w in zip(got, want):
         assert g.error is None and g.token_ids == w.token_ids
         assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
-    # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too.
+    # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too,
+    # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
     assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
+    assert len(sampled_by_torch) == fast._steps - sum(fast._graphs.replays.values())
