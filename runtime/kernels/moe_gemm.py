@@ -911,10 +911,14 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     per_expert = rows / max(1, min(rows, num_experts))
     if rows * GEMV_SINGLE_ROWS <= num_experts:  # "mma" where grouped_mxfp4 can take it (mma_gemv_fits)
         mma = os.environ.get("GPT_OSS_MOE_MMA_GEMV", "1") != "0"  # the bench's A/B switch
-        # 16 x 512 for both GEMMs. At one token of 20b the sweep (H100, 2026-11-26) timed mlp1 alone at
-        # 26.1 us with 8 x 1024 against 28.6, but end to end that was within noise at batch 1 and ~1.5%
-        # slower at batch 4 (two alternating runs each), so the tiles stayed.
-        tiles = Tiles(1, 16, 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
+        # 16 features a tile for both GEMMs; 1024-value chunks with at most one row per 8 experts (1 token
+        # of 20b, up to 4 of 120b), else 512. Batch-1 decode graph of 20b (profile_decode.py --ab, one
+        # H100, 2026-11-26): 16 x 1024 1,941.7 against 16 x 512's 1,996.6 us a step, 8 x 1024 1,966.6
+        # against 1,982.9; at batch 4, 16 x 1024 lost (3,679.9 against 3,655.5 us). bench_moe.py timed
+        # 16 x 1024 fastest of 14 one-row tiles for both GEMMs of 120b at 1 and 4 tokens. (An earlier
+        # sweep had 8 x 1024 fastest for 20b's mlp1 alone at one token, within noise end to end.)
+        wide = mma and not INTERPRET and rows * 8 <= num_experts
+        tiles = Tiles(1, 16, 1024 if wide else 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
     elif per_expert <= MMA_ROWS_PER_EXPERT and not INTERPRET and os.environ.get("GPT_OSS_MOE_MMA_ROWS", "1") != "0":
         # scripts/bench_moe.py --sweep --routes mma_rows, two runs on two H100s (2026-11-26), 8 and 64 tokens of
         # 20b and 64 of 120b: 64 features, 4 warps and 8 rows a tile were fastest or within ~3% of it
