@@ -53,6 +53,19 @@ def test_greedy_kernel_takes_the_first_maximal_id(gen):
     assert torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5)
 
 
+def test_greedy_kernel_with_whole_slices_at_minus_infinity(gen):
+    """Masked logits (-inf) over whole slices and scattered: they add nothing to the logsumexp."""
+    vocab = 4 * SLICE + 100
+    logits = torch.randn(3, vocab, generator=gen, device=DEVICE)
+    logits[0, :3 * SLICE] = float("-inf")
+    logits[1, SLICE:] = float("-inf")
+    logits[2, ::3] = float("-inf")
+    tokens, pairs = run_kernel(logits)
+    want_tokens, want_logprobs = greedy(logits)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.isfinite(pairs).all() and torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5)
+
+
 def test_greedy_kernel_with_no_rows_writes_nothing():
     logits = torch.randn(0, 300, device=DEVICE)
     tokens, pairs = run_kernel(logits)

@@ -28,7 +28,8 @@ def _slice_kernel(logits_ptr, stride, vocab, max_ptr, index_ptr, sum_ptr, SLICE:
     x = tl.load(logits_ptr + row.to(tl.int64) * stride + cols, mask=cols < vocab, other=float("-inf"))
     top = tl.max(x, 0)
     first = tl.min(tl.where(x == top, cols, vocab), 0)  # the first maximal id, as torch.argmax
-    total = tl.sum(tl.exp(x - top), 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)  # a slice all -inf: exp(-inf) = 0, no -inf - -inf
+    total = tl.sum(tl.exp(x - shift), 0)
     out = row * tl.num_programs(1) + piece
     tl.store(max_ptr + out, top)
     tl.store(index_ptr + out, first)
@@ -54,7 +55,7 @@ def _combine_kernel(max_ptr, index_ptr, sum_ptr, slices, tokens_ptr, pairs_ptr, 
 
 
 def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor) -> None:
-    """For fp32 logits [rows, vocab] (finite): tokens[r] = argmax of row r (int64, [rows]) and
+    """For fp32 logits [rows, vocab] (no NaN; -inf allowed where a row has a finite logit): tokens[r] = argmax of row r (int64, [rows]) and
     pairs[r] = (that token, its logprob) (float64, [rows, 2], contiguous), in two launches."""
     rows, vocab = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(1) == 1, (logits.dtype, logits.stride())
