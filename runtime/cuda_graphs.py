@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from runtime.kernels import use_triton
-from runtime.kernels.greedy_triton import greedy_into
 from runtime.kv_cache import PAGE_SIZE, pages_for
 from runtime.model import GptOss, PagedLayers, PagedStep, SequenceChunk
 
@@ -154,6 +153,8 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------------------ capture
     def _forward(self, size: int) -> None:
+        from runtime.kernels.greedy_triton import greedy_into  # triton: not needed to import the engine
+
         ints = self._ints[:size]
         source = ints[:, 4]
         tokens = torch.where(source >= 0, self._sampled[source.clamp(min=0)], ints[:, 0])

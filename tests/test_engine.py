@@ -126,3 +126,19 @@ def test_sample_top_p_keeps_the_smallest_prefix_reaching_p():
     gen = torch.Generator().manual_seed(0)
     seen = {sample(probs.log(), SamplingParams(temperature=1.0, top_p=0.8), gen)[0] for _ in range(300)}
     assert seen == {0, 1}
+
+
+def test_the_engine_runs_without_triton(tiny_checkpoints):
+    """Triton is a test extra: the base install (CPU torch alone) must import and run the reference path."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
+            "from runtime.engine import LLM\n"
+            f"out = LLM({tiny_checkpoints['original']!r}, dtype='float32', device='cpu')"
+            ".generate([{'id': 0, 'prompt_token_ids': [1, 2, 3], 'max_tokens': 2, 'temperature': 0}])\n"
+            "assert out[0].error is None and len(out[0].token_ids) == 2, out\n")
+    env = {k: v for k, v in os.environ.items() if k != "GPT_OSS_TRITON"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
