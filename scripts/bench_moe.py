@@ -188,7 +188,8 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
     for tokens in token_counts:
         expert_ids, weights = route(torch.randn(tokens, E, device="cuda"), cfg.experts_per_token)
         h = torch.randn(tokens, cfg.hidden_size, device="cuda").to(torch.bfloat16)
-        experts = torch.unique(expert_ids).numel()
+        touched_ids = torch.unique(expert_ids).to(torch.int32)
+        experts = touched_ids.numel()
         touched = experts * sum(per_gemm)
         flops = 2 * expert_ids.numel() * cfg.hidden_size * 3 * cfg.intermediate_size
         whole = bench(lambda: moe_triton(h, expert_ids, weights, *w, cfg.swiglu_limit, residual=h))
@@ -211,7 +212,6 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched, "flops": flops,
                "seconds": whole, "gemm_seconds": gemms, "tiles": new[0], "gemm_old_seconds": t_old,
                "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
-        touched_ids = torch.unique(expert_ids).to(torch.int32)
         for i, name in enumerate(("gemm1", "gemm2")):
             nbytes = experts * per_gemm[i]
             blocks = w[3 * i]

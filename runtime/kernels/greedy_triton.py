@@ -55,8 +55,9 @@ def _combine_kernel(max_ptr, index_ptr, sum_ptr, slices, tokens_ptr, pairs_ptr, 
 
 
 def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor) -> None:
-    """For fp32 logits [rows, vocab] (no NaN; -inf allowed where a row has a finite logit): tokens[r] = argmax of row r (int64, [rows]) and
-    pairs[r] = (that token, its logprob) (float64, [rows, 2], contiguous), in two launches."""
+    """For fp32 logits [rows, vocab] (no NaN; -inf allowed where a row has a finite logit):
+    tokens[r] = argmax of row r (int64, [rows]) and pairs[r] = (that token, its logprob) (float64,
+    [rows, 2], contiguous), in two launches."""
     rows, vocab = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(1) == 1, (logits.dtype, logits.stride())
     assert tokens.shape == (rows,) and tokens.dtype == torch.int64 and tokens.is_contiguous(), tokens.shape
