@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from parallel import groups
 from runtime.engine import LLM
+from runtime.options import attribute_of, options
 
 
 def main() -> None:
@@ -75,19 +76,13 @@ def replay_us(llm: LLM, batch: int, replays: int = 100) -> float:
 def switch_ab(llm: LLM, prompts: list[list[int]], batch: int, env: str) -> list[tuple[str, float]]:
     """(value of the switch `env`, replay_us) with the graphs captured again under each value, alternately."""
     times = collections.defaultdict(list)
-    saved = os.environ.get(env)
-    try:
-        for flag in ("0", "1") * 3:
-            os.environ[env] = flag
+    attribute = attribute_of(env)
+    for flag in ("0", "1") * 3:
+        with options.override(**{attribute: flag == "1"}):
             llm._graphs._graphs.clear()  # captured again on the next decode step, under this flag,
             llm._graphs._memory = None  # in a new memory pool (the old one went with its graphs)
             llm.generate(requests(prompts, 2))
             times[flag].append(replay_us(llm, batch))
-    finally:
-        if saved is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = saved
     return [(flag, statistics.median(v)) for flag, v in times.items()]
 
 

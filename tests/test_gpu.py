@@ -13,6 +13,7 @@ from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import preset
 from runtime.engine import LLM
 from runtime.model import GptOss, SequenceChunk, Step
+from runtime.options import options
 from routing_probe import RouteRecorder, all_pages, first_route_change
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +50,7 @@ def test_dummy_20b_triton_experts_match_the_reference_model(monkeypatch):
     routes = RouteRecorder(monkeypatch, cfg.num_hidden_layers)
     fast = torch.log_softmax(full_logits(model, tokens), -1)
     fast_routes = routes.take()
-    monkeypatch.setenv("GPT_OSS_REFERENCE", "1")
+    monkeypatch.setattr(options, "reference", True)
     ref = torch.log_softmax(full_logits(model, tokens), -1)
     change = first_route_change(fast_routes, routes.take(), cfg.experts_per_token)
     per_token = (fast - ref).abs().amax(-1)
@@ -77,7 +78,7 @@ def test_mxfp4_decode_on_gpu_is_exact_at_real_shapes(name):
                                         ("triton", torch.float32)])
 def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
     """Prefill 150 then decode 49 one at a time == one 200-token forward (paged KV, window crossed)."""
-    monkeypatch.setenv("GPT_OSS_REFERENCE", "1" if ops == "reference" else "0")
+    monkeypatch.setattr(options, "reference", ops == "reference")
     cfg = preset("gpt-oss-20b")
     model = GptOss(cfg, dtype, "cuda").randomize(0)
     model.new_cache().release()  # makes the KV pool: poison it, so reading an unwritten slot shows
@@ -338,7 +339,7 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
              "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((9, 700, 130))]
     results = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("GPT_OSS_PDL", flag)
+        monkeypatch.setattr(options, "pdl", flag == "1")
         llm = LLM("dummy", model=cfg, max_batch_size=4, kv_cache_tokens=4096)
         results[flag] = llm.generate(reqs[:1]) + llm.generate(reqs)
     for a, b in zip(results["1"], results["0"]):

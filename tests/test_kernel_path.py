@@ -20,6 +20,7 @@ from routing_probe import RouteRecorder, all_pages, first_route_change  # noqa: 
 
 from runtime.checkpoint import CheckpointReader  # noqa: E402
 from runtime.model import GptOss, SequenceChunk, Step  # noqa: E402
+from runtime.options import options  # noqa: E402
 
 
 def steps(model, plan, seed):
@@ -56,11 +57,11 @@ PLAN = [[(0, 11), (1, 3)], [(0, 1), (1, 21), (2, 5)], [(0, 1), (1, 1), (2, 1)], 
 def test_triton_path_matches_the_reference_path(tiny_checkpoints, monkeypatch):
     reader = CheckpointReader(tiny_checkpoints["original"])
     model = GptOss(reader.config, torch.float32, "cpu").load(reader)
-    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
     poison(model)
     fast = steps(model, PLAN, seed=7)
     assert model.pool is not None and model.pool.num_pages >= 4
-    monkeypatch.setenv("GPT_OSS_TRITON", "0")
+    monkeypatch.setattr(options, "kernels_on_cpu", False)
     model.pool = None  # a fresh pool: the reference path runs on its own caches
     poison(model)
     ref = steps(model, PLAN, seed=7)
@@ -116,7 +117,7 @@ def test_kernel_path_decode_matches_one_forward(tiny_checkpoints, monkeypatch):
     forward, on the kernel path; positions after a rounding-flipped near-tied route excepted."""
     reader = CheckpointReader(tiny_checkpoints["original"])
     model = GptOss(reader.config, torch.float32, "cpu").load(reader)
-    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
     poison(model)
     tokens = torch.randint(0, 199998, (30,)).tolist()
     routes = RouteRecorder(monkeypatch, reader.config.num_hidden_layers)
@@ -168,7 +169,7 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
     ref = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32,
               kv_cache_tokens=64)
     want = ref.generate(reqs)
-    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
     fast = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32,
                kv_cache_tokens=64)
     released = []
@@ -203,7 +204,7 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
                     max_model_len=1024)
     want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
-    monkeypatch.setenv("GPT_OSS_TRITON", "1")
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
     fast = LLM(tiny_checkpoints["original"], **settings)
     poison(fast.model)
     fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)

@@ -20,6 +20,7 @@ from runtime import mxfp4  # noqa: E402
 from runtime.kernels.moe import expert_rows, route, swiglu  # noqa: E402
 from runtime.kernels.moe_gemm import (Tiles, _decode32_ptx, choose_tiles, combine, expert_rows_triton,  # noqa: E402
                                       gemv_tiles_ok, grouped_mxfp4, moe_triton, plan)
+from runtime.options import options  # noqa: E402
 
 
 def random_experts(E, N, K, device="cpu"):
@@ -141,7 +142,7 @@ def test_programmatic_dependent_launch_is_off_on_cpu_and_when_disabled(monkeypat
     from runtime.kernels import pdl
 
     assert pdl.launch_args(torch.device("cpu")) == {"PDL": False}
-    monkeypatch.setenv("GPT_OSS_PDL", "0")
+    monkeypatch.setattr(options, "pdl", False)
     assert not pdl.enabled(torch.device("cuda", 0))  # read before any CUDA call: no GPU needed
 
 

@@ -28,16 +28,16 @@ Design
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (environment.md); it gets fp32 operands instead.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 
 # Split-K sizing: aim for SPLIT_PROGRAMS_PER_SM programs per SM, so each SM has several streams of
 # loads in flight, but never slice a key range thinner than MIN_KEYS_PER_SPLIT (two 128-key tiles),

@@ -26,7 +26,6 @@ The reference is torch.nn.functional.linear itself (with rope.rope_qk for `rope=
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -35,9 +34,10 @@ import triton.language as tl
 
 from runtime.kernels import pdl
 from runtime.kernels.fused_triton import rope_cos_sin, rope_rotate
+from runtime.options import options
 
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
 # The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_dense_gemv.py --sweep --rows 1` on an
 # H100 (2026-11-26): 20.0 us against 43.7 with the plain GEMV's 8 x 512 unrolled tiles, whose RoPE
@@ -256,7 +256,7 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
         block_k //= 2
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))  # no wider than K (tiny shapes)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "STAGES": 1, "num_warps": 4,
-            "UNROLL": os.environ.get("GPT_OSS_GEMV_UNROLL", "1") != "0"}
+            "UNROLL": options.gemv_unroll}
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, rope: Rope | None = None) -> bool:

@@ -14,7 +14,6 @@ Both are memory-bound elementwise kernels: they exist to touch each byte once. T
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -22,9 +21,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from runtime.kernels import pdl
+from runtime.options import options
 
 # The interpreter (CPU) runs tl.cos/tl.sin as numpy; it has no libdevice (calls return None there).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 
 MAX_WIDTH = 8192  # one row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
 _TILE = 4096  # elements per program: 8 KB of bf16 per tensor, enough in flight to stream at HBM speed

@@ -48,7 +48,6 @@ references in tests/test_moe_gemm.py (CPU, interpreter) and tests/test_gpu.py (r
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 
 import torch
@@ -58,10 +57,11 @@ import triton.language as tl
 from runtime.kernels import pdl
 
 from runtime.kernels.moe import SWIGLU_ALPHA
+from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly and runs no PTX (environment.md): fp32 operands and the
 # integer decode there.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 
 def _decode_ptx(fold: bool) -> str:
     """PTX turning 4 packed bytes b0..b3 ($4) and their 4 scale bytes s0..s3 ($5) into 8 bf16 values,
@@ -910,7 +910,7 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
     mlp2 differ only in the GEMV's decode route, which the sweep found faster each way."""
     per_expert = rows / max(1, min(rows, num_experts))
     if rows * GEMV_SINGLE_ROWS <= num_experts:  # "mma" where grouped_mxfp4 can take it (mma_gemv_fits)
-        mma = os.environ.get("GPT_OSS_MOE_MMA_GEMV", "1") != "0"  # the bench's A/B switch
+        mma = options.moe_tensor_core_gemv  # the bench's A/B switch
         # 16 features a tile for both GEMMs; 1024-value chunks with at most one row per 8 experts (1 token
         # of 20b, up to 4 of 120b), else 512. Batch-1 decode graph of 20b (profile_decode.py --ab, one
         # H100, 2026-11-26): 16 x 1024 1,941.7 against 16 x 512's 1,996.6 us a step, 8 x 1024 1,966.6
@@ -919,7 +919,7 @@ def choose_tiles(rows: int, num_experts: int, swiglu: bool) -> Tiles:
         # sweep had 8 x 1024 fastest for 20b's mlp1 alone at one token, within noise end to end.)
         wide = mma and not INTERPRET and rows * 8 <= num_experts
         tiles = Tiles(1, 16, 1024 if wide else 512, 4, 1, "gemv", decode="mma" if mma else CUDA_CORE_DECODE[swiglu])
-    elif per_expert <= MMA_ROWS_PER_EXPERT and not INTERPRET and os.environ.get("GPT_OSS_MOE_MMA_ROWS", "1") != "0":
+    elif per_expert <= MMA_ROWS_PER_EXPERT and not INTERPRET and options.moe_tensor_core_rows:
         # scripts/bench_moe.py --sweep --routes mma_rows, two runs on two H100s (2026-11-26), 8 and 64 tokens of
         # 20b and 64 of 120b: 64 features, 4 warps and 8 rows a tile were fastest or within ~3% of it
         # everywhere, and won in the batch-8 decode graph (5,264 against 5,537 us a step with 32 features

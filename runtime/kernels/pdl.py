@@ -22,13 +22,14 @@ programmatic edges, so graph replays keep the overlap.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from runtime.options import options
+
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 
 
 try:  # Triton's own grid-dependency intrinsics (known to the compiler as memory barriers)
@@ -68,7 +69,7 @@ def _supported(index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (read at each launch: GPT_OSS_PDL can change)."""
-    if INTERPRET or device.type != "cuda" or os.environ.get("GPT_OSS_PDL", "1") == "0":
+    if INTERPRET or device.type != "cuda" or not options.pdl:
         return False
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 

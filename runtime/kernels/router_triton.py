@@ -20,7 +20,6 @@ rounds its output, so both compare the same numbers.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -29,9 +28,10 @@ import triton.language as tl
 from runtime.kernels import pdl
 from runtime.kernels.fused_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
 from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
+from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_TOKENS = 64  # up to here the gate is a GEMV split over experts; beyond, one tl.dot kernel per 16 tokens
 FUSED_PLAN_TOKENS = 16  # up to here route_and_plan sorts the rows by expert in the top-k program
 
