@@ -30,7 +30,8 @@ import torch
 
 from runtime.kernels import use_triton
 from runtime.kv_cache import PAGE_SIZE, pages_for
-from runtime.model import GptOss, PagedLayers, PagedStep, SequenceChunk
+from runtime.model import GptOss
+from runtime.step import PagedLayers, PagedStep, SequenceChunk
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:

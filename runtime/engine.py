@@ -28,7 +28,8 @@ from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import ModelConfig, preset
 from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, sliding_pages_bound
-from runtime.model import GptOss, SequenceChunk, Step
+from runtime.model import GptOss
+from runtime.step import SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample_on_device
 from runtime.step_plan import PlanChannel, StepPlan

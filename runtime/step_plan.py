@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from parallel.groups import Group
 from runtime.kv_cache import RELEASED, PagePool, PageTables
-from runtime.model import SequenceChunk
+from runtime.step import SequenceChunk
 
 END, STEP = 0, 1
 FIRST_WORDS = 2048  # the first broadcast's size: a decode step of up to ~200 sequences fits whole

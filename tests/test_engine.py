@@ -75,7 +75,7 @@ def test_logprobs_are_those_of_the_model(llm):
     tokens = prompts(1, seed=4)[0]
     res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, logprobs=True), stop_token_ids=())])[0]
     assert len(res.logprobs) == 3 and all(lp <= 0 for lp in res.logprobs)
-    from runtime.model import SequenceChunk, Step
+    from runtime.step import SequenceChunk, Step
 
     n = len(tokens)
     full = tokens + res.token_ids[:1]

@@ -12,7 +12,8 @@ from runtime import mxfp4
 from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import preset
 from runtime.engine import LLM
-from runtime.model import GptOss, SequenceChunk, Step
+from runtime.model import GptOss
+from runtime.step import SequenceChunk, Step
 from runtime.options import options
 from routing_probe import RouteRecorder, all_pages, first_route_change
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from routing_probe import RouteRecorder, all_pages, first_route_change  # noqa: E402
 
 from runtime.checkpoint import CheckpointReader  # noqa: E402
-from runtime.model import GptOss, SequenceChunk, Step  # noqa: E402
+from runtime.model import GptOss  # noqa: E402
+from runtime.step import SequenceChunk, Step  # noqa: E402
 from runtime.options import options  # noqa: E402
 
 

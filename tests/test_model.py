@@ -14,7 +14,8 @@ from runtime.kernels.attention import attention
 from runtime.kernels.moe import SWIGLU_ALPHA, route, swiglu
 from runtime.kernels.rmsnorm import rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
-from runtime.model import GptOss, SequenceChunk, Step
+from runtime.model import GptOss
+from runtime.step import SequenceChunk, Step
 
 
 def prompt(length, seed):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from runtime.kv_cache import PagePool, SequenceKV
-from runtime.model import SequenceChunk
+from runtime.step import SequenceChunk
 from runtime.step_plan import FIRST_WORDS, PlanDecoder, PlanEncoder, StepPlan
 
 PAGE, WINDOW = 4, 8
