@@ -46,11 +46,11 @@ def broadcast(t: torch.Tensor, g: Group) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: Group) -> torch.Tensor:
     """linear; on the kernel path for one row (batch-1 decode) of an unsplit layer the Triton GEMV
-    (runtime/kernels/dense_gemv.py): 20b decoded 388.0 against 368.8 tok/s with cuBLAS there (one
+    (runtime/kernels/linear_triton.py): 20b decoded 388.0 against 368.8 tok/s with cuBLAS there (one
     H100, same machine, 2026-11-25). At 4 rows it lost to cuBLAS alone (0.59-0.88x), and so did the
     tp=2 output projection's shape (0.52x), so tensor-parallel shards keep cuBLAS until measured."""
     if x.dim() == 2 and x.shape[0] == 1 and g.size == 1 and use_triton(x):
-        from runtime.kernels.dense_gemv import fits, linear_gemv
+        from runtime.kernels.linear_triton import fits, linear_gemv
 
         if fits(x, weight):
             return linear_gemv(x, weight, bias)

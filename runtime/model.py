@@ -25,7 +25,8 @@ from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import ModelConfig
 from runtime.kernels import use_triton
 from runtime.kernels.attention import attention
-from runtime.kernels.moe import expert_rows, route
+from runtime.kernels.moe import expert_rows
+from runtime.kernels.router import route
 from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
 from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
 from runtime.kv_cache import PagePool, SequenceKV, page_bytes
@@ -71,8 +72,9 @@ class Attention(Sharded):
         cfg = self.cfg
         if ctx.paged is not None:
             from runtime.kernels.attention_triton import paged_attention_triton
-            from runtime.kernels.dense_gemv import Rope, fits, linear_gemv
-            from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton
+            from runtime.kernels.linear_triton import Rope, fits, linear_gemv
+            from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
+            from runtime.kernels.rope_triton import rope_qk_triton
 
             if h is None:
                 _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
@@ -145,7 +147,7 @@ class MoE(Sharded):
 
     def _expert_rows(self):
         if use_triton(self.mlp1_bias):
-            from runtime.kernels.moe_gemm import expert_rows_triton
+            from runtime.kernels.moe_triton import expert_rows_triton
 
             return expert_rows_triton
         return expert_rows
@@ -160,7 +162,7 @@ class MoE(Sharded):
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         if self.partition.size == 1 and use_triton(x):  # every expert here (whole, or the same slice of each)
-            from runtime.kernels.moe_gemm import moe_triton  # no exchange, fused combine
+            from runtime.kernels.moe_triton import moe_triton  # no exchange, fused combine
             from runtime.kernels.router_triton import norm_route_and_plan  # add, norm, gate, top-k, softmax, plan
 
             x, h, expert_ids, weights, rows = norm_route_and_plan(x, delta, self.norm.scale, eps, self.gate.weight,
@@ -172,7 +174,7 @@ class MoE(Sharded):
                              next_norm=norm)
             return out if norm is not None else (out, None)
         if use_triton(x):
-            from runtime.kernels.fused_triton import add_rms_norm_triton
+            from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
             from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax
 
             x, h = add_rms_norm_triton(x, delta, self.norm.scale, eps)

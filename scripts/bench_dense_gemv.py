@@ -1,6 +1,6 @@
-"""The few-row GEMV (runtime/kernels/dense_gemv.py) against torch's linear (cuBLAS) on one GPU.
+"""The few-row GEMV (runtime/kernels/linear_triton.py) against torch's linear (cuBLAS) on one GPU.
 
-    python scripts/bench_dense_gemv.py [--rows 1 4] [--sweep]
+    python scripts/bench_linear_triton.py [--rows 1 4] [--sweep]
 
 The shapes are gpt-oss's attention projections, bf16 with bias: QKV [5120, 2880] and the output
 projection [2880, 4096], and their tp=2 halves [2560, 2880] and [2880, 2048]. Per shape and row
@@ -8,7 +8,7 @@ count M: time (CUDA events via triton.testing.do_bench: warm-up, L2 flushed befo
 the weight comes from HBM as in a decode step; median), TB/s on the bytes the op must move (weight,
 bias, x read, output written) and that as a share of the device-to-device copy bandwidth measured in
 the same run. The kernel's output is checked against the fp32 reference before it is timed (the
-bound of tests/test_dense_gemv.py). --sweep also times a grid of (BLOCK_N, BLOCK_K, STAGES,
+bound of tests/test_linear.py). --sweep also times a grid of (BLOCK_N, BLOCK_K, STAGES,
 num_warps) per shape and prints the best next to gemv_config's choice.
 
 A last table times gpt-oss's batch-1 QKV step on the kernel path: the GEMV then rope_qk_triton
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.bench import ceilings  # noqa: E402
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.dense_gemv import Rope, gemv_config, linear_gemv  # noqa: E402
-from runtime.kernels.fused_triton import rope_qk_triton  # noqa: E402
+from runtime.kernels.linear_triton import Rope, gemv_config, linear_gemv  # noqa: E402
+from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 from runtime.kernels.rope import yarn_frequencies  # noqa: E402
 
 SHAPES = [("qkv", 5120, 2880), ("out", 2880, 4096), ("qkv tp=2", 2560, 2880), ("out tp=2", 2880, 2048)]

@@ -6,7 +6,7 @@ Per op and row count: time (CUDA events via triton.testing.do_bench: warm-up, L2
 each repeat, median), GB/s on the bytes the op must move (read + written, the same count for the
 kernel and the torch version), and that as a share of the device-to-device copy bandwidth measured
 in the same run. Every kernel output is checked against the reference (bf16 tolerances of
-tests/test_fused_kernels.py) before it is timed. A markdown table comes last.
+tests/test_rope.py) before it is timed. A markdown table comes last.
 
 Bytes counted, bf16 activations: add_rms_norm reads x, delta and the fp32 gain and writes the
 residual and the normed rows; rope_qk reads and writes the q and k heads and reads the positions
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.bench import ceilings  # noqa: E402
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton  # noqa: E402
+from runtime.kernels.rmsnorm_triton import add_rms_norm_triton  # noqa: E402
+from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 from runtime.kernels.rmsnorm import add_rms_norm  # noqa: E402
 from runtime.kernels.rope import apply_rope, cos_sin, rope_qk, yarn_frequencies  # noqa: E402
 

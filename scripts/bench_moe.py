@@ -34,8 +34,9 @@ from launch.bench import ceilings as measure_ceilings  # noqa: E402
 from runtime import mxfp4  # noqa: E402
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.moe import route, swiglu  # noqa: E402
-from runtime.kernels.moe_gemm import (Tiles, choose_tiles, gemv_tiles_ok, grouped_mxfp4, mma_tiles,  # noqa: E402
+from runtime.kernels.moe import swiglu  # noqa: E402
+from runtime.kernels.router import route  # noqa: E402
+from runtime.kernels.moe_triton import (Tiles, choose_tiles, gemv_tiles_ok, grouped_mxfp4, mma_tiles,  # noqa: E402
                                       moe_triton, plan)
 
 REP_MS = 100  # do_bench's measuring time per timing (--rep)

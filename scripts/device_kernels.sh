@@ -7,7 +7,7 @@ source scripts/device_env.sh
 nvidia-smi -L
 case "${1:-all}" in
   engine)  # CUDA graphs: GPU tests, then the engine benchmark on dummy gpt-oss-20b
-    timeout 300 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
+    timeout 300 python3 -m pytest -q tests/ -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
     timeout 280 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8,64,256]" \
       "ttft_prompts=[8192]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -20
     ;;
@@ -17,19 +17,19 @@ case "${1:-all}" in
       "ttft_prompts=[8192,131072]" repeat=2 json=$OUT/bench120b.json 2>&1 | tail -12
     ;;
   tp2)  # two GPUs: CUDA-graph tests (the tp=2 one captures NCCL collectives), then where a decode step's time goes
-    timeout 420 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
+    timeout 420 python3 -m pytest -q tests/ -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -15
     timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
       | grep -v "^|---" | head -40
     ;;
   profile-tp2)  # where decode steps' time goes: gpt-oss-120b at tp=2 (rank 0's kernels), gpt-oss-20b on one GPU
-    timeout 240 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -4
+    timeout 240 python3 -m pytest -q tests/ -p no:cacheprovider -k "cuda_graph" 2>&1 | tail -4
     timeout 200 torchrun --nproc-per-node 2 scripts/profile_decode.py --model gpt-oss-120b --batch 1 64 --context 128 \
       --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -44
     timeout 120 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 --steps 16 2>&1 \
       | grep -v "^|---\|Warning\|warn" | head -30
     ;;
   check)  # after a change to the engine: every GPU test, then where decode steps' time goes (20b, one GPU)
-    timeout 330 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x 2>&1 | tail -6
+    timeout 330 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -x 2>&1 | tail -6
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 256 --context 128 \
       --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -30
     ;;
@@ -41,9 +41,9 @@ case "${1:-all}" in
       json=$OUT/bench120b_tp2.json 2>&1 | grep -v Warning | tail -12
     ;;
   quick)  # a short check after kernel changes: their GPU tests, the graph tests, the dense GEMV bench, batch 1 and 8
-    timeout 100 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_router_kernel.py -p no:cacheprovider 2>&1 | tail -3
-    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "cuda_graph_decode or bf16_on_gpu" 2>&1 | tail -3
-    timeout 60 python3 scripts/bench_dense_gemv.py 2>&1 | grep -v "^|---" | tail -12
+    timeout 100 python3 -m pytest -q -m gpu tests/test_linear.py tests/test_router.py -p no:cacheprovider 2>&1 | tail -3
+    timeout 150 python3 -m pytest -q tests/ -p no:cacheprovider -k "cuda_graph_decode or bf16_on_gpu" 2>&1 | tail -3
+    timeout 60 python3 scripts/bench_linear_triton.py 2>&1 | grep -v "^|---" | tail -12
     timeout 120 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8]" \
       "ttft_prompts=[]" repeat=3 2>&1 | tail -5
     ;;
@@ -66,7 +66,7 @@ case "${1:-all}" in
     done
     GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 --context 128 \
       --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -9
-    timeout 150 python3 -m pytest -q -m gpu tests/test_router_kernel.py tests/test_gpu.py -p no:cacheprovider \
+    timeout 150 python3 -m pytest -q -m gpu tests/test_router.py tests/ -p no:cacheprovider \
       -k "route or router or cuda_graph_decode or kv_cache" 2>&1 | tail -2
     ;;
   tiles-ab)  # one GPU: 20b decode with this tree's tiles against .carry/base (a worktree of the commit before),
@@ -76,7 +76,7 @@ case "${1:-all}" in
       (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b \
         device=cuda "batch_sizes=[1,4]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode tokens")
     done
-    timeout 250 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_gpu.py -p no:cacheprovider 2>&1 \
+    timeout 250 python3 -m pytest -q -m gpu tests/test_linear.py tests/ -p no:cacheprovider 2>&1 \
       | grep -E "passed|failed|FAILED|Error|assert" | tail -20
     ;;
   h100-final)  # one H100: where a batch-1 step's time goes (PDL off: each kernel's own time), then the
@@ -88,19 +88,19 @@ case "${1:-all}" in
     ;;
   unroll-tp2)  # GPU 0: the dense GEMV's unrolled steps A/B, then 20b end to end; GPU 1 meanwhile: GPU tests of
     # the GEMV and the graphs; then both GPUs: the tp=2 graph test and 120b at tp=2 (the step plans over gloo)
-    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -m gpu tests/test_dense_gemv.py tests/test_gpu.py \
+    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 -m pytest -q -m gpu tests/test_linear.py tests/ \
       -p no:cacheprovider -k "not tensor_parallel" 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -20 \
       > $OUT/gpu_tests.log) &
     export CUDA_VISIBLE_DEVICES=0
     timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 4 --context 128 --steps 8 \
       --ab GPT_OSS_GEMV_UNROLL 2>&1 | grep "replay\|GPU busy\|Error"
-    timeout 60 python3 scripts/bench_dense_gemv.py --rows 1 2>&1 | grep -v "^|---" | tail -14
+    timeout 60 python3 scripts/bench_linear_triton.py --rows 1 2>&1 | grep -v "^|---" | tail -14
     timeout 200 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
       "batch_sizes=[1,4,8,64,256]" "ttft_prompts=[]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -8
     wait
     cat $OUT/gpu_tests.log
     unset CUDA_VISIBLE_DEVICES
-    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
+    timeout 150 python3 -m pytest -q tests/ -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
     timeout 170 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,64]" "ttft_prompts=[]" repeat=2 2>&1 | grep -v Warning | tail -6
     ;;
@@ -114,7 +114,7 @@ case "${1:-all}" in
       (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b \
         device=cuda "batch_sizes=[1,4]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode tokens")
     done
-    timeout 60 python3 scripts/bench_dense_gemv.py 2>&1 | grep -v "^|---" | tail -8
+    timeout 60 python3 scripts/bench_linear_triton.py 2>&1 | grep -v "^|---" | tail -8
     GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 \
       --context 128 --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -20
     wait
@@ -129,7 +129,7 @@ case "${1:-all}" in
       "batch_sizes=[1,4,8,64,256]" "ttft_prompts=[]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -9
     wait
     cat $OUT/gpu_tests.log
-    timeout 150 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
+    timeout 150 python3 -m pytest -q tests/ -p no:cacheprovider -k "tensor_parallel" 2>&1 | tail -3
     timeout 170 torchrun --nproc-per-node 2 -m launch.bench checkpoint=dummy model=gpt-oss-120b device=cuda \
       parallel.tp=2 "batch_sizes=[1,64]" "ttft_prompts=[]" repeat=2 2>&1 | grep -v Warning | tail -6
     ;;
@@ -155,12 +155,12 @@ case "${1:-all}" in
     for flag in 0 1; do
       GPT_OSS_MOE_MMA_GEMV=$flag timeout 60 python3 scripts/bench_moe.py --model gpt-oss-20b --tokens 1 4 2>&1 | grep "gemm"
     done
-    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x -k \
+    timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -x -k \
       "tensor_cores or triton_experts or scale_ranges or kv_cache_decode or replays_the_static or programmatic" 2>&1 | tail -3
     timeout 150 python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 2>&1 | grep "best gemv\|FASTEST"
     ;;
   attention)  # attention: its GPU tests, every case graph-timed, then the prefill tile sweep (full layers)
-    timeout 150 python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider 2>&1 | tail -2
+    timeout 150 python3 -m pytest -q -m gpu tests/test_attention.py -p no:cacheprovider 2>&1 | tail -2
     timeout 120 python3 scripts/bench_attention.py 2>&1 | tail -16
     timeout 300 python3 scripts/bench_attention.py --sweep --cases "prefill 4096 full" "prefill 16384 full" 2>&1 \
       | grep -v "^    [ 0-9.]* us  {" | tail -14
@@ -171,7 +171,7 @@ case "${1:-all}" in
     ;;
   mma-rows)  # the MoE's multi-row tensor-core GEMV: its GPU tests, decode-step A/B (20b batch 4/8/64), per-GEMM
     # sweep at 8 and 64 tokens of 20b and 64 of 120b
-    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k \
+    timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -k \
       "multi_row or tensor_cores or triton_experts or scale_ranges" 2>&1 | grep -E "passed|failed|FAILED|Error|assert" | tail -8
     timeout 200 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 4 8 64 --context 128 --steps 8 \
       --ab GPT_OSS_MOE_MMA_ROWS 2>&1 | grep "replay\|Error"
@@ -180,7 +180,7 @@ case "${1:-all}" in
       | grep "best\|FASTEST\|WRONG\|Error\|tokens .* gemm"
     ;;
   moe)
-    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
+    python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -k "triton_experts" 2>&1 | tail -6
     python3 scripts/bench_moe.py --model gpt-oss-20b --sweep --tokens 1 8 64 4096
     python3 scripts/bench_moe.py --model gpt-oss-120b --tokens 1 64 4096
     python3 scripts/baseline_bench.py --model gpt-oss-20b --batch 1 64 --json $OUT/e2e.json 2>&1 | tail -4

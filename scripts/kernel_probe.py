@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import NAMES  # noqa: E402  (one layer's expert tensors, as the MoE benchmark builds them)
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.moe import route  # noqa: E402
-from runtime.kernels.moe_gemm import grouped_mxfp4, plan  # noqa: E402
+from runtime.kernels.router import route  # noqa: E402
+from runtime.kernels.moe_triton import grouped_mxfp4, plan  # noqa: E402
 
 
 def moe(model: str, tokens: int, gemm: int, runs: int) -> None:

@@ -88,3 +88,10 @@ def all_pages(model) -> list[torch.Tensor]:
     """Every key and value page array of the model's KV pools (to poison them in tests)."""
     pools = [p for p in (model.pool, model.sliding_pool) if p is not None]
     return [t for pool in pools for store in (pool.keys, pool.values) for t in store.values()]
+
+
+def poison(model):
+    """Fill the KV pool with NaN: a slot read before it is written shows up in the logits."""
+    model.new_cache().release()  # makes the pool
+    for pages in all_pages(model):
+        pages.fill_(float("nan"))

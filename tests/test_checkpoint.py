@@ -3,7 +3,6 @@ partial reads, and errors that name what is wrong."""
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,7 @@
 """The LLM class: batching, chunked prefill, sampling and stopping, on the tiny model (float32, CPU)."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -142,3 +143,12 @@ def test_the_engine_runs_without_triton(tiny_checkpoints):
     env = {k: v for k, v in os.environ.items() if k != "GPT_OSS_TRITON"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_batch_llm_on_cuda_bf16(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["original"], dtype="bfloat16", device="cuda")
+    results = llm.generate([{"id": i, "prompt_token_ids": [1000 + i] * (5 + i), "max_tokens": 6, "temperature": 0,
+                             "ignore_eos": True} for i in range(4)])
+    assert [len(r.token_ids) for r in results] == [6] * 4
+    assert json.dumps([r.to_json() for r in results])

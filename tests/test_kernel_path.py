@@ -16,12 +16,12 @@ assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from routing_probe import RouteRecorder, all_pages, first_route_change  # noqa: E402
+from routing_probe import RouteRecorder, first_route_change, poison  # noqa: E402
 
 from runtime.checkpoint import CheckpointReader  # noqa: E402
 from runtime.model import GptOss  # noqa: E402
-from runtime.step import SequenceChunk, Step  # noqa: E402
 from runtime.options import options  # noqa: E402
+from runtime.step import SequenceChunk, Step  # noqa: E402
 
 
 def steps(model, plan, seed):
@@ -42,13 +42,6 @@ def steps(model, plan, seed):
         s = Step(torch.tensor(ids), torch.tensor(positions), chunks, torch.tensor(last))
         out.append(torch.log_softmax(model(s), -1))
     return out
-
-
-def poison(model):
-    """Fill the KV pool with NaN: a slot read before it is written shows up in the logits."""
-    model.new_cache().release()  # makes the pool
-    for pages in all_pages(model):
-        pages.fill_(float("nan"))
 
 
 # window 8 in the tiny model: prompts of 11 and 21 tokens cross it; page size 16 puts sequences over pages.
@@ -186,36 +179,3 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
         assert g.error is None and g.token_ids == w.token_ids
         assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
     assert max(released) > 0 and fast.preemptions > 0  # both paths really ran
-
-
-def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
-    """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
-    staged block tables at the fixed max_model_len width, batches padded into the scratch page,
-    attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
-    from runtime import engine
-    from runtime.cuda_graphs import DecodeGraphs
-    from runtime.engine import LLM
-    from runtime.requests import Request
-    from runtime.sampling import SamplingParams, sample_on_device
-
-    gen = torch.Generator().manual_seed(5)
-    reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
-                    SamplingParams(max_tokens=12, temperature=0, logprobs=True), stop_token_ids=())
-            for i, n in enumerate((26, 5, 30, 9))]
-    settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
-                    max_model_len=1024)
-    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
-    monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], **settings)
-    poison(fast.model)
-    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
-    sampled_by_torch = []
-    monkeypatch.setattr(engine, "sample_on_device", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
-    got = fast.generate(reqs)
-    for g, w in zip(got, want):
-        assert g.error is None and g.token_ids == w.token_ids
-        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
-    # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too,
-    # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
-    assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
-    assert len(sampled_by_torch) == fast._steps - sum(fast._graphs.replays.values())

@@ -2,19 +2,16 @@
 (decode, chunked prefill, batching), bfloat16, and the reference ops against hand formulas (spec §4)."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
 import transformers
+from routing_probe import RouteRecorder, all_pages, first_route_change
 
 from runtime.checkpoint import CheckpointReader
 from runtime.config import preset
-from runtime.kernels.attention import attention
-from runtime.kernels.moe import SWIGLU_ALPHA, route, swiglu
-from runtime.kernels.rmsnorm import rms_norm
-from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
 from runtime.model import GptOss
+from runtime.options import options
 from runtime.step import SequenceChunk, Step
 
 
@@ -169,108 +166,91 @@ def test_randomize_is_deterministic_in_the_seed():
     assert torch.equal(la, lb) and not torch.equal(la, lc)
 
 
-# ------------------------------------------------------------------------------ ops by hand
-def test_attention_sink_with_only_the_diagonal_visible():
-    # window=1: query t sees only key t, so p = exp(s) / (exp(s) + exp(sink)), o = p * v_t.
-    n, heads, kv_heads, dim = 5, 6, 3, 8
-    q, k, v = torch.randn(n, heads, dim), torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)
-    sinks = torch.randn(heads)
-    sm_scale = 0.3
-    out = attention(q, k, v, sinks, q_start=0, k_start=0, sm_scale=sm_scale, window=1)
-    for t in range(n):
-        for h in range(heads):
-            kv = h // (heads // kv_heads)  # GQA: query head h reads KV head h // group
-            s = sum(q[t, h, i].item() * k[t, kv, i].item() for i in range(dim)) * sm_scale
-            p = math.exp(s) / (math.exp(s) + math.exp(sinks[h].item()))
-            torch.testing.assert_close(out[t, h], p * v[t, kv], rtol=1e-5, atol=1e-6)
+def full_logits(model, tokens):
+    n = len(tokens)
+    step = Step(torch.tensor(tokens, device=model.device), torch.arange(n, device=model.device),
+                [SequenceChunk(0, n, model.new_cache())], torch.arange(n, device=model.device))
+    return model(step)
 
 
-@pytest.mark.parametrize("window", [None, 1, 4])
-def test_attention_mask_visibility(window):
-    # Zero queries give every visible key score 0; the sink is 0 too, so each visible key gets
-    # 1 / (visible + 1). One-hot values make output column j the weight given to key j.
-    q_start, n, k_start, keys = 10, 5, 3, 12  # queries at 10..14, keys at 3..14
-    q = torch.zeros(n, 2, keys)
-    v = torch.eye(keys)[:, None, :].expand(keys, 1, keys).contiguous()
-    out = attention(q, torch.randn(keys, 1, keys), v, torch.zeros(2), q_start=q_start, k_start=k_start,
-                    sm_scale=0.125, window=window)
-    for i in range(n):
-        t = q_start + i
-        first = k_start if window is None else max(k_start, t - window + 1)
-        visible = list(range(first, t + 1))  # t - W + 1 .. t, and never a future key
-        expected = torch.zeros(keys)
-        expected[[j - k_start for j in visible]] = 1 / (len(visible) + 1)
-        for h in range(2):
-            torch.testing.assert_close(out[i, h], expected, rtol=1e-6, atol=1e-7)
+@pytest.mark.gpu
+def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
+    reader = CheckpointReader(tiny_checkpoints["hf"])
+    ref = GptOss(reader.config, torch.float32, "cpu").load(reader)
+    gpu = GptOss(reader.config, torch.bfloat16, "cuda").load(reader)
+    tokens = torch.randint(0, 199998, (48,)).tolist()
+    a = torch.log_softmax(full_logits(ref, tokens), -1)
+    b = torch.log_softmax(full_logits(gpu, tokens).cpu(), -1)
+    # bf16 activations (8 bits of mantissa) through 4 layers: a few bf16 ulps of the logits
+    # (spec §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max over all
+    # 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
+    diff = (a - b).abs()
+    assert diff.mean() < 0.05 and diff.amax(-1).median() < 0.5, (diff.mean(), diff.amax(-1).median())
+    # Top-1 of a random tiny model is often a near-tie among 201,088 logits: a loose bound.
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
 
 
-def test_route_picks_the_top_4_and_softmaxes_over_them():
-    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 2.5, 0.0, 1.0, -2.0]])
-    experts, weights = route(logits, 4)
-    assert experts.tolist() == [[1, 4, 3, 6]]
-    z = sum(math.exp(x) for x in (3.0, 2.5, 2.0, 1.0))
-    assert weights[0].tolist() == pytest.approx([math.exp(x) / z for x in (3.0, 2.5, 2.0, 1.0)], rel=1e-6)
-
-    logits = torch.randn(64, 32)
-    experts, weights = route(logits, 4)
-    assert experts.shape == weights.shape == (64, 4)
-    for row in range(64):
-        assert set(experts[row].tolist()) == set(logits[row].argsort(descending=True)[:4].tolist())
-        torch.testing.assert_close(weights[row], torch.softmax(logits[row, experts[row]], -1))
-    torch.testing.assert_close(weights.sum(-1), torch.ones(64))
-
-
-def quick_gelu_glu(g, l):
-    return g / (1 + math.exp(-SWIGLU_ALPHA * g)) * (l + 1)
-
-
-@pytest.mark.parametrize("limit, pairs, expected", [
-    # (gate, linear) pairs, interleaved as gate = even channel, linear = odd channel.
-    (7.0, [(10.0, 0.0)], [quick_gelu_glu(7.0, 0.0)]),            # gate clamped above to 7
-    (7.0, [(1.0, 10.0)], [quick_gelu_glu(1.0, 7.0)]),             # linear clamped above to 7
-    (7.0, [(1.0, -10.0)], [quick_gelu_glu(1.0, -7.0)]),           # linear clamped below to -7
-    (1.0, [(-3.0, 0.5)], [quick_gelu_glu(-3.0, 0.5)]),            # gate not clamped below
-    (1.0, [(0.5, -0.25), (2.0, -2.0)], [quick_gelu_glu(0.5, -0.25), quick_gelu_glu(1.0, -1.0)]),
-])
-def test_swiglu_by_hand(limit, pairs, expected):
-    h = torch.tensor([x for pair in pairs for x in pair], dtype=torch.float64)
-    out = swiglu(h, limit)
-    assert out.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+@pytest.mark.gpu
+def test_dummy_20b_triton_experts_match_the_reference_model(monkeypatch):
+    """The whole 20b model (float32) on the Triton kernels against the same model on the reference ops."""
+    cfg = preset("gpt-oss-20b")
+    model = GptOss(cfg, torch.float32, "cuda").randomize(0)
+    tokens = torch.randint(0, 199998, (64,)).tolist()
+    routes = RouteRecorder(monkeypatch, cfg.num_hidden_layers)
+    fast = torch.log_softmax(full_logits(model, tokens), -1)
+    fast_routes = routes.take()
+    monkeypatch.setattr(options, "reference", True)
+    ref = torch.log_softmax(full_logits(model, tokens), -1)
+    change = first_route_change(fast_routes, routes.take(), cfg.experts_per_token)
+    per_token = (fast - ref).abs().amax(-1)
+    print(f"triton vs reference ops, 20b fp32, max |dlogp| per token: median {per_token.median():.3g}, "
+          f"max {per_token.max():.3g}; first route change {change}")
+    # fp32 throughout, so only summation order differs; positions from a near-tied route that
+    # rounding flipped on may differ (tests/routing_probe.py), a route changed without a tie may not.
+    if change is not None:
+        assert change.gap < 1e-3 * change.scale, change
+    assert (per_token[:64 if change is None else change.position] < 1e-3).all(), (change, per_token)
 
 
-def test_yarn_frequencies_match_spec():
-    inv_freq, concentration = yarn_frequencies(64, 150000.0, 32.0, 4096, 1.0, 32.0)
-    assert inv_freq.dtype == torch.float32 and inv_freq.shape == (32,)
-    spec = [1.0, 0.68904, 0.47478, 0.32715, 0.22542, 0.15532, 0.10702, 0.073745, 0.050813, 0.031706,
-            0.019335, 0.011592, 0.0067950, 0.0038604, 0.0020938, 0.0010526, 4.5648e-4, 1.2932e-4, 3.8309e-5]
-    assert inv_freq[:len(spec)].tolist() == pytest.approx(spec, rel=1e-4, abs=1e-4)
-    assert inv_freq[:len(spec)].tolist() == pytest.approx(spec, rel=2e-4)  # also the tiny ones
-    assert inv_freq[-1].item() == pytest.approx(3.0235e-7, rel=2e-4)
-    assert concentration == pytest.approx(1.3465735902799727, rel=1e-15)
-    # Dims 18.. are the original frequency / 32; dims 0..8 the original one.
-    original = 150000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
-    torch.testing.assert_close(inv_freq[18:].double(), original[18:] / 32, rtol=1e-6, atol=0)
-    torch.testing.assert_close(inv_freq[:9].double(), original[:9], rtol=1e-6, atol=0)
-
-
-def test_rope_is_half_split_and_scaled_by_the_concentration():
-    inv_freq = torch.tensor([0.5, 0.25])
-    c = 1.5
-    cos, sin = cos_sin(torch.tensor([3]), inv_freq, c, torch.float32)
-    a0, a1 = 3 * 0.5, 3 * 0.25
-    torch.testing.assert_close(cos[0], torch.tensor([math.cos(a0) * c, math.cos(a1) * c]))
-    torch.testing.assert_close(sin[0], torch.tensor([math.sin(a0) * c, math.sin(a1) * c]))
-    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # components (0, 2) and (1, 3) rotate together
-    out = apply_rope(x, cos, sin)[0, 0].tolist()
-    C0, S0, C1, S1 = math.cos(a0) * c, math.sin(a0) * c, math.cos(a1) * c, math.sin(a1) * c
-    expected = [1 * C0 - 3 * S0, 2 * C1 - 4 * S1, 3 * C0 + 1 * S0, 4 * C1 + 2 * S1]
-    assert out == pytest.approx(expected, rel=1e-6)
-
-
-def test_rms_norm_by_hand():
-    out = rms_norm(torch.tensor([[3.0, 4.0]]), torch.tensor([1.0, 2.0]), 1e-5)
-    r = 1 / math.sqrt((9 + 16) / 2 + 1e-5)
-    assert out[0].tolist() == pytest.approx([3 * r, 8 * r], rel=1e-6)
-    half = rms_norm(torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16), torch.tensor([1.0, 2.0]), 1e-5)
-    assert half.dtype == torch.bfloat16
-    assert half.float()[0].tolist() == pytest.approx([3 * r, 8 * r], rel=4e-3)  # one bf16 rounding
+@pytest.mark.gpu
+@pytest.mark.parametrize("ops, dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
+                                        ("triton", torch.float32)])
+def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
+    """Prefill 150 then decode 49 one at a time == one 200-token forward (paged KV, window crossed)."""
+    monkeypatch.setattr(options, "reference", ops == "reference")
+    cfg = preset("gpt-oss-20b")
+    model = GptOss(cfg, dtype, "cuda").randomize(0)
+    model.new_cache().release()  # makes the KV pool: poison it, so reading an unwritten slot shows
+    for pages in all_pages(model):
+        pages.fill_(float("nan"))
+    seed = int(torch.randint(0, 2**31, ()))  # fresh tokens each run; the seed is in any failure message
+    tokens = torch.randint(0, 199998, (200,), generator=torch.Generator().manual_seed(seed)).tolist()  # > window
+    routes = RouteRecorder(monkeypatch, cfg.num_hidden_layers)
+    full = full_logits(model, tokens)
+    full_routes = routes.take()
+    assert torch.isfinite(full).all()
+    cache = model.new_cache()
+    dev = model.device
+    prefix = Step(torch.tensor(tokens[:150], device=dev), torch.arange(150, device=dev),
+                  [SequenceChunk(0, 150, cache)], torch.tensor([149], device=dev))
+    last = [model(prefix)]
+    for pos in range(150, 199):
+        step = Step(torch.tensor([tokens[pos]], device=dev), torch.tensor([pos], device=dev),
+                    [SequenceChunk(pos, 1, cache)], torch.tensor([0], device=dev))
+        last.append(model(step))
+    a, b = torch.log_softmax(full[149:199], -1), torch.log_softmax(torch.cat(last), -1)
+    diff = (a - b).abs()
+    change = first_route_change(full_routes, routes.take(), cfg.experts_per_token)
+    print(f"{ops} {dtype}: incremental vs recompute log-softmax |diff| mean {diff.mean():.3g} max {diff.max():.3g}, "
+          f"top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}; first route change {change}")
+    if dtype == torch.float32:
+        # Same math in fp32 (no TF32): only summation order differs between the GEMM shapes. Positions
+        # from the first changed route on may legitimately differ, if that change was a near tie.
+        if change is not None:
+            assert change.gap < 1e-3 * change.scale, (seed, change)  # else a real difference, not rounding
+        agree = diff.amax(-1)[:max(0, (199 if change is None else change.position) - 149)]
+        assert (agree < 1e-3).all(), (seed, change, agree)
+    else:
+        # A random 24-layer model amplifies bf16 rounding (and flips near-tied routes), so only a loose
+        # bound holds; the fp32 case above is the exactness check.
+        assert diff.mean() < 1.0

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from runtime import mxfp4
+from runtime.checkpoint import random_tensor, tensor_specs
+from runtime.config import preset
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -99,3 +101,15 @@ def test_non_uint8_inputs_raise():
         mxfp4.decode(torch.zeros(4, 16, dtype=torch.int8), torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(TypeError):
         mxfp4.decode(torch.zeros(4, 16, dtype=torch.uint8), torch.zeros(4, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
+def test_mxfp4_decode_on_gpu_is_exact_at_real_shapes(name):
+    spec = tensor_specs(preset(name))["block.0.mlp.mlp1_weight.blocks"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    blocks = random_tensor(spec, gen, "cuda")[:2]
+    scales = random_tensor(tensor_specs(preset(name))["block.0.mlp.mlp1_weight.scales"], gen, "cuda")[:2]
+    gpu = mxfp4.decode(blocks, scales, torch.bfloat16)
+    cpu = mxfp4.decode(blocks.cpu(), scales.cpu(), torch.float32)
+    assert torch.equal(gpu.cpu().float(), cpu)

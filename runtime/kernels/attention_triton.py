@@ -1,7 +1,7 @@
 """Attention over a paged KV cache in Triton: a flat batch of decode and prefill sequences, one launch.
 
 `paged_attention_triton` is the drop-in for `attention.paged_attention` (same arguments, same
-result) and is checked against it in tests/test_attention_kernels.py.
+result) and is checked against it in tests/test_attention.py.
 
 Design
 - GQA: a program owns one KV head and BLOCK_T consecutive query tokens of one sequence, with all

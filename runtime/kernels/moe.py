@@ -1,4 +1,4 @@
-"""Mixture of experts (§4.6): router, top-k with softmax over the chosen, clamped SwiGLU experts.
+"""Mixture of experts (§4.6): clamped SwiGLU experts (the router is runtime/kernels/router.py).
 
 The experts' weights stay packed MXFP4; the reference decodes only the experts a batch touches,
 one at a time, so memory stays at one expert's bf16 weights whatever the model size.
@@ -11,13 +11,6 @@ import torch
 from runtime import mxfp4
 
 SWIGLU_ALPHA = 1.702  # the quick-GELU constant, hard-coded in every GPT-OSS implementation
-
-
-def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token and their weights: softmax over the k chosen logits only."""
-    top_logits, experts = torch.topk(logits, k, dim=-1, sorted=True)
-    weights = torch.softmax(top_logits.float(), dim=-1)
-    return experts, weights
 
 
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
-from runtime.kernels.fused_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
-from runtime.kernels.moe_gemm import Plan, count_sort, count_sort_sizes, empty_plan, plan
+from runtime.kernels.rmsnorm_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
+from runtime.kernels.moe_triton import Plan, count_sort, count_sort_sizes, empty_plan, plan
 from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
@@ -245,7 +245,7 @@ def _gate_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
 
 def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor,
                                                                                                 torch.Tensor, Plan]:
-    """route_triton (int32 ids) and the rows sorted by expert (moe_gemm.plan) for a rank holding
+    """route_triton (int32 ids) and the rows sorted by expert (moe_triton.plan) for a rank holding
     every expert. Up to FUSED_PLAN_TOKENS tokens the sort runs in the top-k launch (one program
     sees all of them), which saves a launch a layer in decode steps."""
     return _route_and_plan(h, weight, bias, k)

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
+from runtime.kernels.greedy import greedy  # noqa: E402
 from runtime.kernels.greedy_triton import SLICE, greedy_into  # noqa: E402
-from runtime.sampling import greedy  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -6,6 +6,7 @@ CPU tensors; with one, on CUDA tensors. GPU only: bf16 at the real shapes, with 
 Inputs are fresh random numbers each run; the seed is printed, so a failure's output shows it.
 """
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -16,9 +17,8 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.fused_triton import add_rms_norm_triton, rope_qk_triton  # noqa: E402
-from runtime.kernels.rmsnorm import add_rms_norm  # noqa: E402
-from runtime.kernels.rope import rope_qk, yarn_frequencies  # noqa: E402
+from runtime.kernels.rope import apply_rope, cos_sin, rope_qk, yarn_frequencies  # noqa: E402
+from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = preset("gpt-oss-20b").rms_norm_eps
@@ -45,62 +45,6 @@ def random_positions(n, gen):
 
 
 # --- add + RMSNorm, fp32 ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("with_delta", [True, False])
-@pytest.mark.parametrize("rows", [1, 7, 300])
-@pytest.mark.parametrize("width", [2880, 128])  # gpt-oss hidden (not a power of two) and tiny's
-def test_add_rms_norm_matches_the_reference(gen, width, rows, with_delta):
-    x = randn(rows, width, gen=gen, scale=3.0)
-    delta = randn(rows, width, gen=gen) if with_delta else None
-    gain = randn(width, gen=gen)
-    x_before = x.clone()
-    residual_out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
-    normed_out = torch.full_like(x, float("nan"))
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, residual_out=residual_out, normed_out=normed_out)
-    want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
-    assert normed is normed_out
-    if with_delta:
-        assert residual is residual_out
-        assert torch.equal(residual, want_residual)  # the same fp32 add
-    else:
-        assert residual is x  # no copy
-    assert torch.equal(x, x_before)
-    # fp32: only the order of the sum of squares differs (measured <= 4e-7 relative).
-    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-6)
-
-
-def test_add_rms_norm_allocates_outputs_for_any_leading_shape(gen):
-    x, delta, gain = randn(3, 5, 128, gen=gen), randn(3, 5, 128, gen=gen), randn(128, gen=gen)
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS)
-    want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
-    assert residual.shape == normed.shape == x.shape
-    assert torch.equal(residual, want_residual)
-    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-6)
-
-
-def test_add_rms_norm_in_place_residual(gen):
-    x, delta, gain = randn(7, 2880, gen=gen), randn(7, 2880, gen=gen), randn(2880, gen=gen)
-    want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, residual_out=x)
-    assert residual is x and torch.equal(x, want_residual)
-    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-6)
-
-
-def test_add_rms_norm_many_narrow_rows(gen):
-    # More rows than a CUDA grid's y/z limit (65535): rows go on the x axis, offsets in int64.
-    rows, width = 65537, 16
-    x, delta, gain = randn(rows, width, gen=gen), randn(rows, width, gen=gen), randn(width, gen=gen)
-    normed_out = torch.full_like(x, float("nan"))
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, normed_out=normed_out)
-    want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
-    assert torch.equal(residual, want_residual)
-    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-6)
-
-
-def test_add_rms_norm_rejects_rows_wider_than_its_registers():
-    x = torch.ones(1, 8193, device=DEVICE)
-    with pytest.raises(ValueError, match="8193"):
-        add_rms_norm_triton(x, None, torch.ones(8193, device=DEVICE), EPS)
 
 
 # --- RoPE on q and k, fp32 ----------------------------------------------------------------------
@@ -179,28 +123,6 @@ def test_rope_qk_empty_batch():
 
 # --- bf16 at the real shapes (GPU) --------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("delta_dtype", [torch.bfloat16, torch.float32])  # attention's out, the MoE's fp32 sum
-@pytest.mark.parametrize("rows", [1, 4096, 65537])
-def test_add_rms_norm_bf16_on_gpu(gen, rows, delta_dtype):
-    width = preset("gpt-oss-20b").hidden_size
-    x = randn(rows, width, gen=gen, dtype=torch.bfloat16, scale=3.0)
-    delta = randn(rows, width, gen=gen, dtype=delta_dtype)
-    gain = randn(width, gen=gen)
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, residual_out=torch.full_like(x, float("nan")),
-                                           normed_out=torch.full_like(x, float("nan")))
-    want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
-    assert torch.equal(residual, want_residual)  # one fp32 add, one round-to-nearest, in both
-    # Both round (nearly) the same fp32 value once: equal, or one bf16 ulp (<= 2u relative) apart
-    # where the fp32 values straddle a rounding boundary; that must be rare.
-    diff = (normed.float() - want_normed.float()).abs()
-    assert (diff <= 2 * BF16_U * want_normed.float().abs()).all(), diff.max()
-    assert (normed != want_normed).float().mean() < 0.01
-    # And against exact math on the rounded residual: one rounding, at most u relative (+ fp32 noise).
-    r = residual.double()
-    exact = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS) * gain.double()
-    assert ((normed.double() - exact).abs() <= (BF16_U + 1e-5) * exact.abs()).all()
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(64, 8, 64), (16, 4, 32)])
@@ -227,3 +149,54 @@ def test_rope_qk_bf16_on_gpu(gen, heads, kv_heads, head_dim):
     v_lo = r.hi - kv_heads * head_dim
     assert torch.equal(r.buf[:, v_lo:], r.before[:, v_lo:])
     assert torch.equal(r.buf[:, :r.lo], r.before[:, :r.lo])
+
+
+def test_yarn_frequencies_match_the_spec():
+    inv_freq, c = yarn_frequencies(64, 150000.0, 32.0, 4096, 1.0, 32.0)
+    expected = [1.0, 0.68904, 0.47478, 0.32715, 0.22542, 0.15532, 0.10702, 0.073745, 0.050813, 0.031706,
+                0.019335, 0.011592, 0.0067950, 0.0038604, 0.0020938, 0.0010526, 4.5648e-4, 1.2932e-4, 3.8309e-5]
+    assert inv_freq[: len(expected)].tolist() == pytest.approx(expected, rel=1e-4)
+    assert inv_freq[-1].item() == pytest.approx(3.0235e-7, rel=1e-3)
+    assert c == 1.3465735902799727
+
+
+def test_rope_rotates_half_split_pairs():
+    x = torch.randn(3, 2, 8)
+    inv_freq = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    cos, sin = cos_sin(torch.tensor([0, 1, 5]), inv_freq, 2.0, torch.float32)
+    out = apply_rope(x, cos, sin)
+    t, i = 2, 1  # position 5, pair (1, 5)
+    angle = 5 * 0.5
+    a, b = x[t, :, i], x[t, :, i + 4]
+    assert torch.allclose(out[t, :, i], 2 * (a * math.cos(angle) - b * math.sin(angle)), atol=1e-5)
+    assert torch.allclose(out[t, :, i + 4], 2 * (b * math.cos(angle) + a * math.sin(angle)), atol=1e-5)
+    assert torch.allclose(out[0], 2 * x[0])  # position 0: no rotation, only the concentration
+
+
+def test_yarn_frequencies_match_spec():
+    inv_freq, concentration = yarn_frequencies(64, 150000.0, 32.0, 4096, 1.0, 32.0)
+    assert inv_freq.dtype == torch.float32 and inv_freq.shape == (32,)
+    spec = [1.0, 0.68904, 0.47478, 0.32715, 0.22542, 0.15532, 0.10702, 0.073745, 0.050813, 0.031706,
+            0.019335, 0.011592, 0.0067950, 0.0038604, 0.0020938, 0.0010526, 4.5648e-4, 1.2932e-4, 3.8309e-5]
+    assert inv_freq[:len(spec)].tolist() == pytest.approx(spec, rel=1e-4, abs=1e-4)
+    assert inv_freq[:len(spec)].tolist() == pytest.approx(spec, rel=2e-4)  # also the tiny ones
+    assert inv_freq[-1].item() == pytest.approx(3.0235e-7, rel=2e-4)
+    assert concentration == pytest.approx(1.3465735902799727, rel=1e-15)
+    # Dims 18.. are the original frequency / 32; dims 0..8 the original one.
+    original = 150000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    torch.testing.assert_close(inv_freq[18:].double(), original[18:] / 32, rtol=1e-6, atol=0)
+    torch.testing.assert_close(inv_freq[:9].double(), original[:9], rtol=1e-6, atol=0)
+
+
+def test_rope_is_half_split_and_scaled_by_the_concentration():
+    inv_freq = torch.tensor([0.5, 0.25])
+    c = 1.5
+    cos, sin = cos_sin(torch.tensor([3]), inv_freq, c, torch.float32)
+    a0, a1 = 3 * 0.5, 3 * 0.25
+    torch.testing.assert_close(cos[0], torch.tensor([math.cos(a0) * c, math.cos(a1) * c]))
+    torch.testing.assert_close(sin[0], torch.tensor([math.sin(a0) * c, math.sin(a1) * c]))
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # components (0, 2) and (1, 3) rotate together
+    out = apply_rope(x, cos, sin)[0, 0].tolist()
+    C0, S0, C1, S1 = math.cos(a0) * c, math.sin(a0) * c, math.cos(a1) * c, math.sin(a1) * c
+    expected = [1 * C0 - 3 * S0, 2 * C1 - 4 * S1, 3 * C0 + 1 * S0, 4 * C1 + 2 * S1]
+    assert out == pytest.approx(expected, rel=1e-6)

@@ -4,6 +4,7 @@ CPU runs the kernels in Triton's interpreter with fp32 operands at tiny shapes; 
 the real head shapes, contexts up to 131,072) are marked and run on the device.
 """
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -14,7 +15,11 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime.kernels.attention import attention, paged_attention  # noqa: E402
-from runtime.kernels.attention_triton import H100_SMS, choose_num_splits, paged_attention_triton  # noqa: E402
+from runtime.kernels.attention_triton import (  # noqa: E402
+    H100_SMS,
+    choose_num_splits,
+    paged_attention_triton,
+)
 
 # fp32 everywhere on CPU: only the summation order differs from the reference.
 ATOL = 1e-4
@@ -233,3 +238,69 @@ def test_gpu_mixed_batch_real_shapes(window, page_size):
     # fp32 on the GPU (ieee dots): the tight tolerance of the CPU tests.
     b32 = SimpleNamespace(**{**vars(b), "q": b.q.float(), "k_pages": b.k_pages.float(), "v_pages": b.v_pages.float()})
     assert_close(triton_poisoned(b32), want)
+
+
+def test_sink_takes_probability_mass():
+    # One query that sees only itself: p = exp(s) / (exp(s) + exp(sink)), output = p * v.
+    q, k, v = torch.randn(1, 2, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4)
+    sinks = torch.tensor([0.3, -1.2])
+    out = attention(q, k, v, sinks, q_start=0, k_start=0, sm_scale=0.5, window=None)
+    for h in range(2):
+        s = float(q[0, h] @ k[0, 0]) * 0.5
+        p = math.exp(s) / (math.exp(s) + math.exp(float(sinks[h])))
+        assert torch.allclose(out[0, h], p * v[0, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_masks_causal_and_sliding(window):
+    # With keys of zero logit and one-hot values, the output shows exactly which keys each query sees.
+    n = 7
+    q, k = torch.zeros(n, 1, n), torch.zeros(n, 1, n)
+    v = torch.eye(n).view(n, 1, n)
+    out = attention(q, k, v, torch.tensor([-100.0]), q_start=0, k_start=0, sm_scale=1.0, window=window)
+    for t in range(n):
+        seen = set(torch.nonzero(out[t, 0] > 1e-6).flatten().tolist())
+        first = 0 if window is None else max(0, t - window + 1)
+        assert seen == set(range(first, t + 1))  # keys t-W+1 .. t, the query's own position included
+
+
+def test_gqa_maps_query_heads_to_kv_heads_in_groups():
+    q = torch.randn(1, 4, 8)  # 4 query heads, 2 KV heads: heads 0,1 -> kv 0; heads 2,3 -> kv 1
+    k, v = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    out = attention(q, k, v, torch.full((4,), -100.0), q_start=0, k_start=0, sm_scale=1.0, window=None)
+    assert torch.allclose(out[0, 1], v[0, 0], atol=1e-5) and torch.allclose(out[0, 2], v[0, 1], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ ops by hand
+def test_attention_sink_with_only_the_diagonal_visible():
+    # window=1: query t sees only key t, so p = exp(s) / (exp(s) + exp(sink)), o = p * v_t.
+    n, heads, kv_heads, dim = 5, 6, 3, 8
+    q, k, v = torch.randn(n, heads, dim), torch.randn(n, kv_heads, dim), torch.randn(n, kv_heads, dim)
+    sinks = torch.randn(heads)
+    sm_scale = 0.3
+    out = attention(q, k, v, sinks, q_start=0, k_start=0, sm_scale=sm_scale, window=1)
+    for t in range(n):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)  # GQA: query head h reads KV head h // group
+            s = sum(q[t, h, i].item() * k[t, kv, i].item() for i in range(dim)) * sm_scale
+            p = math.exp(s) / (math.exp(s) + math.exp(sinks[h].item()))
+            torch.testing.assert_close(out[t, h], p * v[t, kv], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_attention_mask_visibility(window):
+    # Zero queries give every visible key score 0; the sink is 0 too, so each visible key gets
+    # 1 / (visible + 1). One-hot values make output column j the weight given to key j.
+    q_start, n, k_start, keys = 10, 5, 3, 12  # queries at 10..14, keys at 3..14
+    q = torch.zeros(n, 2, keys)
+    v = torch.eye(keys)[:, None, :].expand(keys, 1, keys).contiguous()
+    out = attention(q, torch.randn(keys, 1, keys), v, torch.zeros(2), q_start=q_start, k_start=k_start,
+                    sm_scale=0.125, window=window)
+    for i in range(n):
+        t = q_start + i
+        first = k_start if window is None else max(k_start, t - window + 1)
+        visible = list(range(first, t + 1))  # t - W + 1 .. t, and never a future key
+        expected = torch.zeros(keys)
+        expected[[j - k_start for j in visible]] = 1 / (len(visible) + 1)
+        for h in range(2):
+            torch.testing.assert_close(out[i, h], expected, rtol=1e-6, atol=1e-7)

@@ -42,7 +42,7 @@ writing only the activation; mlp2 adds the bias and writes fp32 rows in sorted o
 
 `moe_triton` is the single-rank MoE (gather, both GEMMs, weighted combine + residual); `expert_rows_triton`
 is the drop-in for `moe.expert_rows` used with expert parallelism. Both are checked against the
-references in tests/test_moe_gemm.py (CPU, interpreter) and tests/test_gpu.py (real shapes).
+references in tests/test_moe.py (CPU, interpreter) and its GPU tests (real shapes).
 """
 
 from __future__ import annotations
@@ -1140,7 +1140,7 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     out = reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
     if next_norm is None:
         return out
-    from runtime.kernels.fused_triton import add_rms_norm_triton
+    from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
 
     return add_rms_norm_triton(out, None, *next_norm)
 

@@ -11,7 +11,7 @@ byte is read once. The partial sums are added up once at the end, the bias added
 result rounded once to x's dtype: the reference up to the order of the fp32 sums.
 
 Given `rope=` (a QKV projection: q heads, then k, then v, head_dim wide each), the epilogue also does
-fused_triton.rope_qk_triton's work, saving that launch in a decode step: it rotates the q and k
+rope_triton.rope_qk_triton's work, saving that launch in a decode step: it rotates the q and k
 heads of the fp32 sums, rounds every output once, stores q, k, v as rope_qk_triton would leave them
 and, given `cache=`, k and v at each row's slot of the KV pages. A program then owns whole rotation
 pairs (features i and i + D/2 of one head, _pair_rows): two runs of BLOCK_N / 2 rows of a head while
@@ -33,13 +33,13 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
-from runtime.kernels.fused_triton import rope_cos_sin, rope_rotate
+from runtime.kernels.rope_triton import rope_cos_sin, rope_rotate
 from runtime.options import options
 
 # The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
-# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_dense_gemv.py --sweep --rows 1` on an
+# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_linear_triton.py --sweep --rows 1` on an
 # H100 (2026-11-26): 20.0 us against 43.7 with the plain GEMV's 8 x 512 unrolled tiles, whose RoPE
 # epilogue on top of eight rows' unrolled loads costs more than the unrolling saves.
 ROPE_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "UNROLL": False}
@@ -229,7 +229,7 @@ def _num_sms(index: int | None) -> int:
 
 def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
     """Launch parameters for x [M, K] @ weight [N, K]^T: an untuned starting point (compiled offline
-    for sm_90, not yet timed; scripts/bench_dense_gemv.py --sweep tries the alternatives).
+    for sm_90, not yet timed; scripts/bench_linear_triton.py --sweep tries the alternatives).
 
     The kernel is bound by the weight's bytes, so the aim is enough loads in flight on every SM with
     the whole grid resident at once (one wave, no tail of idle SMs):

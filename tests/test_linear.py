@@ -6,7 +6,7 @@ tp=1 and tp=2) against the fp32 linear of the same bf16 numbers. Inputs are fres
 each run (never zeros); the seed is printed.
 
 With `rope=` (RoPE and the KV-cache store in the epilogue), against linear_gemv followed by
-fused_triton.rope_qk_triton (the two launches it replaces) and against the torch reference (linear,
+rope_triton.rope_qk_triton (the two launches it replaces) and against the torch reference (linear,
 then rope.rope_qk), outputs and cache pages poisoned with NaN first: fp32 on CPU, bf16 on CPU
 (the interpreter truncates where it should round: bounds use twice the unit roundoff) and on the
 GPU at gpt-oss's QKV shape.
@@ -22,9 +22,9 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime.config import preset  # noqa: E402
-from runtime.kernels.dense_gemv import FEW_ROWS, Rope, fits, gemv_config, linear_gemv  # noqa: E402
-from runtime.kernels.fused_triton import rope_qk_triton  # noqa: E402
+from runtime.kernels.linear_triton import FEW_ROWS, Rope, fits, gemv_config, linear_gemv  # noqa: E402
 from runtime.kernels.rope import rope_qk, yarn_frequencies  # noqa: E402
+from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -210,7 +210,7 @@ def test_gemv_rope_fp32_equals_the_two_launches_and_the_reference(gen, m, head_d
     q, k_, v = heads(r, qkv)
     assert_cache_holds(r, k_pages, k_)
     assert_cache_holds(r, v_pages, v)
-    # The torch reference: tests/test_fused_kernels.py's fp32 tolerance for RoPE.
+    # The torch reference: tests/test_rope.py's fp32 tolerance for RoPE.
     ref_q, ref_k, ref_v = rope_qk(torch.nn.functional.linear(r.x, r.weight, r.bias), *rope_args(r.rope))
     for got, ref in ((q, ref_q), (k_, ref_k), (v, ref_v)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 """The router kernels (gate projection, top-k, softmax over the chosen; with the rows sorted by
-expert; with the residual add and RMSNorm before them) against moe.route, moe_gemm.plan and
+expert; with the residual add and RMSNorm before them) against moe.route, moe_triton.plan and
 rmsnorm.add_rms_norm, and the fused launches against the unfused ones.
 
 CPU: Triton's interpreter in fp32, where logits are distinct, so the experts must be the
@@ -11,6 +11,7 @@ bit (interpreter, fp32 and bf16; GPU: the norm), every buffer it allocates poiso
 leave its counter at zero (GPU: also replayed from a CUDA graph). Inputs are fresh random numbers each run; the seed is printed.
 """
 
+import math
 import os
 
 import pytest
@@ -20,12 +21,18 @@ triton = pytest.importorskip("triton")
 tl = triton.language
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
-from runtime.kernels.fused_triton import add_rms_norm_triton  # noqa: E402
-from runtime.kernels.moe import route  # noqa: E402
-from runtime.kernels.moe_gemm import plan  # noqa: E402
+from runtime.kernels.moe_triton import plan  # noqa: E402
 from runtime.kernels.rmsnorm import add_rms_norm  # noqa: E402
-from runtime.kernels.router_triton import (FUSED_PLAN_TOKENS, _done_counter, _last_to_finish,  # noqa: E402
-                                           norm_route_and_plan, route_and_plan, route_triton)
+from runtime.kernels.rmsnorm_triton import add_rms_norm_triton  # noqa: E402
+from runtime.kernels.router import route  # noqa: E402
+from runtime.kernels.router_triton import (  # noqa: E402
+    FUSED_PLAN_TOKENS,
+    _done_counter,
+    _last_to_finish,
+    norm_route_and_plan,
+    route_and_plan,
+    route_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,7 +57,7 @@ def test_route_triton_matches_the_reference_fp32(gen, tokens, experts, width, k)
         torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
 
 
-# up to 16 tokens the sort runs inside the top-k program; beyond, moe_gemm.plan
+# up to 16 tokens the sort runs inside the top-k program; beyond, moe_triton.plan
 @pytest.mark.parametrize("tokens, experts, k", [(1, 32, 4), (7, 8, 4), (16, 128, 4), (16, 4, 3), (17, 32, 4)])
 def test_route_and_plan_equals_route_then_plan(gen, tokens, experts, k):
     h, weight, bias = gate(gen, tokens, experts, 96, torch.float32)
@@ -146,7 +153,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("tokens, experts, width, k", [(1, 32, 64, 4), (4, 8, 256, 4), (7, 20, 96, 3),
                                                        (16, 32, 160, 4), (16, 128, 64, 4)])
 def test_norm_route_and_plan_matches_the_references_fp32(gen, tokens, experts, width, k):
-    """fp32 in the interpreter against add_rms_norm, moe.route of the gate's linear and moe_gemm.plan.
+    """fp32 in the interpreter against add_rms_norm, moe.route of the gate's linear and moe_triton.plan.
     x + delta and the routed experts are exact (the sum is one fp32 add; random fp32 logits do not
     tie); h and the weights differ only by summation order (1e-5 relative, measured ~1e-7)."""
     x, delta, gain, weight, bias = norm_inputs(gen, tokens, experts, width, torch.float32)
@@ -229,7 +236,7 @@ def test_norm_route_and_plan_bf16_at_real_shapes(gen, experts, tokens):
     """bf16, d = 2880: x + delta and h bit for bit add_rms_norm_triton's (the same arithmetic, the
     same [1, 4096] row tiles over 8 warps, so the same sum of squares), and the routing as
     test_route_triton_bf16_at_real_shapes checks it (chosen logits within two bf16 ulps of the top
-    k, weights to 2e-2) against the logits of that h; the plan is moe_gemm.plan of the ids. Run
+    k, weights to 2e-2) against the logits of that h; the plan is moe_triton.plan of the ids. Run
     many times over, in a loop of launches: a program reading a logit before it was written, or
     the counter left off zero, would show up as a changed route."""
     x, delta, gain, weight, bias = norm_inputs(gen, tokens, experts, 2880, torch.bfloat16)
@@ -264,3 +271,27 @@ def test_norm_route_and_plan_replays_in_a_cuda_graph(gen):
         delta.copy_(torch.randn(delta.shape, generator=gen, device=DEVICE))
         graph.replay()
         assert_same(out, norm_route_and_plan(x, delta, gain, EPS, weight, bias, 4))
+
+
+def test_route_softmax_over_the_chosen_four():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5, 2.5, -3.0, 1.0]])
+    experts, weights = route(logits, 4)
+    assert experts.tolist() == [[1, 5, 3, 7]]  # by descending logit
+    chosen = torch.tensor([3.0, 2.5, 2.0, 1.0])
+    assert torch.allclose(weights[0], torch.softmax(chosen, -1)) and weights.sum().item() == pytest.approx(1.0)
+
+
+def test_route_picks_the_top_4_and_softmaxes_over_them():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 2.5, 0.0, 1.0, -2.0]])
+    experts, weights = route(logits, 4)
+    assert experts.tolist() == [[1, 4, 3, 6]]
+    z = sum(math.exp(x) for x in (3.0, 2.5, 2.0, 1.0))
+    assert weights[0].tolist() == pytest.approx([math.exp(x) / z for x in (3.0, 2.5, 2.0, 1.0)], rel=1e-6)
+
+    logits = torch.randn(64, 32)
+    experts, weights = route(logits, 4)
+    assert experts.shape == weights.shape == (64, 4)
+    for row in range(64):
+        assert set(experts[row].tolist()) == set(logits[row].argsort(descending=True)[:4].tolist())
+        torch.testing.assert_close(weights[row], torch.softmax(logits[row, experts[row]], -1))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(64))

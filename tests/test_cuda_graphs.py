@@ -1,0 +1,160 @@
+"""runtime/cuda_graphs.py: decode steps replayed from CUDA graphs give the eager engine's tokens.
+
+On CPU the same static-buffer forward runs without capture (replay=False) through Triton's
+interpreter; on a GPU the captured graphs replay it, bit for bit, with and without programmatic
+dependent launch, and with tensor parallelism's collectives inside.
+"""
+
+import json
+
+import pytest
+import torch
+from routing_probe import poison
+
+from runtime.config import preset
+from runtime.engine import LLM
+from runtime.options import options
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_replays_the_static_forward_exactly():
+    """Decode steps replayed from CUDA graphs (the engine's default on CUDA) give bit for bit the
+    tokens and logprobs of the same static-buffer forward run without graphs, over several padded
+    sizes, preemption and sampled requests. (That forward equals the reference engine's tokens:
+    tests/test_kernel_path.py checks it on CPU.)"""
+    import dataclasses
+
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(11)
+    reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=20 + 7 * i, temperature=0.8 if i % 3 == 2 else 0, seed=i, logprobs=True),
+                    stop_token_ids=()) for i, n in enumerate((40, 300, 7, 1200, 90, 33, 500))]
+    results = {}
+    for replay in (True, False):
+        llm = LLM("dummy", model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
+                  max_model_len=4096)
+        if replay:
+            assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
+        else:
+            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled, replay=False)
+        results[replay] = llm.generate(reqs)
+        assert llm.preemptions > 0 and len(llm._graphs.replays) >= 3, (llm.preemptions, llm._graphs.replays)
+    for a, b in zip(results[True], results[False]):
+        assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_follows_the_eager_engine():
+    """Graphs against the eager engine (whose attention splits the key range by the actual lengths,
+    so sums differ in order): float32, so the tokens agree and their logprobs are close (a route
+    flip needs a router near-tie of ~1e-6 in 4 layers x 9 decode steps: not expected)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(12)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 4,
+             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((17, 260, 1000))]
+    out = [LLM("dummy", model=cfg, dtype="float32", max_batch_size=4, kv_cache_tokens=4096,
+               enforce_eager=eager).generate(reqs) for eager in (False, True)]
+    for graph, eager in zip(*out):
+        assert graph.token_ids == eager.token_ids
+        assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3
+
+
+@pytest.mark.gpu
+def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
+    """Kernels launched with PDL (each may start before the one before it ends, and waits for it
+    before touching activations) give bit for bit the tokens and logprobs of plain launches, in
+    CUDA graphs and eagerly (prefill), at batch 1 and with several sequences."""
+    import dataclasses
+
+    from runtime.kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda", 0)):
+        pytest.skip("PDL needs a Hopper GPU and Triton's launch_pdl option")
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(13)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 12,
+             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((9, 700, 130))]
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setattr(options, "pdl", flag == "1")
+        llm = LLM("dummy", model=cfg, max_batch_size=4, kv_cache_tokens=4096)
+        results[flag] = llm.generate(reqs[:1]) + llm.generate(reqs)
+    for a, b in zip(results["1"], results["0"]):
+        assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
+    """tp=2 on two GPUs (NCCL): decode steps replayed from graphs, with the all-reduces and the
+    logits' all-gather captured inside them, give the eager tp=2 engine's tokens, and logprobs within
+    1e-3 (float32; the graph's attention splits the key range as for max_model_len, so sums differ
+    in order). Both runs must have replayed graphs, or the test would compare eager with eager."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    gen = torch.Generator().manual_seed(21)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                                       "max_tokens": 6, "temperature": 0, "logprobs": True, "ignore_eos": True}) + "\n"
+                           for i, n in enumerate((9, 130, 700))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    out = {}
+    for eager in (False, True):
+        path = tmp_path / f"eager_{eager}.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launch.batch",
+             "checkpoint=dummy", "model=gpt-oss-20b", "model.num_hidden_layers=4", "dtype=float32", "device=cuda",
+             f"input={inp}", f"output={path}", "progress=false", "parallel.tp=2", "kv_cache_tokens=4096",
+             "max_batch_size=4", f"enforce_eager={str(eager).lower()}"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        replays = int(done.stderr.split(" decode steps replayed from CUDA graphs")[0].rsplit(" ", 1)[-1])
+        assert (replays == 0) if eager else (replays > 0), done.stderr[-1000:]
+        out[eager] = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    for i, graph in out[False].items():
+        eager = out[True][i]
+        assert graph.get("error") is None and graph["token_ids"] == eager["token_ids"], (graph, eager)
+        assert max(abs(a - b) for a, b in zip(graph["logprobs"], eager["logprobs"])) < 1e-3
+
+
+def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
+    """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
+    staged block tables at the fixed max_model_len width, batches padded into the scratch page,
+    attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
+    from runtime import engine
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.engine import LLM
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams, sample_on_device
+
+    gen = torch.Generator().manual_seed(5)
+    reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=12, temperature=0, logprobs=True), stop_token_ids=())
+            for i, n in enumerate((26, 5, 30, 9))]
+    settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
+                    max_model_len=1024)
+    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
+    fast = LLM(tiny_checkpoints["original"], **settings)
+    poison(fast.model)
+    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
+    sampled_by_torch = []
+    monkeypatch.setattr(engine, "sample_on_device", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
+    got = fast.generate(reqs)
+    for g, w in zip(got, want):
+        assert g.error is None and g.token_ids == w.token_ids
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+    # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too,
+    # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
+    assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
+    assert len(sampled_by_torch) == fast._steps - sum(fast._graphs.replays.values())
