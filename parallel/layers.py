@@ -7,15 +7,18 @@ group of one every layer is the plain layer and every collective is skipped.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.functional import linear
 
 from parallel.groups import Group, LayoutError
-from runtime.kernels import use_triton
 
 Slices = dict[int, list[tuple[int, int]]]
+# A matmul y = x W^T + b: torch's by default; the model may pass a faster one (runtime/ops.py).
+Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # torch 2.13 renames all_gather_into_tensor (and warns on the old name); older releases have only it.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -42,19 +45,6 @@ def broadcast(t: torch.Tensor, g: Group) -> torch.Tensor:
     if g.size > 1:
         dist.broadcast(t, src=g.first, group=g.group)
     return t
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: Group) -> torch.Tensor:
-    """linear; on the kernel path for one row (batch-1 decode) of an unsplit layer the Triton GEMV
-    (runtime/kernels/linear_triton.py): 20b decoded 388.0 against 368.8 tok/s with cuBLAS there (one
-    H100, same machine, 2026-11-25). At 4 rows it lost to cuBLAS alone (0.59-0.88x), and so did the
-    tp=2 output projection's shape (0.52x), so tensor-parallel shards keep cuBLAS until measured."""
-    if x.dim() == 2 and x.shape[0] == 1 and g.size == 1 and use_triton(x):
-        from runtime.kernels.linear_triton import fits, linear_gemv
-
-        if fits(x, weight):
-            return linear_gemv(x, weight, bias)
-    return linear(x, weight, bias)
 
 
 # --------------------------------------------------------------------------------------- sharding
@@ -101,9 +91,9 @@ class ColumnParallelLinear(Sharded):
     fused projection) is split on its own, so every rank gets matching parts of each."""
 
     def __init__(self, segments: list[int], in_features: int, g: Group, dtype, device, bias: bool = True,
-                 what: str = "output features"):
+                 what: str = "output features", matmul: Matmul = linear):
         super().__init__(device)
-        self.group = g
+        self.group, self.matmul = g, matmul
         rows, offset = [], 0
         for n in segments:
             lo, hi = shard(n, g, what)
@@ -114,16 +104,16 @@ class ColumnParallelLinear(Sharded):
             self.add("bias", (offset,), dtype, {0: rows})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, getattr(self, "bias", None), self.group)
+        return self.matmul(x, self.weight, getattr(self, "bias", None))
 
 
 class RowParallelLinear(Sharded):
     """y = sum over ranks of x_r W_r^T, plus b once (on the first rank): input features split, one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, g: Group, dtype, device, bias: bool = True,
-                 what: str = "input features"):
+                 what: str = "input features", matmul: Matmul = linear):
         super().__init__(device)
-        self.group = g
+        self.group, self.matmul = g, matmul
         lo, hi = shard(in_features, g, what)
         self.add("weight", (out_features, in_features), dtype, {1: [(lo, hi)]})
         if bias:
@@ -132,7 +122,7 @@ class RowParallelLinear(Sharded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias in the GEMM's epilogue (not one more launch), on the group's first rank only.
         bias = getattr(self, "bias", None) if self.group.rank == 0 else None
-        return all_reduce(_linear(x, self.weight, bias, self.group), self.group)
+        return all_reduce(self.matmul(x, self.weight, bias), self.group)
 
 
 class VocabParallelEmbedding(Sharded):

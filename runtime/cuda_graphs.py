@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.kernels import use_triton
+from runtime import ops
 from runtime.kv_cache import PAGE_SIZE, pages_for
 from runtime.model import GptOss
 from runtime.step import PagedLayers, PagedStep, SequenceChunk
@@ -46,7 +46,7 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 def supported(model: GptOss, replay: bool = True) -> str | None:
     """Why decode steps of this model cannot run as CUDA graphs, or None when they can."""
-    if not use_triton(model.inv_freq) or (replay and model.device.type != "cuda"):
+    if not ops.use_kernels(model.inv_freq) or (replay and model.device.type != "cuda"):
         return "graphs need the Triton kernels on a CUDA device"
     if model.parallel.experts_partition.size > 1:
         return "expert parallelism sizes its all-to-all on the host"
@@ -154,8 +154,6 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------------------ capture
     def _forward(self, size: int) -> None:
-        from runtime.kernels.greedy_triton import greedy_into  # triton: not needed to import the engine
-
         ints = self._ints[:size]
         source = ints[:, 4]
         tokens = torch.where(source >= 0, self._sampled[source.clamp(min=0)], ints[:, 0])
@@ -165,7 +163,7 @@ class DecodeGraphs:
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
                           max_q_len=1, max_k_len=self.max_model_len)
         self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
-        greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
+        ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 
     def _capture(self, size: int) -> None:
         """Run the step once outside the graph (kernels compile, caches fill; it writes the same keys

@@ -5,7 +5,20 @@ Module and buffer names equal the OpenAI original checkpoint's tensor names
 
 A forward step takes a flat batch of tokens from any number of sequences (prompt chunks and single
 decode tokens mixed), each with its absolute position and its sequence's KV cache, and returns
-logits only where the caller asks for them.
+logits only where the caller asks for them. Every operation is a call into runtime/ops.py, which
+picks the Triton kernel or the torch reference; both read the same paged step (runtime/step.py).
+
+What each launch fuses on the kernel path, per block (decode, every expert on the rank):
+- `ops.qkv_rope_store`: the QKV projection, RoPE on q and k, and k, v into the KV cache (at one row
+  of an unsplit layer, one GEMV launch; else the projection, then one RoPE launch that also stores);
+- `ops.attention`: paged attention with sinks (split over keys in decode, with a merge launch);
+- the output projection (`RowParallelLinear`, all-reduced under tensor parallelism);
+- `ops.route`: the residual add, the MoE's RMSNorm, the gate, top-4, softmax, and the rows sorted
+  by expert, in one launch;
+- `ops.local_experts`: mlp1 + SwiGLU, mlp2, then the weighted combine, the residual add and the
+  NEXT block's attention RMSNorm in the last launch, so the next block starts from its normed input.
+The reference path (and expert parallelism, which exchanges rows between these steps) runs each
+step on its own; `Block.forward` states the contract both keep.
 """
 
 from __future__ import annotations
@@ -20,30 +33,19 @@ from parallel.experts import AllToAllExchange, gather_token_slices, token_slice
 from parallel.groups import LayoutError, Parallel, single
 from parallel.layers import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, Sharded,
                              VocabParallelEmbedding, VocabParallelHead, all_reduce, shard, take)
-from runtime import mxfp4
+from runtime import mxfp4, ops
 from runtime.checkpoint import CheckpointReader, random_tensor, tensor_specs
 from runtime.config import ModelConfig
-from runtime.kernels import use_triton
-from runtime.kernels.attention import attention
-from runtime.kernels.moe import expert_rows
-from runtime.kernels.router import route
-from runtime.kernels.rmsnorm import add_rms_norm, rms_norm
-from runtime.kernels.rope import apply_rope, cos_sin, yarn_frequencies
+from runtime.kernels.rope import yarn_frequencies
 from runtime.kv_cache import PagePool, SequenceKV, page_bytes
 from runtime.step import PagedStep, Step
 
 
 @dataclasses.dataclass
 class StepContext:
-    """Per-step inputs every layer shares: positions, the rotary tables, and either the sequences'
-    chunks (the reference path) or the paged view (the Triton path)."""
-    positions: torch.Tensor
-    chunks: list | None
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
-    inv_freq: torch.Tensor
-    concentration: float
-    paged: PagedStep | None  # set when the Triton kernels run
+    """What every layer of one step shares: the RoPE inputs and the paged view of the KV cache."""
+    rotary: ops.Rotary
+    paged: PagedStep
 
 
 class Attention(Sharded):
@@ -58,10 +60,12 @@ class Attention(Sharded):
         self.heads, self.kv_heads = cfg.num_attention_heads // tp.size, cfg.num_key_value_heads // tp.size
         self.norm = Sharded(dev)
         self.norm.add("scale", (cfg.hidden_size,), torch.float32)
-        self.qkv = ColumnParallelLinear([cfg.q_width, cfg.kv_width, cfg.kv_width], cfg.hidden_size, tp, dtype, dev)
+        matmul = ops.linear_for(tp.size)
+        self.qkv = ColumnParallelLinear([cfg.q_width, cfg.kv_width, cfg.kv_width], cfg.hidden_size, tp, dtype, dev,
+                                        matmul=matmul)
         self.add("sinks", (cfg.num_attention_heads,), torch.float32,
                  {0: [shard(cfg.num_attention_heads, tp, "query heads")]})
-        self.out = RowParallelLinear(cfg.q_width, cfg.hidden_size, tp, dtype, dev)
+        self.out = RowParallelLinear(cfg.q_width, cfg.hidden_size, tp, dtype, dev, matmul=matmul)
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
@@ -70,50 +74,12 @@ class Attention(Sharded):
         the residual: the caller adds it, fused with the MoE's norm. h: x's RMSNorm under this
         block's norm, where the block before computed it (fused with its MoE combine)."""
         cfg = self.cfg
-        if ctx.paged is not None:
-            from runtime.kernels.attention_triton import paged_attention_triton
-            from runtime.kernels.linear_triton import Rope, fits, linear_gemv
-            from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
-            from runtime.kernels.rope_triton import rope_qk_triton
-
-            if h is None:
-                _, h = add_rms_norm_triton(x, None, self.norm.scale, cfg.rms_norm_eps)
-            p, kv = ctx.paged, ctx.paged.layers(self.window is not None)
-            keys, values = kv.pool.keys[self.layer], kv.pool.values[self.layer]
-            cache = (keys, values, kv.slots)
-            rope = Rope(ctx.positions, ctx.inv_freq, ctx.concentration, cfg.head_dim, self.heads, self.kv_heads)
-            weight, bias = self.qkv.weight, getattr(self.qkv, "bias", None)
-            if h.shape[0] == 1 and self.qkv.group.size == 1 and fits(h, weight, rope):
-                # Batch-1 decode, where self.qkv would run the GEMV anyway (parallel/layers._linear): the
-                # GEMV's epilogue also rotates q, k and fills the cache, one launch instead of two.
-                qkv = linear_gemv(h, weight, bias, rope=rope, cache=cache)
-                q = qkv.unflatten(-1, (-1, cfg.head_dim))[:, :self.heads]
-            else:
-                q, _, _ = rope_qk_triton(self.qkv(h), ctx.positions, ctx.inv_freq, ctx.concentration, self.heads,
-                                         self.kv_heads, cfg.head_dim, cache=cache)
-            out = paged_attention_triton(q, keys, values, kv.block_table, p.cu_q, p.q_start, self.sinks,
-                                         sm_scale=self.sm_scale, window=self.window, max_q_len=p.max_q_len,
-                                         max_k_len=p.max_k_len)
-            return self.out(out.flatten(-2))
         if h is None:
-            h = rms_norm(x, self.norm.scale, cfg.rms_norm_eps)
-        q, k, v = self.qkv(h).split([self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim,
-                                     self.kv_heads * cfg.head_dim], dim=-1)
-        q = apply_rope(q.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
-        k = apply_rope(k.unflatten(-1, (-1, cfg.head_dim)), ctx.cos, ctx.sin)
-        v = v.unflatten(-1, (-1, cfg.head_dim))
-        outputs, offset = [], 0
-        for chunk in ctx.chunks:
-            rows = slice(offset, offset + chunk.length)
-            offset += chunk.length
-            chunk.cache.write(self.layer, chunk.start, k[rows], v[rows])
-            end = chunk.start + chunk.length
-            # A sliding layer's first query (at `start`) sees nothing older than start - window + 1.
-            first_key = 0 if self.window is None else max(0, chunk.start - self.window + 1)
-            keys, values = chunk.cache.read(self.layer, first_key, end)
-            outputs.append(attention(q[rows], keys, values, self.sinks, q_start=chunk.start,
-                                     k_start=first_key, sm_scale=self.sm_scale, window=self.window))
-        return self.out(torch.cat(outputs).flatten(-2))
+            _, h = ops.add_rms_norm(x, None, self.norm.scale, cfg.rms_norm_eps)
+        kv = ctx.paged.layers(self.window is not None)
+        q = ops.qkv_rope_store(h, self.qkv, self.heads, self.kv_heads, cfg.head_dim, ctx.rotary, kv, self.layer)
+        out = ops.attention(q, ctx.paged, kv, self.layer, self.sinks, self.sm_scale, self.window)
+        return self.out(out.flatten(-2))
 
 
 class MoE(Sharded):
@@ -145,50 +111,32 @@ class MoE(Sharded):
         self.add("mlp1_bias", (E, 2 * I), dtype, {0: experts, 1: [(2 * lo, 2 * hi)]})
         self.add("mlp2_bias", (E, d), dtype, {0: experts})
 
-    def _expert_rows(self):
-        if use_triton(self.mlp1_bias):
-            from runtime.kernels.moe_triton import expert_rows_triton
-
-            return expert_rows_triton
-        return expert_rows
+    @property
+    def experts(self) -> ops.ExpertWeights:
+        return ops.ExpertWeights(self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
+                                 self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
+                                 self.cfg.swiglu_limit)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor,
                 next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(r + MoE(h), then that sum's RMSNorm under next_norm (the next block's attention norm
-        scale) where the kernel path computes it in the MoE's last launch, else None), where
-        r = x + delta is the residual after attention (delta: the attention block's output) and h
-        is r's RMSNorm under this MoE's norm. The add and the norm run fused; on a rank holding
-        every expert, in decode steps, in one launch with the router."""
+        """(r + MoE(h), and that sum's RMSNorm under next_norm (the next block's attention norm scale)
+        where the kernels compute it in their last launch, else None), where r = x + delta is the
+        residual after attention (delta: the attention block's output) and h is r's RMSNorm under
+        this MoE's norm."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
-        if self.partition.size == 1 and use_triton(x):  # every expert here (whole, or the same slice of each)
-            from runtime.kernels.moe_triton import moe_triton  # no exchange, fused combine
-            from runtime.kernels.router_triton import norm_route_and_plan  # add, norm, gate, top-k, softmax, plan
-
-            x, h, expert_ids, weights, rows = norm_route_and_plan(x, delta, self.norm.scale, eps, self.gate.weight,
-                                                                  self.gate.bias, cfg.experts_per_token)
+        r = ops.route(x, delta, self.norm.scale, eps, self.gate.weight, self.gate.bias, cfg.experts_per_token,
+                      all_experts_here=self.partition.size == 1)
+        if r.plan is not None:  # the kernels took the rows sorted by expert: the rest is one call
             norm = (next_norm, eps) if next_norm is not None else None
-            out = moe_triton(h, expert_ids, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                             self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
-                             cfg.swiglu_limit, residual=x, reduce=reduce, first=self.split.rank == 0, rows=rows,
-                             next_norm=norm)
-            return out if norm is not None else (out, None)
-        if use_triton(x):
-            from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
-            from runtime.kernels.router_triton import route_triton  # gate, top-k and softmax
-
-            x, h = add_rms_norm_triton(x, delta, self.norm.scale, eps)
-            expert_ids, weights = route_triton(h, self.gate.weight, self.gate.bias, cfg.experts_per_token)
-        else:
-            x, h = add_rms_norm(x, delta, self.norm.scale, eps)
-            expert_ids, weights = route(self.gate(h), cfg.experts_per_token)
+            return ops.local_experts(r, self.experts, reduce, first=self.split.rank == 0, next_norm=norm)
+        # Each rank of the partition takes a slice of the tokens, sends each row to its experts' owner,
+        # and gets the weighted sums back; the slices are gathered again.
         lo, hi = token_slice(x.shape[0], self.partition)
-        routed = self.exchange.dispatch(h[lo:hi], expert_ids[lo:hi])
-        y = self._expert_rows()(routed.rows, routed.local_expert, self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                                self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales,
-                                self.mlp2_bias, cfg.swiglu_limit, reduce)
-        out = self.exchange.combine(y, weights[lo:hi], routed)
-        return x + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype), None
+        routed = self.exchange.dispatch(r.h[lo:hi], r.expert_ids[lo:hi])
+        y = ops.expert_rows(routed.rows, routed.local_expert, self.experts, reduce)
+        out = self.exchange.combine(y, r.weights[lo:hi], routed)
+        return r.residual + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype), None
 
 
 class Block(nn.Module):
@@ -199,9 +147,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None,
                 next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the block's output, its RMSNorm under next_norm or None): see MoE.forward, which also
-        adds the attention's output to the residual; h is x's RMSNorm under this block's attention
-        norm, when the block before computed it."""
+        """The block's math, with its residual adds:
+
+            r = x + attention(rms_norm(x))          # h = rms_norm(x), when the block before gave it
+            y = r + moe(rms_norm(r))
+            returns (y, rms_norm(y) under next_norm, or None)
+
+        The fusion contract: the attention returns its output without the residual; the MoE adds
+        both residuals (x + delta in its first launch, fused with its norm; r + the experts' sum in
+        its last), and where the kernels can it also returns the next block's attention input
+        rms_norm(y), which that block then takes as `h` instead of computing it."""
         return self.mlp(x, self.attn(x, ctx, h), next_norm)
 
 
@@ -257,29 +212,21 @@ class GptOss(nn.Module):
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Next-token logits [M, vocab] in fp32 for the tokens at step.logits_indices (on every rank)."""
-        if use_triton(self.inv_freq):
-            return self.forward_paged(step.token_ids, step.positions, PagedStep.of(step.chunks, self.device),
-                                      step.logits_indices)
-        cos, sin = cos_sin(step.positions, self.inv_freq, self.concentration, self.dtype)
-        ctx = StepContext(step.positions, step.chunks, cos, sin, self.inv_freq, self.concentration, None)
-        return self._layers(step.token_ids, ctx, step.logits_indices)
+        return self.forward_paged(step.token_ids, step.positions, PagedStep.of(step.chunks, self.device),
+                                  step.logits_indices)
 
     @torch.inference_mode()
     def forward_paged(self, token_ids: torch.Tensor, positions: torch.Tensor, paged: PagedStep,
                       logits_indices: torch.Tensor) -> torch.Tensor:
-        """The Triton path's forward from device tensors alone (no host work, no sync), so that
+        """The forward from device tensors alone (no host work, no sync on the kernel path), so that
         runtime/cuda_graphs.py can capture it."""
-        ctx = StepContext(positions, None, None, None, self.inv_freq, self.concentration, paged)
-        return self._layers(token_ids, ctx, logits_indices)
-
-    def _layers(self, token_ids: torch.Tensor, ctx: StepContext, logits_indices: torch.Tensor) -> torch.Tensor:
+        ctx = StepContext(ops.Rotary(positions, self.inv_freq, self.concentration), paged)
         x, h = self.embedding(token_ids), None
         for n, block in enumerate(self.block):
-            # The kernel path computes the next block's attention norm in this block's last launch.
-            last = n + 1 == len(self.block)
-            following = self.block[n + 1].attn.norm.scale if ctx.paged is not None and not last else None
+            # Where the kernels can, this block's last launch also computes the next block's attention norm.
+            following = self.block[n + 1].attn.norm.scale if n + 1 < len(self.block) else None
             x, h = block(x, ctx, h, following)
-        x = rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
+        x = ops.rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
         return self.unembedding(x)
 
     # ------------------------------------------------------------------------------- weights

@@ -14,21 +14,22 @@ import dataclasses
 
 import torch
 
-import runtime.model
+import runtime.ops
 
 
 class RouteRecorder:
-    """Records the router logits of every `route` call the model makes while installed."""
+    """Records the router logits of every routing the model does while installed (the reference's
+    `route` and each router kernel)."""
 
     def __init__(self, monkeypatch, num_layers: int):
         self.num_layers, self.calls = num_layers, []
-        original = runtime.model.route
+        original = runtime.ops.route_reference
 
         def recording_route(logits, k):
             self.calls.append(logits.detach().float().cpu())
             return original(logits, k)
 
-        monkeypatch.setattr(runtime.model, "route", recording_route)
+        monkeypatch.setattr(runtime.ops, "route_reference", recording_route)
         try:  # the kernel path routes in one Triton kernel: record the gate's logits beside it
             import runtime.kernels.router_triton as router_triton
         except ImportError:  # no triton installed: only the reference path runs

@@ -1,4 +1,4 @@
-"""Checkpoints: the public tensor names of both layouts (spec §2.1, §2.2), one internal view of them,
+"""Checkpoints: the public tensor names of both layouts (docs/gpt-oss-spec.md §2.1, §2.2), one internal view of them,
 partial reads, and errors that name what is wrong."""
 
 import json
@@ -94,7 +94,7 @@ def test_hf_layout_names_shapes_dtypes(tiny_checkpoints):
     assert h[p + "mlp.experts.down_proj_scales"][1:] == ((E, D, I // 32), "U8")
     assert h[p + "mlp.experts.down_proj_bias"][1:] == ((E, D), "BF16")
     assert not any(k.startswith("block.") or "qkv" in k for k in h)
-    assert len(h) == 19 * L + 3  # spec §2.2: 459 = 24 x 19 + 3 for 20b
+    assert len(h) == 19 * L + 3  # docs/gpt-oss-spec.md §2.2: 459 = 24 x 19 + 3 for 20b
 
 
 def test_hf_layout_is_sharded_with_a_complete_index(tiny_checkpoints):

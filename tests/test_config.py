@@ -17,12 +17,12 @@ def test_presets_load_with_the_spec_shapes():
     for name, (layers, experts) in big.items():
         cfg = preset(name)
         assert (cfg.num_hidden_layers, cfg.num_experts) == (layers, experts)
-        # spec §1.1: everything else is shared by both sizes
+        # docs/gpt-oss-spec.md §1.1: everything else is shared by both sizes
         assert (cfg.experts_per_token, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (4, 201088, 2880, 2880)
         assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.sliding_window) == (64, 64, 8, 128)
         assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha, cfg.rope_ntk_beta) == (150000, 32, 1, 32)
         assert (cfg.initial_context_length, cfg.swiglu_limit, cfg.rms_norm_eps) == (4096, 7.0, 1e-5)
-        assert (cfg.qkv_width, cfg.max_position_embeddings) == (5120, 131072)  # spec §1.2
+        assert (cfg.qkv_width, cfg.max_position_embeddings) == (5120, 131072)  # docs/gpt-oss-spec.md §1.2
     tiny = preset("tiny")
     assert (tiny.num_hidden_layers, tiny.num_experts, tiny.hidden_size, tiny.sliding_window) == (4, 8, 128, 8)
     assert tiny.vocab_size == 201088
@@ -37,7 +37,7 @@ def test_unknown_preset_raises():
 def test_both_dialects_round_trip(name):
     cfg = preset(name)
     hf, original = cfg.to_hf_json(), cfg.to_original_json()
-    # The original dialect is exactly REF-T's 16 ModelConfig fields (spec §1.1).
+    # The original dialect is exactly REF-T's 16 ModelConfig fields (docs/gpt-oss-spec.md §1.1).
     assert len(original) == 16 and "num_local_experts" not in original and "rms_norm_eps" not in original
     assert hf["num_local_experts"] == cfg.num_experts and "num_experts" not in hf
     # Through real JSON text, as a checkpoint would hold them.
@@ -55,7 +55,7 @@ def test_hf_dialect_values_come_from_rope_scaling():
 
 
 def test_transformers_5_rope_parameters_dialect():
-    # transformers 5.x saves rope_scaling + rope_theta as one rope_parameters dict (spec §1.1).
+    # transformers 5.x saves rope_scaling + rope_theta as one rope_parameters dict (docs/gpt-oss-spec.md §1.1).
     cfg = preset("gpt-oss-120b")
     hf = cfg.to_hf_json()
     hf["rope_parameters"] = dict(hf.pop("rope_scaling"), rope_theta=hf.pop("rope_theta"))
@@ -147,13 +147,13 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 @pytest.mark.parametrize("name, expected", [("gpt-oss-20b", 20_914_757_184), ("gpt-oss-120b", 116_829_156_672)])
 def test_parameter_counts_match_spec(name, expected):
-    assert parameter_count(preset(name)) == expected  # spec §7.1
+    assert parameter_count(preset(name)) == expected  # docs/gpt-oss-spec.md §7.1
 
 
 def test_tensor_count_and_mxfp4_shapes_of_20b():
     cfg = preset("gpt-oss-20b")
     specs = tensor_specs(cfg)
-    assert len(specs) == 24 * 15 + 3  # spec §2.1: 15 per block (459 in HF, whose qkv is 3 tensors)
+    assert len(specs) == 24 * 15 + 3  # docs/gpt-oss-spec.md §2.1: 15 per block (459 in HF, whose qkv is 3 tensors)
     assert specs["block.5.mlp.mlp1_weight.blocks"].shape == (32, 5760, 90, 16)
     assert specs["block.5.mlp.mlp2_weight.scales"].shape == (32, 2880, 90)
     assert specs["block.5.attn.qkv.weight"].shape == (5120, 2880)

@@ -1,5 +1,5 @@
 """The reference model: parity with Hugging Face transformers, both checkpoint layouts, the KV cache
-(decode, chunked prefill, batching), bfloat16, and the reference ops against hand formulas (spec §4)."""
+(decode, chunked prefill, batching), bfloat16, and the reference ops against hand formulas (docs/gpt-oss-spec.md §4)."""
 
 import dataclasses
 
@@ -40,7 +40,7 @@ def f32(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_checkpoints):
-    # Eager attention: transformers' sdpa path drops the sinks (environment.md). On CPU the MXFP4
+    # Eager attention: transformers' sdpa path drops the sinks (docs/environment.md). On CPU the MXFP4
     # experts load only dequantized; the values are exact in any float dtype.
     model = transformers.GptOssForCausalLM.from_pretrained(
         tiny_checkpoints["hf"], dtype=torch.float32, attn_implementation="eager",
@@ -82,7 +82,7 @@ def test_load_refuses_a_checkpoint_of_another_shape(tiny_checkpoints):
 
 def test_layers_alternate_sliding_and_full(f32):
     windows = [block.attn.window for block in f32.block]
-    assert windows == [8, None, 8, None]  # spec §1.3: even layers are banded
+    assert windows == [8, None, 8, None]  # docs/gpt-oss-spec.md §1.3: even layers are banded
 
 
 # ------------------------------------------------------------------------------ KV cache
@@ -140,10 +140,10 @@ def test_batched_step_equals_each_sequence_alone(f32):
 
 # ------------------------------------------------------------------------------ bfloat16
 def test_bfloat16_model_is_close_to_float32(f32, tiny_checkpoints):
-    """bf16 activations against the float32 model on the same weights (spec §5.3 bf16-rounding
+    """bf16 activations against the float32 model on the same weights (docs/gpt-oss-spec.md §5.3 bf16-rounding
     tolerances): log-softmax max |diff| <= 0.1 and mean <= 0.02 (one bf16 ulp at |logit| ~ 5 is 0.03;
     we measured 0.056 / 0.0075), greedy top-1 agreement on >= 90% of the positions (measured 100%).
-    The prompt is seeded: on some other prompts a router near-tie flips one expert and, as spec §5.2
+    The prompt is seeded: on some other prompts a router near-tie flips one expert and, as docs/gpt-oss-spec.md §5.2
     says, that alone moves a position's log-probabilities by ~1, which is not a bug."""
     bf16 = load(tiny_checkpoints["hf"], torch.bfloat16)
     tokens = prompt(16, 0)
@@ -182,7 +182,7 @@ def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
     a = torch.log_softmax(full_logits(ref, tokens), -1)
     b = torch.log_softmax(full_logits(gpu, tokens).cpu(), -1)
     # bf16 activations (8 bits of mantissa) through 4 layers: a few bf16 ulps of the logits
-    # (spec §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max over all
+    # (docs/gpt-oss-spec.md §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max over all
     # 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
     diff = (a - b).abs()
     assert diff.mean() < 0.05 and diff.amax(-1).median() < 0.5, (diff.mean(), diff.amax(-1).median())

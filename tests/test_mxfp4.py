@@ -1,4 +1,4 @@
-"""runtime.mxfp4.decode against values worked out by hand from spec §3 (E2M1 codes, low nibble first,
+"""runtime.mxfp4.decode against values worked out by hand from docs/gpt-oss-spec.md §3 (E2M1 codes, low nibble first,
 E8M0 scale with bias 127)."""
 
 import pytest

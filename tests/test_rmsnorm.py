@@ -1,6 +1,6 @@
 """The fused Triton kernels (add + RMSNorm, in-place RoPE on q/k) against their torch references.
 
-CPU: Triton's interpreter, fp32 (its bf16 math is wrong, environment.md), so kernel and reference
+CPU: Triton's interpreter, fp32 (its bf16 math is wrong, docs/environment.md), so kernel and reference
 differ only in summation order and libm: tolerances ~1e-5 relative. Without a GPU those tests run on
 CPU tensors; with one, on CUDA tensors. GPU only: bf16 at the real shapes, with bf16 tolerances.
 Inputs are fresh random numbers each run; the seed is printed, so a failure's output shows it.

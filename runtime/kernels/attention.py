@@ -1,4 +1,4 @@
-"""Attention with GQA, a learned per-head sink logit, and causal or sliding-window masks (§4.5).
+"""Attention with GQA, a learned per-head sink logit, and causal or sliding-window masks (docs/gpt-oss-spec.md §4.5).
 
 The sink is one extra logit per head in the softmax's denominator, with no value vector: the
 probabilities over real keys sum to less than one. It is not scaled by sm_scale.

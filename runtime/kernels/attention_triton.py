@@ -36,7 +36,7 @@ import triton.language as tl
 from runtime.kernels import pdl
 from runtime.options import options
 
-# The interpreter computes bf16 dots wrongly (environment.md); it gets fp32 operands instead.
+# The interpreter computes bf16 dots wrongly (docs/environment.md); it gets fp32 operands instead.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 
 # Split-K sizing: aim for SPLIT_PROGRAMS_PER_SM programs per SM, so each SM has several streams of

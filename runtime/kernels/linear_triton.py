@@ -36,7 +36,7 @@ from runtime.kernels import pdl
 from runtime.kernels.rope_triton import rope_cos_sin, rope_rotate
 from runtime.options import options
 
-# The interpreter computes bf16 math wrongly (environment.md): fp32 operands there, on CPU tensors.
+# The interpreter computes bf16 math wrongly (docs/environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
 # The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_linear_triton.py --sweep --rows 1` on an

@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN scaling (gpt-oss-spec.md §4.4).
+"""Rotary position embedding with YaRN scaling (docs/gpt-oss-spec.md §4.4).
 
 Half-split pairing (component i rotates with i + d/2), frequencies blended between the original and
 the 32x-stretched ones by YaRN's linear ramp, and cos/sin scaled by the concentration

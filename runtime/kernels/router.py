@@ -1,4 +1,4 @@
-"""The MoE router (§4.6): each token's top-k experts by the gate's logits, weighted by a softmax over
+"""The MoE router (docs/gpt-oss-spec.md §4.6): each token's top-k experts by the gate's logits, weighted by a softmax over
 the k chosen logits only. The reference of runtime/kernels/router_triton.py."""
 
 from __future__ import annotations
