@@ -18,13 +18,12 @@ import hydra
 import torch.distributed
 from omegaconf import DictConfig
 
+from launch.batch_core import ResultWriter, first_of_each_key, not_done, to_requests
 from launch.common import build_llm, clean_exit, fail_fast, init_parallel
 from launch.progress import Progress
 from parallel import groups
 from parallel.groups import Parallel
-from runtime.engine import Result
 from runtime.jsonl import NoOutput, OutputFile, read_input
-from runtime.requests import RequestError
 
 
 class StopSignal:
@@ -63,40 +62,18 @@ def run(cfg: DictConfig) -> dict:
         llm = build_llm(cfg, parallel)
         lines = list(read_input(cfg.input))
     with open_output(cfg.output, parallel) as out:
-        todo, seen = [], set()
-        for line in lines:
-            if line.key in out.done or line.key in seen:
-                continue  # finished in an earlier run, or a repeated id (the first one wins)
-            seen.add(line.key)
-            todo.append(line)
+        # Finished in an earlier run, or a repeated id (the first one wins): skipped.
+        todo = list(first_of_each_key(not_done(lines, out.done)))
         skipped = len(lines) - len(todo)
         todo = todo[parallel.dp_rank::parallel.layout.dp]
         progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0, interval_s=cfg.progress_interval_s)
-        stats = {"requests": len(todo), "written": 0, "errors": 0, "tokens": 0, "skipped": skipped}
+        write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
         start = time.perf_counter()
-
-        def write(result: Result, line_number: int | None = None) -> None:
-            record = result.to_json()
-            if result.id is None:
-                record["line"] = line_number  # no usable id: the line number identifies it
-            out.write(record)
-            stats["written"] += 1
-            stats["errors"] += result.error is not None
-            stats["tokens"] += len(result.token_ids)
-            progress.update(len(result.token_ids))
-
-        requests = []
-        for line in todo:
-            try:
-                if line.error is not None:
-                    raise RequestError(line.error)
-                requests.append(llm.make_request(line.obj))
-            except RequestError as e:
-                write(Result(line.key[1] if line.key[0] == "id" else None, error=f"line {line.number}: {e}"),
-                      line.number)
+        requests = to_requests(todo, llm.make_request, on_error=write)
         stop = StopSignal()
         llm.generate(requests, on_result=write, should_stop=stop)
         progress.close()
+    stats = {"requests": len(todo), **write.counts, "skipped": skipped}
     stats["stopped_by"] = stop.received
     stats["graph_replays"] = llm.graph_replays
     stats["seconds"] = time.perf_counter() - start

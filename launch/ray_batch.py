@@ -24,10 +24,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from launch.batch_core import ResultWriter, not_done, to_requests
 from launch.progress import Progress
-from runtime.engine import Result
-from runtime.jsonl import InputLine, OutputFile, output_key
-from runtime.requests import RequestError
+from runtime.jsonl import NoOutput, OutputFile, nonblank_lines, output_key, parse_line
 
 
 class RankActor:
@@ -48,30 +47,15 @@ class RankActor:
 
     def generate(self, lines: list[tuple[int, str]], part: str) -> list[dict]:
         """Run a batch of raw input lines; the first rank writes results to `part` as they finish."""
-        out = OutputFile(part) if self.parallel.is_writer else None
-        requests, written = [], []
-
-        def write(result: Result, number: int | None = None) -> None:
-            record = result.to_json()
-            if result.id is None:
-                record["line"] = number
-            if out is not None and output_key(record) not in out.done:
-                out.write(record)
-            written.append({"id": record.get("id"), "tokens": len(result.token_ids)})
-
-        for number, text in lines:
-            line = _parse(number, text)
-            if out is not None and line.key in out.done:
-                continue  # a retried batch: this one was written before the failure
-            try:
-                if line.error is not None:
-                    raise RequestError(line.error)
-                requests.append(self.llm.make_request(line.obj))
-            except RequestError as e:
-                write(Result(line.key[1] if line.key[0] == "id" else None, error=f"line {number}: {e}"), number)
-        self.llm.generate(requests, on_result=write)
-        if out is not None:
-            out.close()
+        out = OutputFile(part) if self.parallel.is_writer else NoOutput(part)
+        written = []
+        with out:
+            write = ResultWriter(out, on_write=lambda result: written.append(
+                {"id": result.id, "tokens": len(result.token_ids)}))
+            # A retried batch: what its part file holds was written before the failure.
+            todo = not_done((parse_line(number, text) for number, text in lines), out.done)
+            requests = to_requests(todo, self.llm.make_request, on_error=write)
+            self.llm.generate(requests, on_result=write)
         return written if self.parallel.is_writer else []
 
 
@@ -79,13 +63,6 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _parse(number: int, text: str) -> InputLine:
-    try:
-        return InputLine(number, json.loads(text))
-    except json.JSONDecodeError as e:
-        return InputLine(number, error=f"line {number}: not valid JSON ({e.msg} at column {e.colno})")
 
 
 def _free_port() -> int:
@@ -135,10 +112,7 @@ def _input_lines(path: str) -> list[tuple[int, str]]:
 
         rows = pq.read_table(path).to_pylist()
         return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None})) for i, row in enumerate(rows)]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [(number, text.strip()) for number, text in enumerate(f, start=1) if text.strip()]
+    return [(number, text.strip()) for number, text in nonblank_lines(path)]
 
 
 def _done(parts_dir: Path) -> set:
@@ -180,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)
     done = _done(parts_dir)
     lines = _input_lines(str(cfg.input))
-    todo = [(n, t) for n, t in lines if _parse(n, t).key not in done]
+    todo = [(n, t) for n, t in lines if parse_line(n, t).key not in done]
     progress = Progress(len(todo), enabled=cfg.progress, interval_s=cfg.progress_interval_s)
     start, tokens = time.perf_counter(), 0
     if todo:

@@ -28,18 +28,31 @@ class InputLine:
         return ("line", self.number) if rid is None else ("id", rid)
 
 
-def read_input(path: str | os.PathLike) -> Iterator[InputLine]:
-    path = Path(path)
-    if not path.is_file():
+def parse_line(number: int, text: str, path: str | os.PathLike | None = None) -> InputLine:
+    """One input line parsed. Text that is not JSON becomes the line's error, which names the place as
+    `path:number`, or as `line number` where the line came without its file (a Ray batch)."""
+    try:
+        return InputLine(number, json.loads(text))
+    except json.JSONDecodeError as e:
+        where = f"{path}:{number}" if path is not None else f"line {number}"
+        return InputLine(number, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def nonblank_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a JSONL file that is not blank; the text keeps its newline.
+    The error for a missing file names `path` as given."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield InputLine(number, json.loads(text))
-            except json.JSONDecodeError as e:
-                yield InputLine(number, error=f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})")
+            if text.strip():
+                yield number, text
+
+
+def read_input(path: str | os.PathLike) -> Iterator[InputLine]:
+    path = Path(path)
+    for number, text in nonblank_lines(path):
+        yield parse_line(number, text, path)
 
 
 def output_key(record: dict):

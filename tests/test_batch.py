@@ -5,13 +5,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
-from launch import batch
+from launch import batch, ray_batch
 from runtime.config import CONFIG_DIR
+from runtime.engine import Result
+from runtime.requests import parse_request
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +94,54 @@ def test_repeated_ids_run_once(tiny_checkpoints, tmp_path):
     write_lines(inp, [{"id": "a", "prompt": "x", "max_tokens": 2}] * 3)
     batch.run(config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False))
     assert [r["id"] for r in read_output(out)] == ["a"]
+
+
+class EchoLLM:
+    """An engine stand-in: the real request checks, and each request's prompt echoed as its output."""
+
+    graph_replays = 0
+
+    def make_request(self, obj):
+        return parse_request(obj, max_model_len=64, vocab_size=1000, default_max_tokens=4)
+
+    def generate(self, requests, on_result, should_stop=None):
+        for request in requests:
+            tokens = request.prompt_token_ids[: request.params.max_tokens]
+            on_result(Result(request.id, token_ids=tokens, text="echo", finish_reason="length",
+                             logprobs=[0.5] * len(tokens) if request.params.logprobs else None))
+
+
+def test_both_jobs_share_one_parse_and_write_core(tmp_path, monkeypatch):
+    inp = tmp_path / "in.jsonl"
+    write_lines(inp, [{"id": "a", "prompt_token_ids": [1, 2, 3], "logprobs": True},
+                      '{"id": "broken", "prompt": ', {"prompt_token_ids": [4]},
+                      {"id": "bad-field", "prompt_token_ids": [5], "max_tokns": 2},
+                      {"id": 7, "prompt_token_ids": [6, 7, 8, 9, 10]}])
+    single = SimpleNamespace(rank=0, world_size=1, is_writer=True, dp_rank=0, layout=SimpleNamespace(dp=1))
+    monkeypatch.setattr(batch, "init_parallel", lambda cfg: single)
+    monkeypatch.setattr(batch, "build_llm", lambda cfg, parallel: EchoLLM())
+    stats = batch.run(config("batch", input=inp, output=tmp_path / "out.jsonl", progress=False))
+    actor = object.__new__(ray_batch.RankActor)  # its engine, without Ray or a process group
+    actor.parallel, actor.llm = SimpleNamespace(is_writer=True), EchoLLM()
+    written = actor.generate(ray_batch._input_lines(str(inp)), str(tmp_path / "part.jsonl"))
+    torchrun, ray = read_output(tmp_path / "out.jsonl"), read_output(tmp_path / "part.jsonl")
+    lines = [(tmp_path / name).read_text().splitlines() for name in ("out.jsonl", "part.jsonl")]
+    assert lines[0][1:] == lines[1][1:]  # byte for byte, but for the parse error below
+    assert stats["written"] == len(written) == 5 and stats["errors"] == 3 and stats["tokens"] == 7
+    # The one difference: a torchrun job's parse error names the file, a Ray batch's only the line.
+    assert torchrun[0]["error"].startswith(f"line 2: {inp}:2: not valid JSON (")
+    assert ray[0]["error"].startswith("line 2: line 2: not valid JSON (")
+    torchrun[0]["error"] = ray[0]["error"] = "not JSON"
+    assert torchrun == ray == [
+        {"id": None, "token_ids": [], "text": "", "finish_reason": "error", "error": "not JSON", "line": 2},
+        {"id": None, "token_ids": [], "text": "", "finish_reason": "error", "line": 3,
+         "error": "line 3: field 'id' must be a string or an integer, got None"},
+        {"id": "bad-field", "token_ids": [], "text": "", "finish_reason": "error",
+         "error": torchrun[2]["error"]},
+        {"id": "a", "token_ids": [1, 2, 3], "text": "echo", "finish_reason": "length", "logprobs": [0.5] * 3},
+        {"id": 7, "token_ids": [6, 7, 8, 9], "text": "echo", "finish_reason": "length"},
+    ]
+    assert torchrun[2]["error"].startswith("line 4: unknown field(s) 'max_tokns'")
 
 
 def _broken_copy(src, dst, edit):
