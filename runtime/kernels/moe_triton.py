@@ -55,7 +55,8 @@ from runtime.kernels.moe_triton_details.tiles import (  # noqa: F401  (public he
     gemv_tiles_ok,
 )
 
-SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (Hopper has 227 KB; the epilogue needs some)
+# bytes of pipelined tiles per program (Hopper has 227 KB; the epilogue needs some)
+SHARED_MEMORY_BUDGET = 160 * 1024
 
 
 def _checked_once(scales: torch.Tensor, name: str, check) -> bool:
@@ -75,12 +76,15 @@ def scales_fold(scales: torch.Tensor) -> bool:
 
 
 def tensor_core_gemv_fits(x: torch.Tensor, scales: torch.Tensor, tiles: Tiles) -> bool:
-    """Whether the tensor-core GEMV (either route) takes this call: bf16 x with 16-byte aligned rows on a
-    Hopper GPU, every scale byte in 66..192 (exact in its bf16 operands, see ptx.TENSOR_CORE_SCALE_OFFSET), and
-    the route verified on this GPU with these tiles (`tensor_core_gemv_verified`)."""
+    """Whether the tensor-core GEMV (either route) takes this call: bf16 x with 16-byte aligned rows on
+    a Hopper GPU, every scale byte in 66..192 (exact in its bf16 operands, see
+    ptx.TENSOR_CORE_SCALE_OFFSET), and the route verified on this GPU with these tiles
+    (`tensor_core_gemv_verified`)."""
     if INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not gemv_tiles_ok(tiles):
         return False
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     if not _checked_once(scales, "_gpt_oss_tensor_core_range", lambda s: (s.min() >= 66) & (s.max() <= 192)):
         return False
@@ -93,9 +97,9 @@ _TENSOR_CORE_VERIFIED: dict[tuple, bool] = {}
 def tensor_core_gemv_verified(device: torch.device, tiles: Tiles) -> bool:
     """Whether the tensor-core GEMV gives the CUDA-core route's results (to fp32 rounding) on a probe,
     checked once per GPU and tiles: its diagonal trick needs the compiler to put four consecutive
-    lanes on one weight row (see moe_triton_details/gemv_tensor_core.py), the multi-row route also the rows' order over the lanes, which
-    a Triton version could lay out otherwise. Not during a CUDA graph capture (the check syncs): there
-    an unchecked route is not taken."""
+    lanes on one weight row (see moe_triton_details/gemv_tensor_core.py), the multi-row route also the
+    rows' order over the lanes, which a Triton version could lay out otherwise. Not during a CUDA graph
+    capture (the check syncs): there an unchecked route is not taken."""
     key = (device.index, tiles)
     if key not in _TENSOR_CORE_VERIFIED:
         if torch.cuda.is_current_stream_capturing():
@@ -114,14 +118,15 @@ def tensor_core_gemv_verified(device: torch.device, tiles: Tiles) -> bool:
         ref = grouped_mxfp4(x, None, 1, p, blocks, scales, bias, torch.float32, tiles=PROBE_REFERENCE_TILES)
         ok = bool(((got - ref).norm() <= 1e-5 * ref.norm()).item())
         if not ok:
-            warnings.warn(f"the MoE's tensor-core GEMV disagrees with the CUDA-core one on {device} with {tiles}: "
-                          "using the CUDA-core route")
+            warnings.warn(f"the MoE's tensor-core GEMV disagrees with the CUDA-core one on {device} with "
+                          f"{tiles}: using the CUDA-core route")
         _TENSOR_CORE_VERIFIED[key] = ok
     return _TENSOR_CORE_VERIFIED[key]
 
 
-def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan, blocks: torch.Tensor,
-                  scales: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int, p: Plan,
+                  blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype,
                   swiglu_limit: float | None = None, tiles: Tiles | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = W_e x[source[i] // source_div] + b_e for sorted rows i of expert e (then SwiGLU);
@@ -130,10 +135,12 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     assert x.shape[1] == groups * 32 and group_bytes == 16, (x.shape, blocks.shape)
     tiles = tiles or choose_tiles(p.num_rows, E, swiglu_limit is not None)
     if out is None:
-        out = torch.empty((p.num_rows, N // 2 if swiglu_limit is not None else N), dtype=out_dtype, device=x.device)
+        width = N // 2 if swiglu_limit is not None else N
+        out = torch.empty((p.num_rows, width), dtype=out_dtype, device=x.device)
     if p.num_rows == 0:
         return out
-    if tiles.kernel == "gemv" and tiles.decode in TENSOR_CORE_DECODES and not tensor_core_gemv_fits(x, scales, tiles):
+    tensor_core = tiles.kernel == "gemv" and tiles.decode in TENSOR_CORE_DECODES
+    if tensor_core and not tensor_core_gemv_fits(x, scales, tiles):
         swiglu = swiglu_limit is not None  # the CUDA-core GEMV takes up to 4 rows a tile, the GEMM any
         tiles = dataclasses.replace(tiles, decode=CUDA_CORE_DECODE[swiglu]) if tiles.block_t == 1 \
             else gemm_tiles(p.num_rows, E, swiglu)
@@ -141,19 +148,22 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     if tiles.kernel == "gemv":  # weights contiguous within an expert, each 32-value block 16-byte aligned
         assert gemv_tiles_ok(tiles), tiles
         assert blocks.stride()[1:] == (groups * 16, 16, 1) and blocks.stride(0) % 16 == 0 \
-            and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), (blocks.stride(), scales.stride())
+            and blocks.data_ptr() % 16 == 0 and scales.stride()[1:] == (groups, 1), \
+            (blocks.stride(), scales.stride())
         decode = DECODE_INT if INTERPRET else DECODE_ROUTES[tiles.decode]
         _moe_gemv_kernel[(row_tiles, feature_tiles)](
             x, source, blocks.view(torch.int32), scales, bias, out, p.counts, p.offsets,
-            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0), 0 if bias is None else bias.stride(0),
-            float(swiglu_limit or 0.0),
-            K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
-            DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-            E_POW2=triton.next_power_of_2(E), EVEN_N=N % tiles.block_n == 0, UNROLL=tiles.unroll,
+            E, N, x.stride(0), out.stride(0), blocks.stride(0) // 4, scales.stride(0),
+            0 if bias is None else bias.stride(0), float(swiglu_limit or 0.0),
+            K_BYTES=groups * group_bytes, GATHER=source is not None, SOURCE_DIV=source_div,
+            SWIGLU=swiglu_limit is not None, DECODE=decode, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n,
+            BLOCK_K=tiles.block_k, E_POW2=triton.next_power_of_2(E), EVEN_N=N % tiles.block_n == 0,
+            UNROLL=tiles.unroll,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch_args(x.device),
         )
         return out
-    assert row_tiles < 2 ** 16, f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
+    assert row_tiles < 2 ** 16, \
+        f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
     # The tiles are chosen for bf16 x; fp32 x (the fp32 model) doubles each pipeline stage's x tile,
     # so keep the stages that fit in shared memory.
     stage_bytes = tiles.block_t * tiles.block_k * x.element_size() + tiles.block_n * tiles.block_k // 2
@@ -161,11 +171,12 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
     _moe_gemm_kernel[(feature_tiles, row_tiles)](  # feature tiles fastest (see the kernel)
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
-        blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), 0 if bias is None else bias.stride(0),
-        float(swiglu_limit or 0.0),
-        GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None, DOT_FP32=INTERPRET or x.dtype == torch.float32,
-        PTX=not INTERPRET, FOLD=scales_fold(scales), BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        E_POW2=triton.next_power_of_2(E), num_warps=tiles.num_warps, num_stages=num_stages,
+        blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+        0 if bias is None else bias.stride(0), float(swiglu_limit or 0.0),
+        GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
+        DOT_FP32=INTERPRET or x.dtype == torch.float32, PTX=not INTERPRET, FOLD=scales_fold(scales),
+        BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_POW2=triton.next_power_of_2(E),
+        num_warps=tiles.num_warps, num_stages=num_stages,
         **pdl.launch_args(x.device),
     )
     return out
@@ -207,7 +218,8 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     norm, computed in the combine's launch when there is nothing to reduce."""
     T, top_k = expert_ids.shape
     p = rows if rows is not None else plan(expert_ids, mlp1_blocks.shape[0])
-    act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype, swiglu_limit=limit)
+    act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype,
+                        swiglu_limit=limit)
     y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias if first else None, torch.float32)
     out_dtype = h.dtype if residual is None else residual.dtype
     if reduce is None:

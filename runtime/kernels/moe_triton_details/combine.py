@@ -37,4 +37,5 @@ def _combine_kernel(y_ptr, position_ptr, weight_ptr, residual_ptr, out_ptr, gain
     if NORM:
         r = out.to(tl.float32)  # zero past D
         inv_rms = tl.rsqrt(tl.sum(r * r, 0) / D + eps)
-        tl.store(normed_ptr + t * stride_normed + d, (r * inv_rms * gain).to(normed_ptr.dtype.element_ty), mask=ok)
+        normed = (r * inv_rms * gain).to(normed_ptr.dtype.element_ty)
+        tl.store(normed_ptr + t * stride_normed + d, normed, mask=ok)

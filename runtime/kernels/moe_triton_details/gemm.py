@@ -46,10 +46,11 @@ def _e2m1_scaled_bf16(code, scale):
 
 @triton.jit
 def _decode(packed, scale, PTX: tl.constexpr, FOLD: tl.constexpr):
-    """uint8 tiles of packed bytes and their scale bytes -> (low-nibble values, high-nibble values) in bf16."""
+    """uint8 tiles of packed bytes and their scale bytes -> (low-nibble, high-nibble values) in bf16."""
     if PTX:
         lo, hi = tl.inline_asm_elementwise(_DECODE_PTX_FOLDED if FOLD else _DECODE_PTX, "=r,=r,=r,=r,r,r",
-                                           [packed, scale], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                                           [packed, scale], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                           pack=4)
     else:
         code, s = packed.to(tl.int32), scale.to(tl.int32)
         lo = _e2m1_scaled_bf16(code & 15, s)
@@ -60,8 +61,9 @@ def _decode(packed, scale, PTX: tl.constexpr, FOLD: tl.constexpr):
 def _moe_gemm_kernel(
     x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
-    GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr, PTX: tl.constexpr, FOLD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
+    GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr,
+    PTX: tl.constexpr, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
     pdl.wait_for_previous_kernel(PDL)
@@ -102,8 +104,8 @@ def _moe_gemm_kernel(
         packed = tl.load(w_ptrs + k0, mask=w_mask, other=0)
         scale = next_scale
         next_group = (k0 + BYTES) // 16 + kg
-        next_scale = tl.load(s_ptrs + (k0 + BYTES) // 16, mask=col_ok[:, None] & (next_group < K_BYTES // 16)[None, :],
-                             other=127)
+        next_scale = tl.load(s_ptrs + (k0 + BYTES) // 16,
+                             mask=col_ok[:, None] & (next_group < K_BYTES // 16)[None, :], other=127)
         scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, GROUPS, 1)), (BLOCK_N, GROUPS, 16)),
                            (BLOCK_N, BYTES))
         lo, hi = _decode(packed, scale, PTX, FOLD)
@@ -118,7 +120,8 @@ def _moe_gemm_kernel(
         else:
             acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
     if bias_ptr is not None:
-        acc += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0)
+        acc += bias.to(tl.float32)[:, None]
     if SWIGLU:  # rows of W alternate gate, linear
         gate, linear = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_T)), (0, 2, 1)))
         act = clamped_swiglu(gate, linear, limit)
@@ -126,5 +129,5 @@ def _moe_gemm_kernel(
         tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_out + out_cols[:, None],
                  act.to(out_ptr.dtype.element_ty), mask=row_ok[None, :] & (out_cols < N // 2)[:, None])
     else:
-        tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_out + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[None, :] & col_ok[:, None])
+        tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_out + cols[:, None],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[None, :] & col_ok[:, None])

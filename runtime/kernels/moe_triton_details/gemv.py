@@ -100,8 +100,8 @@ def _gemv_chunk(acc, v0, v1, v2, v3, v4, v5, v6, v7, factor, x_row_ptr, x_offs, 
 
 @triton.jit
 def _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr, x_offs, c, col_ok, kg,
-               GROUPS: tl.constexpr, MASK_K: tl.constexpr, EVEN_N: tl.constexpr, DECODE: tl.constexpr, T: tl.constexpr,
-               GPI: tl.constexpr):
+               GROUPS: tl.constexpr, MASK_K: tl.constexpr, EVEN_N: tl.constexpr, DECODE: tl.constexpr,
+               T: tl.constexpr, GPI: tl.constexpr):
     """One chunk (GPI blocks of each of the tile's BLOCK_N weight rows) for the T rows of x."""
     g_ok = (c * GPI + kg) < GROUPS
     if MASK_K:
@@ -170,15 +170,18 @@ def _gemv_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expe
     FULL: tl.constexpr = GROUPS // GPI  # chunks with every block inside K
     if UNROLL:
         for c in tl.static_range(FULL):
-            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
-                                                x_offs, c, col_ok, kg, GROUPS, False, EVEN_N, DECODE, T, GPI)
+            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr,
+                                                x2_ptr, x3_ptr, x_offs, c, col_ok, kg, GROUPS, False,
+                                                EVEN_N, DECODE, T, GPI)
     else:
         for c in range(FULL):
-            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
-                                                x_offs, c, col_ok, kg, GROUPS, False, EVEN_N, DECODE, T, GPI)
+            acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr,
+                                                x2_ptr, x3_ptr, x_offs, c, col_ok, kg, GROUPS, False,
+                                                EVEN_N, DECODE, T, GPI)
     if GROUPS % GPI != 0:  # the last, partial chunk
-        acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
-                                            x_offs, FULL, col_ok, kg, GROUPS, True, EVEN_N, DECODE, T, GPI)
+        acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, w_ptrs, s_ptrs, x0_ptr, x1_ptr, x2_ptr,
+                                            x3_ptr, x_offs, FULL, col_ok, kg, GROUPS, True, EVEN_N, DECODE, T,
+                                            GPI)
     if bias_ptr is not None:
         bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
@@ -211,12 +214,13 @@ def _moe_gemv_kernel(
     x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
     K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
-    DECODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    DECODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_POW2: tl.constexpr,
     EVEN_N: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr,
 ):
     """The decode-sized grouped GEMM: out[r] = W_e x[source[r] // SOURCE_DIV] + b_e (then SwiGLU) for the
-    up to BLOCK_T rows r of one tile, on CUDA cores (DECODE 0-2) or, one row a tile, on tensor cores
-    (DECODE 3). The tile's row count selects a specialised body (a uniform branch), so a tile of one
+    up to BLOCK_T rows r of one tile, on CUDA cores (DECODE 0-2) or on tensor cores (DECODE 3: one row
+    a tile; 4: 8 or 16 rows). The tile's row count selects a specialised body (a uniform branch), so a tile of one
     row does one row's multiplies."""
     pdl.wait_for_previous_kernel(PDL)
     expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)

@@ -57,8 +57,8 @@ _ROWS_RESULT = tl.constexpr(tensor_core_rows_result_ptx())
 @triton.jit
 def tensor_core_row_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row, N,
                    stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
-                   K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr,
+                         SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row of x (bf16) against BLOCK_N output features of one expert, on tensor cores (see above):
     the tile's even and odd features as two [BLOCK_N / 2, GPI * 4] tiles of weight words. K is walked
     in unrolled chunks of GPI blocks per weight row; in a last, partial chunk the weights past K load
@@ -101,7 +101,8 @@ def tensor_core_row_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out
     yb = tl.sum(part_b, 1) * _UNDO
     if bias_ptr is not None:
         ya += tl.load(bias_ptr + expert * stride_biase + even, mask=even < N, other=0.0).to(tl.float32)
-        yb += tl.load(bias_ptr + expert * stride_biase + even + 1, mask=even + 1 < N, other=0.0).to(tl.float32)
+        yb += tl.load(bias_ptr + expert * stride_biase + even + 1, mask=even + 1 < N,
+                      other=0.0).to(tl.float32)
     out_row = out_ptr + row.to(tl.int64) * stride_out
     if SWIGLU:  # even features are gates, odd ones linear: output feature i is the pair (2i, 2i + 1)
         act = clamped_swiglu(ya, yb, limit)
@@ -150,8 +151,9 @@ def _rows_block_words(w_ptrs, block, GROUPS: tl.constexpr, FULL: tl.constexpr):
 @triton.jit
 def tensor_core_rows_tile(x_ptr, source_ptr, words_ptr, scales_ptr, bias_ptr, out_ptr, expert, row0, n, N,
                         stride_x, stride_out, stride_we, stride_se, stride_biase, limit,
-                        K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
-                        TOKEN_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          K_BYTES: tl.constexpr, GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr,
+                          SWIGLU: tl.constexpr, TOKEN_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     """Up to 8 * TOKEN_GROUPS rows of x (bf16) of one expert against BLOCK_N output features, on tensor
     cores as a real matrix product (see above): lanes 4g..4g + 3 hold the even and odd weight rows of
     tile row r (g = r % 8) and supply token g of each group of 8 as the B column, and in each chunk

@@ -25,16 +25,18 @@ def decode_ptx(fold: bool) -> str:
     value times 2^-126; two packed bf16 multiplies apply 2^126 and 2^(s-127) (bf16 bits s << 7),
     folded into one when every scale byte is <= 128."""
     lines = ["{", ".reg .b32 s01, s23, a, b, v, big;", "mov.b32 big, 0x7E807E80;"]  # 2^126 in both halves
-    pairs = {"s01": "0x4140", "s23": "0x4342"}  # prmt selectors: bytes (0, 1) or (2, 3) into the halves' low bytes
+    pairs = {"s01": "0x4140", "s23": "0x4342"}  # prmt selectors: bytes (0, 1) or (2, 3) into the halves' lows
     for reg, selector in pairs.items():
         lines.append(f"prmt.b32 {reg}, $5, 0, {selector};")
         if fold:  # 2^126 * 2^(s-127) = 2^(s-1): bf16 exponent field s + 126 (needs s <= 128)
             lines.append(f"add.u32 {reg}, {reg}, 0x007E007E;")
         lines.append(f"shl.b32 {reg}, {reg}, 7;")
-    # (output, bytes, payload shift, sign shift): low nibble bits 0-2 -> 6-8, 3 -> 15; high 4-6 -> 6-8, 7 -> 15
-    for out, scale, payload, sign in ((0, "s01", 6, 12), (1, "s23", 6, 12), (2, "s01", 2, 8), (3, "s23", 2, 8)):
-        lines += [f"prmt.b32 v, $4, 0, {pairs[scale]};", f"shl.b32 a, v, {payload};", "and.b32 a, a, 0x01C001C0;",
-                  f"shl.b32 b, v, {sign};", "and.b32 b, b, 0x80008000;", "or.b32 a, a, b;"]
+    # (output, bytes, payload shift, sign shift): low nibble bits 0-2 -> 6-8, 3 -> 15; high 4-6, 7 likewise
+    for out, scale, payload, sign in ((0, "s01", 6, 12), (1, "s23", 6, 12), (2, "s01", 2, 8),
+                                      (3, "s23", 2, 8)):
+        lines += [f"prmt.b32 v, $4, 0, {pairs[scale]};", f"shl.b32 a, v, {payload};",
+                  "and.b32 a, a, 0x01C001C0;", f"shl.b32 b, v, {sign};", "and.b32 b, b, 0x80008000;",
+                  "or.b32 a, a, b;"]
         if not fold:
             lines.append("mul.rn.bf16x2 a, a, big;")
         lines.append(f"mul.rn.bf16x2 ${out}, a, {scale};")
@@ -62,16 +64,19 @@ def decode32_ptx(e4m3: bool) -> str:
         word = f"${32 + w}"
         lines += [f"shl.b32 a, {word}, {shift};", f"and.b32 a, a, {mask};", f"shl.b32 b, {word}, 4;",
                   "and.b32 b, b, 0x80808080;", "or.b32 lo, a, b;",  # low nibbles: elements 0, 2, 4, 6
-                  f"shr.u32 a, {word}, {4 - shift};", f"and.b32 a, a, {mask};", f"and.b32 b, {word}, 0x80808080;",
+                  f"shr.u32 a, {word}, {4 - shift};", f"and.b32 a, a, {mask};",
+                  f"and.b32 b, {word}, 0x80808080;",
                   "or.b32 hi, a, b;"]  # high nibbles: elements 1, 3, 5, 7
         if e4m3:
             lines += ["mov.b32 {l, h}, lo;", "cvt.rn.f16x2.e4m3x2 p0, l;", "cvt.rn.f16x2.e4m3x2 p1, h;",
                       "mov.b32 {l, h}, hi;", "cvt.rn.f16x2.e4m3x2 p2, l;", "cvt.rn.f16x2.e4m3x2 p3, h;",
-                      "mov.b32 {q0, q2}, p0;", "mov.b32 {q4, q6}, p1;", "mov.b32 {q1, q3}, p2;", "mov.b32 {q5, q7}, p3;"]
+                      "mov.b32 {q0, q2}, p0;", "mov.b32 {q4, q6}, p1;",
+                      "mov.b32 {q1, q3}, p2;", "mov.b32 {q5, q7}, p3;"]
         else:  # bytes 0 and 2 to the top of the halves, then bytes 1 and 3 (zero bytes below)
             lines += ["prmt.b32 p0, lo, 0, 0x2404;", "and.b32 p1, lo, 0xFF00FF00;",
                       "prmt.b32 p2, hi, 0, 0x2404;", "and.b32 p3, hi, 0xFF00FF00;",
-                      "mov.b32 {q0, q4}, p0;", "mov.b32 {q2, q6}, p1;", "mov.b32 {q1, q5}, p2;", "mov.b32 {q3, q7}, p3;"]
+                      "mov.b32 {q0, q4}, p0;", "mov.b32 {q2, q6}, p1;",
+                      "mov.b32 {q1, q5}, p2;", "mov.b32 {q3, q7}, p3;"]
         lines += [f"cvt.f32.f16 ${8 * w + n}, q{n};" for n in range(8)]
     return "\n".join(lines + ["}"])
 
@@ -134,12 +139,14 @@ def tensor_core_step_ptx(token_groups: int = 1) -> str:
             acc = ", ".join(f"${base + n}" for n in range(4))
             for i0, i1 in ((0, 1), (2, 3)):
                 lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{acc}}}, "
-                             f"{{ra{i0}, rb{i0}, ra{i1}, rb{i1}}}, {{bx{4 * j + i0}, bx{4 * j + i1}}}, {{{acc}}};")
+                             f"{{ra{i0}, rb{i0}, ra{i1}, rb{i1}}}, {{bx{4 * j + i0}, bx{4 * j + i1}}}, "
+                             f"{{{acc}}};")
     return "\n".join(lines + ["}"])
 
 
 def tensor_core_step_constraints(token_groups: int) -> str:
-    return ",".join(["=f"] * 8 * token_groups + ["r"] * 8 + ["l"] * (8 + 4 * token_groups) + ["f"] * 8 * token_groups)
+    outputs, words, addresses = ["=f"] * 8 * token_groups, ["r"] * 8, ["l"] * (8 + 4 * token_groups)
+    return ",".join(outputs + words + addresses + ["f"] * 8 * token_groups)
 
 
 def tensor_core_row_result_ptx() -> str:
@@ -163,5 +170,6 @@ def tensor_core_rows_result_ptx() -> str:
     element then holds one (feature, token) value, and the gate and linear halves of a token sit at
     the same element of two tensors."""
     lines = ["{", ".reg .f32 e<4>;"] + [f"add.f32 e{n}, ${8 + n}, ${12 + n};" for n in range(4)]
-    lines += [f"mov.f32 ${n}, e{n % 2};" for n in range(4)] + [f"mov.f32 ${4 + n}, e{2 + n % 2};" for n in range(4)]
+    lines += [f"mov.f32 ${n}, e{n % 2};" for n in range(4)]
+    lines += [f"mov.f32 ${4 + n}, e{2 + n % 2};" for n in range(4)]
     return "\n".join(lines + ["}"])

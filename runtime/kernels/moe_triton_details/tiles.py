@@ -29,8 +29,8 @@ class Tiles:
     block_k: int  # reduction elements per step (a multiple of 32 for the GEMV)
     num_warps: int
     num_stages: int
-    kernel: str = "gemm"  # "gemm": _moe_gemm_kernel (wgmma); "gemv": _moe_gemv_kernel (block_t <= 4, or 8 or 16)
-    decode: str = "fp16"  # the GEMV's route on the GPU: "fp16", "e4m3", "tensor_core_row" or "tensor_core_rows"
+    kernel: str = "gemm"  # "gemm": _moe_gemm_kernel (wgmma); "gemv": _moe_gemv_kernel (1-4, 8 or 16 rows)
+    decode: str = "fp16"  # the GEMV's route on the GPU: fp16, e4m3, tensor_core_row or tensor_core_rows
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
 
 
@@ -81,9 +81,11 @@ GEMM_RULES = (  # the wgmma GEMM; 8 warps and 256-row tiles once an expert has m
 TILE_RULES = (
     # the interpreter runs programs one by one, each at about the same cost: 8x fewer, wider ones, no PTX
     Rule(lambda b: b.interpret and b.sparse, gemv(1, 128, 512, "fp16"), gemv(1, 128, 512, "e4m3")),
-    Rule(lambda b: b.interpret and b.per_expert <= 1, gemv(2, 128, 256, "fp16", False), gemv(2, 128, 256, "e4m3", False)),
+    Rule(lambda b: b.interpret and b.per_expert <= 1, gemv(2, 128, 256, "fp16", False),
+         gemv(2, 128, 256, "e4m3", False)),
     # one row a tile while at most half the experts have one; 1024-value chunks up to one row per 8 experts
-    Rule(lambda b: b.tensor_core_row and b.rows * 8 <= b.experts, gemv(1, 16, 1024, ROW), gemv(1, 16, 1024, ROW)),
+    Rule(lambda b: b.tensor_core_row and b.rows * 8 <= b.experts, gemv(1, 16, 1024, ROW),
+         gemv(1, 16, 1024, ROW)),
     Rule(lambda b: b.tensor_core_row and b.sparse, gemv(1, 16, 512, ROW), gemv(1, 16, 512, ROW)),
     Rule(lambda b: b.sparse, gemv(1, 16, 512, "fp16"), gemv(1, 16, 512, "e4m3")),
     # 8 rows a tile up to 8 rows per expert; 256-value chunks up to 2, except for 20b's mlp2
@@ -131,7 +133,7 @@ def gemv_tiles_ok(tiles: Tiles) -> bool:
     if tiles.decode == TENSOR_CORE_ROW:  # each half tile covers the CTA's lanes: 32 // groups rows a warp
         return (pow2 and tiles.block_t == 1 and 4 <= groups <= 32
                 and tiles.block_n // 2 >= (32 // groups) * tiles.num_warps)
-    if tiles.decode == TENSOR_CORE_ROWS:  # 4 lanes along a row's 4 blocks, 8 rows a warp, warps along the rows
+    if tiles.decode == TENSOR_CORE_ROWS:  # 4 lanes along a row's 4 blocks, 8 rows a warp, warps along rows
         return (pow2 and tiles.block_t in (8, 16) and tiles.block_k in (128, 256, 512)
                 and tiles.block_n // 2 >= 8 * tiles.num_warps)
     return (pow2 and 1 <= tiles.block_t <= 4 and tiles.block_n >= 2 and 64 <= tiles.block_k <= 1024
