@@ -5,15 +5,16 @@
 Per model and token count: time (CUDA events via triton.testing.do_bench, median, L2 flushed between
 runs), the bytes of the experts touched (packed blocks + scales + biases of each distinct expert, read
 once), TB/s and TFLOP/s, and their share of the copy bandwidth and bf16 matmul rate measured in the
-same run (`ceilings`). Then each GEMM alone: the tensor-core kernel with the tiles it had before the
-GEMV existed (`mma_tiles`) against what `choose_tiles` picks now, and beside them a kernel that only
+same run (`ceilings`). Then each GEMM alone: the wgmma GEMM with the tiles it had before the
+GEMV existed (`gemm_tiles`) against what `choose_tiles` picks now, and beside them a kernel that only
 reads the same experts' packed blocks (`read_only_seconds`): what one launch of that size reaches at
 all, timed the same way.
 
-`--sweep` times each GEMM over candidate tiles of both kernels (the tensor-core `_moe_gemm_kernel`
+`--sweep` times each GEMM over candidate tiles of both kernels (the wgmma `_moe_gemm_kernel`
 and the CUDA-core `_moe_gemv_kernel`, the latter with both decode routes for its best shapes),
 checks every candidate's output against an fp32 decode-then-matmul reference, and prints the
-fastest of each kernel and overall, with the `Tiles(...)` to put into `choose_tiles`.
+fastest of each kernel and overall, with the `Tiles(...)` to put into the table of
+runtime/kernels/moe_triton_details/tiles.py.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.moe import swiglu  # noqa: E402
 from runtime.kernels.router import route  # noqa: E402
-from runtime.kernels.moe_triton import (Tiles, choose_tiles, gemv_tiles_ok, grouped_mxfp4, mma_tiles,  # noqa: E402
+from runtime.kernels.moe_triton import (Tiles, choose_tiles, gemm_tiles, gemv_tiles_ok, grouped_mxfp4,  # noqa: E402
                                       moe_triton, plan)
 
 REP_MS = 100  # do_bench's measuring time per timing (--rep)
+# the route words before the GEMM and the GEMV's tensor-core routes had names of their own
+ROUTE_ALIASES = {"mma": ("gemm", "tensor_core_row"), "mma_rows": ("tensor_core_rows",)}
+KERNEL_ALIASES = {"mma": "gemm"}  # --tiles' kernel word
+DECODE_ALIASES = {"mma": "tensor_core_row", "mma_rows": "tensor_core_rows"}  # --tiles' decode word
 
 
 def bench(fn) -> float:
@@ -79,7 +84,7 @@ def read_only_seconds(blocks: torch.Tensor, experts: torch.Tensor, block_words: 
 
 
 def candidates(rows_per_expert: float) -> list[Tiles]:
-    """The tensor-core kernel's tiles."""
+    """The wgmma GEMM's tiles."""
     if rows_per_expert <= 16:
         return [Tiles(t, n, k, w, s) for t in (8, 16) for n in (32, 64, 128) for k in (128, 256)
                 for w, s in ((4, 4), (2, 4), (4, 6)) if t == 8 or rows_per_expert > 4]
@@ -126,21 +131,21 @@ GEMV_SHAPES = {
 
 
 # (block_n, block_k, num_warps) of the multi-row route
-MMA_ROWS_SHAPES = [(32, 128, 2), (64, 128, 4), (128, 128, 8), (32, 256, 2), (64, 256, 4), (32, 512, 2), (64, 512, 4)]
+TENSOR_CORE_ROWS_SHAPES = [(32, 128, 2), (64, 128, 4), (128, 128, 8), (32, 256, 2), (64, 256, 4), (32, 512, 2), (64, 512, 4)]
 
 
 def gemv_candidates(rows: int, num_experts: int) -> list[Tiles]:
     """GEMV tiles for this batch: rows per tile around the batch's rows per expert, and the multi-row
     tensor-core route with 8 and 16 rows a tile."""
     per_expert = rows / max(1, min(rows, num_experts))
-    multi_row = [Tiles(t, n, k, w, 1, "gemv", "mma_rows") for t in (8, 16) for n, k, w in MMA_ROWS_SHAPES
+    multi_row = [Tiles(t, n, k, w, 1, "gemv", "tensor_core_rows") for t in (8, 16) for n, k, w in TENSOR_CORE_ROWS_SHAPES
                  if t == 8 or per_expert > 2] if per_expert <= 16 else []
     if per_expert > 8:
         return multi_row
     block_ts = (1, 2) if rows * 8 <= num_experts else (2, 1, 4) if per_expert <= 2 else (4, 2)
     tiles = [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
     if 1 in block_ts:  # the tensor-core route: two weight rows a thread, 32 // groups lanes a row pair
-        tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "mma") for g in (4, 8, 16, 32) for w in (2, 4, 8)]
+        tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "tensor_core_row") for g in (4, 8, 16, 32) for w in (2, 4, 8)]
     return tiles + multi_row
 
 
@@ -175,10 +180,12 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 
 
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
-        sweep: bool = False, routes: tuple[str, ...] = ("mma", "gemv"), tiles: list[Tiles] | None = None) -> list[dict]:
-    """routes: which candidates the sweep times: "mma" (the tensor-core GEMM), "gemv" (every GEMV
-    route), or one GEMV route by its decode name ("mma_rows", "mma", "fp16"); tiles: the candidates of
-    both kernels instead of `candidates` and `gemv_candidates`."""
+        sweep: bool = False, routes: tuple[str, ...] = ("gemm", "gemv"), tiles: list[Tiles] | None = None) -> list[dict]:
+    """routes: which candidates the sweep times: "gemm" (the wgmma GEMM), "gemv" (every GEMV route),
+    or one GEMV route by its decode name ("tensor_core_rows", "tensor_core_row", "fp16", "e4m3"); the
+    old words "mma" (the GEMM and the one-row route) and "mma_rows" still work (`ROUTE_ALIASES`);
+    tiles: the candidates of both kernels instead of `candidates` and `gemv_candidates`."""
+    routes = tuple(r for route in routes for r in ROUTE_ALIASES.get(route, (route,)))
     cfg = preset(model)
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -196,7 +203,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         whole = bench(lambda: moe_triton(h, expert_ids, weights, *w, cfg.swiglu_limit, residual=h))
         p = plan(expert_ids, E)
         act = grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
-                            swiglu_limit=cfg.swiglu_limit, tiles=mma_tiles(p.num_rows, E, True))
+                            swiglu_limit=cfg.swiglu_limit, tiles=gemm_tiles(p.num_rows, E, True))
 
         def gemm1(tiles=None):
             return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
@@ -205,7 +212,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         def gemm2(tiles=None):
             return grouped_mxfp4(act, None, 1, p, *w[3:], torch.float32, tiles=tiles)
 
-        old = (mma_tiles(p.num_rows, E, True), mma_tiles(p.num_rows, E, False))
+        old = (gemm_tiles(p.num_rows, E, True), gemm_tiles(p.num_rows, E, False))
         new = (choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False))
         t_old = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), old)]
         t_new = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), new)]
@@ -217,7 +224,7 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
             nbytes = experts * per_gemm[i]
             blocks = w[3 * i]
             read = read_only_seconds(blocks, touched_ids)
-            print(f"  tokens {tokens} {name} ({nbytes / 1e6:.1f} MB): tensor-core {old[i]} {t_old[i] * 1e6:.1f} us "
+            print(f"  tokens {tokens} {name} ({nbytes / 1e6:.1f} MB): gemm {old[i]} {t_old[i] * 1e6:.1f} us "
                   f"({100 * nbytes / t_old[i] / bw:.0f}% copy BW); now {new[i]} {t_new[i] * 1e6:.1f} us "
                   f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x; a read-only kernel over its "
                   f"{experts} experts' blocks {read * 1e6:.1f} us "
@@ -235,8 +242,8 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                     return None if ok else f"relative error {rel:.2e}"
 
                 per = p.num_rows / max(1, min(p.num_rows, E))
-                given_mma = [t for t in tiles if t.kernel == "mma"] if tiles else candidates(per)
-                mma = time_candidates(fn, check, given_mma) if "mma" in routes else []
+                given_gemm = [t for t in tiles if t.kernel == "gemm"] if tiles else candidates(per)
+                gemm = time_candidates(fn, check, given_gemm) if "gemm" in routes else []
                 wanted = [t for t in ([t for t in tiles if t.kernel == "gemv"] if tiles else gemv_candidates(p.num_rows, E))
                           if gemv_tiles_ok(t) and ("gemv" in routes or t.decode in routes)]
                 gemv = time_candidates(fn, check, wanted)
@@ -244,11 +251,11 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                     gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]
                                                         if t.decode == "fp16"])
                 gemv.sort(key=lambda x: x[0])
-                for kind, timed in (("tensor-core", mma), ("gemv", gemv)):
+                for kind, timed in (("gemm", gemm), ("gemv", gemv)):
                     if timed:
                         print(f"  tokens {tokens} {name} best {kind}: " + "; ".join(
                             f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {t}" for s, t in timed[:3]), flush=True)
-                best = min(mma[:1] + gemv[:1], key=lambda x: x[0], default=None)
+                best = min(gemm[:1] + gemv[:1], key=lambda x: x[0], default=None)
                 row[f"{name}_best"] = best
                 if best is not None:
                     print(f"  tokens {tokens} {name} FASTEST: {best[1]} {best[0] * 1e6:.1f} us "
@@ -272,7 +279,7 @@ HEADER = ("| model | tokens | experts | MB touched | time µs | TB/s | % copy BW
 
 
 def compare_table(rows: list[dict], bw: float) -> str:
-    """Both GEMMs: the tensor-core kernel's old tiles against choose_tiles now (and the sweep's best)."""
+    """Both GEMMs: the wgmma GEMM's old tiles against choose_tiles now (and the sweep's best)."""
     out = ["| model | tokens | MB touched | GEMMs before µs | % copy BW | GEMMs now µs | % copy BW | speed-up | "
            "best gemm1 | best gemm2 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -284,19 +291,31 @@ def compare_table(rows: list[dict], bw: float) -> str:
     return "\n".join(out)
 
 
+def parse_tiles(text: str) -> Tiles:
+    """T,N,K,WARPS,STAGES[,KERNEL,DECODE] -> Tiles, the old words mma and mma_rows read as before."""
+    values = text.split(",")
+    words = values[5:]
+    if words:
+        words[0] = KERNEL_ALIASES.get(words[0], words[0])
+    if len(words) > 1:
+        words[1] = DECODE_ALIASES.get(words[1], words[1])
+    return Tiles(*(int(v) for v in values[:5]), *words)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", nargs="+", default=["gpt-oss-20b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
     ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tiles of both kernels")
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
-    ap.add_argument("--routes", nargs="+", default=["mma", "gemv"],
-                    help="the sweep's candidates: mma (tensor-core GEMM), gemv (all GEMV routes), or GEMV decode names")
+    ap.add_argument("--routes", nargs="+", default=["gemm", "gemv"],
+                    help="the sweep's candidates: gemm (the wgmma GEMM), gemv (all GEMV routes), or GEMV decode "
+                         "names (tensor_core_row, tensor_core_rows, fp16, e4m3)")
     ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 (the "
-                         "tensor-core GEMM) or 32,64,128,4,1,gemv,mma_rows (a GEMV route)")
+                         "wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
     args = ap.parse_args()
-    tiles = [Tiles(*(int(v) for v in t.split(",")[:5]), *t.split(",")[5:]) for t in args.tiles] if args.tiles else None
+    tiles = [parse_tiles(t) for t in args.tiles] if args.tiles else None
     global REP_MS
     REP_MS = args.rep
     bw, mm = ceilings()

@@ -6,6 +6,7 @@ MMAs are checked at the real shapes by the GPU tests below; the bit logic of the
 decode routes is checked here by emulating the PTX instruction by instruction.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -23,7 +24,6 @@ from runtime.config import preset  # noqa: E402
 from runtime.kernels.moe import SWIGLU_ALPHA, expert_rows, swiglu  # noqa: E402
 from runtime.kernels.moe_triton import (  # noqa: E402
     Tiles,
-    _decode32_ptx,
     choose_tiles,
     combine,
     expert_rows_triton,
@@ -32,6 +32,7 @@ from runtime.kernels.moe_triton import (  # noqa: E402
     moe_triton,
     plan,
 )
+from runtime.kernels.moe_triton_details.ptx import decode32_ptx  # noqa: E402
 from runtime.kernels.router import route  # noqa: E402
 from runtime.options import options  # noqa: E402
 
@@ -234,12 +235,12 @@ def test_gemv_is_what_moe_chooses_for_decode_and_matches_the_reference():
     """choose_tiles sends decode-sized batches to the GEMV; both entry points still match the reference."""
     assert choose_tiles(4, 32, True).kernel == "gemv" and choose_tiles(4, 32, True).block_t == 1
     assert choose_tiles(32, 32, True).kernel == "gemv" and choose_tiles(32, 32, True).block_t == 2
-    assert choose_tiles(64, 32, True).kernel == "mma"
-    assert choose_tiles(4096, 32, True).kernel == "mma"
+    assert choose_tiles(64, 32, True).kernel == "gemm"
+    assert choose_tiles(4096, 32, True).kernel == "gemm"
     for n in (1, 16, 128, 512):
         for e in (32, 128):
             t = choose_tiles(n, e, True)
-            assert t.kernel == "mma" or gemv_tiles_ok(t), t
+            assert t.kernel == "gemm" or gemv_tiles_ok(t), t
     E, d, inter, k, tokens = 8, 64, 64, 4, 2  # 8 rows over 8 experts: two-row tiles
     assert choose_tiles(tokens * k, E, True).block_t == 2
     w1 = random_experts(E, 2 * inter, d)
@@ -334,7 +335,7 @@ def test_gemv_ptx_decode_routes_emulated(e4m3, log2):
     blocks = torch.cat([torch.arange(256, dtype=torch.uint8).view(16, 16),
                         torch.randint(0, 256, (16, 16), dtype=torch.uint8)])
     want = mxfp4.decode(blocks[:, None], torch.full((32, 1), 127, dtype=torch.uint8), torch.float32)
-    ptx = _decode32_ptx(e4m3)
+    ptx = decode32_ptx(e4m3)
     for block, expected in zip(blocks, want):
         got = [v * 2.0 ** log2 for v in emulate_ptx(ptx, block.view(torch.int32).tolist())]
         assert got == expected.tolist()
@@ -424,16 +425,16 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
 
 @pytest.mark.parametrize("fold", [False, True])
 def test_gemm_ptx_decode_is_elementwise_emulated(fold):
-    """The tensor-core GEMM's decode (`_decode_ptx`): every byte value, each with its own random scale
+    """The tensor-core GEMM's decode (`ptx.decode_ptx`): every byte value, each with its own random scale
     (the compiler may group bytes of different blocks into one asm call); $0, $1 must be the low
     nibbles' values of bytes (0, 1) and (2, 3), $2, $3 the high nibbles', exactly."""
-    from runtime.kernels.moe_triton import _decode_ptx
+    from runtime.kernels.moe_triton_details.ptx import decode_ptx
 
     packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (256,), dtype=torch.uint8)])
     scales = torch.randint(100, 129 if fold else 150, packed.shape, dtype=torch.uint8)  # fold needs <= 128
     values = mxfp4.decode(packed.view(-1, 16)[:, None], torch.full((packed.numel() // 16, 1), 127, dtype=torch.uint8),
                           torch.float32).view(-1, 2) * 2.0 ** (scales.double() - 127)[:, None]  # [byte, nibble]
-    ptx = _decode_ptx(fold)
+    ptx = decode_ptx(fold)
     for word, scale, want in zip(packed.view(torch.int32).tolist(), scales.view(torch.int32).tolist(),
                                  values.view(-1, 4, 2).tolist()):
         regs = {"$4": word & 0xFFFFFFFF, "$5": scale & 0xFFFFFFFF}
@@ -443,7 +444,7 @@ def test_gemm_ptx_decode_is_elementwise_emulated(fold):
 
 
 def _set_step_operands(regs: dict, token_groups: int, blocks, even_row: int, block: int, x_addresses: list[int]):
-    """One lane's inputs to `_mma_step_ptx(token_groups)` (pack 4: each input 4 registers): block
+    """One lane's inputs to `ptx.tensor_core_step_ptx(token_groups)` (pack 4: each input 4 registers): block
     `block`'s words of rows even_row and even_row + 1, their scale bytes' addresses (scale of row r,
     block b at 1000 + 100 r + b in the emulated memory), and each token group's x address."""
     first = 8 * token_groups
@@ -467,14 +468,14 @@ def _accumulators_back_in(lanes: list[dict], token_groups: int):
 
 def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     """The one-row tensor-core GEMV's PTX (decode, scale, 8 MMAs per step, then the diagonal) on one
-    warp laid out as _gemv_mma_tile's tiles are on the GPU (lane 16 r + b: block b of the even row
+    warp laid out as tensor_core_row_tile's tiles are on the GPU (lane 16 r + b: block b of the even row
     2r and, in the second tensor, of the odd row 2r + 1): two steps of 16 blocks each; every row's
     sum of the kept values is its dot product with x, up to fp32 rounding. Scale bytes span the
     route's whole range, 66..192."""
-    from runtime.kernels.moe_triton import (
-        MMA_SCALE_OFFSET,
-        _mma_result_ptx,
-        _mma_step_ptx,
+    from runtime.kernels.moe_triton_details.ptx import (
+        TENSOR_CORE_SCALE_OFFSET,
+        tensor_core_row_result_ptx,
+        tensor_core_step_ptx,
     )
 
     gen = torch.Generator().manual_seed(5)
@@ -485,12 +486,12 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     x = (torch.randn(steps * 16 * 32, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(
         torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
-    want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
+    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
     lanes = [{f"${28 + n}": 0.0 for n in range(8)} for _ in range(32)]
     # memory: scale bytes of row r, block b at 1000 + 100 r + b; x at 1 << 16 (16-byte aligned)
     memory = {1000 + 100 * r + b: int(scales[r, b]) for r in range(rows) for b in range(steps * 16)}
     memory.update(enumerate(x.view(torch.uint8).tolist(), start=1 << 16))
-    step_ptx = _mma_step_ptx()
+    step_ptx = tensor_core_step_ptx()
     for step in range(steps):
         for lane, regs in enumerate(lanes):
             r, b = lane // 16, step * 16 + lane % 16
@@ -500,7 +501,7 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     for regs in lanes:
         for n in range(8):
             regs[f"${8 + n}"] = regs[f"${n}"]
-    emulate_warp_ptx(_mma_result_ptx(), lanes)
+    emulate_warp_ptx(tensor_core_row_result_ptx(), lanes)
     got = torch.zeros(rows, dtype=torch.float64)
     for lane, regs in enumerate(lanes):
         r = lane // 16
@@ -512,17 +513,17 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
 
 @pytest.mark.parametrize("token_groups", [1, 2])
 def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
-    """The multi-row tensor-core GEMV's PTX on one warp laid out as _gemv_mma_rows_tile's tiles are on
+    """The multi-row tensor-core GEMV's PTX on one warp laid out as tensor_core_rows_tile's tiles are on
     the GPU (lane 4g + t: block t of each 4-block chunk of the even row 2g and, in the second tensor,
     of the odd row 2g + 1; token g of each group of 8 as the B column): three chunks, 8 or 16 tokens;
-    after `_mma_rows_result_ptx`, lane 4g + t holds in $0, $1 the even row's products with tokens
+    after `tensor_core_rows_result_ptx`, lane 4g + t holds in $0, $1 the even row's products with tokens
     2t, 2t + 1 of the group and in $4, $5 the odd row's, up to fp32 rounding. Scale bytes span the
     route's whole range, 66..192."""
-    from runtime.kernels.moe_triton import (
-        MMA_SCALE_OFFSET,
-        _mma_rows_result_ptx,
-        _mma_step_constraints,
-        _mma_step_ptx,
+    from runtime.kernels.moe_triton_details.ptx import (
+        TENSOR_CORE_SCALE_OFFSET,
+        tensor_core_rows_result_ptx,
+        tensor_core_step_constraints,
+        tensor_core_step_ptx,
     )
 
     gen = torch.Generator().manual_seed(6 + token_groups)
@@ -533,14 +534,14 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
     scales[:4, 0] = torch.tensor([66, 192, 127, 100])
     x = (torch.randn(tokens, K, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
-    want = (weights * 2.0 ** -MMA_SCALE_OFFSET) @ x.double().T  # [rows, tokens]; the kernel undoes 2^-offset
+    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double().T  # [rows, tokens]; the kernel undoes 2^-offset
     first = 8 * token_groups  # the step's operands: outputs, 8 weight words, scale and x addresses, accumulators
-    assert len(_mma_step_constraints(token_groups).split(",")) == first + 16 + 4 * token_groups + first
+    assert len(tensor_core_step_constraints(token_groups).split(",")) == first + 16 + 4 * token_groups + first
     lanes = [{f"${first + 16 + 4 * token_groups + n}": 0.0 for n in range(first)} for _ in range(32)]
     # memory: scale bytes of row r, block b at 1000 + 100 r + b; token n's x at (1 << 16) + 2 K n
     memory = {1000 + 100 * r + b: int(scales[r, b]) for r in range(rows) for b in range(steps * 4)}
     memory.update(enumerate(x.view(torch.uint8).reshape(-1).tolist(), start=1 << 16))
-    step_ptx = _mma_step_ptx(token_groups)
+    step_ptx = tensor_core_step_ptx(token_groups)
     for step in range(steps):
         for lane, regs in enumerate(lanes):
             g, b = lane // 4, step * 4 + lane % 4
@@ -554,7 +555,7 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
         for lane, regs in enumerate(lanes):
             for n in range(8):
                 regs[f"${8 + n}"] = chains[lane][8 * j + n]
-        emulate_warp_ptx(_mma_rows_result_ptx(), lanes)
+        emulate_warp_ptx(tensor_core_rows_result_ptx(), lanes)
         for lane, regs in enumerate(lanes):
             g, t = lane // 4, lane % 4
             assert (regs["$2"], regs["$3"], regs["$6"], regs["$7"]) == (regs["$0"], regs["$1"], regs["$4"], regs["$5"])
@@ -567,27 +568,27 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
 def test_multi_row_tensor_core_tiles():
     """The multi-row route's shape rules, and the tiles choose_tiles gives it on a GPU (not under the
     interpreter, which runs no PTX) for decode batches of both models."""
-    assert gemv_tiles_ok(Tiles(8, 64, 128, 4, 1, "gemv", decode="mma_rows"))
-    assert gemv_tiles_ok(Tiles(16, 128, 128, 4, 1, "gemv", decode="mma_rows"))
-    assert gemv_tiles_ok(Tiles(8, 32, 512, 2, 1, "gemv", decode="mma_rows"))  # 4 blocks a lane in a chunk
-    assert not gemv_tiles_ok(Tiles(8, 64, 1024, 4, 1, "gemv", decode="mma_rows"))
-    assert not gemv_tiles_ok(Tiles(8, 64, 64, 4, 1, "gemv", decode="mma_rows"))  # a chunk is 4 lanes' blocks
-    assert not gemv_tiles_ok(Tiles(4, 64, 128, 4, 1, "gemv", decode="mma_rows"))  # 8 or 16 rows
-    assert not gemv_tiles_ok(Tiles(8, 32, 128, 4, 1, "gemv", decode="mma_rows"))  # 16 rows for 4 warps
-    import runtime.kernels.moe_triton as moe_triton
+    assert gemv_tiles_ok(Tiles(8, 64, 128, 4, 1, "gemv", decode="tensor_core_rows"))
+    assert gemv_tiles_ok(Tiles(16, 128, 128, 4, 1, "gemv", decode="tensor_core_rows"))
+    assert gemv_tiles_ok(Tiles(8, 32, 512, 2, 1, "gemv", decode="tensor_core_rows"))  # 4 blocks a lane in a chunk
+    assert not gemv_tiles_ok(Tiles(8, 64, 1024, 4, 1, "gemv", decode="tensor_core_rows"))
+    assert not gemv_tiles_ok(Tiles(8, 64, 64, 4, 1, "gemv", decode="tensor_core_rows"))  # a chunk is 4 lanes' blocks
+    assert not gemv_tiles_ok(Tiles(4, 64, 128, 4, 1, "gemv", decode="tensor_core_rows"))  # 8 or 16 rows
+    assert not gemv_tiles_ok(Tiles(8, 32, 128, 4, 1, "gemv", decode="tensor_core_rows"))  # 16 rows for 4 warps
+    from runtime.kernels.moe_triton_details import tiles as tiles_module
 
-    interpret = moe_triton.INTERPRET
+    interpret = tiles_module.INTERPRET
     try:
-        moe_triton.INTERPRET = False
+        tiles_module.INTERPRET = False
         for experts, batches in ((32, (2, 4, 8, 16, 32, 64)), (128, (64, 128, 256, 512))):
             for batch in batches:
                 for swiglu in (True, False):
-                    t = moe_triton.choose_tiles(4 * batch, experts, swiglu)
-                    assert t.kernel == "mma" or gemv_tiles_ok(t), t
+                    t = tiles_module.choose_tiles(4 * batch, experts, swiglu)
+                    assert t.kernel == "gemm" or gemv_tiles_ok(t), t
                     if experts < 2 * (4 * batch) and 4 * batch <= 8 * experts:
-                        assert t.decode == "mma_rows", (batch, experts, t)
+                        assert t.decode == "tensor_core_rows", (batch, experts, t)
     finally:
-        moe_triton.INTERPRET = interpret
+        tiles_module.INTERPRET = interpret
 
 
 def test_swiglu_clamps_and_adds_one():
@@ -675,17 +676,15 @@ def _random_experts(E, n, k, gen):
 @pytest.mark.parametrize("split", [1, 2])  # 2: each expert's intermediate dimension halved (tensor parallelism)
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, tokens):
-    """The one-row GEMV on tensor cores (decode "mma") against the CUDA-core one on the same bf16
+    """The one-row GEMV on tensor cores (decode "tensor_core_row") against the CUDA-core one on the same bf16
     inputs, mlp1 (SwiGLU) and mlp2: both sum exact products in fp32, so only the order of the sums
     differs. K = 2880 and 1440 end in a partial chunk; every output element is written (poisoned
     first); some scale bytes sit at the route's lower end (66)."""
-    import dataclasses
-
     from runtime.kernels.moe_triton import (
         choose_tiles,
         grouped_mxfp4,
-        mma_gemv_fits,
         plan,
+        tensor_core_gemv_fits,
     )
     from runtime.kernels.router import route
 
@@ -697,20 +696,20 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
     p = plan(expert_ids.reshape(-1), E)
     h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
-    mma1, mma2 = choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False)  # the model's tiles
-    assert mma1.decode == mma2.decode == "mma"
-    assert mma_gemv_fits(h, w1[1], mma1) and mma_gemv_fits(h, w2[1], mma2)
+    tiles1, tiles2 = choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False)  # the model's tiles
+    assert tiles1.decode == tiles2.decode == "tensor_core_row"
+    assert tensor_core_gemv_fits(h, w1[1], tiles1) and tensor_core_gemv_fits(h, w2[1], tiles2)
     outs = {}
-    for decode in ("mma", "fp16"):
+    for decode in ("tensor_core_row", "fp16"):
         act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
         grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
-                      tiles=dataclasses.replace(mma1, decode=decode), out=act)
-        act_in = outs["mma"][0] if decode == "fp16" else act  # the same mlp2 input for both routes
+                      tiles=dataclasses.replace(tiles1, decode=decode), out=act)
+        act_in = outs["tensor_core_row"][0] if decode == "fp16" else act  # the same mlp2 input for both routes
         y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
-        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=dataclasses.replace(mma2, decode=decode), out=y)
+        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=dataclasses.replace(tiles2, decode=decode), out=y)
         assert torch.isfinite(act).all() and torch.isfinite(y).all()
         outs[decode] = (act, y)
-    (act, y), (act_ref, y_ref) = outs["mma"], outs["fp16"]
+    (act, y), (act_ref, y_ref) = outs["tensor_core_row"], outs["fp16"]
     # bf16 outputs of fp32 sums that differ in order: one bf16 rounding apart, or cancellation's noise
     a, b = act.float(), act_ref.float()
     assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-4 * b.abs().max()).all()
@@ -722,7 +721,7 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
 @pytest.mark.parametrize("block_t", [8, 16])
 @pytest.mark.parametrize("tokens", [3, 16, 64])
 def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, block_t, tokens):
-    """The multi-row tensor-core GEMV (decode "mma_rows", 8 or 16 rows a tile) against the CUDA-core
+    """The multi-row tensor-core GEMV (decode "tensor_core_rows", 8 or 16 rows a tile) against the CUDA-core
     GEMV with one row a tile, on the same bf16 inputs, mlp1 (SwiGLU, rows gathered from the tokens)
     and mlp2: both sum exact products in fp32, so only the order of the sums differs. Experts get
     from 1 to over 16 rows (one expert is given a whole batch's worth), so tiles are full, partial,
@@ -732,8 +731,8 @@ def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, bl
         PROBE_REFERENCE_TILES,
         Tiles,
         grouped_mxfp4,
-        mma_gemv_fits,
         plan,
+        tensor_core_gemv_fits,
     )
     from runtime.kernels.router import route
 
@@ -746,8 +745,8 @@ def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, bl
     expert_ids[:, 0] = 5  # one expert on every token
     p = plan(expert_ids.reshape(-1), E)
     h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
-    tiles = Tiles(block_t, 64, 128, 4, 1, "gemv", decode="mma_rows")
-    assert mma_gemv_fits(h, w1[1], tiles) and mma_gemv_fits(h, w2[1], tiles)
+    tiles = Tiles(block_t, 64, 128, 4, 1, "gemv", decode="tensor_core_rows")
+    assert tensor_core_gemv_fits(h, w1[1], tiles) and tensor_core_gemv_fits(h, w2[1], tiles)
     outs = {}
     for t in (tiles, PROBE_REFERENCE_TILES):
         act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -786,3 +785,57 @@ def test_triton_decode_at_both_scale_ranges(top_scale):
     assert torch.isfinite(ref).all()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel
+
+
+# ------------------------------------------------------------------------------ the tile table
+def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
+    """choose_tiles and mma_tiles as if/elif chains before they became a table (new names)."""
+    cuda_core = {True: "fp16", False: "e4m3"}
+
+    def gemm(rows, num_experts, swiglu):
+        per_expert = rows / max(1, min(rows, num_experts))
+        if per_expert <= 2:
+            return Tiles(8, 64, 128, 4, 4) if swiglu else Tiles(8, 32, 128, 2, 4)
+        if per_expert <= 16:
+            return Tiles(32, 128, 64, 8, 3)
+        if per_expert <= 48:
+            return Tiles(64, 128, 64, 4, 3)
+        if per_expert <= 128:
+            return Tiles(128, 64, 64, 4, 3)
+        return Tiles(256, 128, 64, 8, 4)
+
+    per_expert = rows / max(1, min(rows, num_experts))
+    if rows * 2 <= num_experts:
+        mma = options.moe_tensor_core_gemv
+        wide = mma and not interpret and rows * 8 <= num_experts
+        tiles = Tiles(1, 16, 1024 if wide else 512, 4, 1, "gemv",
+                      decode="tensor_core_row" if mma else cuda_core[swiglu])
+    elif per_expert <= 8 and not interpret and options.moe_tensor_core_rows:
+        wide = per_expert <= 2 and (swiglu or num_experts >= 128)
+        return Tiles(8, 64, 256 if wide else 128, 4, 1, "gemv", decode="tensor_core_rows"), gemm(rows, num_experts, swiglu)
+    elif per_expert <= 1:
+        tiles = Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
+    else:
+        return gemm(rows, num_experts, swiglu), gemm(rows, num_experts, swiglu)
+    tiles = dataclasses.replace(tiles, block_n=128, decode=cuda_core[swiglu]) if interpret else tiles
+    return tiles, gemm(rows, num_experts, swiglu)
+
+
+def test_tile_table_matches_the_frozen_if_chains(monkeypatch):
+    from runtime.kernels.moe_triton_details import tiles as tiles_module
+
+    grid = sorted(set(range(0, 600)) | set(range(600, 20001, 37)) | {1023, 1024, 1025, 4096, 16384, 20000})
+    checked = 0
+    for interpret in (True, False):
+        monkeypatch.setattr(tiles_module, "INTERPRET", interpret)
+        for row_gemv in (True, False):
+            for rows_gemv in (True, False):
+                with options.override(moe_tensor_core_gemv=row_gemv, moe_tensor_core_rows=rows_gemv):
+                    for experts in (32, 128):
+                        for rows in grid:
+                            for swiglu in (True, False):
+                                want, want_gemm = _frozen_choose_tiles(rows, experts, swiglu, interpret)
+                                assert tiles_module.choose_tiles(rows, experts, swiglu) == want, (rows, experts)
+                                assert tiles_module.gemm_tiles(rows, experts, swiglu) == want_gemm
+                                checked += 1
+    assert checked > 10000

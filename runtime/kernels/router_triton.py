@@ -27,7 +27,7 @@ import triton.language as tl
 
 from runtime.kernels import pdl
 from runtime.kernels.rmsnorm_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
-from runtime.kernels.moe_triton import Plan, count_sort, count_sort_sizes, empty_plan, plan
+from runtime.kernels.moe_triton_details.routing import Plan, count_sort, count_sort_sizes, empty_plan, plan
 from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.

@@ -1,0 +1,99 @@
+"""The rows sorted by expert (`plan`), on the GPU and without a host sync: one program's counting sort
+(`count_sort`, also called inside router_triton's kernels) up to PLAN_KERNEL_ROWS rows, torch.sort
+beyond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.kernels import pdl
+
+
+@triton.jit
+def _plan_kernel(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
+                 M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    """The decode-sized plan in one program (see count_sort)."""
+    pdl.wait_for_previous_kernel(PDL)
+    count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E, M_POW2, E_POW2, CHUNK)
+
+
+@triton.jit
+def count_sort(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
+               M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """Counting sort of up to a few hundred rows by expert, in the calling program.
+
+    Row i goes to offsets[e_i] + (number of earlier rows with the same expert): stable."""
+    i = tl.arange(0, M_POW2)
+    e = tl.load(experts_ptr + i, mask=i < M, other=E_POW2)  # padding matches no expert
+    ex = tl.arange(0, E_POW2)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    rank = tl.zeros((M_POW2,), dtype=tl.int32)
+    for j0 in tl.static_range(0, M_POW2, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        ej = tl.load(experts_ptr + j, mask=j < M, other=E_POW2)
+        counts += tl.sum((ej[None, :] == ex[:, None]).to(tl.int32), 1)
+        rank += tl.sum(((ej[None, :] == e[:, None]) & (j[None, :] < i[:, None])).to(tl.int32), 1)
+    offsets = tl.cumsum(counts, 0) - counts
+    position = tl.sum(tl.where(e[:, None] == ex[None, :], offsets[None, :], 0), 1) + rank
+    tl.store(position_ptr + i, position, mask=i < M)
+    tl.store(order_ptr + position, i, mask=i < M)
+    tl.store(counts_ptr + ex, counts, mask=ex < E)
+    tl.store(offsets_ptr + ex, offsets, mask=ex < E)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Rows sorted by expert, computed on the GPU without a host sync."""
+    order: torch.Tensor  # [m] int32: sorted position i holds input row order[i]
+    position: torch.Tensor  # [m] int32: the inverse, input row r sits at sorted position position[r]
+    counts: torch.Tensor  # [E] int32 rows per expert
+    offsets: torch.Tensor  # [E] int32 first sorted row of each expert
+    num_rows: int
+    num_experts: int
+
+    def max_tiles(self, block_t: int) -> int:
+        """Upper bound on the tiles, sum over experts of ceil(count / block_t), from the row count alone:
+        each non-empty expert (at most min(E, rows) of them) adds at most block_t - 1 rows of padding."""
+        return (self.num_rows + (block_t - 1) * min(self.num_experts, self.num_rows)) // block_t
+
+
+PLAN_KERNEL_ROWS = 512  # up to here one program sorts (decode); beyond, torch.sort (prefill)
+
+
+def empty_plan(rows: int, num_experts: int, device) -> Plan:
+    """A Plan's buffers for `rows` rows, to be filled by a kernel that calls count_sort."""
+    order = torch.empty(rows, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    return Plan(order, torch.empty_like(order), counts, torch.empty_like(counts), rows, num_experts)
+
+
+def count_sort_sizes(rows: int) -> dict:
+    """count_sort's block sizes for `rows` rows: all rows at once, compared CHUNK at a time (never
+    more columns than rows: a decode step's 4-64 rows compare as [M_POW2, M_POW2] tiles, not [16, 512])."""
+    m_pow2 = max(16, triton.next_power_of_2(rows))
+    return {"M_POW2": m_pow2, "CHUNK": min(m_pow2, max(16, 8192 // m_pow2))}
+
+
+def plan(experts: torch.Tensor, num_experts: int) -> Plan:
+    """Sort rows by expert (stable) and count them; `experts` [m] holds each row's expert index."""
+    flat = experts.reshape(-1).to(torch.int32)
+    m, dev = flat.numel(), flat.device
+    if 0 < m <= PLAN_KERNEL_ROWS:  # one launch instead of a dozen small torch ops
+        p = empty_plan(m, num_experts, dev)
+        _plan_kernel[(1,)](flat, p.order, p.position, p.counts, p.offsets, m, num_experts,
+                           E_POW2=triton.next_power_of_2(num_experts), **count_sort_sizes(m), num_warps=8,
+                           **pdl.launch_args(dev))
+        return p
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    offsets = torch.empty_like(counts)
+    _, order = torch.sort(flat, stable=True)
+    counts.zero_().scatter_add_(0, flat.long(), torch.ones_like(flat))
+    torch.sub(torch.cumsum(counts, 0, dtype=torch.int32), counts, out=offsets)
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(m, dtype=torch.int32, device=dev)
+    return Plan(order.to(torch.int32), position, counts, offsets, m, num_experts)
