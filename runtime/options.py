@@ -7,17 +7,7 @@ benchmarks flip them for a block with `override(...)` instead of setting environ
     with options.override(pdl=False):
         ...
 
-| attribute | variable | default | what it does |
-|---|---|---|---|
-| `reference` | `GPT_OSS_REFERENCE=1` | off | every operation runs its pure-torch reference, on CUDA too |
-| `kernels_on_cpu` | `GPT_OSS_TRITON=1` | off | the Triton kernels run on CPU tensors, through Triton's interpreter (needs `TRITON_INTERPRET=1`) |
-| `interpret` | `TRITON_INTERPRET=1` | off | Triton's interpreter (Triton reads it when a kernel is defined: set it before starting Python; read-only here) |
-| `pdl` | `GPT_OSS_PDL=0` | on | programmatic dependent launch on Hopper (runtime/kernels/pdl.py) |
-| `moe_tensor_core_gemv` | `GPT_OSS_MOE_MMA_GEMV=0` | on | the MoE's one-row-a-tile GEMV on tensor cores (mma.sync); off: on CUDA cores |
-| `moe_tensor_core_rows` | `GPT_OSS_MOE_MMA_ROWS=0` | on | the MoE's 8-rows-a-tile tensor-core GEMV for 2 to 8 rows per expert; off: the CUDA-core GEMV or the wgmma GEMM |
-| `gemv_unroll` | `GPT_OSS_GEMV_UNROLL=0` | on | the dense one-row GEMV's K loop unrolled |
-
-The `=0` / `=1` in the table is the value that changes the default; any other value keeps it.
+The switches, their variables and defaults are documented in one table: README.md, "Switches".
 """
 
 from __future__ import annotations

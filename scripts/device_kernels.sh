@@ -43,7 +43,7 @@ case "${1:-all}" in
   quick)  # a short check after kernel changes: their GPU tests, the graph tests, the dense GEMV bench, batch 1 and 8
     timeout 100 python3 -m pytest -q -m gpu tests/test_linear.py tests/test_router.py -p no:cacheprovider 2>&1 | tail -3
     timeout 150 python3 -m pytest -q tests/ -p no:cacheprovider -k "cuda_graph_decode or bf16_on_gpu" 2>&1 | tail -3
-    timeout 60 python3 scripts/bench_linear_triton.py 2>&1 | grep -v "^|---" | tail -12
+    timeout 60 python3 scripts/bench_linear.py 2>&1 | grep -v "^|---" | tail -12
     timeout 120 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1,8]" \
       "ttft_prompts=[]" repeat=3 2>&1 | tail -5
     ;;
@@ -94,7 +94,7 @@ case "${1:-all}" in
     export CUDA_VISIBLE_DEVICES=0
     timeout 150 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 4 --context 128 --steps 8 \
       --ab GPT_OSS_GEMV_UNROLL 2>&1 | grep "replay\|GPU busy\|Error"
-    timeout 60 python3 scripts/bench_linear_triton.py --rows 1 2>&1 | grep -v "^|---" | tail -14
+    timeout 60 python3 scripts/bench_linear.py --rows 1 2>&1 | grep -v "^|---" | tail -14
     timeout 200 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
       "batch_sizes=[1,4,8,64,256]" "ttft_prompts=[]" repeat=2 json=$OUT/bench20b.json 2>&1 | tail -8
     wait
@@ -114,7 +114,7 @@ case "${1:-all}" in
       (cd $tree && PYTHONPATH=/tmp/site:$PWD timeout 100 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b \
         device=cuda "batch_sizes=[1,4]" "ttft_prompts=[]" repeat=3 2>&1 | grep "decode tokens")
     done
-    timeout 60 python3 scripts/bench_linear_triton.py 2>&1 | grep -v "^|---" | tail -8
+    timeout 60 python3 scripts/bench_linear.py 2>&1 | grep -v "^|---" | tail -8
     GPT_OSS_PDL=0 timeout 100 python3 scripts/profile_decode.py --model gpt-oss-20b --batch 1 \
       --context 128 --steps 16 2>&1 | grep -v "^|---\|Warning\|warn" | head -20
     wait

@@ -227,7 +227,7 @@ def test_gemv_swiglu_gathered_rows_in_both_dtypes(out_dtype, x_dtype):
     assert torch.isfinite(got).all()
     if out_dtype == torch.float32:
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
-    else:  # the interpreter truncates to bf16 (environment.md): within 2 bf16 ulps
+    else:  # the interpreter truncates to bf16 (docs/environment.md): within 2 bf16 ulps
         assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-3), (got.float() - want).abs().max()
 
 

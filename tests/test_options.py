@@ -1,6 +1,7 @@
 """runtime/options.py: the switches, read once from the environment, flipped for a block with override()."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -51,8 +52,11 @@ def test_no_module_reads_a_switch_from_the_environment():
     assert found.stdout == "", found.stdout
 
 
-def test_the_module_table_lists_every_switch():
-    import runtime.options as module
-
+def test_the_readme_table_lists_every_switch_with_its_default():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("<!-- switches -->"):readme.index("<!-- /switches -->")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(SWITCHES), rows
     for switch in SWITCHES:
-        assert f"`{switch.attribute}` | `{switch.variable}=" in module.__doc__, switch
+        value, default = ("0", "on") if switch.default else ("1", "off")
+        assert f"| `{switch.variable}={value}` | `{switch.attribute}` | {default} |" in table, switch

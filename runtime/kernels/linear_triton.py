@@ -39,7 +39,7 @@ from runtime.options import options
 # The interpreter computes bf16 math wrongly (docs/environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
-# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_linear_triton.py --sweep --rows 1` on an
+# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_linear.py --sweep --rows 1` on an
 # H100 (2026-11-26): 20.0 us against 43.7 with the plain GEMV's 8 x 512 unrolled tiles, whose RoPE
 # epilogue on top of eight rows' unrolled loads costs more than the unrolling saves.
 ROPE_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "UNROLL": False}
@@ -229,7 +229,7 @@ def _num_sms(index: int | None) -> int:
 
 def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
     """Launch parameters for x [M, K] @ weight [N, K]^T: an untuned starting point (compiled offline
-    for sm_90, not yet timed; scripts/bench_linear_triton.py --sweep tries the alternatives).
+    for sm_90, not yet timed; scripts/bench_linear.py --sweep tries the alternatives).
 
     The kernel is bound by the weight's bytes, so the aim is enough loads in flight on every SM with
     the whole grid resident at once (one wave, no tail of idle SMs):

@@ -30,7 +30,7 @@ from runtime.kernels.rmsnorm_triton import MAX_WIDTH, add_rms_norm_triton, rms_n
 from runtime.kernels.moe_triton_details.routing import Plan, count_sort, count_sort_sizes, empty_plan, plan
 from runtime.options import options
 
-# The interpreter computes bf16 dots wrongly (environment.md): fp32 operands there.
+# The interpreter computes bf16 dots wrongly (docs/environment.md): fp32 operands there.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_TOKENS = 64  # up to here the gate is a GEMV split over experts; beyond, one tl.dot kernel per 16 tokens
 FUSED_PLAN_TOKENS = 16  # up to here route_and_plan sorts the rows by expert in the top-k program

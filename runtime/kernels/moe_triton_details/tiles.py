@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 from runtime.options import options
 
-# The interpreter computes bf16 dots wrongly and runs no PTX (environment.md): fp32 operands and the
+# The interpreter computes bf16 dots wrongly and runs no PTX (docs/environment.md): fp32 operands and the
 # integer decode there.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 

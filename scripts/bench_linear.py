@@ -1,6 +1,6 @@
 """The few-row GEMV (runtime/kernels/linear_triton.py) against torch's linear (cuBLAS) on one GPU.
 
-    python scripts/bench_linear_triton.py [--rows 1 4] [--sweep]
+    python scripts/bench_linear.py [--rows 1 4] [--sweep]
 
 The shapes are gpt-oss's attention projections, bf16 with bias: QKV [5120, 2880] and the output
 projection [2880, 4096], and their tp=2 halves [2560, 2880] and [2880, 2048]. Per shape and row
