@@ -189,8 +189,8 @@ def test_engine_config_from_a_hydra_config():
     from runtime.engine_config import EngineConfig, ParallelConfig
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("batch", ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b", "checkpoint=dummy",
-                                "max_batch_size=4", "parallel.tp=2", "kv_cache_tokens=4096"])
+        cfg = compose("batch", ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b",
+                                "checkpoint=dummy", "max_batch_size=4", "parallel.tp=2", "kv_cache_tokens=4096"])
     got = engine_config(cfg)
     assert got == EngineConfig(checkpoint="dummy", model=preset("gpt-oss-20b"), max_batch_size=4,
                                kv_cache_tokens=4096, parallel=ParallelConfig(tp=2))
@@ -199,7 +199,8 @@ def test_engine_config_from_a_hydra_config():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(max_batch_size=8, max_batch_tokens=4), r"max_batch_tokens \(4\) must be at least max_batch_size \(8\)"),
+    (dict(max_batch_size=8, max_batch_tokens=4),
+     r"max_batch_tokens \(4\) must be at least max_batch_size \(8\)"),
     (dict(kv_cache_tokens=0), "kv_cache_tokens must be positive, got 0"),
     (dict(gpu_memory_fraction=0), r"gpu_memory_fraction must be in \(0, 1\], got 0"),
     (dict(gpu_memory_fraction=1.5), r"gpu_memory_fraction must be in \(0, 1\], got 1.5"),
