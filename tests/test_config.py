@@ -189,8 +189,9 @@ def test_engine_config_from_a_hydra_config():
     from runtime.engine_config import EngineConfig, ParallelConfig
 
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("batch", ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b",
-                                "checkpoint=dummy", "max_batch_size=4", "parallel.tp=2", "kv_cache_tokens=4096"])
+        overrides = ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b", "checkpoint=dummy",
+                     "max_batch_size=4", "parallel.tp=2", "kv_cache_tokens=4096"]
+        cfg = compose("batch", overrides)
     got = engine_config(cfg)
     assert got == EngineConfig(checkpoint="dummy", model=preset("gpt-oss-20b"), max_batch_size=4,
                                kv_cache_tokens=4096, parallel=ParallelConfig(tp=2))
@@ -211,7 +212,8 @@ def test_engine_config_checks_name_the_setting(settings, message):
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(**settings)
-    EngineConfig(max_batch_size=8, max_batch_tokens=8, kv_cache_tokens=1, gpu_memory_fraction=1, dtype="bfloat16")
+    EngineConfig(max_batch_size=8, max_batch_tokens=8, kv_cache_tokens=1, gpu_memory_fraction=1,
+                 dtype="bfloat16")  # each bound itself is allowed
 
 
 def test_llm_takes_an_engine_config_or_its_keywords(tiny_checkpoints):
