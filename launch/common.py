@@ -10,17 +10,24 @@ from contextlib import contextmanager
 from omegaconf import DictConfig, OmegaConf
 
 from parallel import groups, heartbeat
-from runtime.config import ConfigError, from_mapping
+from runtime.config import ConfigError
 from runtime.engine import LLM, resolve_device
+from runtime.engine_config import EngineConfig
+
+
+def engine_config(cfg: DictConfig) -> EngineConfig:
+    """The engine settings of a hydra config (its other keys, such as input and output, left out)."""
+    return EngineConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
 
 
 def init_parallel(cfg: DictConfig) -> groups.Parallel:
     """This rank's place in the layout (torchrun's environment, or a single process)."""
-    p = cfg.parallel
+    settings = engine_config(cfg)
+    p = settings.parallel
     # dp left out: every rank the launcher started serves, as world / (tp x ep) replicas.
     dp = p.dp if p.dp is not None else max(1, int(os.environ.get("WORLD_SIZE", 1)) // (p.tp * p.ep))
     layout = groups.Layout(tp=p.tp, ep=p.ep, dp=dp, expert_tp=p.expert_tp)
-    device = resolve_device(cfg.device)
+    device = resolve_device(settings.device)
     parallel = groups.init(layout, device_type=device.type, timeout_s=p.timeout_s)
     if parallel.world_size == 1:
         parallel.device = device  # one process may name its GPU (cuda:N); ranks use cuda:LOCAL_RANK
@@ -28,23 +35,9 @@ def init_parallel(cfg: DictConfig) -> groups.Parallel:
 
 
 def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
-    checkpoint = cfg.checkpoint
-    model = from_mapping(OmegaConf.to_container(cfg.model), f"model preset {cfg.model.get('name')}")
-    parallel = parallel or init_parallel(cfg)
-    llm = LLM(
-        None if checkpoint is None else str(checkpoint),
-        model=model,
-        dtype=cfg.dtype,
-        max_model_len=cfg.max_model_len,
-        max_batch_size=cfg.max_batch_size,
-        max_batch_tokens=cfg.max_batch_tokens,
-        default_max_tokens=cfg.default_max_tokens,
-        seed=cfg.seed,
-        parallel=parallel,
-        kv_cache_tokens=cfg.get("kv_cache_tokens"),
-        gpu_memory_fraction=cfg.get("gpu_memory_fraction", 0.9),
-        enforce_eager=cfg.get("enforce_eager", False),
-    )
+    settings = engine_config(cfg)
+    llm = LLM(config=settings, parallel=parallel or init_parallel(cfg))
+    parallel = llm.parallel
     if llm.kv_cache_tokens is not None and parallel.rank == 0:
         sliding = llm.model.sliding_pool
         print(f"KV cache: {llm.kv_cache_tokens:,} positions for the full-attention layers "

@@ -13,7 +13,6 @@ has one wasted row in step n+1, whose output is dropped. (vLLM calls this async 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from pathlib import Path
@@ -26,17 +25,16 @@ from parallel.layers import broadcast
 from runtime import cuda_graphs
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
-from runtime.config import ModelConfig, preset
-from runtime.kv_cache import PAGE_SIZE, OutOfPages, SequenceKV, pages_for, sliding_pages_bound
+from runtime.config import preset
+from runtime.engine_config import DTYPES, EngineConfig
+from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
-from runtime.step import SequenceChunk, Step
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import make_generator, sample_on_device
+from runtime.scheduler import Scheduler, ScheduledStep, Sequence
+from runtime.step import Step
 from runtime.step_plan import PlanChannel, StepPlan
 from runtime.transfer import to_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PENDING = -1  # in a sequence's tokens: sampled by the step in flight, not on the host yet
 
 
 @dataclasses.dataclass
@@ -61,23 +59,9 @@ class Result:
 
 
 @dataclasses.dataclass
-class _Sequence:
-    request: Request
-    cache: SequenceKV
-    generator: torch.Generator
-    tokens: list[int]  # prompt + generated so far
-    computed: int = 0  # tokens whose K/V are in the cache
-    generated: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
-    sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
-    done: bool = False  # finished: a row of it in the step in flight is dropped
-
-
-@dataclasses.dataclass
 class _Launched:
     """A step on the GPU whose sampled tokens are on their way to the host."""
-    samples: list[tuple[int, _Sequence, int]]  # (request index, sequence, index of its PENDING token)
+    samples: list[tuple[Sequence, int]]  # per sampled row: its sequence and the index of its PENDING token
     host: torch.Tensor  # [rows, 2] fp64: token (exact) and logprob per row, filled by an asynchronous copy
     ready: torch.cuda.Event | None  # the copy is done (None off CUDA: copies there are synchronous)
 
@@ -110,54 +94,54 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return DTYPES[dtype]  # a name EngineConfig has checked
 
 
 class LLM:
     """A loaded model plus the generation loop.
 
-    checkpoint: a folder (either public layout), "dummy" (random weights of `model`, for benchmarks),
-    or None (the embedded tiny synthetic checkpoint). enforce_eager: never replay decode steps from
-    CUDA graphs (runtime/cuda_graphs.py), as in vLLM.
+    Built from an EngineConfig (runtime/engine_config.py), given as `config` or as its fields in
+    keywords: LLM(checkpoint, dtype=..., max_batch_size=...). `parallel`: this rank's place in a
+    multi-rank job (parallel/groups.py); None for one process on `device`.
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, *, model: str | ModelConfig = "tiny",
-                 dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
-                 max_batch_size: int = 64, max_batch_tokens: int = 8192, default_max_tokens: int = 256,
-                 seed: int = 0, parallel: Parallel | None = None, kv_cache_tokens: int | None = None,
-                 gpu_memory_fraction: float = 0.9, enforce_eager: bool = False):
-        if max_batch_tokens < max_batch_size:
-            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size "
-                             f"({max_batch_size}): every running sequence decodes one token per step")
-        self.parallel = parallel or single(resolve_device(device))
+    def __init__(self, checkpoint: str | Path | None = None, *, config: EngineConfig | None = None,
+                 parallel: Parallel | None = None, **settings):
+        if config is None:
+            config = EngineConfig(checkpoint=checkpoint, **settings)
+        elif checkpoint is not None or settings:
+            raise TypeError("LLM takes an EngineConfig or its settings as arguments, not both")
+        self.engine_config = config
+        self.parallel = parallel or single(resolve_device(config.device))
         self.device = self.parallel.device
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.perf_counter()
-        if checkpoint == "dummy":
-            cfg = preset(model) if isinstance(model, str) else model
-            self.model = GptOss(cfg, self.dtype, parallel=self.parallel).randomize(seed)
+        if config.checkpoint == "dummy":
+            cfg = preset(config.model) if isinstance(config.model, str) else config.model
+            self.model = GptOss(cfg, self.dtype, parallel=self.parallel).randomize(config.seed)
         else:
-            reader = CheckpointReader(default_checkpoint() if checkpoint is None else checkpoint)
+            path = config.checkpoint if config.checkpoint is not None else default_checkpoint()
+            reader = CheckpointReader(path)
             self.model = GptOss(reader.config, self.dtype, parallel=self.parallel).load(reader)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies and random draws are asynchronous
         self.load_seconds = time.perf_counter() - start
         self.load_memory = memory_report(self.device)
         self.config = self.model.cfg
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
-        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
-        self.default_max_tokens = default_max_tokens
-        self._seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        max_model_len = min(config.max_model_len or self.config.max_position_embeddings,
+                            self.config.max_position_embeddings)
+        max_batch_size = config.max_batch_size
+        self.default_max_tokens = config.default_max_tokens
+        self._seeds = torch.Generator().manual_seed(config.seed)  # seeds for requests that bring none
         self._harmony = None
         # The sliding layers keep only each running sequence's window: a bound, not a budget.
-        sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, max_batch_tokens)
-        pages = self._kv_pages(kv_cache_tokens, gpu_memory_fraction, sliding)
+        sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, config.max_batch_tokens)
+        pages = self._kv_pages(config.kv_cache_tokens, config.gpu_memory_fraction, sliding)
         self.pool = self.model.make_pool(pages, None if pages is None else sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
-        self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+        self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
+                                   max_batch_tokens=config.max_batch_tokens, max_model_len=max_model_len,
+                                   new_generator=self._new_generator)
         # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
         self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
@@ -174,25 +158,23 @@ class LLM:
         if self.parallel.replica.size > 1:
             self._plans = PlanChannel(self.parallel.replica_host, self.model.pool, self.model.sliding_pool,
                                       self.config.sliding_window)
-        if not enforce_eager and cuda_graphs.supported(self.model) is None:
-            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, self.max_model_len, self._sampled)
+        if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
+            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
 
     def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
         """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
         the GPU leaves after the weights, the sliding layers' pool and an allowance for a step's
         activations; else None (grows)."""
         if tokens is not None:
-            if tokens < 1:
-                raise ValueError(f"kv_cache_tokens must be positive, got {tokens}")
             return pages_for(tokens)
         if self.device.type != "cuda":
             return None
-        if not 0 < gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
         _, total = torch.cuda.mem_get_info(self.device)
         # Activations of the largest step (fp32 MoE rows, attention and norm temporaries) and the
         # logits of the sampled rows; an estimate with a margin, not a measurement.
-        activations = self.max_batch_tokens * (64 << 10) + self.max_batch_size * self.config.vocab_size * 8 + (1 << 30)
+        settings = self.engine_config
+        activations = (settings.max_batch_tokens * (64 << 10)
+                       + settings.max_batch_size * self.config.vocab_size * 8 + (1 << 30))
         budget = (total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
                   - sliding_pages * self.model.kv_page_bytes(sliding=True))
         pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
@@ -203,6 +185,24 @@ class LLM:
                              f"(weights {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB of "
                              f"{total / 2**30:.1f} GiB); raise it or lower max_batch_tokens")
         return int(pages)
+
+    @property
+    def max_model_len(self) -> int:
+        """The context limit in tokens: the setting, or the model's own where that is lower."""
+        return self.scheduler.max_model_len
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.scheduler.max_batch_size
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.scheduler.max_batch_tokens
+
+    @property
+    def preemptions(self) -> int:
+        """Sequences sent back to wait (their KV recomputed later) over this engine's life, for reports."""
+        return self.scheduler.preemptions
 
     @property
     def graph_replays(self) -> int:
@@ -244,59 +244,43 @@ class LLM:
             if on_result is not None:
                 on_result(result)
 
-        waiting: collections.deque[tuple[int, Request]] = collections.deque()
-        for index, req in enumerate(requests):
-            if isinstance(req, dict):
-                try:
-                    req = self.make_request(req)
-                except RequestError as e:
-                    finish(index, Result(request_id(req), error=str(e)))
-                    continue
-            waiting.append((index, req))
-        self._run(waiting, finish, should_stop)
+        try:
+            for index, req in enumerate(requests):
+                if isinstance(req, dict):
+                    try:
+                        req = self.make_request(req)
+                    except RequestError as e:
+                        finish(index, Result(request_id(req), error=str(e)))
+                        continue
+                self.scheduler.add(index, req)
+            self._run(finish, should_stop)
+        finally:  # stopped early or failed: the next call starts from an empty queue
+            self.scheduler.drop_unfinished()
         return [results[i] for i in sorted(results)]
 
     # --------------------------------------------------------------------------- the loop
-    def _admit(self, req: Request) -> _Sequence:
-        seed = req.params.seed if req.params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        return _Sequence(req, self.model.new_cache(), make_generator(seed, self.device), list(req.prompt_token_ids))
+    def _new_generator(self, req: Request) -> torch.Generator:
+        """A request's sampler state on the device, from its seed or a fresh one of the engine's."""
+        seed = req.params.seed
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,), generator=self._seeds))
+        return make_generator(seed, self.device)
 
-    def _longest(self, req: Request) -> int:
-        """The most positions a request can ever hold in the cache."""
-        return min(len(req.prompt_token_ids) + req.params.max_tokens, self.max_model_len)
-
-    def _run(self, waiting, finish, should_stop) -> None:
-        """Continuous batching: admit while the batch and the KV pool have room, plan a step (which
-        may preempt the latest admitted sequences when pages run out) and launch it, then hand out
-        the tokens of the step before while this one runs."""
-        running: dict[int, _Sequence] = {}  # in admission order
+    def _run(self, finish, should_stop) -> None:
+        """Continuous batching: the scheduler admits and plans a step (runtime/scheduler.py), which is
+        launched; then the tokens of the step before are handed out while this one runs."""
         in_flight: _Launched | None = None
-        while waiting or running or in_flight:
+        while self.scheduler.has_unfinished() or in_flight:
             if should_stop is not None and should_stop():
                 if in_flight is not None:  # its finished requests are kept
-                    self._land(in_flight, running, waiting, finish)
+                    self._land(in_flight, finish)
                 break
-            while waiting and len(running) < self.max_batch_size:
-                index, item = waiting[0]
-                seq = item if isinstance(item, _Sequence) else None
-                req = seq.request if seq else item
-                if not self.pool.growable:
-                    if self.pool.pages_for(self._longest(req)) > self.pool.num_pages:
-                        waiting.popleft()
-                        finish(index, Result(req.id, error=f"needs up to {self._longest(req)} positions of KV "
-                                                           f"cache; it holds {self.kv_cache_tokens} (kv_cache_tokens)"))
-                        continue
-                    if self.pool.pages_for(len(seq.tokens if seq else req.prompt_token_ids)) > self.pool.free_pages:
-                        break  # wait for running sequences to finish
-                waiting.popleft()
-                running[index] = seq if seq else self._admit(req)
-            launched = None
-            if running:
-                plan, wants = self._plan(running, waiting)
-                if plan.chunks:
-                    launched = self._launch(plan, wants, running)
+            step = self.scheduler.schedule()
+            for rejected in step.rejected:
+                finish(rejected.index, Result(rejected.request.id, error=rejected.error))
+            launched = self._launch(step) if step.plan.chunks else None
             if in_flight is not None:
-                self._land(in_flight, running, waiting, finish)
+                self._land(in_flight, finish)
             in_flight = launched
         if self._plans is not None:
             self._plans.end()
@@ -312,10 +296,10 @@ class LLM:
                 tokens = torch.empty(samples, dtype=self._sampled.dtype, device=self.device)
                 self._sampled[:samples].copy_(broadcast(tokens, self.parallel.replica))
 
-    def _launch(self, plan: StepPlan, wants: list[int], running: dict[int, _Sequence]) -> _Launched:
+    def _launch(self, step: ScheduledStep) -> _Launched:
         """Send the plan to the replica's other ranks, run the step and sample its wanted rows on the
-        GPU; the tokens start their way to the host and wait in the sequences as PENDING."""
-        seqs = [running[i] for i in wants]
+        GPU; the tokens start their way to the host (the sequences hold them as PENDING)."""
+        plan, seqs = step.plan, [seq for seq, _ in step.samples]
         if self._plans is not None:
             self._plans.send(plan, len(seqs))
         logits, greedy = self._forward(plan)
@@ -337,85 +321,14 @@ class LLM:
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        samples = []
-        for row, (index, seq) in enumerate(zip(wants, seqs)):
-            seq.tokens.append(PENDING)
-            seq.pending += 1
-            seq.sample_row = row
-            samples.append((index, seq, len(seq.tokens) - 1))
-        return _Launched(samples, host, ready)
+        return _Launched(step.samples, host, ready)
 
-    def _land(self, step: _Launched, running: dict[int, _Sequence], waiting, finish) -> None:
-        """Wait for a launched step's tokens and hand them to their sequences; retire the finished."""
+    def _land(self, step: _Launched, finish) -> None:
+        """Wait for a launched step's tokens and hand them to the scheduler; report the finished."""
         if step.ready is not None:
             step.ready.synchronize()
-        for (index, seq, slot), (token, logprob) in zip(step.samples, step.host.tolist()):
-            if seq.done:  # it ended at the step before: this row was computed in vain
-                continue
-            token = int(token)
-            seq.tokens[slot] = token
-            seq.generated.append(token)
-            seq.logprobs.append(logprob)
-            seq.pending -= 1
-            reason = self._finish_reason(seq)
-            if reason is None:
-                continue
-            seq.done = True
-            if running.get(index) is seq:
-                del running[index]
-            else:  # preempted while its token was on the way
-                waiting.remove((index, seq))
-            seq.cache.release()
-            finish(index, self._result(seq, reason))
-
-    def _preempt(self, index: int, running: dict, waiting) -> None:
-        """Send a running sequence back to the front of the queue; its KV is recomputed when it
-        returns (prompt and generated tokens as one prefill), its sampler state kept."""
-        seq = running.pop(index)
-        seq.cache.release()
-        seq.computed = 0
-        waiting.appendleft((index, seq))
-        self.preemptions += 1
-
-    def _plan(self, running: dict[int, _Sequence], waiting) -> tuple[StepPlan, list[int]]:
-        """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
-
-        Each chunk's pages are reserved here, before the step runs. When the pool is out, the most
-        recently admitted sequence not yet in this step is preempted (or, if every other one is,
-        this one waits instead)."""
-        budget = self.max_batch_tokens
-        ids, positions, chunks, logits_rows, wants, pending, keys = [], [], [], [], [], {}, []
-        order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
-        planned: set[int] = set()
-        for index in order:
-            if index not in running:  # preempted for an earlier sequence of this step
-                continue
-            seq = running[index]
-            take = min(len(seq.tokens) - seq.computed, budget)
-            if take == 0 or self._ends_with_pending(seq):
-                continue
-            if not self._reserve(index, seq.computed + take, running, waiting, planned):
-                continue
-            planned.add(index)
-            budget -= take
-            start = seq.computed
-            ids.extend(seq.tokens[start:start + take])
-            if ids[-1] == PENDING:  # only a decode token can be one: what the step in flight samples
-                pending[len(ids) - 1] = seq.sample_row
-            positions.extend(range(start, start + take))
-            chunks.append(SequenceChunk(start, take, seq.cache))
-            keys.append(index)
-            seq.computed += take
-            if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
-                logits_rows.append(len(ids) - 1)
-                wants.append(index)
-        return StepPlan(ids, positions, chunks, logits_rows, pending, keys), wants
-
-    def _ends_with_pending(self, seq: _Sequence) -> bool:
-        """Whether the step in flight gives the sequence its last token (max_tokens or the context
-        limit reached), so it needs no further step."""
-        return seq.pending > 0 and (len(seq.generated) + seq.pending >= seq.request.params.max_tokens
-                                    or len(seq.tokens) >= self.max_model_len)
+        for seq in self.scheduler.land(step.samples, step.host.tolist()):
+            finish(seq.index, self._result(seq))
 
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
@@ -434,30 +347,8 @@ class LLM:
         return self.model(Step(ids, to_device(plan.positions, torch.int64, dev), plan.chunks,
                                to_device(plan.logits_rows, torch.int64, dev))), None
 
-    def _reserve(self, index: int, end: int, running: dict, waiting, planned: set[int]) -> bool:
-        """Pages for positions computed..end-1 of running[index], preempting others if needed; False
-        when the sequence itself had to go back to waiting."""
-        seq = running[index]
-        while True:
-            try:
-                seq.cache.reserve(seq.computed, end)
-                return True
-            except OutOfPages:
-                victims = [i for i in running if i != index and i not in planned]
-                self._preempt(victims[-1] if victims else index, running, waiting)
-                if not victims:
-                    return False
-
-    def _finish_reason(self, seq: _Sequence) -> str | None:
-        if seq.generated[-1] in seq.request.stop_token_ids:
-            return "stop"
-        context = len(seq.tokens) - seq.pending  # pending tokens: of a later step, not this one
-        if len(seq.generated) >= seq.request.params.max_tokens or context >= self.max_model_len:
-            return "length"
-        return None
-
-    def _result(self, seq: _Sequence, reason: str) -> Result:
-        req = seq.request
+    def _result(self, seq: Sequence) -> Result:
+        req, reason = seq.request, seq.finish_reason
         # The text leaves out a final stop token; the token ids keep it.
         body = seq.generated[:-1] if reason == "stop" else seq.generated
         result = Result(req.id, list(seq.generated), list(seq.logprobs) if req.params.logprobs else None,

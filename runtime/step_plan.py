@@ -1,6 +1,6 @@
 """The step plan, and how a model replica's first rank sends it to the others.
 
-The first rank of a replica runs the scheduler (runtime/engine.py): it admits requests, reserves
+The first rank of a replica runs the scheduler (runtime/scheduler.py): it admits requests, reserves
 KV pages and plans each step. Every rank then runs the same forward on its shard of the model,
 so the other ranks need only what the forward reads: the step's token ids (PENDING where the step
 in flight samples them, read from the GPU buffer of sampled tokens), each chunk's positions and

@@ -102,17 +102,17 @@ def host_phases(llm: LLM, prompts: list[list[int]], tokens: int, batch: int) -> 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
             out = fn(*args, **kwargs)
-            marks.append((name, time.perf_counter(), len(args[0].chunks) if name == "launch" else 0))
+            marks.append((name, time.perf_counter(), len(args[0].plan.chunks) if name == "launch" else 0))
             return out
         return wrapper
 
-    originals = llm._plan, llm._launch, llm._land
-    llm._plan, llm._launch, llm._land = (timed("plan", originals[0]), timed("launch", originals[1]),
-                                         timed("land", originals[2]))
+    originals = llm.scheduler.schedule, llm._launch, llm._land
+    llm.scheduler.schedule, llm._launch, llm._land = (
+        timed("plan", originals[0]), timed("launch", originals[1]), timed("land", originals[2]))
     try:
         llm.generate(requests(prompts, tokens))
     finally:
-        llm._plan, llm._launch, llm._land = originals
+        llm.scheduler.schedule, llm._launch, llm._land = originals
     phases = collections.defaultdict(list)
     names = [m[0] for m in marks]
     for i in range(1, len(marks) - 2):

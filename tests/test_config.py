@@ -158,3 +158,74 @@ def test_tensor_count_and_mxfp4_shapes_of_20b():
     assert specs["block.5.mlp.mlp2_weight.scales"].shape == (32, 2880, 90)
     assert specs["block.5.attn.qkv.weight"].shape == (5120, 2880)
     assert specs["block.5.attn.out.weight"].shape == (2880, 4096)
+
+
+# --------------------------------------------------------------------------- EngineConfig
+def test_engine_yaml_mirrors_the_engine_config_key_for_key():
+    """configs/engine.yaml holds every EngineConfig field but `model` (each entry point's defaults
+    list picks that preset), in order and with the dataclass's defaults, the parallel node too."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from runtime.config import CONFIG_DIR
+    from runtime.engine_config import EngineConfig
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "engine.yaml"))
+    defaults = dataclasses.asdict(EngineConfig())
+    model = defaults.pop("model")
+    assert list(yaml) == list(defaults) and list(yaml["parallel"]) == list(defaults["parallel"])
+    assert yaml == defaults
+    for entry in ("batch", "generate", "bench", "ray_batch"):
+        chosen = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{entry}.yaml"))["defaults"]
+        assert {"model": model} in chosen, entry
+
+
+def test_engine_config_from_a_hydra_config():
+    from hydra import compose, initialize_config_dir
+
+    from launch.common import engine_config
+    from runtime.config import CONFIG_DIR
+    from runtime.engine_config import EngineConfig, ParallelConfig
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        overrides = ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b", "checkpoint=dummy",
+                     "max_batch_size=4", "parallel.tp=2", "kv_cache_tokens=4096"]
+        cfg = compose("batch", overrides)
+    got = engine_config(cfg)
+    assert got == EngineConfig(checkpoint="dummy", model=preset("gpt-oss-20b"), max_batch_size=4,
+                               kv_cache_tokens=4096, parallel=ParallelConfig(tp=2))
+    # Keys that are not engine settings are left out; missing ones take the defaults.
+    assert EngineConfig.from_mapping({"input": "x", "seed": 3}) == EngineConfig(seed=3)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_batch_size=8, max_batch_tokens=4),
+     r"max_batch_tokens \(4\) must be at least max_batch_size \(8\)"),
+    (dict(kv_cache_tokens=0), "kv_cache_tokens must be positive, got 0"),
+    (dict(gpu_memory_fraction=0), r"gpu_memory_fraction must be in \(0, 1\], got 0"),
+    (dict(gpu_memory_fraction=1.5), r"gpu_memory_fraction must be in \(0, 1\], got 1.5"),
+    (dict(dtype="float16"), "dtype='float16' is not supported; use one of auto, float32, bfloat16"),
+])
+def test_engine_config_checks_name_the_setting(settings, message):
+    from runtime.engine_config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**settings)
+    EngineConfig(max_batch_size=8, max_batch_tokens=8, kv_cache_tokens=1, gpu_memory_fraction=1,
+                 dtype="bfloat16")  # each bound itself is allowed
+
+
+def test_llm_takes_an_engine_config_or_its_keywords(tiny_checkpoints):
+    from runtime.engine import LLM
+    from runtime.engine_config import EngineConfig
+
+    settings = dict(dtype="float32", device="cpu", max_batch_size=2, max_batch_tokens=16, kv_cache_tokens=64)
+    by_keywords = LLM(tiny_checkpoints["original"], **settings)
+    by_config = LLM(config=EngineConfig(checkpoint=tiny_checkpoints["original"], **settings))
+    assert by_keywords.engine_config == by_config.engine_config
+    assert (by_config.max_batch_size, by_config.max_batch_tokens, by_config.kv_cache_tokens) == (2, 16, 64)
+    with pytest.raises(TypeError, match="not both"):
+        LLM(config=EngineConfig(), max_batch_size=2)
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        LLM(tiny_checkpoints["original"], kv_cache_tokens=-1)

@@ -28,15 +28,15 @@ def greedy(tokens, max_tokens=10, **kw):
 
 @contextlib.contextmanager
 def settings(llm, **values):
-    """The engine with some limits changed for one test."""
-    saved = {k: getattr(llm, k) for k in values}
+    """The engine with some of its scheduler's limits changed for one test."""
+    saved = {k: getattr(llm.scheduler, k) for k in values}
     for k, v in values.items():
-        setattr(llm, k, v)
+        setattr(llm.scheduler, k, v)
     try:
         yield llm
     finally:
         for k, v in saved.items():
-            setattr(llm, k, v)
+            setattr(llm.scheduler, k, v)
 
 
 def run_alone(llm, reqs):

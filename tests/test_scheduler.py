@@ -1,14 +1,328 @@
-"""The scheduler over a fixed KV pool: admission by free pages, preemption and recompute, no page
-leaked or shared, and every request's tokens equal to running it alone (tiny model, fp32, CPU)."""
+"""The scheduler (runtime/scheduler.py) without a model, then the engine over a fixed KV pool.
+
+The first part drives Scheduler over real page pools on the CPU (tiny head dims) the way the engine
+does, one step always in flight, with fake sampled tokens: each sequence's token at position p is a
+fixed function of (request, p), so its output is known in advance whatever the batch, the budget or
+the preemptions. The second part runs the tiny model (fp32, CPU): admission by free pages,
+preemption and recompute, no page leaked or shared, and every request's tokens equal to running it
+alone.
+"""
+
+import random
 
 import pytest
 import torch
 
 from runtime.engine import LLM
+from runtime.kv_cache import RELEASED, PagePool, SequenceKV, sliding_pages_bound
 from runtime.requests import Request
 from runtime.sampling import SamplingParams
+from runtime.scheduler import PENDING, Scheduler
+
+PAGE = 16
+WINDOW = 8
 
 
+# --------------------------------------------------------------------------- the Scheduler alone
+def fake_token(request_id: int, position: int) -> int:
+    """The token a request's fake model samples for position `position`."""
+    return (request_id * 1009 + position * 7919) % 5000 + 1
+
+
+def make_scheduler(pages: int | None, batch: int, budget: int, max_model_len: int = 10_000,
+                   window: int | None = WINDOW) -> Scheduler:
+    """A scheduler over a full pool of `pages` pages (None: growable) and, with a window, a sliding
+    pool sized as the engine sizes it."""
+    full = PagePool([1], 1, 2, torch.float32, "cpu", num_pages=pages or 4, growable=pages is None)
+    sliding = None
+    if window is not None:
+        bound = sliding_pages_bound(window, batch, budget)
+        sliding = PagePool([0], 1, 2, torch.float32, "cpu", num_pages=bound, growable=False)
+    return Scheduler(full, lambda: SequenceKV(full, sliding, window), max_batch_size=batch,
+                     max_batch_tokens=budget, max_model_len=max_model_len)
+
+
+def request(i: int, prompt: int, max_tokens: int, stop: tuple[int, ...] = ()) -> Request:
+    tokens = [fake_token(i + 7, p) for p in range(prompt)]
+    return Request(i, tokens, SamplingParams(max_tokens=max_tokens, temperature=0), stop_token_ids=stop)
+
+
+def expected(req: Request, max_model_len: int) -> tuple[list[int], str]:
+    """The tokens and finish reason of a request, straight from the fake model."""
+    generated, position = [], len(req.prompt_token_ids)
+    while True:
+        generated.append(fake_token(req.id, position))
+        position += 1
+        if generated[-1] in req.stop_token_ids:
+            return generated, "stop"
+        if len(generated) >= req.params.max_tokens or position >= max_model_len:
+            return generated, "length"
+
+
+class Driver:
+    """The engine's loop with a fake model: schedule, launch (sample every wanted row), then land
+    the step before; each plan is checked against what a model would read."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.s = scheduler
+        self.plans, self.finished, self.rejected = [], {}, {}
+        self.in_flight = None  # (samples, pairs) of the step on the "GPU"
+
+    def add(self, requests) -> None:
+        for req in requests:
+            self.s.add(req.id, req)
+
+    def step(self) -> None:
+        scheduled = self.s.schedule()
+        for r in scheduled.rejected:
+            self.rejected[r.index] = r.error
+        launched = None
+        if scheduled.plan.chunks:
+            self.check(scheduled)
+            self.plans.append(scheduled)
+            pairs = [(float(fake_token(seq.request.id, slot)), -slot / 1000)
+                     for seq, slot in scheduled.samples]
+            launched = (scheduled.samples, pairs)
+        if self.in_flight is not None:
+            for seq in self.s.land(*self.in_flight):
+                assert seq.index not in self.finished
+                self.finished[seq.index] = seq
+        self.in_flight = launched
+
+    def run(self, max_steps: int = 20_000) -> "Driver":
+        while self.s.has_unfinished() or self.in_flight is not None:
+            self.step()
+            assert len(self.plans) < max_steps, "the scheduler makes no progress"
+        return self
+
+    def check(self, scheduled) -> None:
+        """What a forward would read is there: ids are the sequences' tokens (or PENDING, with the
+        row of the step in flight that samples that very position), pages are reserved and not
+        shared, the budget and batch size hold, sequences with the fewest tokens to compute (the
+        decodes) come first."""
+        plan, s = scheduled.plan, self.s
+        assert len(plan.ids) == len(plan.positions) <= s.max_batch_tokens
+        assert len(plan.chunks) <= s.max_batch_size and len(plan.keys) == len(plan.chunks)
+        previous = self.in_flight[0] if self.in_flight is not None else []
+        sampled = {id(seq) for seq, _ in scheduled.samples}
+        seen, row, uncomputed = set(), 0, []
+        for key, chunk in zip(plan.keys, plan.chunks):
+            seq = s.running[key]
+            req = seq.request
+            assert chunk.cache is seq.cache
+            pages = set(chunk.cache.pages)
+            assert not pages & seen, "a KV page is shared by two sequences"
+            seen |= pages
+            assert len(chunk.cache.pages) * PAGE >= chunk.start + chunk.length
+            live = [p for p in chunk.cache.sliding_pages if p != RELEASED]
+            assert len(live) <= -(-WINDOW // PAGE) + 2 + -(-chunk.length // PAGE)
+            uncomputed.append(len(seq.tokens) - (id(seq) in sampled) - chunk.start)
+            for offset in range(chunk.length):
+                position = chunk.start + offset
+                assert plan.positions[row] == position
+                if plan.ids[row] == PENDING:
+                    sampler, slot = previous[plan.pending[row]]
+                    assert sampler is seq and slot == position
+                elif position < len(req.prompt_token_ids):
+                    assert plan.ids[row] == req.prompt_token_ids[position]
+                else:
+                    assert plan.ids[row] == fake_token(req.id, position)
+                row += 1
+        assert uncomputed == sorted(uncomputed), "decodes (the fewest tokens to compute) go first"
+        assert set(plan.pending) == {r for r, t in enumerate(plan.ids) if t == PENDING}
+        assert len(plan.logits_rows) == len(scheduled.samples)
+
+    def assert_done_as_alone(self, requests) -> None:
+        for req in requests:
+            if req.id in self.rejected:
+                continue
+            seq = self.finished[req.id]
+            tokens, reason = expected(req, self.s.max_model_len)
+            assert (seq.generated, seq.finish_reason) == (tokens, reason), req.id
+            known = len(req.prompt_token_ids) + len(tokens)
+            assert seq.tokens[:known] == req.prompt_token_ids + tokens
+            # A row still in flight when it finished (after a stop token) is dropped: PENDING forever.
+            assert seq.tokens[known:] == [PENDING] * seq.pending and seq.pending <= 1
+            assert seq.logprobs == [-(len(req.prompt_token_ids) + k) / 1000 for k in range(len(tokens))]
+        assert not self.s.running and not self.s.waiting
+
+    def assert_no_page_held(self) -> None:
+        full = self.s.pool
+        assert full.free_pages == full.num_pages
+        cache = self.s.new_cache()
+        if cache.sliding_pool is not None:
+            assert cache.sliding_pool.free_pages == cache.sliding_pool.num_pages
+
+
+def test_admission_waits_for_free_pages_and_the_batch_size():
+    driver = Driver(make_scheduler(pages=4, batch=2, budget=64))
+    a, b, c, d, e = request(0, 40, 4), request(1, 30, 4), request(2, 5, 3), request(3, 5, 3), request(4, 5, 3)
+    driver.add([a])
+    driver.step()  # A's prompt holds 3 of the 4 pages
+    assert list(driver.s.running) == [0] and driver.s.pool.free_pages == 1
+    driver.add([b])
+    driver.step()
+    assert list(driver.s.running) == [0] and [i for i, _ in driver.s.waiting] == [1]  # 2 pages > 1 free
+    driver.run()
+    assert 1 in driver.finished and driver.s.preemptions == 0
+    driver.add([c, d, e])
+    driver.step()
+    assert list(driver.s.running) == [2, 3] and [i for i, _ in driver.s.waiting] == [4]  # batch of 2
+    driver.run().assert_done_as_alone([a, b, c, d, e])
+    driver.assert_no_page_held()
+
+
+def test_a_request_that_can_never_fit_fails_alone():
+    driver = Driver(make_scheduler(pages=2, batch=4, budget=64))
+    short, long = request(0, 3, 4), request(1, 30, 8)
+    driver.add([short, long])
+    driver.run()
+    assert driver.rejected == {1: "needs up to 38 positions of KV cache; it holds 32 (kv_cache_tokens)"}
+    driver.assert_done_as_alone([short])
+    driver.assert_no_page_held()
+
+
+def test_a_request_capped_by_the_context_limit_fits():
+    """The positions a request can hold stop at max_model_len, whatever its max_tokens."""
+    driver = Driver(make_scheduler(pages=2, batch=4, budget=64, max_model_len=32))
+    req = request(0, 30, 100)
+    driver.add([req])
+    driver.run().assert_done_as_alone([req])
+    assert not driver.rejected and len(driver.finished[0].generated) == 2
+
+
+def test_prompts_are_prefilled_in_chunks_within_the_budget_and_decodes_go_first():
+    driver = Driver(make_scheduler(pages=None, batch=4, budget=8))
+    a, b = request(0, 3, 6), request(1, 30, 3)
+    driver.add([a, b])
+    driver.run().assert_done_as_alone([a, b])
+    b_chunks = [(c.start, c.length) for p in driver.plans
+                for k, c in zip(p.plan.keys, p.plan.chunks) if k == 1]
+    assert b_chunks[:4] == [(0, 5), (5, 7), (12, 7), (19, 7)]  # beside A's prompt, then A's decodes
+    assert b_chunks[4] == (26, 4)
+    # B samples only once its prompt is in: its first sampled row is in the plan of its last chunk.
+    first_sample = next(n for n, p in enumerate(driver.plans) if any(seq.index == 1 for seq, _ in p.samples))
+    assert any(k == 1 and c.start + c.length == 30 for k, c in
+               zip(driver.plans[first_sample].plan.keys, driver.plans[first_sample].plan.chunks))
+
+
+def test_the_latest_admitted_is_preempted_and_recomputed_later():
+    """Three 10-token prompts on one page each, in a pool of four: they outgrow it together."""
+    driver = Driver(make_scheduler(pages=4, batch=3, budget=64))
+    reqs = [request(i, 10, 40) for i in range(3)]
+    driver.add(reqs)
+    while driver.s.preemptions == 0:
+        driver.step()
+    assert list(driver.s.running) == [0, 1]
+    (index, victim), = driver.s.waiting
+    assert index == 2 and victim.computed == 0 and victim.cache.pages == []
+    generated_before = len(victim.tokens)
+    driver.run().assert_done_as_alone(reqs)
+    # It came back with its prompt and generated tokens recomputed as one prefill.
+    returns = [c for p in driver.plans for k, c in zip(p.plan.keys, p.plan.chunks) if k == 2 and c.start == 0]
+    assert [c.length for c in returns][-1] >= generated_before > 10
+    driver.assert_no_page_held()
+
+
+def test_a_sequence_short_of_pages_when_all_others_are_planned_waits_itself():
+    """A decodes within its page; B's prompt chunks take the rest of the pool. When B's last chunk
+    needs a page and A, the only other one, is already in the step, B goes back to wait."""
+    driver = Driver(make_scheduler(pages=3, batch=2, budget=17))
+    a, b = request(0, 5, 3), request(1, 40, 2)
+    driver.add([a, b])
+    for _ in range(3):
+        driver.step()
+    assert driver.s.preemptions == 1 and list(driver.s.running) == [0]
+    assert [i for i, _ in driver.s.waiting] == [1] and driver.s.waiting[0][1].computed == 0
+    driver.run().assert_done_as_alone([a, b])
+    driver.assert_no_page_held()
+
+
+def test_stop_token_max_tokens_and_context_limit():
+    mml = 20
+    stopper = request(0, 5, 50)
+    stop = fake_token(0, 5 + 3)  # its 4th token
+    stopper = Request(0, stopper.prompt_token_ids, stopper.params, stop_token_ids=(stop,))
+    reqs = [stopper, request(1, 5, 4), request(2, 15, 50), request(3, 20, 50)]
+    driver = Driver(make_scheduler(pages=None, batch=4, budget=64, max_model_len=mml))
+    driver.add(reqs)
+    driver.run().assert_done_as_alone(reqs)
+    got = {i: (len(s.generated), s.finish_reason) for i, s in driver.finished.items()}
+    assert got == {0: (4, "stop"), 1: (4, "length"), 2: (5, "length"), 3: (1, "length")}
+
+
+def test_pending_tokens_with_one_step_in_flight():
+    s = make_scheduler(pages=None, batch=2, budget=64)
+    req = request(0, 5, 3)
+    s.add(0, req)
+    first = s.schedule()
+    assert [(c.start, c.length) for c in first.plan.chunks] == [(0, 5)] and first.plan.pending == {}
+    seq = s.running[0]
+    assert first.samples == [(seq, 5)] and seq.tokens[5] == PENDING and seq.pending == 1
+    second = s.schedule()  # planned before the first step's token lands: it reads it on the GPU
+    assert second.plan.ids == [PENDING] and second.plan.pending == {0: 0} and second.samples == [(seq, 6)]
+    assert s.land(first.samples, [(fake_token(0, 5), -0.5)]) == []
+    assert seq.generated == [fake_token(0, 5)] and seq.tokens[5] == fake_token(0, 5) and seq.pending == 1
+    third = s.schedule()
+    assert third.plan.positions == [6] and third.plan.pending == {0: 0}
+    assert s.land(second.samples, [(fake_token(0, 6), -0.6)]) == []
+    # Generated 2 and 1 in flight: the third is the last, so nothing more is planned.
+    assert s.schedule().plan.chunks == []
+    done = s.land(third.samples, [(fake_token(0, 7), -0.7)])
+    assert done == [seq] and seq.finish_reason == "length" and seq.generated == expected(req, 10_000)[0]
+    assert not s.has_unfinished() and s.pool.free_pages == s.pool.num_pages
+
+
+def test_a_row_in_flight_after_a_stop_token_is_dropped():
+    s = make_scheduler(pages=None, batch=2, budget=64)
+    s.add(0, request(0, 5, 10, stop=(99,)))
+    first = s.schedule()
+    second = s.schedule()
+    seq = s.running[0]
+    assert s.land(first.samples, [(99.0, -0.1)]) == [seq] and seq.finish_reason == "stop"
+    assert s.land(second.samples, [(7.0, -0.2)]) == [] and seq.generated == [99]
+    assert not s.has_unfinished() and s.pool.free_pages == s.pool.num_pages
+
+
+def test_drop_unfinished_gives_every_page_back():
+    s = make_scheduler(pages=4, batch=3, budget=64)
+    for i in range(3):
+        s.add(i, request(i, 10, 40))
+    driver = Driver(s)
+    while s.preemptions == 0:
+        driver.step()
+    s.drop_unfinished()
+    assert not s.has_unfinished() and s.pool.free_pages == s.pool.num_pages
+
+
+@pytest.mark.parametrize("seed", list(range(8)) + [random.randrange(2**32) for _ in range(4)])
+def test_random_mixes_finish_as_alone_without_leaking_pages(seed):
+    print(f"random seed {seed}")
+    rng = random.Random(seed)
+    pages = rng.choice([None, 2, 3, 4, 6, 10])  # None: a growable pool
+    batch = rng.randint(1, 6)
+    budget = rng.randint(batch, 48)
+    mml = rng.choice([24, 40, 10_000])
+    window = rng.choice([None, WINDOW])
+    driver = Driver(make_scheduler(pages, batch, budget, max_model_len=mml, window=window))
+    reqs = []
+    for i in range(rng.randint(1, 12)):
+        prompt = rng.randint(1, min(mml, 40))
+        req = request(i, prompt, rng.randint(1, 30))
+        if rng.random() < 0.3:  # a token it produces, so it may stop early
+            stop = (fake_token(i, prompt + rng.randint(0, 10)),)
+            req = Request(i, req.prompt_token_ids, req.params, stop_token_ids=stop)
+        reqs.append(req)
+    driver.add(reqs)
+    driver.run()
+    never_fit = {r.id for r in reqs if pages is not None
+                 and -(-min(len(r.prompt_token_ids) + r.params.max_tokens, mml) // PAGE) > pages}
+    assert set(driver.rejected) == never_fit
+    driver.assert_done_as_alone(reqs)
+    driver.assert_no_page_held()
+
+
+# --------------------------------------------------------------------------- the engine over a fixed pool
 @pytest.fixture(scope="module")
 def roomy(tiny_checkpoints):
     return LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=1, max_batch_tokens=256)

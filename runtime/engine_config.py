@@ -1,0 +1,80 @@
+"""The engine's settings: one dataclass, each default written once, each check made on construction.
+
+configs/engine.yaml mirrors these fields key for key (hydra reads the yaml; tests/test_config.py
+holds the two equal), and launch/common.py turns a hydra config into an EngineConfig with
+`from_mapping`. The model's shape is not here: `model` names a preset (or is a ModelConfig), and
+a checkpoint's own config.json wins over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from runtime.config import ModelConfig, from_mapping as model_from_mapping
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """The layout of a job's ranks: world = dp x tp x ep (parallel/groups.py builds the groups)."""
+    tp: int = 1  # attention heads (and vocabulary) split over tp ranks
+    ep: int = 1  # experts partitioned over ep groups of tp ranks
+    dp: int | None = None  # independent replicas; None: world / (tp x ep)
+    expert_tp: int | None = None  # ways each expert is split; None: tp
+    timeout_s: float = 600  # a collective waiting longer than this fails the job instead of hanging
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """What runtime.engine.LLM is built from.
+
+    checkpoint: a folder (either public layout), "dummy" (random weights of `model`), or None (the
+    embedded tiny synthetic checkpoint). max_model_len None: the model's limit. kv_cache_tokens
+    None: on CUDA what gpu_memory_fraction of the GPU leaves after the weights, on CPU a pool that
+    grows on demand. enforce_eager: never replay decode steps from CUDA graphs. seed: dummy weights,
+    and sampling seeds for requests that bring none.
+    """
+    checkpoint: str | Path | None = None
+    model: str | ModelConfig = "tiny"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_batch_size: int = 64
+    max_batch_tokens: int = 8192
+    default_max_tokens: int = 256
+    kv_cache_tokens: int | None = None
+    gpu_memory_fraction: float = 0.9
+    enforce_eager: bool = False
+    seed: int = 0
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
+                             f"({self.max_batch_size}): every running sequence decodes one token per step")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be positive, got {self.kv_cache_tokens}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "EngineConfig":
+        """From a plain mapping such as a hydra config's container: keys that are not engine settings
+        (input, output, ...) are ignored, missing ones take the defaults. A `model` node (a preset's
+        fields and its `name`) becomes a ModelConfig, a `parallel` node a ParallelConfig."""
+        fields = {f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings}
+        model = fields.get("model")
+        if isinstance(model, Mapping):
+            fields["model"] = model_from_mapping(dict(model), f"model preset {model.get('name')}")
+        if isinstance(fields.get("parallel"), Mapping):
+            fields["parallel"] = ParallelConfig(**fields["parallel"])
+        if fields.get("checkpoint") is not None:
+            fields["checkpoint"] = str(fields["checkpoint"])
+        return cls(**fields)

@@ -1,0 +1,255 @@
+"""The scheduler: which requests run, which KV pages they hold, and what each step computes.
+
+It knows the KV page pool (runtime/kv_cache.py) and nothing of the model, in the style of vLLM
+v1's and nano-vllm's schedulers: `schedule()` admits waiting requests and returns a data-only plan
+of the next step (runtime/step_plan.StepPlan, plus the sequences whose next token it samples), and
+`land()` takes the tokens a step sampled and returns the sequences that finished. The engine
+(runtime/engine.py) runs the plans on the model and turns finished sequences into results.
+
+Admission is first come, first served while the batch has room (max_batch_size) and, in a fixed
+pool, while the waiting request's tokens fit the free pages; a request that could never fit the
+whole pool fails alone. Each step takes the uncomputed tokens of every running sequence, decodes
+first (fewest uncomputed tokens first), prompts in chunks within the token budget
+(max_batch_tokens), and reserves their pages before the step runs. When the pool runs out, the
+most recently admitted sequence goes back to the front of the queue (its KV recomputed when it
+returns, as one prefill of prompt and generated tokens).
+
+One step is always in flight (the engine's async scheduling): a step's sampled tokens are PENDING
+in their sequences until `land()`, and the next step, planned before they land, decodes a PENDING
+token by reading it from the GPU buffer row the step in flight samples it into (`sample_row`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import torch
+
+from runtime.kv_cache import OutOfPages, PagePool, SequenceKV
+from runtime.requests import Request
+from runtime.step import SequenceChunk
+from runtime.step_plan import StepPlan
+
+PENDING = -1  # in a sequence's tokens: sampled by the step in flight, not on the host yet
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """A request admitted to run: its tokens, its KV pages and its sampler state."""
+    index: int  # the request's place in the generate call: its key in step plans
+    request: Request
+    cache: SequenceKV
+    generator: torch.Generator | None  # its sampler's random state, kept across preemption
+    tokens: list[int]  # prompt + generated so far
+    computed: int = 0  # tokens whose K/V are in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
+    sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+    @property
+    def done(self) -> bool:
+        """Finished: a row of it in the step in flight is dropped."""
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class Rejected:
+    """A request that can never run (it needs more KV pages than the whole pool has)."""
+    index: int
+    request: Request
+    error: str
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    """The next step: its plan, the rows it samples, and the requests admission turned away."""
+    plan: StepPlan
+    samples: list[tuple[Sequence, int]]  # per sampled row: its sequence and the index of its PENDING token
+    rejected: list[Rejected] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+    """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
+
+    new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
+    sampler state, made at its first admission (so requests turned away draw no seed).
+    """
+
+    def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
+                 max_batch_tokens: int, max_model_len: int,
+                 new_generator: Callable[[Request], torch.Generator | None] = lambda request: None):
+        self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_model_len = max_model_len
+        # Not admitted yet (index, Request), or preempted (index, Sequence), in the order they run.
+        self.waiting: collections.deque[tuple[int, Request | Sequence]] = collections.deque()
+        self.running: dict[int, Sequence] = {}  # in admission order
+        self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+
+    def add(self, index: int, request: Request) -> None:
+        """Queue a request; `index` is its key (unique among the requests queued at once)."""
+        self.waiting.append((index, request))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        """Admit what fits, then plan the next step (its plan has no chunks when nothing can run)."""
+        rejected = self._admit()
+        plan, samples = self._plan()
+        return ScheduledStep(plan, samples, rejected)
+
+    def land(self, samples: list[tuple[Sequence, int]], pairs: list[tuple[float, float]]) -> list[Sequence]:
+        """Hand a step's sampled (token, logprob) pairs, one per sampled row, to their sequences;
+        returns the ones that finished (their pages given back, finish_reason set), in row order."""
+        finished = []
+        for (seq, slot), (token, logprob) in zip(samples, pairs):
+            if seq.done:  # it ended at the step before: this row was computed in vain
+                continue
+            token = int(token)
+            seq.tokens[slot] = token
+            seq.generated.append(token)
+            seq.logprobs.append(logprob)
+            seq.pending -= 1
+            reason = self._finish_reason(seq)
+            if reason is None:
+                continue
+            seq.finish_reason = reason
+            if self.running.get(seq.index) is seq:
+                del self.running[seq.index]
+            else:  # preempted while its token was on the way
+                self.waiting.remove((seq.index, seq))
+            seq.cache.release()
+            finished.append(seq)
+        return finished
+
+    def drop_unfinished(self) -> None:
+        """Forget every request not finished (a generate call that stopped early or failed); their
+        pages go back to the pool."""
+        for seq in self.running.values():
+            seq.cache.release()
+        for _, item in self.waiting:
+            if isinstance(item, Sequence):
+                item.cache.release()
+        self.running.clear()
+        self.waiting.clear()
+
+    # --------------------------------------------------------------------------- admission
+    def longest(self, request: Request) -> int:
+        """The most positions a request can ever hold in the cache."""
+        return min(len(request.prompt_token_ids) + request.params.max_tokens, self.max_model_len)
+
+    def _admit(self) -> list[Rejected]:
+        """Move waiting requests to running while the batch and the KV pool have room."""
+        rejected = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            index, item = self.waiting[0]
+            seq = item if isinstance(item, Sequence) else None
+            req = seq.request if seq else item
+            if not self.pool.growable:
+                if self.pool.pages_for(self.longest(req)) > self.pool.num_pages:
+                    self.waiting.popleft()
+                    capacity = self.pool.num_pages * self.pool.page_size
+                    rejected.append(Rejected(index, req, f"needs up to {self.longest(req)} positions of KV "
+                                                         f"cache; it holds {capacity} (kv_cache_tokens)"))
+                    continue
+                tokens = seq.tokens if seq else req.prompt_token_ids
+                if self.pool.pages_for(len(tokens)) > self.pool.free_pages:
+                    break  # wait for running sequences to finish
+            self.waiting.popleft()
+            self.running[index] = seq if seq else self._new_sequence(index, req)
+        return rejected
+
+    def _new_sequence(self, index: int, req: Request) -> Sequence:
+        return Sequence(index, req, self.new_cache(), self.new_generator(req), list(req.prompt_token_ids))
+
+    # --------------------------------------------------------------------------- planning
+    def _plan(self) -> tuple[StepPlan, list[tuple[Sequence, int]]]:
+        """One step: the uncomputed tokens of each sequence, decodes first, within the token budget.
+
+        Each chunk's pages are reserved here, before the step runs. When the pool is out, the most
+        recently admitted sequence not yet in this step is preempted (or, if every other one is,
+        this one waits instead). A sequence whose chunk reaches its end samples its next token:
+        PENDING in its tokens until the step lands."""
+        running = self.running
+        budget = self.max_batch_tokens
+        ids, positions, chunks, logits_rows, wants, pending, keys = [], [], [], [], [], {}, []
+        order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
+        planned: set[int] = set()
+        for index in order:
+            if index not in running:  # preempted for an earlier sequence of this step
+                continue
+            seq = running[index]
+            take = min(len(seq.tokens) - seq.computed, budget)
+            if take == 0 or self._ends_with_pending(seq):
+                continue
+            if not self._reserve(index, seq.computed + take, planned):
+                continue
+            planned.add(index)
+            budget -= take
+            start = seq.computed
+            ids.extend(seq.tokens[start:start + take])
+            if ids[-1] == PENDING:  # only a decode token can be one: what the step in flight samples
+                pending[len(ids) - 1] = seq.sample_row
+            positions.extend(range(start, start + take))
+            chunks.append(SequenceChunk(start, take, seq.cache))
+            keys.append(index)
+            seq.computed += take
+            if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
+                logits_rows.append(len(ids) - 1)
+                wants.append(seq)
+        return StepPlan(ids, positions, chunks, logits_rows, pending, keys), self._mark_pending(wants)
+
+    @staticmethod
+    def _mark_pending(wants: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Each sampling sequence's next token, PENDING until the step lands; row r of the step's
+        samples goes to row r of the sampled-token buffer."""
+        samples = []
+        for row, seq in enumerate(wants):
+            seq.tokens.append(PENDING)
+            seq.pending += 1
+            seq.sample_row = row
+            samples.append((seq, len(seq.tokens) - 1))
+        return samples
+
+    def _reserve(self, index: int, end: int, planned: set[int]) -> bool:
+        """Pages for positions computed..end-1 of running[index], preempting others if needed; False
+        when the sequence itself had to go back to waiting."""
+        seq = self.running[index]
+        while True:
+            try:
+                seq.cache.reserve(seq.computed, end)
+                return True
+            except OutOfPages:
+                victims = [i for i in self.running if i != index and i not in planned]
+                self._preempt(victims[-1] if victims else index)
+                if not victims:
+                    return False
+
+    def _preempt(self, index: int) -> None:
+        """Send a running sequence back to the front of the queue; its KV is recomputed when it
+        returns (prompt and generated tokens as one prefill), its sampler state kept."""
+        seq = self.running.pop(index)
+        seq.cache.release()
+        seq.computed = 0
+        self.waiting.appendleft((index, seq))
+        self.preemptions += 1
+
+    # --------------------------------------------------------------------------- stopping
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """Whether the step in flight gives the sequence its last token (max_tokens or the context
+        limit reached), so it needs no further step."""
+        return seq.pending > 0 and (len(seq.generated) + seq.pending >= seq.request.params.max_tokens
+                                    or len(seq.tokens) >= self.max_model_len)
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        if seq.generated[-1] in seq.request.stop_token_ids:
+            return "stop"
+        context = len(seq.tokens) - seq.pending  # pending tokens: of a later step, not this one
+        if len(seq.generated) >= seq.request.params.max_tokens or context >= self.max_model_len:
+            return "length"
+        return None
