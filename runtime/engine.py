@@ -22,7 +22,7 @@ import torch
 
 from parallel.groups import Parallel, single
 from parallel.layers import broadcast
-from runtime import cuda_graphs
+from runtime import cuda_graphs, ops
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
@@ -30,7 +30,7 @@ from runtime.engine_config import DTYPES, EngineConfig
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import make_generator, sample_on_device
+from runtime.sampling import make_generator
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
 from runtime.step import Step
 from runtime.step_plan import PlanChannel, StepPlan
@@ -309,7 +309,7 @@ class LLM:
         if greedy is not None and all(p.temperature == 0 for p in params):
             tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
         else:
-            tokens, logprobs = sample_on_device(logits, params, [s.generator for s in seqs])
+            tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs])
             self._sampled[:len(seqs)].copy_(tokens)
             pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
         if self.parallel.replica.size > 1:  # for the other ranks' next decode rows (see _follow)

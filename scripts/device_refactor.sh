@@ -9,9 +9,9 @@ source scripts/device_env.sh
 nvidia-smi -L
 case "${1:-tests}" in
   tests)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee $OUT/pytest_graphs.log | tail -4
-    timeout 360 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ --deselect tests/test_cuda_graphs.py 2>&1 \
-      | tee $OUT/pytest_gpu.log | tail -8
+    timeout 180 python3 -m pytest -v -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tee $OUT/pytest_graphs.log | grep -E "PASSED|FAILED|SKIPPED|ERROR| passed| failed"
+    timeout 370 python3 -m pytest -v -p no:cacheprovider -m gpu tests/ --ignore tests/test_cuda_graphs.py 2>&1 \
+      | tee $OUT/pytest_gpu.log | grep -E "FAILED|ERROR| passed| failed" | tail -12; grep -c PASSED $OUT/pytest_gpu.log
     ;;
   ab)
     rounds=${2:-2}

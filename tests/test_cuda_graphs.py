@@ -6,6 +6,7 @@ dependent launch, and with tensor parallelism's collectives inside.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,6 +128,7 @@ def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
         assert max(abs(a - b) for a, b in zip(graph["logprobs"], eager["logprobs"])) < 1e-3
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the graphs' inputs through Triton's interpreter: CPU only")
 def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
     """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
     staged block tables at the fixed max_model_len width, batches padded into the scratch page,
