@@ -128,14 +128,14 @@ def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
         assert max(abs(a - b) for a, b in zip(graph["logprobs"], eager["logprobs"])) < 1e-3
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the graphs' inputs through Triton's interpreter: CPU only")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the graphs' inputs through Triton's interpreter: CPU only")
 def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
     """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
     staged block tables at the fixed max_model_len width, batches padded into the scratch page,
     attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
-    from runtime import engine
+    from runtime import ops
     from runtime.cuda_graphs import DecodeGraphs
-    from runtime.engine import LLM
     from runtime.requests import Request
     from runtime.sampling import SamplingParams, sample_on_device
 
@@ -151,7 +151,7 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     poison(fast.model)
     fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
     sampled_by_torch = []
-    monkeypatch.setattr(engine, "sample_on_device", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
+    monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
     got = fast.generate(reqs)
     for g, w in zip(got, want):
         assert g.error is None and g.token_ids == w.token_ids
