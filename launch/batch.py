@@ -66,7 +66,8 @@ def run(cfg: DictConfig) -> dict:
         todo = list(first_of_each_key(not_done(lines, out.done)))
         skipped = len(lines) - len(todo)
         todo = todo[parallel.dp_rank::parallel.layout.dp]
-        progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0, interval_s=cfg.progress_interval_s)
+        progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
+                            interval_s=cfg.progress_interval_s)
         write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
         start = time.perf_counter()
         requests = to_requests(todo, llm.make_request, on_error=write)
@@ -92,8 +93,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + getattr(signal, stats["stopped_by"]))
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    replica = f"replica 0 of {cfg.parallel.dp or 'all'}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-    print(f"done: {replica}{stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
+    multi_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    replica = f"replica 0 of {cfg.parallel.dp or 'all'}: " if multi_rank else ""
+    print(f"done: {replica}{stats['requests']} requests ({stats['errors']} failed, "
+          f"{stats['skipped']} already done), "
           f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s, "
           f"{stats['graph_replays']} decode steps replayed from CUDA graphs", file=sys.stderr)
 

@@ -96,7 +96,8 @@ def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) 
             times.append(time.perf_counter() - t)
         bad = next((r for r in results if r.error or len(r.token_ids) != tokens), None)
         if bad is not None:
-            raise RuntimeError(f"request {bad.id} of the batch-{batch} run failed: {bad.error or bad.token_ids}")
+            raise RuntimeError(f"request {bad.id} of the batch-{batch} run failed: "
+                               f"{bad.error or bad.token_ids}")
     return statistics.median(times)
 
 
@@ -105,7 +106,8 @@ def hf_decode_tokens_per_s(cfg, device: torch.device, prompt: int, decode: int, 
     most GPUs), random weights of the same shapes, batch 1 greedy decode."""
     import transformers
 
-    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_json().items() if k != "quantization_config"})
+    hf_cfg = transformers.GptOssConfig(**{k: v for k, v in cfg.to_hf_json().items()
+                                          if k != "quantization_config"})
     hf_cfg._attn_implementation = "eager"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
@@ -150,7 +152,8 @@ def run(cfg: DictConfig) -> dict:
                      "prefill_tokens_per_s": batch * cfg.prompt_tokens / one})
     for prompt in cfg.ttft_prompts:
         seconds = timed_generate(llm, 1, prompt, 1, cfg.repeat)
-        rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds, "prefill_tokens_per_s": prompt / seconds})
+        rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds,
+                     "prefill_tokens_per_s": prompt / seconds})
     # A replica of n GPUs reads its weights and does its FLOPs n ways: n times one GPU's ceilings.
     gpus = llm.parallel.replica.size
     roof_decode = gpus * bw / weight_bytes_per_token(model_cfg) if bw else None
@@ -162,8 +165,9 @@ def run(cfg: DictConfig) -> dict:
             r["prefill_roofline_tokens_per_s"] = roof_prefill
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     report = {"model": str(cfg.model.get("name")),
-              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(llm.dtype),
-              "gpus_per_replica": gpus, "layout": {k: getattr(llm.parallel.layout, k) for k in ("tp", "ep", "dp")},
+              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "dtype": str(llm.dtype), "gpus_per_replica": gpus,
+              "layout": {k: getattr(llm.parallel.layout, k) for k in ("tp", "ep", "dp")},
               "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
               "cuda_graphs": None if llm._graphs is None else sorted(llm._graphs.replays),
               "ceilings": limits, "rows": rows}
@@ -193,9 +197,11 @@ def table(report: dict) -> str:
     for r in report["rows"]:
         if r["kind"] == "decode":
             roof, share = pct(r["tokens_per_s"], r.get("roofline_tokens_per_s"))
-            lines.append(f"| decode tokens/s, batch {r['batch']} | {r['tokens_per_s']:,.1f} | {roof} | {share} |")
+            lines.append(f"| decode tokens/s, batch {r['batch']} | {r['tokens_per_s']:,.1f} | "
+                         f"{roof} | {share} |")
             roof, share = pct(r["prefill_tokens_per_s"], r.get("prefill_roofline_tokens_per_s"))
-            lines.append(f"| prefill tokens/s, batch {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | {roof} | {share} |")
+            lines.append(f"| prefill tokens/s, batch {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | "
+                         f"{roof} | {share} |")
         elif r["kind"] == "ttft":
             roof, share = pct(r["prefill_tokens_per_s"], r.get("prefill_roofline_tokens_per_s"))
             lines.append(f"| time to first token, {r['prompt']:,}-token prompt | {r['seconds']:.3f} s | "

@@ -42,7 +42,8 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
         sliding = llm.model.sliding_pool
         print(f"KV cache: {llm.kv_cache_tokens:,} positions for the full-attention layers "
               f"({llm.pool.nbytes() / 2**20:,.0f} MiB per rank)"
-              + (f", {sliding.num_pages:,} pages for the sliding-window layers ({sliding.nbytes() / 2**20:,.0f} MiB)"
+              + (f", {sliding.num_pages:,} pages for the sliding-window layers "
+                 f"({sliding.nbytes() / 2**20:,.0f} MiB)"
                  if sliding is not None else ""), file=sys.stderr, flush=True)
     if parallel.world_size > 1:
         mem = llm.load_memory
@@ -54,7 +55,8 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
 
 @contextmanager
 def clean_exit():
-    """Start-up problems (a missing file, a bad checkpoint, config or layout) end the job with one clear line."""
+    """Start-up problems (a missing file, a bad checkpoint, config or layout) end the job with one
+    clear line."""
     try:
         yield
     except (ConfigError, FileNotFoundError, ValueError) as e:

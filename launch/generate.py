@@ -34,7 +34,8 @@ def run(cfg: DictConfig) -> dict:
     result = llm.generate([request])[0]
     seconds = time.perf_counter() - start
     return {"result": result, "seconds": seconds, "load_seconds": llm.load_seconds,
-            "prompt_tokens": len(request.prompt_token_ids), "device": str(llm.device), "dtype": str(llm.dtype)}
+            "prompt_tokens": len(request.prompt_token_ids), "device": str(llm.device),
+            "dtype": str(llm.dtype)}
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="generate")

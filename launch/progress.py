@@ -27,14 +27,16 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(tok_s=f"{rate:.1f}", refresh=False)
-        elif self.enabled and (time.perf_counter() - self.last_line >= self.interval_s or self.done == self.total):
+        elif self.enabled and (time.perf_counter() - self.last_line >= self.interval_s
+                               or self.done == self.total):
             self.last_line = time.perf_counter()
             print(self.line(), file=self.stream, flush=True)
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
         left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
-        return (f"progress: {self.done}/{self.total} requests, {self.tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+        return (f"progress: {self.done}/{self.total} requests, "
+                f"{self.tokens / max(elapsed, 1e-9):.1f} tokens/s, "
                 f"elapsed {elapsed:.0f} s, ETA {left:.0f} s")
 
     def close(self) -> None:

@@ -89,8 +89,8 @@ class Replica:
         master_addr = ray.util.get_node_ip_address()
         master_port = ray.get(ray.remote(num_cpus=0)(_free_port).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, 0)).remote())
-        self.ranks = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, r)).remote(
-            cfg, r, size, master_addr, master_port) for r in range(size)]
+        self.ranks = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, r))
+                      .remote(cfg, r, size, master_addr, master_port) for r in range(size)]
         self.parts_dir = Path(parts_dir)
 
     def __call__(self, batch: dict) -> dict:
@@ -111,7 +111,8 @@ def _input_lines(path: str) -> list[tuple[int, str]]:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
-        return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None})) for i, row in enumerate(rows)]
+        return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None}))
+                for i, row in enumerate(rows)]
     return [(number, text.strip()) for number, text in nonblank_lines(path)]
 
 
@@ -136,7 +137,8 @@ def _finish(parts_dir: Path, output: str) -> int:
 
         columns = ("id", "token_ids", "logprobs", "text", "finish_reason", "error", "line")
         rows = [{**{c: r.get(c) for c in columns}, "id": None if r.get("id") is None else str(r["id"]),
-                 "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r}) if "channels" in r else None}
+                 "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r})
+                         if "channels" in r else None}
                 for r in records.values()]
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     else:
@@ -160,9 +162,10 @@ def run(cfg: DictConfig) -> dict:
     if todo:
         dataset = ray.data.from_items([{"number": n, "text": t} for n, t in todo])
         container = OmegaConf.to_container(cfg, resolve=True)
-        results = dataset.map_batches(Replica, fn_constructor_kwargs={"cfg": container, "parts_dir": str(parts_dir)},
-                                      batch_size=cfg.ray_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
-                                      num_cpus=0)
+        results = dataset.map_batches(Replica,
+                                      fn_constructor_kwargs={"cfg": container, "parts_dir": str(parts_dir)},
+                                      batch_size=cfg.ray_batch_size,
+                                      compute=ray.data.ActorPoolStrategy(size=cfg.replicas), num_cpus=0)
         for batch in results.iter_batches(batch_size=None):
             for n in batch["tokens"]:
                 tokens += int(n)
@@ -176,8 +179,9 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base=None, config_path="../configs", config_name="ray_batch")
 def main(cfg: DictConfig) -> None:
     stats = run(cfg)
-    print(f"done: {stats['requests']} requests ({stats['skipped']} already done), {stats['written']} results in "
-          f"{cfg.output}, {stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s", file=sys.stderr)
+    print(f"done: {stats['requests']} requests ({stats['skipped']} already done), "
+          f"{stats['written']} results in {cfg.output}, "
+          f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s", file=sys.stderr)
 
 
 if __name__ == "__main__":

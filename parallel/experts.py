@@ -79,11 +79,13 @@ class AllToAllExchange:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group.group)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        return Routed(self._exchange(rows, send, recv), self._exchange(local, send, recv), order, send, recv, (n, k))
+        return Routed(self._exchange(rows, send, recv), self._exchange(local, send, recv), order, send, recv,
+                      (n, k))
 
     def combine(self, outputs: torch.Tensor, weights: torch.Tensor, routed: Routed) -> torch.Tensor:
         """Expert outputs [m, d] (rows as dispatched) back to their tokens: sum_k weight * output."""
-        back = outputs if self.group.size == 1 else self._exchange(outputs, routed.recv_counts, routed.send_counts)
+        back = outputs if self.group.size == 1 else self._exchange(outputs, routed.recv_counts,
+                                                                    routed.send_counts)
         n, k = routed.shape
         per_pair = torch.empty_like(back)
         per_pair[routed.order] = back  # undo the sort: row i is pair (i // k, i % k) again

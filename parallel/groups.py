@@ -55,7 +55,8 @@ class Layout:
             raise LayoutError(f"parallel.tp ({self.tp}) x parallel.ep ({self.ep}) x parallel.dp ({self.dp}) "
                               f"= {self.tp * self.ep * self.dp}, but the world has {world_size} ranks")
         if self.experts_split < 1 or self.replica_size % self.experts_split:
-            raise LayoutError(f"parallel.expert_tp ({self.experts_split}) must divide tp x ep ({self.replica_size})")
+            raise LayoutError(f"parallel.expert_tp ({self.experts_split}) must divide tp x ep "
+                              f"({self.replica_size})")
         return self
 
 
@@ -101,7 +102,8 @@ def single(device: torch.device | str = "cpu") -> Parallel:
                     _single_group(), 0, _single_group())
 
 
-def _make_group(ranks: list[int], me: int, cache: dict, timeout: datetime.timedelta, backend: str | None) -> Group:
+def _make_group(ranks: list[int], me: int, cache: dict, timeout: datetime.timedelta,
+                backend: str | None) -> Group:
     key = (tuple(ranks), backend)
     if key not in cache:
         # Sub-groups do not inherit the world's timeout; without one they wait 30 minutes.
@@ -121,7 +123,8 @@ def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
             "replica": [members],
             "replica_host": [members],
             "tp": [members[i:i + layout.tp] for i in range(0, size, layout.tp)],
-            "experts_split": [members[i:i + layout.experts_split] for i in range(0, size, layout.experts_split)],
+            "experts_split": [members[i:i + layout.experts_split]
+                              for i in range(0, size, layout.experts_split)],
             "experts_partition": [members[j::layout.experts_split] for j in range(layout.experts_split)],
         }
         for kind, groups in candidates.items():

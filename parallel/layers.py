@@ -80,7 +80,8 @@ class Sharded(nn.Module):
         self._device = device
 
     def add(self, name: str, full_shape: tuple[int, ...], dtype: torch.dtype, slices: Slices | None = None):
-        self.register_buffer(name, torch.empty(local_shape(full_shape, slices), dtype=dtype, device=self._device))
+        self.register_buffer(name, torch.empty(local_shape(full_shape, slices), dtype=dtype,
+                                               device=self._device))
         if slices:
             self.slices[name] = slices
 
@@ -108,7 +109,8 @@ class ColumnParallelLinear(Sharded):
 
 
 class RowParallelLinear(Sharded):
-    """y = sum over ranks of x_r W_r^T, plus b once (on the first rank): input features split, one all-reduce."""
+    """y = sum over ranks of x_r W_r^T, plus b once (on the first rank): input features split, one
+    all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, g: Group, dtype, device, bias: bool = True,
                  what: str = "input features", matmul: Matmul = linear):

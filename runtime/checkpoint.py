@@ -174,7 +174,8 @@ class CheckpointReader:
                 shape = tuple(sl.get_shape())
                 dtype = sl.get_dtype()
                 if spec.kind == "uint8" and dtype != "U8":
-                    raise CheckpointError(f"{file}: tensor {piece.name!r} has dtype {dtype}, expected U8 (MXFP4)")
+                    raise CheckpointError(f"{file}: tensor {piece.name!r} has dtype {dtype}, "
+                                          f"expected U8 (MXFP4)")
                 if spec.kind == "float" and dtype not in ("BF16", "F16", "F32"):
                     raise CheckpointError(f"{file}: tensor {piece.name!r} has dtype {dtype}, expected BF16")
                 if shape[1:] != spec.shape[1:]:
@@ -185,7 +186,8 @@ class CheckpointReader:
                 rows += shape[0] if shape else 1
             expected_rows = spec.shape[0]
             if rows != expected_rows:
-                got = " + ".join(f"{p.name} {list(s.get_shape())}" for (_, s), p in zip(pieces, self.sources[name]))
+                got = " + ".join(f"{p.name} {list(s.get_shape())}"
+                                 for (_, s), p in zip(pieces, self.sources[name]))
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r} should have shape {list(spec.shape)}, found {got}"
                 )
@@ -280,7 +282,8 @@ def _split_for_layout(tensor: torch.Tensor, source: Source, cfg: ModelConfig):
 
 def _save_shards(shards, folder: Path, layout: str, save_file) -> None:
     def name(i: int) -> str:  # the real repos' naming: model.safetensors, or model-00000-of-00002...
-        return "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors"
+        last = len(shards) - 1
+        return "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{last:05d}.safetensors"
 
     weight_map = {}
     for i, shard in enumerate(shards):

@@ -72,7 +72,8 @@ class ModelConfig:
             )
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % 32:
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of 32 (MXFP4 block size)")
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of 32 "
+                                  f"(MXFP4 block size)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for RoPE")
         return self
@@ -113,7 +114,8 @@ class ModelConfig:
                 "truncate": False,
             },
             "rms_norm_eps": self.rms_norm_eps,
-            "layer_types": ["sliding_attention" if self.is_sliding(i) else "full_attention" for i in range(n)],
+            "layer_types": ["sliding_attention" if self.is_sliding(i) else "full_attention"
+                            for i in range(n)],
             "attention_bias": True,
             "attention_dropout": 0.0,
             "hidden_act": "silu",
@@ -154,7 +156,8 @@ def preset(name: str) -> ModelConfig:
 
 
 def from_mapping(fields: dict, source: str) -> ModelConfig:
-    """A ModelConfig from our own field names (a hydra `model` node); extra keys such as `name` are ignored."""
+    """A ModelConfig from our own field names (a hydra `model` node); extra keys such as `name` are
+    ignored."""
     return from_json_dict({k: v for k, v in fields.items() if k in ModelConfig.__dataclass_fields__}, source)
 
 
@@ -191,7 +194,8 @@ def from_json_dict(raw: dict, source: str = "config.json") -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     is_hf = "model_type" in raw or "num_local_experts" in raw or "rope_scaling" in raw
-    fields = _from_hf(raw, source) if is_hf else {k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__}
+    fields = _from_hf(raw, source) if is_hf else {k: v for k, v in raw.items()
+                                                  if k in ModelConfig.__dataclass_fields__}
     required = [f for f in ModelConfig.__dataclass_fields__ if f not in ("rms_norm_eps", "rope_ntk_alpha")]
     missing = [f for f in required if f not in fields]
     # The original layout ships exactly these fields; HF sets the rope fields through rope_scaling.

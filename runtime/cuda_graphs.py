@@ -50,7 +50,8 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
         return "graphs need the Triton kernels on a CUDA device"
     if model.parallel.experts_partition.size > 1:
         return "expert parallelism sizes its all-to-all on the host"
-    if model.pool is None or model.pool.growable or (model.sliding_pool is not None and model.sliding_pool.growable):
+    if model.pool is None or model.pool.growable or (model.sliding_pool is not None
+                                                     and model.sliding_pool.growable):
         return "graphs need fixed KV pools (kv_cache_tokens or gpu_memory_fraction)"
     return None
 
@@ -79,9 +80,11 @@ class DecodeGraphs:
         # holding the token when the host does not have it (else -1): one host-to-device copy.
         self._host_ints = torch.zeros((rows, 5), dtype=torch.int64, pin_memory=pinned)
         self._ints = torch.zeros((rows, 5), dtype=torch.int64, device=dev)
-        self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32, pin_memory=pinned)
+        self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32,
+                                              pin_memory=pinned)
                              for kind, pool in self.pools.items()}
-        self._host_tables_np = {kind: t.numpy() for kind, t in self._host_tables.items()}  # same memory, for row writes
+        self._host_tables_np = {kind: t.numpy()
+                                for kind, t in self._host_tables.items()}  # same memory, for row writes
         self._tables = {kind: t.to(dev) for kind, t in self._host_tables.items()}
         self._staged = {kind: [None] * rows for kind in self.pools}  # (cache serial, entries) per table row
         self._cu_q = torch.arange(rows + 1, dtype=torch.int32, device=dev)
@@ -118,7 +121,8 @@ class DecodeGraphs:
         return self._greedy[:rows]
 
     # ------------------------------------------------------------------------------- inputs
-    def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int], size: int) -> None:
+    def _stage(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int],
+               size: int) -> None:
         if self._inputs_read is not None:
             self._inputs_read.synchronize()  # the host buffers are about to be overwritten
         ints = self._host_ints.numpy()

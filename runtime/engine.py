@@ -48,7 +48,8 @@ class Result:
     chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}}
 
     def to_json(self) -> dict:
-        out = {"id": self.id, "token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason}
+        out = {"id": self.id, "token_ids": self.token_ids, "text": self.text,
+               "finish_reason": self.finish_reason}
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
         if self.chat is not None:
@@ -178,10 +179,11 @@ class LLM:
         budget = (total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
                   - sliding_pages * self.model.kv_page_bytes(sliding=True))
         pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
-        if torch.distributed.is_initialized():  # the first rank's page ids index every rank's pool: the smallest
-            torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)
+        if torch.distributed.is_initialized():  # the first rank's page ids index every rank's pool:
+            torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)  # the smallest
         if int(pages) < 1:
-            raise ValueError(f"no GPU memory left for the KV cache with gpu_memory_fraction={gpu_memory_fraction} "
+            raise ValueError(f"no GPU memory left for the KV cache with "
+                             f"gpu_memory_fraction={gpu_memory_fraction} "
                              f"(weights {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB of "
                              f"{total / 2**30:.1f} GiB); raise it or lower max_batch_tokens")
         return int(pages)

@@ -161,7 +161,8 @@ class Harmony:
         return list(self.encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
 
     def parse_completion(self, token_ids: list[int]) -> dict:
-        """Generated assistant tokens -> {"messages": [{channel, recipient, content}], "channels": {channel: text}}.
+        """Generated assistant tokens -> {"messages": [{channel, recipient, content}],
+        "channels": {channel: text}}.
 
         Never raises: a reply cut short keeps its partial last message, and on garbage the messages
         parsed so far are kept and `parse_error` says what went wrong.
@@ -222,7 +223,8 @@ def _check_effort(effort) -> str:
     if effort is None:
         return "medium"  # harmony's own default
     if effort not in REASONING_EFFORTS:
-        raise HarmonyInputError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
+        raise HarmonyInputError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                                f"got {effort!r}")
     return effort
 
 
@@ -239,12 +241,14 @@ def _check_messages(messages) -> list[dict]:
             raise HarmonyInputError(
                 f"messages[{i}].role: unknown role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
-            raise HarmonyInputError(f"messages[{i}].content: must be a string, got {type(m.get('content')).__name__}")
+            raise HarmonyInputError(f"messages[{i}].content: must be a string, "
+                                    f"got {type(m.get('content')).__name__}")
         if m["role"] in ("system", "developer") and i != 0:
             raise HarmonyInputError(f"messages[{i}].role: a {m['role']} message must be the first message")
         if "channel" in m and (m["role"] != "assistant" or m["channel"] not in CHANNELS):
             raise HarmonyInputError(
-                f"messages[{i}].channel: only assistant messages take a channel, one of {', '.join(CHANNELS)}")
+                f"messages[{i}].channel: only assistant messages take a channel, "
+                f"one of {', '.join(CHANNELS)}")
     return messages
 
 

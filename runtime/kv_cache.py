@@ -43,7 +43,8 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def sliding_pages_bound(window: int, max_batch_size: int, max_batch_tokens: int, page_size: int = PAGE_SIZE) -> int:
+def sliding_pages_bound(window: int, max_batch_size: int, max_batch_tokens: int,
+                        page_size: int = PAGE_SIZE) -> int:
     """Sliding-layer pages that running sequences can hold at once: each keeps its window plus this
     step's chunk (a partial page at each end), and the chunks of a step total max_batch_tokens."""
     return max_batch_size * (pages_for(window - 1, page_size) + 2) + pages_for(max_batch_tokens, page_size)
@@ -103,7 +104,8 @@ class PagePool:
     def grow_to(self, num_pages: int) -> None:
         """At least num_pages pages (a growable pool; another rank's page ids must index this one)."""
         if num_pages > self._num_pages and not self.growable:
-            raise ValueError(f"a fixed pool of {self._num_pages} KV pages cannot hold page ids up to {num_pages - 1}")
+            raise ValueError(f"a fixed pool of {self._num_pages} KV pages cannot hold page ids up to "
+                             f"{num_pages - 1}")
         while self._num_pages < num_pages:
             self._grow()
 
@@ -131,7 +133,8 @@ class PageTables:
         self.pool, self.sliding_pool, self.window = full, sliding, window
         self.serial = next(_serials) if serial is None else serial
         self.pages: list[int] = []  # full layers' pages in position order
-        self.sliding_pages: list[int] = []  # sliding layers' pages in position order, RELEASED once out of the window
+        # sliding layers' pages in position order, RELEASED once out of the window
+        self.sliding_pages: list[int] = []
         self.released_upto = 0  # sliding_pages[:released_upto] are all RELEASED
         self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
 

@@ -61,8 +61,8 @@ class Attention(Sharded):
         self.norm = Sharded(dev)
         self.norm.add("scale", (cfg.hidden_size,), torch.float32)
         matmul = ops.linear_for(tp.size)
-        self.qkv = ColumnParallelLinear([cfg.q_width, cfg.kv_width, cfg.kv_width], cfg.hidden_size, tp, dtype, dev,
-                                        matmul=matmul)
+        self.qkv = ColumnParallelLinear([cfg.q_width, cfg.kv_width, cfg.kv_width], cfg.hidden_size, tp, dtype,
+                                        dev, matmul=matmul)
         self.add("sinks", (cfg.num_attention_heads,), torch.float32,
                  {0: [shard(cfg.num_attention_heads, tp, "query heads")]})
         self.out = RowParallelLinear(cfg.q_width, cfg.hidden_size, tp, dtype, dev, matmul=matmul)
@@ -77,7 +77,8 @@ class Attention(Sharded):
         if h is None:
             _, h = ops.add_rms_norm(x, None, self.norm.scale, cfg.rms_norm_eps)
         kv = ctx.paged.layers(self.window is not None)
-        q = ops.qkv_rope_store(h, self.qkv, self.heads, self.kv_heads, cfg.head_dim, ctx.rotary, kv, self.layer)
+        q = ops.qkv_rope_store(h, self.qkv, self.heads, self.kv_heads, cfg.head_dim, ctx.rotary, kv,
+                               self.layer)
         out = ops.attention(q, ctx.paged, kv, self.layer, self.sinks, self.sm_scale, self.window)
         return self.out(out.flatten(-2))
 
@@ -95,7 +96,8 @@ class MoE(Sharded):
         experts = [(self.exchange.first_expert, self.exchange.first_expert + self.exchange.per_rank)]
         lo, hi = shard(I, self.split, "intermediate_size")
         if (hi - lo) % mxfp4.BLOCK:
-            raise LayoutError(f"intermediate_size ({I}) split {self.split.size} ways gives {hi - lo} columns per rank,"
+            raise LayoutError(f"intermediate_size ({I}) split {self.split.size} ways gives {hi - lo} "
+                              f"columns per rank,"
                               f" not a multiple of the {mxfp4.BLOCK}-value MXFP4 block; choose another "
                               f"parallel.expert_tp (1 partitions whole experts instead)")
         g, b = mxfp4.BLOCK, mxfp4.BYTES_PER_BLOCK
@@ -103,7 +105,8 @@ class MoE(Sharded):
         self.norm.add("scale", (d,), torch.float32)
         self.gate = ReplicatedLinear(d, E, dtype, dev)
         self.mlp1_weight = Sharded(dev)
-        self.mlp1_weight.add("blocks", (E, 2 * I, d // g, b), torch.uint8, {0: experts, 1: [(2 * lo, 2 * hi)]})
+        self.mlp1_weight.add("blocks", (E, 2 * I, d // g, b), torch.uint8,
+                             {0: experts, 1: [(2 * lo, 2 * hi)]})
         self.mlp1_weight.add("scales", (E, 2 * I, d // g), torch.uint8, {0: experts, 1: [(2 * lo, 2 * hi)]})
         self.mlp2_weight = Sharded(dev)
         self.mlp2_weight.add("blocks", (E, d, I // g, b), torch.uint8, {0: experts, 2: [(lo // g, hi // g)]})
@@ -161,8 +164,8 @@ class Block(nn.Module):
 
 
 class GptOss(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 parallel: Parallel | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu", parallel: Parallel | None = None):
         super().__init__()
         parallel = parallel or single(device)
         self.cfg, self.dtype, self.parallel = cfg, dtype, parallel
@@ -193,7 +196,8 @@ class GptOss(nn.Module):
         self.pool = PagePool(full, heads, cfg.head_dim, self.dtype, self.device,
                              num_pages=num_pages or 64, growable=num_pages is None)
         self.sliding_pool = PagePool(sliding, heads, cfg.head_dim, self.dtype, self.device,
-                                     num_pages=sliding_pages or 16, growable=sliding_pages is None) if sliding else None
+                                     num_pages=sliding_pages or 16, growable=sliding_pages is None) \
+            if sliding else None
         return self.pool
 
     def kv_page_bytes(self, sliding: bool = False) -> int:

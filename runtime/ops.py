@@ -8,14 +8,24 @@ the same step description (runtime/step.py), so they differ only in arithmetic o
 
 | operation | kernel path | reference path |
 |---|---|---|
-| `linear_for(ways)`: a linear layer's matmul | one row of an unsplit layer: the bf16 GEMV (`linear_triton`); else torch | torch |
+| `linear_for(ways)`: a linear layer's matmul
+  | one row of an unsplit layer: the bf16 GEMV (`linear_triton`); else torch | torch |
 | `add_rms_norm`: residual add + RMSNorm | `rmsnorm_triton` | `rmsnorm.add_rms_norm` |
-| `rms_norm`: the final norm of the sampled rows | torch, on both paths (a few rows a step) | `rmsnorm.rms_norm` |
-| `qkv_rope_store`: QKV projection, RoPE on q and k, k and v into the KV cache | one row, unsplit: one GEMV launch doing all three; else the linear and `rope_triton` (which also stores) | linear, `rope.rope_qk`, a scatter into the pages |
+| `rms_norm`: the final norm of the sampled rows | torch, on both paths (a few rows a step)
+  | `rmsnorm.rms_norm` |
+| `qkv_rope_store`: QKV projection, RoPE on q and k, k and v into the KV cache
+  | one row, unsplit: one GEMV launch doing all three; else the linear and `rope_triton` (which also stores)
+  | linear, `rope.rope_qk`, a scatter into the pages |
 | `attention`: paged attention with sinks | `attention_triton` | `attention.paged_attention` |
-| `route`: add + RMSNorm, gate, top-4, softmax | every expert on this rank: one launch that also sorts rows by expert (`router_triton`); else add + norm and `route_triton` | `add_rms_norm`, the gate's linear, `router.route` |
-| `local_experts`: the experts, weighted combine, residual add (+ the next norm) | `moe_triton` (only after `route` planned the rows) | (not taken: the reference routes through the exchange) |
-| `expert_rows`: rows through their experts (expert parallelism's exchanged rows) | `moe_triton.expert_rows_triton` | `moe.expert_rows` |
+| `route`: add + RMSNorm, gate, top-4, softmax
+  | every expert on this rank: one launch that also sorts rows by expert (`router_triton`); else add + norm
+    and `route_triton`
+  | `add_rms_norm`, the gate's linear, `router.route` |
+| `local_experts`: the experts, weighted combine, residual add (+ the next norm)
+  | `moe_triton` (only after `route` planned the rows)
+  | (not taken: the reference routes through the exchange) |
+| `expert_rows`: rows through their experts (expert parallelism's exchanged rows)
+  | `moe_triton.expert_rows_triton` | `moe.expert_rows` |
 | `greedy_into`: argmax and logprob inside the decode graphs | `greedy_triton` | `greedy.greedy` |
 | `sample`: temperature, top-k, top-p, seeds | torch (`sampling.sample_on_device`) | the same |
 
@@ -111,8 +121,8 @@ def qkv_rope_store(h: torch.Tensor, qkv: ColumnParallelLinear, heads: int, kv_he
             # also rotates q and k and fills the cache, one launch instead of two.
             out = linear_gemv(h, qkv.weight, getattr(qkv, "bias", None), rope=rope, cache=cache)
             return out.unflatten(-1, (-1, head_dim))[:, :heads]
-        q, _, _ = rope_qk_triton(qkv(h), rotary.positions, rotary.inv_freq, rotary.concentration, heads, kv_heads,
-                                 head_dim, cache=cache)
+        q, _, _ = rope_qk_triton(qkv(h), rotary.positions, rotary.inv_freq, rotary.concentration, heads,
+                                 kv_heads, head_dim, cache=cache)
         return q
     q, k, v = rope_qk(qkv(h), rotary.positions, rotary.inv_freq, rotary.concentration,
                       heads, kv_heads, head_dim)
@@ -158,8 +168,8 @@ class Routing:
     plan: object | None  # the rows sorted by expert (moe_triton's Plan): `local_experts` may run
 
 
-def route(x: torch.Tensor, delta: torch.Tensor, norm_gain: torch.Tensor, eps: float, gate_weight: torch.Tensor,
-          gate_bias: torch.Tensor, k: int, all_experts_here: bool) -> Routing:
+def route(x: torch.Tensor, delta: torch.Tensor, norm_gain: torch.Tensor, eps: float,
+          gate_weight: torch.Tensor, gate_bias: torch.Tensor, k: int, all_experts_here: bool) -> Routing:
     """The residual add after attention, the MoE's RMSNorm, the gate and each token's top-k experts.
     With every expert on this rank, the kernel path does it all in one launch that also sorts the
     rows by expert (the plan `local_experts` needs); otherwise the add and norm, then the router."""
@@ -184,8 +194,9 @@ def local_experts(routing: Routing, w: ExpertWeights, reduce: Callable | None, f
     bias)."""
     from runtime.kernels.moe_triton import moe_triton
 
-    out = moe_triton(routing.h, routing.expert_ids, routing.weights, w.mlp1_blocks, w.mlp1_scales, w.mlp1_bias,
-                     w.mlp2_blocks, w.mlp2_scales, w.mlp2_bias, w.swiglu_limit, residual=routing.residual,
+    out = moe_triton(routing.h, routing.expert_ids, routing.weights, w.mlp1_blocks, w.mlp1_scales,
+                     w.mlp1_bias, w.mlp2_blocks, w.mlp2_scales, w.mlp2_bias, w.swiglu_limit,
+                     residual=routing.residual,
                      reduce=reduce, first=first, rows=routing.plan, next_norm=next_norm)
     return out if next_norm is not None else (out, None)
 
@@ -196,8 +207,8 @@ def expert_rows(rows: torch.Tensor, experts: torch.Tensor, w: ExpertWeights,
     fn = expert_rows_reference
     if use_kernels(rows):
         from runtime.kernels.moe_triton import expert_rows_triton as fn
-    return fn(rows, experts, w.mlp1_blocks, w.mlp1_scales, w.mlp1_bias, w.mlp2_blocks, w.mlp2_scales, w.mlp2_bias,
-              w.swiglu_limit, reduce)
+    return fn(rows, experts, w.mlp1_blocks, w.mlp1_scales, w.mlp1_bias, w.mlp2_blocks, w.mlp2_scales,
+              w.mlp2_bias, w.swiglu_limit, reduce)
 
 
 # --------------------------------------------------------------------------------------- sampling

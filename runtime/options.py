@@ -67,7 +67,8 @@ class Options:
         known = {s.attribute for s in SWITCHES} - {"interpret"}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown switch(es) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown switch(es) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(known))}")
         saved = {name: getattr(self, name) for name in values}
         try:
             for name, value in values.items():

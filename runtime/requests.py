@@ -71,7 +71,8 @@ def parse_request(obj: Any, *, max_model_len: int, vocab_size: int, default_max_
         raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN_FIELDS))}")
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                           f"known: {', '.join(sorted(KNOWN_FIELDS))}")
     rid = request_id(obj)
     if rid is None:
         raise RequestError(f"field 'id' must be a string or an integer, got {obj.get('id')!r}")
@@ -81,8 +82,10 @@ def parse_request(obj: Any, *, max_model_len: int, vocab_size: int, default_max_
     if "reasoning_effort" in obj and "messages" not in obj:
         raise RequestError("field 'reasoning_effort' applies only to 'messages' requests")
     tokens = _prompt_tokens(obj, given[0], vocab_size, harmony)
-    if len(tokens) > max_model_len:  # a prompt that fills the context still gets its one next token, as in vLLM
-        raise RequestError(f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is {max_model_len}")
+    # a prompt that fills the context still gets its one next token, as in vLLM
+    if len(tokens) > max_model_len:
+        raise RequestError(f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is "
+                           f"{max_model_len}")
     params = SamplingParams(
         max_tokens=_number(obj, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
         temperature=float(_number(obj, "temperature", 1.0, 0.0, 100.0)),

@@ -53,7 +53,8 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
 
     A sampled row draws by the exponential race: the argmax of p / E over independent Exp(1) draws
     E picks token i with probability p_i, and the draws come from the row's own generator."""
-    tokens = torch.argmax(logits, dim=-1)  # greedy: the first maximal id on ties, as torch and the references do
+    # greedy: the first maximal id on ties, as torch and the references do
+    tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature != 0]
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
@@ -63,7 +64,8 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
         top_k = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
         if min(top_k) < vocab:
             values = torch.topk(scaled, max(k for k in top_k if k < vocab), dim=-1).values
-            kth = values.gather(1, to_device([min(k, values.shape[1]) - 1 for k in top_k], torch.int64, dev)[:, None])
+            kth_index = to_device([min(k, values.shape[1]) - 1 for k in top_k], torch.int64, dev)
+            kth = values.gather(1, kth_index[:, None])
             kth = torch.where(column(top_k) < vocab, kth, float("-inf"))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
@@ -73,6 +75,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
             # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
             drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= column(top_p)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i]) for i in sampled])
+        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i])
+                             for i in sampled])
         tokens[rows] = torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
     return tokens, logprobs_of(logits, tokens)

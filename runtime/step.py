@@ -67,8 +67,9 @@ class PagedStep:
             cu_q.append(cu_q[-1] + c.length)
         as_int32 = lambda values: to_device(values, torch.int32, device)  # noqa: E731
         sliding = PagedLayers.of(chunks, True, device) if chunks[0].cache.sliding_pool is not None else None
-        return cls(PagedLayers.of(chunks, False, device), sliding, as_int32(cu_q), as_int32([c.start for c in chunks]),
-                   max(c.length for c in chunks), max(c.start + c.length for c in chunks))
+        return cls(PagedLayers.of(chunks, False, device), sliding, as_int32(cu_q),
+                   as_int32([c.start for c in chunks]), max(c.length for c in chunks),
+                   max(c.start + c.length for c in chunks))
 
     def layers(self, sliding: bool) -> PagedLayers:
         return self.sliding if sliding else self.full

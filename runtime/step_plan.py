@@ -104,7 +104,8 @@ class PlanDecoder:
         at += 2 * n_pending
         chunks, positions, keys, tables = [], [], [], {}
         for _ in range(n_chunks):
-            key, serial, start, length, full_from, n_full, sliding_from, n_sliding, released = words[at:at + _CHUNK]
+            key, serial, start, length, full_from, n_full, sliding_from, n_sliding, released = \
+                words[at:at + _CHUNK]
             at += _CHUNK
             kv = self._tables.get(key)
             if kv is None or kv.serial != serial or full_from == 0:

@@ -1,4 +1,5 @@
-"""Attention with GQA, a learned per-head sink logit, and causal or sliding-window masks (docs/gpt-oss-spec.md §4.5).
+"""Attention with GQA, a learned per-head sink logit, and causal or sliding-window masks
+(docs/gpt-oss-spec.md §4.5).
 
 The sink is one extra logit per head in the softmax's denominator, with no value vector: the
 probabilities over real keys sum to less than one. It is not scaled by sm_scale.
@@ -56,5 +57,6 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         offset = first % page_size
         k = k_pages[pages].flatten(0, 1)[offset:offset + end - first]
         v = v_pages[pages].flatten(0, 1)[offset:offset + end - first]
-        out[rows] = attention(q[rows], k, v, sinks, q_start=start, k_start=first, sm_scale=sm_scale, window=window)
+        out[rows] = attention(q[rows], k, v, sinks, q_start=start, k_start=first, sm_scale=sm_scale,
+                              window=window)
     return out

@@ -89,7 +89,8 @@ def _attend_tile(q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_
     v_rows = v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs
     if MASKED:
         k = tl.load(k_rows + d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_rows + d[None, :], mask=k_ok[:, None], other=0.0)  # zeros, not stale NaN: 0 * NaN is NaN
+        v = tl.load(v_rows + d[None, :], mask=k_ok[:, None],
+                    other=0.0)  # zeros, not stale NaN: 0 * NaN is NaN
     else:
         k = tl.load(k_rows + d[None, :])
         v = tl.load(v_rows + d[None, :])
@@ -192,7 +193,8 @@ def _paged_attention_kernel(
             for start in range(k_begin, a, BLOCK_N):
                 acc, l_i, m_i = _attend_tile(
                     q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
-                    stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, True, SLIDING, DOT_FP32)
+                    stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, True, SLIDING,
+                    DOT_FP32)
         for start in range(a, b, BLOCK_N):  # plain, so Triton's pipeliner prefetches the next tiles
             acc, l_i, m_i = _attend_tile(
                 q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_row, k_head, v_head,
@@ -203,7 +205,8 @@ def _paged_attention_kernel(
             stride_kp, stride_ks, stride_vp, stride_vs, BLOCK_N, HEAD_DIM, PAGE, True, SLIDING, DOT_FP32)
 
     if not SPLIT:
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+        sink = tl.load(sinks_ptr + head, mask=row_ok,
+                       other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
         m_all = tl.maximum(m_i, sink)
         keep = tl.exp2(m_i - m_all)
         denom = l_i * keep + tl.exp2(sink - m_all)
@@ -220,8 +223,8 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits, stride_on,
-                    stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits,
+                    stride_on, stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """One (query row, head): merge the split partials and add the sink to the denominator."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -251,19 +254,23 @@ def choose_num_splits(programs: int, keys: int, sms: int) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else H100_SMS
 
 
-def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
-                           cu_q: torch.Tensor, q_start: torch.Tensor, sinks: torch.Tensor, *, sm_scale: float,
-                           window: int | None, out: torch.Tensor | None = None, max_q_len: int | None = None,
+def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                           block_table: torch.Tensor, cu_q: torch.Tensor, q_start: torch.Tensor,
+                           sinks: torch.Tensor, *, sm_scale: float, window: int | None,
+                           out: torch.Tensor | None = None, max_q_len: int | None = None,
                            max_k_len: int | None = None, num_splits: int | None = None, block_m: int = 128,
-                           block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                           block_n: int | None = None, num_warps: int = 4,
+                           num_stages: int | None = None) -> torch.Tensor:
     """`attention.paged_attention` in Triton: q [N, H, D] over the paged cache, returns [N, H, D].
 
     max_q_len (longest query run in the step) and max_k_len (largest q_start[s] + n_s) pick the tile
     shape and the split count; a caller that knows them on the host passes them to spare a device
-    sync. They only steer performance: any positive values give the same result. num_splits forces the split count (1 = never split). block_m: rows per program for prefill
+    sync. They only steer performance: any positive values give the same result. num_splits forces
+    the split count (1 = never split). block_m: rows per program for prefill
     (tokens x group heads); block_n: keys per tile and num_stages: the pipeline's depth (defaults:
     128 keys and 3 stages for decode-shaped tiles of 16 rows; for 128-row prefill tiles 128 keys and
     2 stages on full layers, 64 keys and 3 stages on sliding ones, see PREFILL_FULL_TILE).
@@ -271,8 +278,10 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     n_rows, num_heads, head_dim = q.shape
     _, page_size, num_kv, _ = k_pages.shape
     group = num_heads // num_kv
-    assert num_heads == group * num_kv and head_dim == triton.next_power_of_2(head_dim), (q.shape, k_pages.shape)
-    assert q.stride(2) == 1 and k_pages.stride(3) == 1 and v_pages.stride(3) == 1 and block_table.stride(1) == 1
+    assert num_heads == group * num_kv and head_dim == triton.next_power_of_2(head_dim), \
+        (q.shape, k_pages.shape)
+    assert q.stride(2) == 1 and k_pages.stride(3) == 1 and v_pages.stride(3) == 1 \
+        and block_table.stride(1) == 1
     assert block_table.dtype == cu_q.dtype == q_start.dtype == torch.int32
     assert cu_q.is_contiguous() and q_start.is_contiguous() and sinks.is_contiguous()
     if out is None:
@@ -301,7 +310,8 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     if num_splits > 1:
         part_m = torch.empty((n_rows, num_heads, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((n_rows, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty((n_rows, num_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=q.device)
     else:
         part_m = part_l = part_acc = out  # never touched: SPLIT=False compiles the direct epilogue
     _paged_attention_kernel[(slots, num_kv, num_splits)](

@@ -68,6 +68,7 @@ def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor)
     tops = torch.empty((rows, slices), dtype=torch.float32, device=logits.device)
     firsts = torch.empty((rows, slices), dtype=torch.int32, device=logits.device)
     sums = torch.empty((rows, slices), dtype=torch.float32, device=logits.device)
-    _slice_kernel[(rows, slices)](logits, logits.stride(0), vocab, tops, firsts, sums, SLICE=SLICE, num_warps=4)
+    _slice_kernel[(rows, slices)](logits, logits.stride(0), vocab, tops, firsts, sums, SLICE=SLICE,
+                                  num_warps=4)
     _combine_kernel[(rows,)](tops, firsts, sums, slices, tokens, pairs,
                              SLICES_POW2=triton.next_power_of_2(slices), num_warps=1)

@@ -113,9 +113,9 @@ def _halves(v, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _store_rope_row(y_row_ptr, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr, stride_slot,
-                    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
-                    CACHE: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _store_rope_row(y_row_ptr, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr,
+                    stride_slot, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    PAIRS: tl.constexpr, CACHE: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Row m's fp32 outputs y at features n (_pair_rows): q and k heads rotated by row m's position as
     rope_qk_triton does (shared helpers), each output rounded once; with CACHE, k and v also stored
     at row m's slot of the pages [slots, KV_HEADS, HEAD_DIM]. Positions and slots are step inputs:
@@ -145,9 +145,10 @@ def _store_rope_row(y_row_ptr, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_
 
 
 @triton.jit
-def _store_row(y_ptr, stride_ym, acc, b, n, n_ok, m: tl.constexpr, pos_ptr, inv_freq_ptr, concentration, k_ptr,
-               v_ptr, slots_ptr, stride_slot, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_HEADS: tl.constexpr,
-               KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _store_row(y_ptr, stride_ym, acc, b, n, n_ok, m: tl.constexpr, pos_ptr, inv_freq_ptr, concentration,
+               k_ptr, v_ptr, slots_ptr, stride_slot, ROPE: tl.constexpr, CACHE: tl.constexpr,
+               Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
+               LIBDEVICE: tl.constexpr):
     """Row m of the output: its partial sums added up, the bias added, rounded once (after RoPE with ROPE)."""
     y = tl.sum(acc, 1) + b
     if ROPE:
@@ -161,9 +162,9 @@ def _store_row(y_ptr, stride_ym, acc, b, n, n_ok, m: tl.constexpr, pos_ptr, inv_
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
                  pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr, stride_slot,
                  M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 VEC: tl.constexpr, STAGES: tl.constexpr, UNROLL_STEPS: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
-                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
-                 LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+                 VEC: tl.constexpr, STAGES: tl.constexpr, UNROLL_STEPS: tl.constexpr, ROPE: tl.constexpr,
+                 CACHE: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAIRS: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
     if ROPE:
         n = _pair_rows(BLOCK_N, HEAD_DIM, PAIRS)
     else:
@@ -196,19 +197,21 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
     k_full = K - K % BLOCK_K
     if UNROLL_STEPS > 0:  # K's full steps unrolled: no step's loads wait for the sums before it
         for s in tl.static_range(1, UNROLL_STEPS):
-            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, s * BLOCK_K, xk, K, M,
-                                           False)
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, s * BLOCK_K, xk,
+                                           K, M, False)
     else:
         for k0 in tl.range(BLOCK_K, k_full, BLOCK_K, num_stages=STAGES):
-            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M, False)
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k0, xk, K, M,
+                                           False)
     if (k_full < K) & (k_full > 0):  # K < BLOCK_K: the first step was the tail
-        acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k_full, xk, K, M, True)
+        acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, w_ptrs, x_ptr, stride_xm, k_full, xk, K, M,
+                                       True)
     if HAS_BIAS:
         b = tl.load(b_ptr + rows).to(tl.float32)
     else:
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    _store_row(y_ptr, stride_ym, acc0, b, n, n_ok, 0, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr, slots_ptr,
-               stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
+    _store_row(y_ptr, stride_ym, acc0, b, n, n_ok, 0, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
+               slots_ptr, stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
     if M > 1:
         _store_row(y_ptr, stride_ym, acc1, b, n, n_ok, 1, pos_ptr, inv_freq_ptr, concentration, k_ptr, v_ptr,
                    slots_ptr, stride_slot, ROPE, CACHE, Q_HEADS, KV_HEADS, HEAD_DIM, PAIRS, LIBDEVICE)
@@ -295,7 +298,8 @@ def _check_cache(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torc
 
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None, rope: Rope | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **config) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                **config) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype (fp32 sums, rounded once).
 
     `out` ([M, N], x.dtype, unit stride along N) receives the result if given. `config` overrides
@@ -311,7 +315,8 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     M, K = x.shape
     N = weight.shape[0]
     if bias is not None:
-        assert bias.shape == (N,) and bias.dtype == x.dtype and bias.is_contiguous() and bias.device == x.device
+        assert bias.shape == (N,) and bias.dtype == x.dtype and bias.is_contiguous() \
+            and bias.device == x.device
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1 and out.device == x.device
@@ -319,7 +324,8 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if rope is not None and not INTERPRET:
         cfg.update(ROPE_CONFIG)
     if INTERPRET:  # the interpreter runs programs one by one at a cost each: few, wide ones (CPU tests)
-        cfg.update(BLOCK_N=min(64, triton.next_power_of_2(N)), BLOCK_K=min(256, max(16, triton.next_power_of_2(K))))
+        cfg.update(BLOCK_N=min(64, triton.next_power_of_2(N)),
+                   BLOCK_K=min(256, max(16, triton.next_power_of_2(K))))
     cfg.update(config)
     block_n = cfg.pop("BLOCK_N")
     block_k = cfg.pop("BLOCK_K")
@@ -343,8 +349,8 @@ def _rope_args(x: torch.Tensor, rope: Rope | None, cache) -> tuple:
     else:
         _check_cache(cache, x, rope)
     k_pages, v_pages, slots = cache
-    return (rope.positions.contiguous(), rope.inv_freq.contiguous(), float(rope.concentration), k_pages, v_pages,
-            slots.contiguous(), rope.num_kv_heads * rope.head_dim)
+    return (rope.positions.contiguous(), rope.inv_freq.contiguous(), float(rope.concentration), k_pages,
+            v_pages, slots.contiguous(), rope.num_kv_heads * rope.head_dim)
 
 
 def _rope_constants(rope: Rope | None, cache, block_n: int) -> dict:
@@ -355,5 +361,6 @@ def _rope_constants(rope: Rope | None, cache, block_n: int) -> dict:
         return {"ROPE": False, "CACHE": False, "Q_HEADS": 0, "KV_HEADS": 0, "HEAD_DIM": 2, "PAIRS": 1,
                 "LIBDEVICE": False}
     assert block_n >= 2, "linear_gemv: RoPE needs BLOCK_N >= 2 (a program owns whole pairs)"
-    return {"ROPE": True, "CACHE": cache is not None, "Q_HEADS": rope.num_q_heads, "KV_HEADS": rope.num_kv_heads,
-            "HEAD_DIM": rope.head_dim, "PAIRS": min(block_n, rope.head_dim) // 2, "LIBDEVICE": not INTERPRET}
+    return {"ROPE": True, "CACHE": cache is not None, "Q_HEADS": rope.num_q_heads,
+            "KV_HEADS": rope.num_kv_heads, "HEAD_DIM": rope.head_dim,
+            "PAIRS": min(block_n, rope.head_dim) // 2, "LIBDEVICE": not INTERPRET}

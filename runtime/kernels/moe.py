@@ -1,4 +1,5 @@
-"""Mixture of experts (docs/gpt-oss-spec.md §4.6): clamped SwiGLU experts (the router is runtime/kernels/router.py).
+"""Mixture of experts (docs/gpt-oss-spec.md §4.6): clamped SwiGLU experts (the router is
+runtime/kernels/router.py).
 
 The experts' weights stay packed MXFP4; the reference decodes only the experts a batch touches,
 one at a time, so memory stays at one expert's bf16 weights whatever the model size.

@@ -37,7 +37,8 @@ try:  # Triton's own grid-dependency intrinsics (known to the compiler as memory
 except ImportError:  # older Triton: the same PTX instructions as side-effecting inline asm
     @triton.jit
     def gdc_wait():
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def gdc_launch_dependents():

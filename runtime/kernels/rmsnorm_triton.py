@@ -81,7 +81,8 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, gain: torch
     else:
         assert delta.shape == x.shape, (delta.shape, x.shape)
         d2 = _rows(delta, width)
-        residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+        residual = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None \
+            else residual_out
         r2 = residual.view(-1, width)
     if M == 0:
         return residual, normed

@@ -45,7 +45,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_qk(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
-            num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            num_q_heads: int, num_kv_heads: int,
+            head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the QKV projection [N, (Hq + 2 Hkv) * D] into q [N, Hq, D], k, v [N, Hkv, D] and rotate
     q and k. New tensors for q and k (qkv is left as it is); v is a view of qkv."""
     cos, sin = cos_sin(positions, inv_freq, concentration, qkv.dtype)

@@ -45,9 +45,10 @@ def rope_rotate(first, second, cos, sin):
 
 @triton.jit
 def _rope_qk_kernel(
-    qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot, concentration,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr, CACHE: tl.constexpr, PDL: tl.constexpr,
+    qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot,
+    concentration, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    HALF_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr,
+    CACHE: tl.constexpr, PDL: tl.constexpr,
 ):
     # A [BLOCK_T tokens, BLOCK_H heads, HALF] tile of each row's heads (q, then k, then v, adjacent in
     # the QKV output): q and k heads are rotated in place; with CACHE, k (rotated) and v heads are
@@ -109,11 +110,13 @@ def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     heads = num_q_heads + 2 * num_kv_heads
     assert width == heads * head_dim and head_dim % 2 == 0, (qkv.shape, num_q_heads, num_kv_heads, head_dim)
     assert qkv.stride(1) == 1 and positions.shape == (N,), (qkv.stride(), positions.shape)
-    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32, (inv_freq.shape, inv_freq.dtype)
+    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32, \
+        (inv_freq.shape, inv_freq.dtype)
     if cache is not None:
         k_pages, v_pages, slots = cache
         assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.shape == v_pages.shape
-        assert k_pages.shape[2:] == (num_kv_heads, head_dim) and slots.shape == (N,), (k_pages.shape, slots.shape)
+        assert k_pages.shape[2:] == (num_kv_heads, head_dim) and slots.shape == (N,), \
+            (k_pages.shape, slots.shape)
     half = head_dim // 2
     # Without a cache to fill, the v heads need no visit: the grid covers q and k only.
     visited = heads if cache is not None else num_q_heads + num_kv_heads
@@ -124,7 +127,8 @@ def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
         block_h = min(8, triton.next_power_of_2(visited))
         block_t = min(triton.next_power_of_2(N), max(1, _TILE // (block_h * 2 * half_block)))
         grid = (triton.cdiv(N, block_t), triton.cdiv(visited, block_h))
-        k_pages, v_pages, slots = cache if cache is not None else (qkv, qkv, positions)  # unused without CACHE
+        k_pages, v_pages, slots = cache if cache is not None \
+            else (qkv, qkv, positions)  # unused without CACHE
         _rope_qk_kernel[grid](
             qkv, positions.contiguous(), inv_freq.contiguous(), k_pages, v_pages, slots.contiguous(), N,
             qkv.stride(0), num_kv_heads * head_dim, float(concentration),

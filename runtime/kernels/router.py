@@ -1,5 +1,6 @@
-"""The MoE router (docs/gpt-oss-spec.md §4.6): each token's top-k experts by the gate's logits, weighted by a softmax over
-the k chosen logits only. The reference of runtime/kernels/router_triton.py."""
+"""The MoE router (docs/gpt-oss-spec.md §4.6): each token's top-k experts by the gate's logits,
+weighted by a softmax over the k chosen logits only. The reference of
+runtime/kernels/router_triton.py."""
 
 from __future__ import annotations
 

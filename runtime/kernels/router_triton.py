@@ -68,8 +68,8 @@ def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + d) < D
-        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_ptr + expert * stride_w + d0 + d, mask=d_ok, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
     logit = tl.sum(acc, 1) + tl.load(b_ptr + expert).to(tl.float32)
@@ -90,8 +90,8 @@ def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW
 
 
 @triton.jit
-def _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
-                      K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+def _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T,
+                      E, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                       M_POW2: tl.constexpr, CHUNK: tl.constexpr):
     """Every token's top K of logits [T <= BLOCK_T, E] (in the calling program), then its (token,
     expert) rows sorted by expert: the MoE's plan, without a launch of its own."""
@@ -109,21 +109,22 @@ def _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr,
 
 
 @triton.jit
-def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
-                       K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                       M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
+                       T, E, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+                       BLOCK_T: tl.constexpr, M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """_plan_from_logits in one program, of logits an earlier launch wrote."""
     pdl.wait_for_previous_kernel(PDL)
-    _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
-                      K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
+    _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T,
+                      E, K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
 
 
 @triton.jit
 def _norm_route_plan_kernel(x_ptr, delta_ptr, gain_ptr, w_ptr, b_ptr, res_ptr, h_ptr, logits_ptr, counter_ptr,
                             ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
                             T, D, E, stride_x, stride_d, stride_r, stride_h, stride_w, eps,
-                            K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_D: tl.constexpr, M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+                            K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, M_POW2: tl.constexpr,
+                            CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program (token t, expert e): token t's residual add and RMSNorm (stored by expert 0's
     programs), its gate logit for expert e; the last program to finish routes every token and
     sorts the rows (_plan_from_logits). Grid (T, E), T <= BLOCK_T."""
@@ -143,15 +144,16 @@ def _norm_route_plan_kernel(x_ptr, delta_ptr, gain_ptr, w_ptr, b_ptr, res_ptr, h
     # fp32 sum rounded once to the residual's dtype, the norm of that rounded residual in fp32.
     r = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
     h = rms_norm_rows(r.to(tl.float32), gain, D, eps).to(h_ptr.dtype.element_ty)
-    first = (cols < tl.where(expert == 0, D, 0))[None, :]  # every expert's program computes the row; one stores it
+    # every expert's program computes the row; one stores it
+    first = (cols < tl.where(expert == 0, D, 0))[None, :]
     tl.store(res_ptr + t[:, None] * stride_r + cols[None, :], r, mask=first)
     tl.store(h_ptr + t[:, None] * stride_h + cols[None, :], h, mask=first)
     logit = tl.sum(h.to(tl.float32) * w[None, :], axis=1) + bias
     logit = logit.to(h_ptr.dtype.element_ty).to(tl.float32)  # the reference's linear rounds its output
     tl.store(logits_ptr + t * E + expert, logit)
     if _last_to_finish(counter_ptr, T * E):
-        _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T, E,
-                          K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
+        _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
+                          T, E, K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
 
 
 @triton.jit
@@ -190,9 +192,10 @@ def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h,
     acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + d) < D
-        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+        x = tl.load(h_ptr + t[:, None].to(tl.int64) * stride_h + d0 + d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + e[:, None] * stride_w + d0 + d[None, :], mask=e_ok[:, None] & d_ok[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + e[:, None] * stride_w + d0 + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -221,8 +224,9 @@ def _route(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
         return ids, weights
     e_pow2, k_pow2 = max(16, triton.next_power_of_2(E)), triton.next_power_of_2(k)
     if T <= FEW_TOKENS:  # decode: the weight split over E programs, then one small top-k launch
-        _top_k_kernel[(triton.cdiv(T, 16),)](_gate_logits(h, weight, bias), ids, weights, T, E, K=k, K_POW2=k_pow2,
-                                             E_POW2=e_pow2, BLOCK_T=16, num_warps=4, **pdl.launch_args(h.device))
+        _top_k_kernel[(triton.cdiv(T, 16),)](_gate_logits(h, weight, bias), ids, weights, T, E, K=k,
+                                             K_POW2=k_pow2, E_POW2=e_pow2, BLOCK_T=16, num_warps=4,
+                                             **pdl.launch_args(h.device))
         return ids, weights
     _router_kernel[(triton.cdiv(T, 16),)](  # prefill: 16 tokens a program (tl.dot's smallest M on Hopper)
         h, weight, bias, ids, weights, T, D, E, h.stride(0), weight.stride(0),
@@ -237,22 +241,22 @@ def _gate_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     (T, D), E = h.shape, weight.shape[0]
     logits = torch.empty((T, E), dtype=torch.float32, device=h.device)
     block_t = min(8, triton.next_power_of_2(T))
-    _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0), weight.stride(0),
-                                                    BLOCK_T=block_t, BLOCK_D=256, num_warps=4,
-                                                    **pdl.launch_args(h.device))
+    _gate_gemv_kernel[(triton.cdiv(T, block_t), E)](h, weight, bias, logits, T, D, E, h.stride(0),
+                                                    weight.stride(0), BLOCK_T=block_t, BLOCK_D=256,
+                                                    num_warps=4, **pdl.launch_args(h.device))
     return logits
 
 
-def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor, Plan]:
+def route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """route_triton (int32 ids) and the rows sorted by expert (moe_triton.plan) for a rank holding
     every expert. Up to FUSED_PLAN_TOKENS tokens the sort runs in the top-k launch (one program
     sees all of them), which saves a launch a layer in decode steps."""
     return _route_and_plan(h, weight, bias, k)
 
 
-def _route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor, Plan]:
+def _route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, Plan]:
     """route_and_plan's body: norm_route_and_plan calls it too (tests record each public call once)."""
     T, E = h.shape[0], weight.shape[0]
     if T == 0 or T > FUSED_PLAN_TOKENS:
@@ -261,9 +265,10 @@ def _route_and_plan(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k
     ids = torch.empty((T, k), dtype=torch.int32, device=h.device)
     weights = torch.empty((T, k), dtype=torch.float32, device=h.device)
     rows = empty_plan(T * k, E, h.device)
-    _top_k_plan_kernel[(1,)](_gate_logits(h, weight, bias), ids, weights, rows.order, rows.position, rows.counts,
-                             rows.offsets, T, E, K=k, K_POW2=triton.next_power_of_2(k),
-                             E_POW2=max(16, triton.next_power_of_2(E)), BLOCK_T=max(1, triton.next_power_of_2(T)),
+    _top_k_plan_kernel[(1,)](_gate_logits(h, weight, bias), ids, weights, rows.order, rows.position,
+                             rows.counts, rows.offsets, T, E, K=k, K_POW2=triton.next_power_of_2(k),
+                             E_POW2=max(16, triton.next_power_of_2(E)),
+                             BLOCK_T=max(1, triton.next_power_of_2(T)),
                              **count_sort_sizes(T * k), num_warps=4, **pdl.launch_args(h.device))
     return ids, weights, rows
 
@@ -284,9 +289,9 @@ def _done_counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
-def norm_route_and_plan(x: torch.Tensor, delta: torch.Tensor, gain: torch.Tensor, eps: float, weight: torch.Tensor,
-                        bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor, Plan]:
+def norm_route_and_plan(x: torch.Tensor, delta: torch.Tensor, gain: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Plan]:
     """(x + delta, h = its RMSNorm times gain, then route_and_plan(h, weight, bias, k)): the residual
     add after attention, the MoE's norm and its router, for a rank holding every expert.
 

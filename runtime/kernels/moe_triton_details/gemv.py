@@ -220,8 +220,8 @@ def _moe_gemv_kernel(
 ):
     """The decode-sized grouped GEMM: out[r] = W_e x[source[r] // SOURCE_DIV] + b_e (then SwiGLU) for the
     up to BLOCK_T rows r of one tile, on CUDA cores (DECODE 0-2) or on tensor cores (DECODE 3: one row
-    a tile; 4: 8 or 16 rows). The tile's row count selects a specialised body (a uniform branch), so a tile of one
-    row does one row's multiplies."""
+    a tile; 4: 8 or 16 rows). The tile's row count selects a specialised body (a uniform branch), so a
+    tile of one row does one row's multiplies."""
     pdl.wait_for_previous_kernel(PDL)
     expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tl.program_id(0), E, BLOCK_T, E_POW2)
     if expert >= E:
