@@ -47,9 +47,8 @@ SPLIT_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
 H100_SMS = 132  # what the split heuristic assumes where there is no GPU to ask (the interpreter)
-# Prefill tiles of full layers: `scripts/bench_attention.py --sweep` on an H100 (2026-11-26) found 128
-# keys a tile with 2 stages fastest of 54 settings at 4,096 and 16,384 tokens (416.7 / 6,049 us against
-# 481.9 / 6,682 with 64 keys and 3 stages): a 128 x 128 fp32 score tile, 128 registers a thread at 4 warps.
+# Prefill tiles of full layers: the fastest of a sweep (a 128 x 128 fp32 score tile, 128 registers a
+# thread at 4 warps); docs/performance.md, "Attention and dense GEMV constants".
 PREFILL_FULL_TILE = {"block_n": 128, "num_stages": 2}
 
 

@@ -39,9 +39,8 @@ from runtime.options import options
 # The interpreter computes bf16 math wrongly (docs/environment.md): fp32 operands there, on CPU tensors.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
 FEW_ROWS = 4  # x rows a program applies to one weight tile: one accumulator tile each
-# The fused QKV + RoPE launch's tiles: the fastest in `scripts/bench_linear.py --sweep --rows 1` on an
-# H100 (2026-11-26): 20.0 us against 43.7 with the plain GEMV's 8 x 512 unrolled tiles, whose RoPE
-# epilogue on top of eight rows' unrolled loads costs more than the unrolling saves.
+# The fused QKV + RoPE launch's tiles: narrower and rolled, since the RoPE epilogue on top of eight rows'
+# unrolled loads costs more than unrolling saves (docs/performance.md, "Attention and dense GEMV constants").
 ROPE_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "UNROLL": False}
 MAX_UNROLL = 16  # K steps unrolled at most (more: the loop, so compile time and code size stay small)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -247,9 +246,8 @@ def gemv_config(M: int, N: int, K: int, sms: int = 132) -> dict:
       in flight per SM.
     - UNROLL: K's steps unrolled (up to MAX_UNROLL of them), so that a program's loads are issued
       together rather than one step's after the sums of the step before; GPT_OSS_GEMV_UNROLL=0 keeps
-      the loop (the bench's A/B switch). Batch-1 decode graph: 1,998.7 -> 1,828.1 us a
-      step (H200, 2026-11-25). Loading whole rows (2 x 4096) in one step before the PDL wait, so that
-      the read overlaps the kernel before, was slower: 1,981 -> 2,062 us a step (H100, 2026-11-26).
+      the loop (the bench's A/B switch). Measured in docs/performance.md, "Attention and dense GEMV
+      constants".
     """
     block_n = 8
     while block_n > 2 and triton.cdiv(N, block_n) < 4 * sms:
