@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", default=None)
-    p.add_argument("--hf", action="store_true", help="also time Hugging Face transformers (eager, bf16) at batch 1")
+    p.add_argument("--hf", action="store_true",
+                   help="also time Hugging Face transformers (eager, bf16) at batch 1")
     args = p.parse_args()
 
     t = time.perf_counter()
@@ -66,7 +67,8 @@ def main() -> None:
         full = timed_generate(llm, batch, args.prompt, args.decode + 1, args.repeat)
         decode_tps = batch * args.decode / (full - prefill)
         rows.append({
-            "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+            "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "dtype": args.dtype,
             "batch": batch, "prompt": args.prompt, "decode_tokens": args.decode,
             "prefill_tokens_per_s": batch * args.prompt / prefill, "decode_tokens_per_s": decode_tps,
             "roofline_tokens_per_s_b1": bw / bpt if cuda else None,
@@ -76,7 +78,8 @@ def main() -> None:
     if args.hf:
         del llm
         torch.cuda.empty_cache()
-        hf_tps = hf_decode_tokens_per_s(preset(args.model), torch.device("cuda"), args.prompt, args.decode, args.repeat)
+        hf_tps = hf_decode_tokens_per_s(preset(args.model), torch.device("cuda"), args.prompt, args.decode,
+                                        args.repeat)
         hf_peak = torch.cuda.max_memory_allocated() / 2**30
         ours = next(r for r in rows if r["batch"] == 1)["decode_tokens_per_s"]
         rows.append({"model": args.model, "engine": "transformers eager bf16", "batch": 1,
@@ -86,11 +89,13 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    print(f"{'model':<13} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'b1 roofline':>12} {'% roof':>7} {'load s':>7} {'peak GiB':>9}")
+    print(f"{'model':<13} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} "
+          f"{'b1 roofline':>12} {'% roof':>7} {'load s':>7} {'peak GiB':>9}")
     for r in (r for r in rows if "engine" not in r):
         roof = r["roofline_tokens_per_s_b1"]
         pct = 100 * r["decode_tokens_per_s"] / roof if roof and r["batch"] == 1 else float("nan")
-        print(f"{r['model']:<13} {r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.2f} "
+        print(f"{r['model']:<13} {r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} "
+              f"{r['decode_tokens_per_s']:>13.2f} "
               f"{roof or float('nan'):>12.0f} {pct:>7.2f} {r['load_s']:>7.1f} {r['peak_mem_GiB'] or 0:>9.1f}")
 
 

@@ -1,4 +1,5 @@
-"""Paged attention on one GPU: the Triton kernels at gpt-oss shapes, against ceilings measured in the same run.
+"""Paged attention on one GPU: the Triton kernels at gpt-oss shapes, against ceilings measured in the
+same run.
 
     python scripts/bench_attention.py [--sweep] [--cases SUBSTRING ...] [--eager]
 
@@ -178,7 +179,8 @@ def time_settings(timer, call, decode: bool, auto_splits: int) -> list[tuple[flo
         try:
             seconds = timer(call(**setting))
         except Exception as e:  # e.g. shared memory exceeded by a large tile with many stages
-            print(f"    skipped {setting}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
+            print(f"    skipped {setting}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
+                  flush=True)
             continue
         print(f"    {seconds * 1e6:9.1f} us  {setting}", flush=True)
         timed.append((seconds, setting))
@@ -186,7 +188,8 @@ def time_settings(timer, call, decode: bool, auto_splits: int) -> list[tuple[flo
 
 
 def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False) -> list[dict]:
-    """One row per case: time, and achieved TB/s (decode) or TFLOP/s (prefill) with their % of the ceilings."""
+    """One row per case: time, and achieved TB/s (decode) or TFLOP/s (prefill) with their % of the
+    ceilings."""
     timer = time_eager if eager else time_graph
     rows = []
     for name, seqs, sliding in cases:
@@ -203,13 +206,15 @@ def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False) -
         if sweep:
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             auto = choose_num_splits(len(seqs) * KV_HEADS, max_k_len, sms) if decode else 1
-            print(f"{label}: sweep" + (f" (the heuristic's num_splits: {auto})" if decode else ""), flush=True)
+            print(f"{label}: sweep" + (f" (the heuristic's num_splits: {auto})" if decode else ""),
+                  flush=True)
         seconds = timer(call())
         pairs = visible_pairs(seqs, window)
         kv_bytes = sum(keys_read(start, n, window) for start, n in seqs) * KV_HEADS * HEAD_DIM * 2 * 2
         flops = 4 * HEAD_DIM * HEADS * pairs
         row = {"case": name, "layer": layer_name(sliding), "us": seconds * 1e6,
-               "TB/s": kv_bytes / seconds / 1e12, "%copy": 100 * kv_bytes / seconds / ceilings["copy_bytes_per_s"],
+               "TB/s": kv_bytes / seconds / 1e12,
+               "%copy": 100 * kv_bytes / seconds / ceilings["copy_bytes_per_s"],
                "TFLOP/s": flops / seconds / 1e12, "%mm": 100 * flops / seconds / ceilings["matmul_flops"],
                "kind": "decode" if decode else "prefill"}
         if sweep:
@@ -245,14 +250,17 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="also time tile/warp/stage/split variants per case")
     p.add_argument("--cases", nargs="+", default=[], metavar="SUBSTRING",
-                   help='only the cases whose "name layer" contains one of these, e.g. prefill, "ctx 32k full"')
+                   help='only the cases whose "name layer" contains one of these, e.g. prefill, '
+                        '"ctx 32k full"')
     p.add_argument("--eager", action="store_true", help="time single eager calls, not CUDA-graph replays")
     args = p.parse_args()
     cases = select(CASES, args.cases)
     if not cases:
-        p.error(f"no case matches {args.cases}: " + ", ".join(sorted({f'{c[0]} {layer_name(c[2])}' for c in CASES})))
+        p.error(f"no case matches {args.cases}: "
+                + ", ".join(sorted({f'{c[0]} {layer_name(c[2])}' for c in CASES})))
     limits = ceilings()
-    print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
+    print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
           flush=True)
     rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager)
     print()

@@ -72,7 +72,8 @@ def time_add_rms_norm(cfg, rows: int, gain, gen, device) -> dict[str, tuple[floa
     nbytes = 4 * x.numel() * x.element_size() + gain.numel() * gain.element_size()
     residual, normed = torch.empty_like(x), torch.empty_like(x)
     return {
-        "triton": (bench(lambda: add_rms_norm_triton(x, delta, gain, eps, residual_out=residual, normed_out=normed)),
+        "triton": (bench(lambda: add_rms_norm_triton(x, delta, gain, eps, residual_out=residual,
+                                                     normed_out=normed)),
                    nbytes),
         "torch": (bench(lambda: add_rms_norm(x, delta, gain, eps)), nbytes),
     }
@@ -83,17 +84,20 @@ def time_rope_qk(cfg, rows: int, inv_freq, c: float, gen, device) -> dict[str, t
     qkv = torch.randn(rows, cfg.qkv_width, generator=gen, device=device).to(torch.bfloat16)
     positions = torch.randint(0, cfg.max_position_embeddings, (rows,), generator=gen, device=device)
     check_rope_qk(qkv, positions, inv_freq, c, heads, kv_heads, head_dim)
-    nbytes = 2 * rows * (heads + kv_heads) * head_dim * qkv.element_size() + positions.numel() * 8 + inv_freq.numel() * 4
+    nbytes = (2 * rows * (heads + kv_heads) * head_dim * qkv.element_size() + positions.numel() * 8
+              + inv_freq.numel() * 4)
     cos, sin = cos_sin(positions, inv_freq, c, qkv.dtype)
 
     def per_layer():
         q, k, _ = qkv.split([cfg.q_width, cfg.kv_width, cfg.kv_width], dim=-1)
-        return apply_rope(q.unflatten(-1, (-1, head_dim)), cos, sin), apply_rope(k.unflatten(-1, (-1, head_dim)), cos, sin)
+        return (apply_rope(q.unflatten(-1, (-1, head_dim)), cos, sin),
+                apply_rope(k.unflatten(-1, (-1, head_dim)), cos, sin))
 
     return {
         # In place, so each repeat rotates the last one's output: concentration 1 keeps the values'
         # size steady over thousands of repeats (the time does not depend on it).
-        "triton": (bench(lambda: rope_qk_triton(qkv, positions, inv_freq, 1.0, heads, kv_heads, head_dim)), nbytes),
+        "triton": (bench(lambda: rope_qk_triton(qkv, positions, inv_freq, 1.0, heads, kv_heads, head_dim)),
+                   nbytes),
         "torch": (bench(lambda: rope_qk(qkv, positions, inv_freq, c, heads, kv_heads, head_dim)), nbytes),
         "torch, tables given": (bench(per_layer), nbytes),
     }
@@ -104,8 +108,8 @@ def run(ceilings, model: str = "gpt-oss-20b", row_counts=ROWS, device: str = "cu
     bench_moe.ceilings() returns; only the first entry is used. One dict per (op, rows, impl)."""
     bw = ceilings[0]
     cfg = preset(model)
-    inv_freq, c = yarn_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
-                                   cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    inv_freq, c = yarn_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
+                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
     inv_freq = inv_freq.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     gain = torch.randn(cfg.hidden_size, generator=gen, device=device)  # fp32, as the model holds norm.scale
@@ -114,8 +118,8 @@ def run(ceilings, model: str = "gpt-oss-20b", row_counts=ROWS, device: str = "cu
         for op, timed in (("add_rms_norm", time_add_rms_norm(cfg, rows, gain, gen, device)),
                           ("rope_qk", time_rope_qk(cfg, rows, inv_freq, c, gen, device))):
             for impl, (seconds, nbytes) in timed.items():
-                r = {"op": op, "model": model, "rows": rows, "impl": impl, "seconds": seconds, "bytes": nbytes,
-                     "GBps": nbytes / seconds / 1e9, "pct_copy": 100 * nbytes / seconds / bw}
+                r = {"op": op, "model": model, "rows": rows, "impl": impl, "seconds": seconds,
+                     "bytes": nbytes, "GBps": nbytes / seconds / 1e9, "pct_copy": 100 * nbytes / seconds / bw}
                 results.append(r)
                 print(format_row(r), flush=True)
     return results

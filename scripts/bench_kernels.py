@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args()
     bw, mm = bench_moe.ceilings()
-    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s",
+          flush=True)
     moe = bench_moe.run(bw, mm, "gpt-oss-20b", (1, 8, 64, 512, 4096, 16384))
     moe += bench_moe.run(bw, mm, "gpt-oss-120b", (1, 64, 4096))
     limits = {"copy_bytes_per_s": bw, "matmul_flops": mm}

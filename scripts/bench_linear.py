@@ -69,8 +69,8 @@ def moved_bytes(m: int, n: int, k: int) -> int:
 
 def sweep_configs(m: int, k: int):
     """(BLOCK_N, BLOCK_K, STAGES, num_warps) with 2-16 KiB of bf16 weight per program per step."""
-    for bn, bk, stages, warps, unroll in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 3), (4, 8),
-                                                           (False, True)):
+    for bn, bk, stages, warps, unroll in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 3),
+                                                           (4, 8), (False, True)):
         if 1024 <= bn * bk <= 8192 and bk <= triton.next_power_of_2(k) and (warps == 4 or bn * bk >= 4096) \
                 and not (unroll and stages > 1):  # unrolled steps are not pipelined through shared memory
             yield {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages, "num_warps": warps, "UNROLL": unroll}
@@ -83,14 +83,16 @@ def sweep(m: int, n: int, k: int, gen, out) -> list[tuple[float, dict]]:
     for cfg in sweep_configs(m, k):
         try:
             check(x, weight, bias, **cfg)
-            timed.append((bench(lambda cfg=cfg: linear_gemv(x, weight, bias, out=out, **cfg), quick=True), cfg))
+            timed.append((bench(lambda cfg=cfg: linear_gemv(x, weight, bias, out=out, **cfg), quick=True),
+                          cfg))
         except Exception as e:  # noqa: BLE001  (out of resources and the like: report, go on)
             print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
     return sorted(timed, key=lambda t: t[0])
 
 
 def short(cfg: dict) -> str:
-    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']} w{cfg['num_warps']}{' u' if cfg.get('UNROLL') else ''}"
+    return (f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']} w{cfg['num_warps']}"
+            f"{' u' if cfg.get('UNROLL') else ''}")
 
 
 def rope_problem(gen: torch.Generator):
@@ -120,7 +122,8 @@ def check_rope(x, weight, bias, rope, cache, **config) -> None:
     a, b = plain.chunk(2, dim=-1)
     scale = (rope.concentration * torch.cat([a.abs() + b.abs()] * 2, dim=-1)).flatten(-2)
     err = (got - want.float()).abs()
-    assert bool((err <= 3 * 2.0**-8 * scale + 1e-3).all()), f"linear_gemv(rope=) {config} off by {err.max():.3g}"
+    assert bool((err <= 3 * 2.0**-8 * scale + 1e-3).all()), \
+        f"linear_gemv(rope=) {config} off by {err.max():.3g}"
 
 
 def bench_rope(gen, bw: float, sweep_too: bool) -> list[str]:
@@ -129,7 +132,8 @@ def bench_rope(gen, bw: float, sweep_too: bool) -> list[str]:
     out = torch.empty(1, weight.shape[0], device="cuda", dtype=torch.bfloat16)
     nbytes = moved_bytes(1, *weight.shape) + 4 * rope.num_kv_heads * rope.head_dim  # + k and v rows stored
     t_two = bench(lambda: two_launches(x, weight, bias, rope, cache, out))
-    rows = [f"| gemv + rope_qk_triton | default | {t_two * 1e6:.1f} | {100 * nbytes / t_two / bw:.0f}% | 1.00x |"]
+    rows = [f"| gemv + rope_qk_triton | default | {t_two * 1e6:.1f} | "
+            f"{100 * nbytes / t_two / bw:.0f}% | 1.00x |"]
     timed = []
     for name, cfg in [("fused", {}), ("fused, whole heads", {"BLOCK_N": 64, "BLOCK_K": 64})]:
         timed.append((name, cfg, time_fused(x, weight, bias, rope, cache, out, cfg)))
@@ -140,7 +144,8 @@ def bench_rope(gen, bw: float, sweep_too: bool) -> list[str]:
     for name, cfg, t in timed:
         if t is not None:
             shown = short({**gemv_config(1, *weight.shape), **cfg})
-            rows.append(f"| {name} | {shown} | {t * 1e6:.1f} | {100 * nbytes / t / bw:.0f}% | {t_two / t:.2f}x |")
+            rows.append(f"| {name} | {shown} | {t * 1e6:.1f} | {100 * nbytes / t / bw:.0f}% | "
+                        f"{t_two / t:.2f}x |")
             print(rows[-1], flush=True)
     return rows
 
@@ -149,7 +154,8 @@ def time_fused(x, weight, bias, rope, cache, out, cfg: dict, quick: bool = False
     """Seconds of the fused launch in config cfg, checked first; None where it fails to compile or launch."""
     try:
         check_rope(x, weight, bias, rope, cache, **cfg)
-        return bench(lambda: linear_gemv(x, weight, bias, out=out, rope=rope, cache=cache, **cfg), quick=quick)
+        return bench(lambda: linear_gemv(x, weight, bias, out=out, rope=rope, cache=cache, **cfg),
+                     quick=quick)
     except Exception as e:  # noqa: BLE001  (out of resources and the like: report, go on)
         print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
         return None
@@ -171,10 +177,12 @@ def main() -> None:
             check(x, weight, bias)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             t_torch = bench(lambda x=x, weight=weight, bias=bias: torch.nn.functional.linear(x, weight, bias))
-            t_gemv = bench(lambda x=x, weight=weight, bias=bias, out=out: linear_gemv(x, weight, bias, out=out))
+            t_gemv = bench(lambda x=x, weight=weight, bias=bias, out=out:
+                           linear_gemv(x, weight, bias, out=out))
             nbytes = moved_bytes(m, n, k)
             rows.append(f"| {name} | {n} x {k} | {m} | {t_torch * 1e6:.1f} | {nbytes / t_torch / 1e12:.2f} | "
-                        f"{100 * nbytes / t_torch / bw:.0f}% | {t_gemv * 1e6:.1f} | {nbytes / t_gemv / 1e12:.2f} | "
+                        f"{100 * nbytes / t_torch / bw:.0f}% | {t_gemv * 1e6:.1f} | "
+                        f"{nbytes / t_gemv / 1e12:.2f} | "
                         f"{100 * nbytes / t_gemv / bw:.0f}% | {t_torch / t_gemv:.2f}x | "
                         f"{short(gemv_config(m, n, k, sms))} |")
             print(rows[-1], flush=True)

@@ -95,9 +95,10 @@ def candidates(rows_per_expert: float) -> list[Tiles]:
         # On an H100 (2026-11-25) block_t 64 still won (perhaps as a second tile decodes the weights again).
         return ([Tiles(32, n, k, w, s) for n, k in ((64, 128), (64, 256), (128, 64), (128, 128))
                  for w, s in ((4, 3), (4, 4), (8, 3), (2, 4))]
-                + [Tiles(32, 64, 64, 4, 3), Tiles(32, 128, 256, 8, 3), Tiles(32, 32, 128, 2, 4), Tiles(32, 32, 256, 4, 3)]
-                + [Tiles(16, n, k, w, s) for n, k, w, s in ((64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3),
-                                                            (32, 256, 2, 4))]
+                + [Tiles(32, 64, 64, 4, 3), Tiles(32, 128, 256, 8, 3), Tiles(32, 32, 128, 2, 4),
+                   Tiles(32, 32, 256, 4, 3)]
+                + [Tiles(16, n, k, w, s) for n, k, w, s in ((64, 128, 4, 4), (128, 128, 4, 4),
+                                                            (64, 256, 4, 3), (32, 256, 2, 4))]
                 + [Tiles(64, n, k, w, s) for n, k, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                                                             (128, 128, 8, 3))])
     return [Tiles(t, n, k, w, s) for t in (128, 256) for n in (64, 128) for k in (64, 128)
@@ -131,21 +132,25 @@ GEMV_SHAPES = {
 
 
 # (block_n, block_k, num_warps) of the multi-row route
-TENSOR_CORE_ROWS_SHAPES = [(32, 128, 2), (64, 128, 4), (128, 128, 8), (32, 256, 2), (64, 256, 4), (32, 512, 2), (64, 512, 4)]
+TENSOR_CORE_ROWS_SHAPES = [(32, 128, 2), (64, 128, 4), (128, 128, 8), (32, 256, 2), (64, 256, 4),
+                           (32, 512, 2), (64, 512, 4)]
 
 
 def gemv_candidates(rows: int, num_experts: int) -> list[Tiles]:
     """GEMV tiles for this batch: rows per tile around the batch's rows per expert, and the multi-row
     tensor-core route with 8 and 16 rows a tile."""
     per_expert = rows / max(1, min(rows, num_experts))
-    multi_row = [Tiles(t, n, k, w, 1, "gemv", "tensor_core_rows") for t in (8, 16) for n, k, w in TENSOR_CORE_ROWS_SHAPES
+    multi_row = [Tiles(t, n, k, w, 1, "gemv", "tensor_core_rows")
+                 for t in (8, 16) for n, k, w in TENSOR_CORE_ROWS_SHAPES
                  if t == 8 or per_expert > 2] if per_expert <= 16 else []
     if per_expert > 8:
         return multi_row
     block_ts = (1, 2) if rows * 8 <= num_experts else (2, 1, 4) if per_expert <= 2 else (4, 2)
-    tiles = [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll) for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
+    tiles = [Tiles(t, n, k, w, 1, "gemv", "fp16", unroll)
+             for t in block_ts for n, k, w, unroll in GEMV_SHAPES[t]]
     if 1 in block_ts:  # the tensor-core route: two weight rows a thread, 32 // groups lanes a row pair
-        tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "tensor_core_row") for g in (4, 8, 16, 32) for w in (2, 4, 8)]
+        tiles += [Tiles(1, 2 * (32 // g) * w, 32 * g, w, 1, "gemv", "tensor_core_row")
+                  for g in (4, 8, 16, 32) for w in (2, 4, 8)]
     return tiles + multi_row
 
 
@@ -180,7 +185,8 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 
 
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
-        sweep: bool = False, routes: tuple[str, ...] = ("gemm", "gemv"), tiles: list[Tiles] | None = None) -> list[dict]:
+        sweep: bool = False, routes: tuple[str, ...] = ("gemm", "gemv"),
+        tiles: list[Tiles] | None = None) -> list[dict]:
     """routes: which candidates the sweep times: "gemm" (the wgmma GEMM), "gemv" (every GEMV route),
     or one GEMV route by its decode name ("tensor_core_rows", "tensor_core_row", "fp16", "e4m3"); the
     old words "mma" (the GEMM and the one-row route) and "mma_rows" still work (`ROUTE_ALIASES`);
@@ -190,7 +196,8 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = [random_tensor(specs[f"block.0.mlp.{n}"], gen, "cuda") for n in NAMES]
-    per_gemm = [sum(t[0].numel() * t.element_size() for t in w[:3]), sum(t[0].numel() * t.element_size() for t in w[3:])]
+    per_gemm = [sum(t[0].numel() * t.element_size() for t in w[:3]),
+                sum(t[0].numel() * t.element_size() for t in w[3:])]
     E = cfg.num_experts
     results = []
     for tokens in token_counts:
@@ -217,49 +224,56 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         t_old = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), old)]
         t_new = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), new)]
         gemms = bench(lambda: (gemm1(), gemm2()))
-        row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched, "flops": flops,
-               "seconds": whole, "gemm_seconds": gemms, "tiles": new[0], "gemm_old_seconds": t_old,
-               "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
+        row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched,
+               "flops": flops, "seconds": whole, "gemm_seconds": gemms, "tiles": new[0],
+               "gemm_old_seconds": t_old, "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
         for i, name in enumerate(("gemm1", "gemm2")):
             nbytes = experts * per_gemm[i]
             blocks = w[3 * i]
             read = read_only_seconds(blocks, touched_ids)
             print(f"  tokens {tokens} {name} ({nbytes / 1e6:.1f} MB): gemm {old[i]} {t_old[i] * 1e6:.1f} us "
                   f"({100 * nbytes / t_old[i] / bw:.0f}% copy BW); now {new[i]} {t_new[i] * 1e6:.1f} us "
-                  f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x; a read-only kernel over its "
+                  f"({100 * nbytes / t_new[i] / bw:.0f}%), {t_old[i] / t_new[i]:.2f}x; "
+                  "a read-only kernel over its "
                   f"{experts} experts' blocks {read * 1e6:.1f} us "
                   f"({100 * experts * blocks[0].numel() / read / bw:.0f}% copy BW)", flush=True)
         if sweep:
             order = p.order.long()
-            refs = (reference(h, p.order, cfg.experts_per_token, expert_ids.reshape(-1)[order], *w[:3], cfg.swiglu_limit),
+            refs = (reference(h, p.order, cfg.experts_per_token, expert_ids.reshape(-1)[order], *w[:3],
+                              cfg.swiglu_limit),
                     reference(act, None, 1, expert_ids.reshape(-1)[order], *w[3:], None))
             for i, (name, fn) in enumerate((("gemm1", gemm1), ("gemm2", gemm2))):
                 nbytes = experts * per_gemm[i]
 
                 def check(got, ref=refs[i]):
                     rel = ((got.float() - ref).norm() / ref.norm()).item()
-                    ok = torch.isfinite(got).all().item() and rel < (1e-2 if got.dtype == torch.bfloat16 else 1e-3)
+                    ok = (torch.isfinite(got).all().item()
+                          and rel < (1e-2 if got.dtype == torch.bfloat16 else 1e-3))
                     return None if ok else f"relative error {rel:.2e}"
 
                 per = p.num_rows / max(1, min(p.num_rows, E))
                 given_gemm = [t for t in tiles if t.kernel == "gemm"] if tiles else candidates(per)
                 gemm = time_candidates(fn, check, given_gemm) if "gemm" in routes else []
-                wanted = [t for t in ([t for t in tiles if t.kernel == "gemv"] if tiles else gemv_candidates(p.num_rows, E))
+                wanted = [t for t in ([t for t in tiles if t.kernel == "gemv"] if tiles
+                                      else gemv_candidates(p.num_rows, E))
                           if gemv_tiles_ok(t) and ("gemv" in routes or t.decode in routes)]
                 gemv = time_candidates(fn, check, wanted)
                 if "gemv" in routes:
-                    gemv += time_candidates(fn, check, [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]
-                                                        if t.decode == "fp16"])
+                    gemv += time_candidates(fn, check,
+                                            [dataclasses.replace(t, decode="e4m3") for _, t in gemv[:3]
+                                             if t.decode == "fp16"])
                 gemv.sort(key=lambda x: x[0])
                 for kind, timed in (("gemm", gemm), ("gemv", gemv)):
                     if timed:
                         print(f"  tokens {tokens} {name} best {kind}: " + "; ".join(
-                            f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {t}" for s, t in timed[:3]), flush=True)
+                            f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {t}" for s, t in timed[:3]),
+                              flush=True)
                 best = min(gemm[:1] + gemv[:1], key=lambda x: x[0], default=None)
                 row[f"{name}_best"] = best
                 if best is not None:
                     print(f"  tokens {tokens} {name} FASTEST: {best[1]} {best[0] * 1e6:.1f} us "
-                          f"({100 * nbytes / best[0] / bw:.0f}% copy BW); rows {p.num_rows}, {per:.2f} per expert",
+                          f"({100 * nbytes / best[0] / bw:.0f}% copy BW); "
+                          f"rows {p.num_rows}, {per:.2f} per expert",
                           flush=True)
         results.append(row)
         print(format_row(row, bw, mm), flush=True)
@@ -275,18 +289,21 @@ def format_row(r: dict, bw: float, mm: float) -> str:
 
 
 HEADER = ("| model | tokens | experts | MB touched | time µs | TB/s | % copy BW | TFLOP/s | % matmul | "
-          "GEMMs alone µs | % copy BW | % matmul |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "GEMMs alone µs | % copy BW | % matmul |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def compare_table(rows: list[dict], bw: float) -> str:
     """Both GEMMs: the wgmma GEMM's old tiles against choose_tiles now (and the sweep's best)."""
-    out = ["| model | tokens | MB touched | GEMMs before µs | % copy BW | GEMMs now µs | % copy BW | speed-up | "
-           "best gemm1 | best gemm2 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    out = ["| model | tokens | MB touched | GEMMs before µs | % copy BW | GEMMs now µs | % copy BW | "
+           "speed-up | best gemm1 | best gemm2 |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         old, new = sum(r["gemm_old_seconds"]), sum(r["gemm_new_seconds"])
-        best = [f"{b[1]} {b[0] * 1e6:.1f} us" if b else "" for b in (r.get("gemm1_best"), r.get("gemm2_best"))]
+        best = [f"{b[1]} {b[0] * 1e6:.1f} us" if b else ""
+                for b in (r.get("gemm1_best"), r.get("gemm2_best"))]
         out.append(f"| {r['model']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {old * 1e6:.1f} | "
-                   f"{100 * r['bytes'] / old / bw:.1f}% | {new * 1e6:.1f} | {100 * r['bytes'] / new / bw:.1f}% | "
+                   f"{100 * r['bytes'] / old / bw:.1f}% | {new * 1e6:.1f} | "
+                   f"{100 * r['bytes'] / new / bw:.1f}% | "
                    f"{old / new:.2f}x | {best[0]} | {best[1]} |")
     return "\n".join(out)
 
@@ -306,14 +323,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", nargs="+", default=["gpt-oss-20b"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096, 16384])
-    ap.add_argument("--sweep", action="store_true", help="time each GEMM over candidate tiles of both kernels")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time each GEMM over candidate tiles of both kernels")
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of runs per timing (do_bench's rep)")
     ap.add_argument("--routes", nargs="+", default=["gemm", "gemv"],
-                    help="the sweep's candidates: gemm (the wgmma GEMM), gemv (all GEMV routes), or GEMV decode "
-                         "names (tensor_core_row, tensor_core_rows, fp16, e4m3)")
+                    help="the sweep's candidates: gemm (the wgmma GEMM), gemv (all GEMV routes), "
+                         "or GEMV decode names (tensor_core_row, tensor_core_rows, fp16, e4m3)")
     ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE]",
-                    help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 (the "
-                         "wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
+                    help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
+                         "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
     args = ap.parse_args()
     tiles = [parse_tiles(t) for t in args.tiles] if args.tiles else None
     global REP_MS

@@ -39,7 +39,8 @@ def moe(model: str, tokens: int, gemm: int, runs: int) -> None:
     p = plan(expert_ids, cfg.num_experts)
 
     def mlp1():
-        return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16, swiglu_limit=cfg.swiglu_limit)
+        return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
+                             swiglu_limit=cfg.swiglu_limit)
 
     act = mlp1()
     for _ in range(runs):

@@ -75,7 +75,8 @@ def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gpt-oss-120b")
-    p.add_argument("--checkpoint", default="dummy", help="a checkpoint folder, or dummy (random weights of --model)")
+    p.add_argument("--checkpoint", default="dummy",
+                   help="a checkpoint folder, or dummy (random weights of --model)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--expert-tp", type=int, default=None)
@@ -87,21 +88,24 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    parallel = groups.init(groups.Layout(tp=args.tp, ep=args.ep, expert_tp=args.expert_tp), device_type="cuda",
-                           timeout_s=900)
-    llm = LLM(args.checkpoint, model=args.model, dtype="bfloat16", max_batch_size=max(args.batch), parallel=parallel)
+    parallel = groups.init(groups.Layout(tp=args.tp, ep=args.ep, expert_tp=args.expert_tp),
+                           device_type="cuda", timeout_s=900)
+    llm = LLM(args.checkpoint, model=args.model, dtype="bfloat16", max_batch_size=max(args.batch),
+              parallel=parallel)
     memory = [llm.load_memory]
     if parallel.world_size > 1:
         memory = [None] * parallel.world_size
         dist.all_gather_object(memory, llm.load_memory)
     timed_generate(llm, 1, 8, 2, 1)  # warm-up
-    result = {"model": args.model, "checkpoint": args.checkpoint, "layout": f"tp={args.tp} ep={args.ep} expert_tp={args.expert_tp or args.tp}",
+    result = {"model": args.model, "checkpoint": args.checkpoint,
+              "layout": f"tp={args.tp} ep={args.ep} expert_tp={args.expert_tp or args.tp}",
               "gpus": parallel.world_size, "device": torch.cuda.get_device_name(parallel.device),
               "load_s": llm.load_seconds, "memory_per_rank": memory, "decode": []}
     for batch in args.batch:
         prefill = timed_generate(llm, batch, args.prompt, 1, args.repeat)
         full = timed_generate(llm, batch, args.prompt, args.decode + 1, args.repeat)
-        result["decode"].append({"batch": batch, "decode_tokens_per_s": batch * args.decode / (full - prefill),
+        result["decode"].append({"batch": batch,
+                                 "decode_tokens_per_s": batch * args.decode / (full - prefill),
                                  "prefill_tokens_per_s": batch * args.prompt / prefill})
     if args.a2a and parallel.world_size > 1:
         result["all_to_all"] = a2a_rows(parallel, preset(args.model))
@@ -112,8 +116,10 @@ def main() -> None:
         for row in result["decode"]:
             mem = ", ".join(f"{m['peak_device_GiB']:.1f}" for m in memory)
             host = ", ".join(f"{m['peak_host_GiB']:.1f}" for m in memory)
-            print(f"{args.model:<13} {args.checkpoint[-12:]:<12} {result['layout']:<22} batch {row['batch']:>3}: decode "
-                  f"{row['decode_tokens_per_s']:8.2f} tok/s, prefill {row['prefill_tokens_per_s']:9.1f} tok/s, "
+            print(f"{args.model:<13} {args.checkpoint[-12:]:<12} {result['layout']:<22} "
+                  f"batch {row['batch']:>3}: decode "
+                  f"{row['decode_tokens_per_s']:8.2f} tok/s, "
+                  f"prefill {row['prefill_tokens_per_s']:9.1f} tok/s, "
                   f"load {llm.load_seconds:5.1f} s, GiB per GPU [{mem}], host GiB [{host}]")
         for row in result.get("all_to_all", []):
             print("all-to-all", row)

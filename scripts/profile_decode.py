@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="profile without CUDA graphs")
     ap.add_argument("--ab", metavar="ENV", default=None,
-                    help="also time the decode graph's replays with the switch ENV at 0 and at 1, e.g. GPT_OSS_PDL "
-                         "(programmatic dependent launch) or GPT_OSS_MOE_MMA_GEMV (the MoE's tensor-core GEMV)")
+                    help="also time the decode graph's replays with the switch ENV at 0 and at 1, e.g. "
+                         "GPT_OSS_PDL (programmatic dependent launch) or "
+                         "GPT_OSS_MOE_MMA_GEMV (the MoE's tensor-core GEMV)")
     args = ap.parse_args()
     # Under torchrun the ranks form one tensor-parallel replica; rank 0 prints.
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -48,14 +49,16 @@ def main() -> None:
         busy = sum(us for us, _ in decode.values())
         host = host_phases(llm, prompts, args.steps + 1, batch)
         show(f"\n{args.model} batch {batch} context {args.context}{' eager' if args.eager else ''}: "
-             f"GPU busy {busy / args.steps:,.0f} us per decode step; wall per iteration launching {batch} decodes "
+             f"GPU busy {busy / args.steps:,.0f} us per decode step; "
+             f"wall per iteration launching {batch} decodes "
              f"(medians, us): " + ", ".join(f"{k} {v:,.0f}" for k, v in host.items()))
         show("| kernel | us/step | share | launches/step |\n|---|---:|---:|---:|")
         for name, (us, n) in sorted(decode.items(), key=lambda kv: -kv[1][0])[:18]:
             show(f"| {name[:80]} | {us / args.steps:,.1f} | {100 * us / busy:.1f}% | {n / args.steps:.1f} |")
         if args.ab and not args.eager:
             show(f"decode graph replay at batch {batch} (GPU time a step, median of 3 x 100 replays, us): "
-                 + ", ".join(f"{args.ab}={flag} {us:,.1f}" for flag, us in switch_ab(llm, prompts, batch, args.ab)))
+                 + ", ".join(f"{args.ab}={flag} {us:,.1f}"
+                             for flag, us in switch_ab(llm, prompts, batch, args.ab)))
 
 
 def replay_us(llm: LLM, batch: int, replays: int = 100) -> float:

@@ -69,8 +69,8 @@ def paged_batch(seqs, *, kv_heads, group, head_dim, page_size, window, dtype=tor
     cu_q = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu_q[1:] = torch.cumsum(lengths, 0)
     return SimpleNamespace(
-        q=torch.randn(int(cu_q[-1]), num_heads, head_dim, device=device).to(dtype), k_pages=k_pages, v_pages=v_pages,
-        block_table=block_table.to(device), cu_q=cu_q.to(device),
+        q=torch.randn(int(cu_q[-1]), num_heads, head_dim, device=device).to(dtype), k_pages=k_pages,
+        v_pages=v_pages, block_table=block_table.to(device), cu_q=cu_q.to(device),
         q_start=torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=device),
         sinks=torch.randn(num_heads, device=device), keys=keys, values=values,
         sm_scale=head_dim ** -0.5, window=window)
@@ -124,8 +124,8 @@ def test_default_tiles_at_the_tiny_model_shape(window):
     """The GPU tile shapes (128-row prefill tiles of 64 keys, 16-row decode tiles of 128 keys)."""
     b = paged_batch(MIXED + [(150, 40)], kv_heads=4, group=4, head_dim=32, page_size=16, window=window)
     assert_close(triton_poisoned(b, num_splits=1), reference(b))
-    decode = paged_batch([(0, 1), (200, 1), (63, 1), (131, 1)], kv_heads=4, group=4, head_dim=32, page_size=32,
-                         window=window)
+    decode = paged_batch([(0, 1), (200, 1), (63, 1), (131, 1)], kv_heads=4, group=4, head_dim=32,
+                         page_size=32, window=window)
     assert_close(triton_poisoned(decode, num_splits=1), reference(decode))
 
 
@@ -198,8 +198,8 @@ def assert_bf16_close(got, want):
 
 
 def fp32_reference(b):
-    return paged_attention(b.q.float(), b.k_pages.float(), b.v_pages.float(), b.block_table, b.cu_q, b.q_start,
-                           b.sinks, sm_scale=b.sm_scale, window=b.window)
+    return paged_attention(b.q.float(), b.k_pages.float(), b.v_pages.float(), b.block_table, b.cu_q,
+                           b.q_start, b.sinks, sm_scale=b.sm_scale, window=b.window)
 
 
 @pytest.mark.gpu
@@ -236,7 +236,8 @@ def test_gpu_mixed_batch_real_shapes(window, page_size):
     assert_bf16_close(triton_poisoned(b), want)
     assert_bf16_close(triton_poisoned(b, num_splits=4), want)
     # fp32 on the GPU (ieee dots): the tight tolerance of the CPU tests.
-    b32 = SimpleNamespace(**{**vars(b), "q": b.q.float(), "k_pages": b.k_pages.float(), "v_pages": b.v_pages.float()})
+    b32 = SimpleNamespace(**{**vars(b), "q": b.q.float(), "k_pages": b.k_pages.float(),
+                             "v_pages": b.v_pages.float()})
     assert_close(triton_poisoned(b32), want)
 
 

@@ -33,10 +33,10 @@ def read_output(path):
 
 
 GOOD = [
-    {"id": "tokens", "prompt_token_ids": [200006, 1428, 200008, 13225, 200007], "max_tokens": 5, "temperature": 0,
-     "logprobs": True},
-    {"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "high", "max_tokens": 6,
-     "temperature": 0},
+    {"id": "tokens", "prompt_token_ids": [200006, 1428, 200008, 13225, 200007], "max_tokens": 5,
+     "temperature": 0, "logprobs": True},
+    {"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "high",
+     "max_tokens": 6, "temperature": 0},
     {"id": 7, "prompt": "The capital of France is", "max_tokens": 4, "seed": 3},
 ]
 BAD = [
@@ -79,13 +79,15 @@ def test_rerun_resumes_without_repeating(tiny_checkpoints, tmp_path):
     cfg = config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False)
     batch.run(cfg)
     full = out.read_text().splitlines()
-    # A crash after two whole lines and half of the third: the rerun drops the partial line and redoes the rest.
+    # A crash after two whole lines and half of the third: the rerun drops the partial line and redoes the
+    # rest.
     out.write_text("\n".join(full[:2]) + "\n" + full[2][: len(full[2]) // 2])
     stats = batch.run(cfg)
     assert stats["skipped"] == 2 and stats["requests"] == 4
     rows = read_output(out)
     assert sorted(r["id"] for r in rows) == list(range(6))
-    assert {r["id"]: r["token_ids"] for r in rows} == {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in full}
+    assert ({r["id"]: r["token_ids"] for r in rows}
+            == {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in full})
     assert batch.run(cfg)["requests"] == 0  # a third run has nothing left to do
 
 
@@ -157,7 +159,8 @@ def _broken_copy(src, dst, edit):
 
 @pytest.mark.parametrize("edit, words", [
     (lambda t, c: t.pop("block.1.attn.sinks"), "block.1.attn.sinks"),
-    (lambda t, c: t.update({"block.2.attn.out.bias": t["block.2.attn.out.bias"][:-1].clone()}), "block.2.attn.out.bias"),
+    (lambda t, c: t.update({"block.2.attn.out.bias": t["block.2.attn.out.bias"][:-1].clone()}),
+     "block.2.attn.out.bias"),
     (lambda t, c: c.pop("num_experts"), "num_experts"),
     (lambda t, c: c.update({"hidden_size": "wide"}), "hidden_size"),
 ])
@@ -176,12 +179,14 @@ def test_bad_checkpoint_stops_the_job_at_start(tiny_checkpoints, tmp_path, capsy
 def test_cli_end_to_end_and_missing_checkpoint(tiny_checkpoints, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_lines(inp, GOOD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     ok = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tiny_checkpoints['hf']}",
-                         f"input={inp}", f"output={out}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+                         f"input={inp}", f"output={out}"], capture_output=True, text=True, env=env,
+                        cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "tokens/s" in ok.stderr and len(read_output(out)) == len(GOOD)
     missing = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tmp_path / 'nope'}",
-                              f"input={inp}", f"output={tmp_path / 'o2.jsonl'}"], capture_output=True, text=True,
-                             env=env, cwd=tmp_path)
+                              f"input={inp}", f"output={tmp_path / 'o2.jsonl'}"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

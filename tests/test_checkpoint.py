@@ -1,5 +1,5 @@
-"""Checkpoints: the public tensor names of both layouts (docs/gpt-oss-spec.md §2.1, §2.2), one internal view of them,
-partial reads, and errors that name what is wrong."""
+"""Checkpoints: the public tensor names of both layouts (docs/gpt-oss-spec.md §2.1, §2.2), one internal view
+of them, partial reads, and errors that name what is wrong."""
 
 import json
 import os
@@ -212,7 +212,8 @@ def test_config_with_more_layers_than_the_files(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("layout, name, make", [
     ("original", "block.0.attn.qkv.bias", lambda t: t[:-1]),                  # rows
     ("original", "block.2.mlp.mlp2_weight.scales", lambda t: t[:, :, :-1]),   # trailing dim
-    ("original", "block.3.mlp.mlp1_weight.blocks", lambda t: t.flatten(-2)),  # [E, 2I, 128] instead of [.., 4, 16]
+    # [E, 2I, 128] instead of [.., 4, 16]
+    ("original", "block.3.mlp.mlp1_weight.blocks", lambda t: t.flatten(-2)),
     ("hf", "model.layers.1.self_attn.k_proj.weight", lambda t: t[:-32]),
     ("hf", "model.layers.0.mlp.experts.down_proj_blocks", lambda t: t[:, :, :2]),
 ])

@@ -18,9 +18,12 @@ def test_presets_load_with_the_spec_shapes():
         cfg = preset(name)
         assert (cfg.num_hidden_layers, cfg.num_experts) == (layers, experts)
         # docs/gpt-oss-spec.md §1.1: everything else is shared by both sizes
-        assert (cfg.experts_per_token, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (4, 201088, 2880, 2880)
-        assert (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.sliding_window) == (64, 64, 8, 128)
-        assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha, cfg.rope_ntk_beta) == (150000, 32, 1, 32)
+        assert ((cfg.experts_per_token, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size)
+                == (4, 201088, 2880, 2880))
+        assert ((cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.sliding_window)
+                == (64, 64, 8, 128))
+        assert ((cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+                == (150000, 32, 1, 32))
         assert (cfg.initial_context_length, cfg.swiglu_limit, cfg.rms_norm_eps) == (4096, 7.0, 1e-5)
         assert (cfg.qkv_width, cfg.max_position_embeddings) == (5120, 131072)  # docs/gpt-oss-spec.md §1.2
     tiny = preset("tiny")
@@ -48,14 +51,17 @@ def test_both_dialects_round_trip(name):
 def test_hf_dialect_values_come_from_rope_scaling():
     # If the reader took the top-level HF keys instead of rope_scaling, these would not change.
     hf = preset("gpt-oss-20b").to_hf_json()
-    hf["rope_scaling"].update(factor=16.0, beta_fast=24.0, beta_slow=2.0, original_max_position_embeddings=2048)
+    hf["rope_scaling"].update(factor=16.0, beta_fast=24.0, beta_slow=2.0,
+                              original_max_position_embeddings=2048)
     del hf["initial_context_length"]
     cfg = from_json_dict(hf)
-    assert (cfg.rope_scaling_factor, cfg.rope_ntk_beta, cfg.rope_ntk_alpha, cfg.initial_context_length) == (16, 24, 2, 2048)
+    assert ((cfg.rope_scaling_factor, cfg.rope_ntk_beta, cfg.rope_ntk_alpha, cfg.initial_context_length)
+            == (16, 24, 2, 2048))
 
 
 def test_transformers_5_rope_parameters_dialect():
-    # transformers 5.x saves rope_scaling + rope_theta as one rope_parameters dict (docs/gpt-oss-spec.md §1.1).
+    # transformers 5.x saves rope_scaling + rope_theta as one rope_parameters dict
+    # (docs/gpt-oss-spec.md §1.1).
     cfg = preset("gpt-oss-120b")
     hf = cfg.to_hf_json()
     hf["rope_parameters"] = dict(hf.pop("rope_scaling"), rope_theta=hf.pop("rope_theta"))
@@ -136,7 +142,8 @@ def test_not_an_object_raises():
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    """Parameters from the tensor shapes alone: each MXFP4 byte holds 2 weights, scale bytes are not weights."""
+    """Parameters from the tensor shapes alone: each MXFP4 byte holds 2 weights, scale bytes are not
+    weights."""
     total = 0
     for name, spec in tensor_specs(cfg).items():
         if name.endswith(".scales") and spec.kind == "uint8":
@@ -145,7 +152,8 @@ def parameter_count(cfg: ModelConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize("name, expected", [("gpt-oss-20b", 20_914_757_184), ("gpt-oss-120b", 116_829_156_672)])
+@pytest.mark.parametrize("name, expected", [("gpt-oss-20b", 20_914_757_184),
+                                            ("gpt-oss-120b", 116_829_156_672)])
 def test_parameter_counts_match_spec(name, expected):
     assert parameter_count(preset(name)) == expected  # docs/gpt-oss-spec.md §7.1
 
@@ -153,7 +161,8 @@ def test_parameter_counts_match_spec(name, expected):
 def test_tensor_count_and_mxfp4_shapes_of_20b():
     cfg = preset("gpt-oss-20b")
     specs = tensor_specs(cfg)
-    assert len(specs) == 24 * 15 + 3  # docs/gpt-oss-spec.md §2.1: 15 per block (459 in HF, whose qkv is 3 tensors)
+    # docs/gpt-oss-spec.md §2.1: 15 per block (459 in HF, whose qkv is 3 tensors)
+    assert len(specs) == 24 * 15 + 3
     assert specs["block.5.mlp.mlp1_weight.blocks"].shape == (32, 5760, 90, 16)
     assert specs["block.5.mlp.mlp2_weight.scales"].shape == (32, 2880, 90)
     assert specs["block.5.attn.qkv.weight"].shape == (5120, 2880)

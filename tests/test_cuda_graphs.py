@@ -32,7 +32,8 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly():
     cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
     gen = torch.Generator().manual_seed(11)
     reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
-                    SamplingParams(max_tokens=20 + 7 * i, temperature=0.8 if i % 3 == 2 else 0, seed=i, logprobs=True),
+                    SamplingParams(max_tokens=20 + 7 * i, temperature=0.8 if i % 3 == 2 else 0, seed=i,
+                                   logprobs=True),
                     stop_token_ids=()) for i, n in enumerate((40, 300, 7, 1200, 90, 33, 500))]
     results = {}
     for replay in (True, False):
@@ -41,7 +42,8 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly():
         if replay:
             assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
         else:
-            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled, replay=False)
+            llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled,
+                                       replay=False)
         results[replay] = llm.generate(reqs)
         assert llm.preemptions > 0 and len(llm._graphs.replays) >= 3, (llm.preemptions, llm._graphs.replays)
     for a, b in zip(results[True], results[False]):
@@ -57,8 +59,9 @@ def test_cuda_graph_decode_follows_the_eager_engine():
 
     cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
     gen = torch.Generator().manual_seed(12)
-    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 4,
-             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((17, 260, 1000))]
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+             "max_tokens": 4, "temperature": 0, "logprobs": True, "ignore_eos": True}
+            for i, n in enumerate((17, 260, 1000))]
     out = [LLM("dummy", model=cfg, dtype="float32", max_batch_size=4, kv_cache_tokens=4096,
                enforce_eager=eager).generate(reqs) for eager in (False, True)]
     for graph, eager in zip(*out):
@@ -79,8 +82,9 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
         pytest.skip("PDL needs a Hopper GPU and Triton's launch_pdl option")
     cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
     gen = torch.Generator().manual_seed(13)
-    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(), "max_tokens": 12,
-             "temperature": 0, "logprobs": True, "ignore_eos": True} for i, n in enumerate((9, 700, 130))]
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+             "max_tokens": 12, "temperature": 0, "logprobs": True, "ignore_eos": True}
+            for i, n in enumerate((9, 700, 130))]
     results = {}
     for flag in ("1", "0"):
         monkeypatch.setattr(options, "pdl", flag == "1")
@@ -105,18 +109,20 @@ def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     gen = torch.Generator().manual_seed(21)
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
-                                       "max_tokens": 6, "temperature": 0, "logprobs": True, "ignore_eos": True}) + "\n"
-                           for i, n in enumerate((9, 130, 700))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    inp.write_text("".join(
+        json.dumps({"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+                    "max_tokens": 6, "temperature": 0, "logprobs": True, "ignore_eos": True}) + "\n"
+        for i, n in enumerate((9, 130, 700))))
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     out = {}
     for eager in (False, True):
         path = tmp_path / f"eager_{eager}.jsonl"
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launch.batch",
-             "checkpoint=dummy", "model=gpt-oss-20b", "model.num_hidden_layers=4", "dtype=float32", "device=cuda",
-             f"input={inp}", f"output={path}", "progress=false", "parallel.tp=2", "kv_cache_tokens=4096",
-             "max_batch_size=4", f"enforce_eager={str(eager).lower()}"],
+             "checkpoint=dummy", "model=gpt-oss-20b", "model.num_hidden_layers=4", "dtype=float32",
+             "device=cuda", f"input={inp}", f"output={path}", "progress=false", "parallel.tp=2",
+             "kv_cache_tokens=4096", "max_batch_size=4", f"enforce_eager={str(eager).lower()}"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         replays = int(done.stderr.split(" decode steps replayed from CUDA graphs")[0].rsplit(" ", 1)[-1])
@@ -149,7 +155,8 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     monkeypatch.setattr(options, "kernels_on_cpu", True)
     fast = LLM(tiny_checkpoints["original"], **settings)
     poison(fast.model)
-    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled, replay=False)
+    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled,
+                                replay=False)
     sampled_by_torch = []
     monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
     got = fast.generate(reqs)

@@ -13,17 +13,20 @@ from runtime.sampling import SamplingParams, sample
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
-    return LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=8, max_batch_tokens=256)
+    return LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=8,
+               max_batch_tokens=256)
 
 
 def prompts(n, seed=0, lo=5, hi=40):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 199998, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen).tolist()
+    return [torch.randint(0, 199998, (int(torch.randint(lo, hi, (1,), generator=gen)),),
+                          generator=gen).tolist()
             for _ in range(n)]
 
 
 def greedy(tokens, max_tokens=10, **kw):
-    return Request(kw.pop("id", 0), tokens, SamplingParams(max_tokens=max_tokens, temperature=0, **kw), stop_token_ids=())
+    return Request(kw.pop("id", 0), tokens, SamplingParams(max_tokens=max_tokens, temperature=0, **kw),
+                   stop_token_ids=())
 
 
 @contextlib.contextmanager
@@ -67,14 +70,17 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     alone = llm.generate([target])[0].token_ids
     mixed = llm.generate(others[:2] + [target] + others[2:])[2].token_ids
     assert alone == mixed
-    unseeded = [llm.generate([Request("u", target.prompt_token_ids, SamplingParams(max_tokens=8, temperature=1.0),
+    unseeded = [llm.generate([Request("u", target.prompt_token_ids,
+                                      SamplingParams(max_tokens=8, temperature=1.0),
                                       stop_token_ids=())])[0].token_ids for _ in range(2)]
-    assert unseeded[0] != unseeded[1]  # fresh seeds differ (a collision over 8 tokens is vanishingly unlikely)
+    # fresh seeds differ (a collision over 8 tokens is vanishingly unlikely)
+    assert unseeded[0] != unseeded[1]
 
 
 def test_logprobs_are_those_of_the_model(llm):
     tokens = prompts(1, seed=4)[0]
-    res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, logprobs=True), stop_token_ids=())])[0]
+    res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, logprobs=True),
+                                stop_token_ids=())])[0]
     assert len(res.logprobs) == 3 and all(lp <= 0 for lp in res.logprobs)
     from runtime.step import SequenceChunk, Step
 
@@ -92,7 +98,8 @@ def test_stop_token_and_max_tokens(llm):
     first = llm.generate([greedy(tokens, max_tokens=4)])[0]
     assert first.finish_reason == "length" and len(first.token_ids) == 4
     stop = first.token_ids[1]
-    stopped = llm.generate([Request(0, tokens, SamplingParams(max_tokens=4, temperature=0), stop_token_ids=(stop,))])[0]
+    stopped = llm.generate([Request(0, tokens, SamplingParams(max_tokens=4, temperature=0),
+                                    stop_token_ids=(stop,))])[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == first.token_ids[: first.token_ids.index(stop) + 1]
 
@@ -148,7 +155,7 @@ def test_the_engine_runs_without_triton(tiny_checkpoints):
 @pytest.mark.gpu
 def test_batch_llm_on_cuda_bf16(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["original"], dtype="bfloat16", device="cuda")
-    results = llm.generate([{"id": i, "prompt_token_ids": [1000 + i] * (5 + i), "max_tokens": 6, "temperature": 0,
-                             "ignore_eos": True} for i in range(4)])
+    results = llm.generate([{"id": i, "prompt_token_ids": [1000 + i] * (5 + i), "max_tokens": 6,
+                             "temperature": 0, "ignore_eos": True} for i in range(4)])
     assert [len(r.token_ids) for r in results] == [6] * 4
     assert json.dumps([r.to_json() for r in results])

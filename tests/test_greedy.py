@@ -34,7 +34,8 @@ def test_greedy_kernel_matches_the_reference(gen, rows, vocab):
     want_tokens, want_logprobs = greedy(logits)
     assert torch.equal(tokens, want_tokens)
     assert torch.equal(pairs[:, 0], want_tokens.double())
-    assert torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5), (pairs[:, 1], want_logprobs)
+    assert torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5), \
+        (pairs[:, 1], want_logprobs)
 
 
 def test_greedy_kernel_takes_the_first_maximal_id(gen):
@@ -63,7 +64,8 @@ def test_greedy_kernel_with_whole_slices_at_minus_infinity(gen):
     tokens, pairs = run_kernel(logits)
     want_tokens, want_logprobs = greedy(logits)
     assert torch.equal(tokens, want_tokens)
-    assert torch.isfinite(pairs).all() and torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5)
+    assert (torch.isfinite(pairs).all()
+            and torch.allclose(pairs[:, 1], want_logprobs.double(), rtol=0, atol=2e-5))
 
 
 def test_greedy_kernel_with_no_rows_writes_nothing():

@@ -86,7 +86,8 @@ def test_render_chat():
     text = h.decode(ids)
     assert ids[0] == 200006 and ids[-2:] == encode_with_specials("<|start|>assistant")
     assert text.startswith("<|start|>system<|message|>") and text.endswith("<|start|>assistant")
-    assert "Reasoning: high" in text and "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in text
+    assert ("Reasoning: high" in text
+            and "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in text)
     assert "<|start|>user<|message|>Hi<|end|>" in text
     assert "Current date" not in text  # outputs must not change from day to day
     assert h.render_prompt(chat, "high") == ids
@@ -124,7 +125,8 @@ def test_decode_never_fails():
 
 def test_parse_completion_channels():
     h = get_harmony()
-    reply = "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Hi there<|return|>"
+    reply = ("<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>"
+             "Hi there<|return|>")
     parsed = h.parse_completion(encode_with_specials(reply))
     assert parsed == {"messages": [{"channel": "analysis", "recipient": None, "content": "think"},
                                    {"channel": "final", "recipient": None, "content": "Hi there"}],
@@ -138,7 +140,8 @@ def test_parse_completion_tool_call():
     reply = ("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
              '{"city": "Paris"}<|call|>')
     (call,) = get_harmony().parse_completion(encode_with_specials(reply))["messages"]
-    assert call == {"channel": "commentary", "recipient": "functions.get_weather", "content": '{"city": "Paris"}'}
+    assert call == {"channel": "commentary", "recipient": "functions.get_weather",
+                    "content": '{"city": "Paris"}'}
 
 
 def test_parse_truncated_completion():
@@ -164,7 +167,8 @@ def test_parse_garbage_never_raises():
     rng = random.Random(0)
     specials = [200002, 200003, 200005, 200006, 200007, 200008, 200012]
     for _ in range(200):
-        ids = [rng.choice(specials) if rng.random() < 0.4 else rng.randrange(201088) for _ in range(rng.randrange(40))]
+        ids = [rng.choice(specials) if rng.random() < 0.4 else rng.randrange(201088)
+               for _ in range(rng.randrange(40))]
         parsed = h.parse_completion(ids)
         assert set(parsed) <= {"messages", "channels", "parse_error"}
     assert h.parse_completion([10**7, 200008, 5])["messages"] == []  # ids out of any table: no crash

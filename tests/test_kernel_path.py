@@ -87,8 +87,8 @@ def steps_of(model, tokens, lengths):
     """Log-probs at every position, feeding `tokens` in steps of the given lengths through one cache."""
     cache, start, out = model.new_cache(), 0, []
     for n in lengths:
-        s = Step(torch.tensor(tokens[start:start + n]), torch.arange(start, start + n), [SequenceChunk(start, n, cache)],
-                 torch.arange(n))
+        s = Step(torch.tensor(tokens[start:start + n]), torch.arange(start, start + n),
+                 [SequenceChunk(start, n, cache)], torch.arange(n))
         out.append(torch.log_softmax(model(s), -1))
         start += n
     return torch.cat(out)
@@ -117,12 +117,12 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
     reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
                     SamplingParams(max_tokens=10, temperature=0, logprobs=True), stop_token_ids=())
             for i, n in enumerate((26, 19, 30))]
-    ref = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32,
-              kv_cache_tokens=64)
+    ref = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
+              max_batch_tokens=32, kv_cache_tokens=64)
     want = ref.generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32,
-               kv_cache_tokens=64)
+    fast = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
+               max_batch_tokens=32, kv_cache_tokens=64)
     released = []
     forward = fast.model.forward
 

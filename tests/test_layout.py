@@ -37,7 +37,8 @@ def test_parallel_imports_nothing_from_runtime():
 
 def test_kernels_are_chosen_in_ops_alone():
     """Only runtime/ops.py (and the kernels themselves) import a Triton kernel module in the runtime."""
-    for path in [*(REPO / "runtime").glob("*.py"), *(REPO / "parallel").glob("*.py"), *(REPO / "launch").glob("*.py")]:
+    for path in [*(REPO / "runtime").glob("*.py"), *(REPO / "parallel").glob("*.py"),
+                 *(REPO / "launch").glob("*.py")]:
         if path.name == "ops.py":
             continue
         assert not re.search(r"runtime\.kernels\.\w+_triton\b", path.read_text()), path

@@ -83,7 +83,8 @@ def test_fits_takes_only_few_unit_stride_rows():
     assert not fits(torch.zeros(0, 16, device=DEVICE), w)
     assert not fits(torch.zeros(2, 15, device=DEVICE), w)  # K differs
     assert not fits(torch.zeros(16, 2, device=DEVICE).t(), w)  # stride along K is not 1
-    assert not fits(torch.zeros(2, 16, device=DEVICE), torch.zeros(16, 8, device=DEVICE).t())  # weight not contiguous
+    assert not fits(torch.zeros(2, 16, device=DEVICE),
+                    torch.zeros(16, 8, device=DEVICE).t())  # weight not contiguous
     assert not fits(torch.zeros(2, 16, device=DEVICE, dtype=torch.float64), w.double())
     assert not fits(torch.zeros(2, 16, device=DEVICE), w.to(torch.bfloat16))
     assert not fits(torch.zeros(16, device=DEVICE), w)
@@ -131,8 +132,8 @@ def rope_problem(gen, m, head_dim, q_heads, kv_heads, k, dtype):
     positions = torch.randint(0, 131072, (m,), generator=gen, device=DEVICE)
     positions[: min(m, 3)] = torch.tensor([100000, 131071, 0][: min(m, 3)], device=DEVICE)
     cfg = preset("gpt-oss-20b")
-    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
-                                   cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
+                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
     slots = torch.randperm(64, generator=gen, device=DEVICE)[:m]
     rope = Rope(positions, inv_freq.to(DEVICE), c, head_dim, q_heads, kv_heads)
     return SimpleNamespace(x=x, weight=weight, bias=bias, rope=rope, slots=slots, dtype=dtype)
@@ -140,7 +141,8 @@ def rope_problem(gen, m, head_dim, q_heads, kv_heads, k, dtype):
 
 def rope_args(rope):
     """A Rope as rope_qk_triton's and rope_qk's positional arguments (head_dim last there)."""
-    return (rope.positions, rope.inv_freq, rope.concentration, rope.num_q_heads, rope.num_kv_heads, rope.head_dim)
+    return (rope.positions, rope.inv_freq, rope.concentration, rope.num_q_heads, rope.num_kv_heads,
+            rope.head_dim)
 
 
 def poisoned_pages(r):
@@ -170,7 +172,8 @@ def two_launches(r, cache=True, **config):
 def heads(r, qkv):
     """qkv [m, N] as q [m, Hq, D], k, v [m, Hkv, D]."""
     rope = r.rope
-    return qkv.unflatten(-1, (-1, rope.head_dim)).split([rope.num_q_heads, rope.num_kv_heads, rope.num_kv_heads], 1)
+    head_counts = [rope.num_q_heads, rope.num_kv_heads, rope.num_kv_heads]
+    return qkv.unflatten(-1, (-1, rope.head_dim)).split(head_counts, 1)
 
 
 def assert_cache_holds(r, pages, rows):
@@ -191,13 +194,17 @@ def assert_same_with_nans(got, want):
 # of partial heads (BLOCK_N 32 of 64: 2 programs a head; 4 and 2 of 16: 4 and 8 programs a head),
 # K with and without a partial block, 1-3 rows.
 ROPE_SHAPES = [(1, 16, 4, 2, 100, {}), (2, 64, 4, 2, 128, {"BLOCK_N": 32, "BLOCK_K": 64}),
-               (1, 16, 3, 1, 72, {"BLOCK_N": 64, "BLOCK_K": 32}), (3, 16, 4, 2, 64, {"BLOCK_N": 4, "BLOCK_K": 16}),
-               (1, 64, 4, 2, 96, {"BLOCK_N": 128, "BLOCK_K": 32}), (1, 16, 2, 1, 64, {"BLOCK_N": 2, "BLOCK_K": 16}),
-               (1, 16, 4, 2, 100, {"BLOCK_N": 2, "BLOCK_K": 128})]  # whole rows in one masked step (batch 1 on GPUs)
+               (1, 16, 3, 1, 72, {"BLOCK_N": 64, "BLOCK_K": 32}),
+               (3, 16, 4, 2, 64, {"BLOCK_N": 4, "BLOCK_K": 16}),
+               (1, 64, 4, 2, 96, {"BLOCK_N": 128, "BLOCK_K": 32}),
+               (1, 16, 2, 1, 64, {"BLOCK_N": 2, "BLOCK_K": 16}),
+               # whole rows in one masked step (batch 1 on GPUs)
+               (1, 16, 4, 2, 100, {"BLOCK_N": 2, "BLOCK_K": 128})]
 
 
 @pytest.mark.parametrize("m, head_dim, q_heads, kv_heads, k, config", ROPE_SHAPES)
-def test_gemv_rope_fp32_equals_the_two_launches_and_the_reference(gen, m, head_dim, q_heads, kv_heads, k, config):
+def test_gemv_rope_fp32_equals_the_two_launches_and_the_reference(gen, m, head_dim, q_heads, kv_heads, k,
+                                                                   config):
     r = rope_problem(gen, m, head_dim, q_heads, kv_heads, k, torch.float32)
     assert fits(r.x, r.weight, r.rope)
     qkv, k_pages, v_pages = fused(r, **config)
@@ -247,13 +254,15 @@ def check_bf16(r, qkv, k_pages, v_pages, two):
     exact[:, :rotated] = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)[:, :rotated]
     got = qkv.double().unflatten(-1, (-1, rope.head_dim))
     slack = 1e-5  # fp32 sums in another order, libdevice cos/sin within 2 ulps
-    assert ((got - exact).abs() <= u * exact.abs() + slack).all(), ((got - exact).abs() - u * exact.abs()).max()
+    assert ((got - exact).abs() <= u * exact.abs() + slack).all(), \
+        ((got - exact).abs() - u * exact.abs()).max()
     two_qkv, _, two_v = two
     diff = (got - two_qkv.double().unflatten(-1, (-1, rope.head_dim))).abs()
     assert (diff <= 3 * u * scale + slack).all(), (diff - 3 * u * scale).max()
     assert torch.equal(v, heads(r, two_qkv)[2])  # one rounding of the same sums in both
     assert_same_with_nans(v_pages, two_v)
-    ref = torch.cat(rope_qk(torch.nn.functional.linear(r.x, r.weight, r.bias), *rope_args(rope)), dim=1).double()
+    ref = torch.cat(rope_qk(torch.nn.functional.linear(r.x, r.weight, r.bias), *rope_args(rope)),
+                    dim=1).double()
     assert ((got - ref).abs() <= (4.1 * BF16_U + u) * scale + slack).all(), ((got - ref).abs() / scale).max()
 
 
@@ -268,7 +277,8 @@ def test_fits_checks_the_rope_shapes():
     pos, inv_freq = torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(8, device=DEVICE)
     assert fits(x, w, Rope(pos, inv_freq, 1.0, 16, 4, 2))
     assert not fits(x, w, Rope(pos, inv_freq, 1.0, 16, 4, 1))  # N is not (Hq + 2 Hkv) * D
-    assert not fits(x, torch.zeros(8 * 12, 16, device=DEVICE), Rope(pos, torch.zeros(6, device=DEVICE), 1.0, 12, 4, 2))
+    assert not fits(x, torch.zeros(8 * 12, 16, device=DEVICE),
+                    Rope(pos, torch.zeros(6, device=DEVICE), 1.0, 12, 4, 2))
     assert not fits(x, w, Rope(pos.repeat(2), inv_freq, 1.0, 16, 4, 2))  # one position per row
     assert not fits(x, w, Rope(pos.float(), inv_freq, 1.0, 16, 4, 2))
     assert not fits(x, w, Rope(pos, inv_freq.double(), 1.0, 16, 4, 2))

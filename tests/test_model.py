@@ -1,5 +1,6 @@
 """The reference model: parity with Hugging Face transformers, both checkpoint layouts, the KV cache
-(decode, chunked prefill, batching), bfloat16, and the reference ops against hand formulas (docs/gpt-oss-spec.md §4)."""
+(decode, chunked prefill, batching), bfloat16, and the reference ops against hand formulas
+(docs/gpt-oss-spec.md §4)."""
 
 import dataclasses
 
@@ -25,7 +26,8 @@ def run(model, tokens, start=0, cache=None, logits_at=None):
     n = len(tokens)
     cache = model.new_cache() if cache is None else cache
     indices = torch.arange(n) if logits_at is None else torch.tensor(logits_at)
-    return model(Step(torch.tensor(tokens), torch.arange(start, start + n), [SequenceChunk(start, n, cache)], indices))
+    return model(Step(torch.tensor(tokens), torch.arange(start, start + n), [SequenceChunk(start, n, cache)],
+                      indices))
 
 
 def load(path, dtype):
@@ -143,8 +145,9 @@ def test_bfloat16_model_is_close_to_float32(f32, tiny_checkpoints):
     """bf16 activations against the float32 model on the same weights (docs/gpt-oss-spec.md §5.3 bf16-rounding
     tolerances): log-softmax max |diff| <= 0.1 and mean <= 0.02 (one bf16 ulp at |logit| ~ 5 is 0.03;
     we measured 0.056 / 0.0075), greedy top-1 agreement on >= 90% of the positions (measured 100%).
-    The prompt is seeded: on some other prompts a router near-tie flips one expert and, as docs/gpt-oss-spec.md §5.2
-    says, that alone moves a position's log-probabilities by ~1, which is not a bug."""
+    The prompt is seeded: on some other prompts a router near-tie flips one expert and, as
+    docs/gpt-oss-spec.md §5.2 says, that alone moves a position's log-probabilities by ~1, which is
+    not a bug."""
     bf16 = load(tiny_checkpoints["hf"], torch.bfloat16)
     tokens = prompt(16, 0)
     got, expected = run(bf16, tokens), run(f32, tokens)
@@ -182,8 +185,8 @@ def test_bf16_on_gpu_matches_fp32_on_cpu(tiny_checkpoints):
     a = torch.log_softmax(full_logits(ref, tokens), -1)
     b = torch.log_softmax(full_logits(gpu, tokens).cpu(), -1)
     # bf16 activations (8 bits of mantissa) through 4 layers: a few bf16 ulps of the logits
-    # (docs/gpt-oss-spec.md §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max over all
-    # 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
+    # (docs/gpt-oss-spec.md §5.3 expects a mean |diff| of ~1e-2; measured 0.012-0.020 on an H100). The max
+    # over all 10M entries is not bounded tightly: a flipped near-tie in routing moves single positions a lot.
     diff = (a - b).abs()
     assert diff.mean() < 0.05 and diff.amax(-1).median() < 0.5, (diff.mean(), diff.amax(-1).median())
     # Top-1 of a random tiny model is often a near-tie among 201,088 logits: a loose bound.
@@ -224,7 +227,8 @@ def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
     for pages in all_pages(model):
         pages.fill_(float("nan"))
     seed = int(torch.randint(0, 2**31, ()))  # fresh tokens each run; the seed is in any failure message
-    tokens = torch.randint(0, 199998, (200,), generator=torch.Generator().manual_seed(seed)).tolist()  # > window
+    tokens = torch.randint(0, 199998, (200,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()  # > window
     routes = RouteRecorder(monkeypatch, cfg.num_hidden_layers)
     full = full_logits(model, tokens)
     full_routes = routes.take()
@@ -241,7 +245,8 @@ def test_dummy_20b_kv_cache_decode_matches_recompute(ops, dtype, monkeypatch):
     a, b = torch.log_softmax(full[149:199], -1), torch.log_softmax(torch.cat(last), -1)
     diff = (a - b).abs()
     change = first_route_change(full_routes, routes.take(), cfg.experts_per_token)
-    print(f"{ops} {dtype}: incremental vs recompute log-softmax |diff| mean {diff.mean():.3g} max {diff.max():.3g}, "
+    print(f"{ops} {dtype}: incremental vs recompute log-softmax |diff| mean {diff.mean():.3g} "
+          f"max {diff.max():.3g}, "
           f"top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}; first route change {change}")
     if dtype == torch.float32:
         # Same math in fp32 (no TF32): only summation order differs between the GEMM shapes. Positions

@@ -115,8 +115,10 @@ def test_moe_triton_with_experts_split_over_two_ranks_sums_to_the_whole(tokens):
     whole = moe_triton(h, expert_ids, weights, *w1, *w2, 7.0, residual=residual)
     partials = []
     for rank, (lo, hi) in enumerate([(0, inter // 2), (inter // 2, inter)]):
-        mlp1 = (w1[0][:, 2 * lo:2 * hi], w1[1][:, 2 * lo:2 * hi], w1[2][:, 2 * lo:2 * hi])  # (gate, linear) row pairs
-        mlp2 = (w2[0][:, :, lo // 32:hi // 32].contiguous(), w2[1][:, :, lo // 32:hi // 32].contiguous(), w2[2])
+        # (gate, linear) row pairs
+        mlp1 = (w1[0][:, 2 * lo:2 * hi], w1[1][:, 2 * lo:2 * hi], w1[2][:, 2 * lo:2 * hi])
+        mlp2 = (w2[0][:, :, lo // 32:hi // 32].contiguous(), w2[1][:, :, lo // 32:hi // 32].contiguous(),
+                w2[2])
         moe_triton(h, expert_ids, weights, *mlp1, *mlp2, 7.0, residual=residual,
                    reduce=lambda t: partials.append(t) or t, first=rank == 0)
     assert all(t.dtype == torch.float32 for t in partials)
@@ -165,7 +167,8 @@ def grouped_reference(x, order, source_div, experts, blocks, scales, bias, limit
     """fp32 decode-then-matmul per sorted row (then the clamped SwiGLU), the GEMMs' contract."""
     rows = []
     for i, e in enumerate(experts[order.long()].tolist()):
-        rows.append(mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[order[i] // source_div].float() + bias[e])
+        rows.append(mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[order[i] // source_div].float()
+                    + bias[e])
     y = torch.stack(rows)
     return swiglu(y, limit) if limit is not None else y
 
@@ -174,7 +177,8 @@ def grouped_reference(x, order, source_div, experts, blocks, scales, bias, limit
 # (several tiles of one expert), K = 9 blocks (K_BYTES 144: chunks of 2 or 4 blocks leave a partial
 # one, as 2880 = 90 blocks does with 16), N not a multiple of block_n.
 @pytest.mark.parametrize("rows_per_expert", [[1, 0, 1, 1], [2, 1, 0, 3], [4, 3, 2, 1], [0, 5, 9, 0]])
-@pytest.mark.parametrize("tiles", [Tiles(1, 16, 128, 2, 1, "gemv"), Tiles(2, 16, 64, 1, 1, "gemv", unroll=False),
+@pytest.mark.parametrize("tiles", [Tiles(1, 16, 128, 2, 1, "gemv"),
+                                   Tiles(2, 16, 64, 1, 1, "gemv", unroll=False),
                                    Tiles(4, 8, 128, 1, 1, "gemv")])
 def test_gemv_matches_decode_then_matmul(rows_per_expert, tiles):
     E, N, K = 4, 40, 288
@@ -190,7 +194,8 @@ def test_gemv_matches_decode_then_matmul(rows_per_expert, tiles):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("rows", [4, 16, 32])  # choose_tiles' one-row (up to E / 2 rows) and two-row GEMV tiles
+# choose_tiles' one-row (up to E / 2 rows) and two-row GEMV tiles
+@pytest.mark.parametrize("rows", [4, 16, 32])
 def test_gemv_default_tiles_at_the_real_reduction_length(rows):
     """K = 2880 (90 blocks: 5 full steps of 16 and a partial one, or 2 of 32 and a partial one)."""
     E, N, K = 32, 32, 2880
@@ -379,7 +384,8 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
             C = np.zeros((16, 8))
             for lane, regs in enumerate(lanes):
                 g, t = lane // 4, lane % 4
-                halves = [[_bf16_bits_to_float(regs[r] & 0xFFFF), _bf16_bits_to_float(regs[r] >> 16)] for r in a]
+                halves = [[_bf16_bits_to_float(regs[r] & 0xFFFF), _bf16_bits_to_float(regs[r] >> 16)]
+                          for r in a]
                 A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = halves[0], halves[1]
                 A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = halves[2], halves[3]
                 bh = [[_bf16_bits_to_float(regs[r] & 0xFFFF), _bf16_bits_to_float(regs[r] >> 16)] for r in b]
@@ -389,7 +395,8 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
             D = (A @ B + C).astype(np.float32)
             for lane, regs in enumerate(lanes):
                 g, t = lane // 4, lane % 4
-                for reg, value in zip(d, (D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
+                for reg, value in zip(d, (D[g, 2 * t], D[g, 2 * t + 1],
+                                          D[g + 8, 2 * t], D[g + 8, 2 * t + 1])):
                     regs[reg] = float(value)
             continue
         if op.startswith("ld.global"):
@@ -410,7 +417,8 @@ def emulate_warp_ptx(ptx: str, lanes: list[dict], memory: dict[int, int] | None 
             elif (result := _integer_op(op, v)) is not None:
                 regs[dst] = result
             elif op == "mul.rn.bf16x2":
-                lo = _float_to_bf16_bits(_bf16_bits_to_float(v[0] & 0xFFFF) * _bf16_bits_to_float(v[1] & 0xFFFF))
+                lo = _float_to_bf16_bits(_bf16_bits_to_float(v[0] & 0xFFFF)
+                                         * _bf16_bits_to_float(v[1] & 0xFFFF))
                 hi = _float_to_bf16_bits(_bf16_bits_to_float(v[0] >> 16) * _bf16_bits_to_float(v[1] >> 16))
                 regs[dst] = lo | hi << 16
             elif op == "add.f32":
@@ -430,10 +438,13 @@ def test_gemm_ptx_decode_is_elementwise_emulated(fold):
     nibbles' values of bytes (0, 1) and (2, 3), $2, $3 the high nibbles', exactly."""
     from runtime.kernels.moe_triton_details.ptx import decode_ptx
 
-    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (256,), dtype=torch.uint8)])
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8),
+                        torch.randint(0, 256, (256,), dtype=torch.uint8)])
     scales = torch.randint(100, 129 if fold else 150, packed.shape, dtype=torch.uint8)  # fold needs <= 128
-    values = mxfp4.decode(packed.view(-1, 16)[:, None], torch.full((packed.numel() // 16, 1), 127, dtype=torch.uint8),
-                          torch.float32).view(-1, 2) * 2.0 ** (scales.double() - 127)[:, None]  # [byte, nibble]
+    # [byte, nibble]
+    values = mxfp4.decode(packed.view(-1, 16)[:, None],
+                          torch.full((packed.numel() // 16, 1), 127, dtype=torch.uint8),
+                          torch.float32).view(-1, 2) * 2.0 ** (scales.double() - 127)[:, None]
     ptx = decode_ptx(fold)
     for word, scale, want in zip(packed.view(torch.int32).tolist(), scales.view(torch.int32).tolist(),
                                  values.view(-1, 4, 2).tolist()):
@@ -443,7 +454,8 @@ def test_gemm_ptx_decode_is_elementwise_emulated(fold):
         assert got == [want[b][nibble] for nibble in (0, 1) for b in range(4)], (hex(word), hex(scale))
 
 
-def _set_step_operands(regs: dict, token_groups: int, blocks, even_row: int, block: int, x_addresses: list[int]):
+def _set_step_operands(regs: dict, token_groups: int, blocks, even_row: int, block: int,
+                       x_addresses: list[int]):
     """One lane's inputs to `ptx.tensor_core_step_ptx(token_groups)` (pack 4: each input 4 registers): block
     `block`'s words of rows even_row and even_row + 1, their scale bytes' addresses (scale of row r,
     block b at 1000 + 100 r + b in the emulated memory), and each token group's x address."""
@@ -486,7 +498,8 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     x = (torch.randn(steps * 16 * 32, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(
         torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
-    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double()  # the kernel multiplies 2^offset back later
+    # the kernel multiplies 2^offset back later
+    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double()
     lanes = [{f"${28 + n}": 0.0 for n in range(8)} for _ in range(32)]
     # memory: scale bytes of row r, block b at 1000 + 100 r + b; x at 1 << 16 (16-byte aligned)
     memory = {1000 + 100 * r + b: int(scales[r, b]) for r in range(rows) for b in range(steps * 16)}
@@ -532,10 +545,13 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
     blocks = torch.randint(0, 256, (rows, steps * 4, 16), dtype=torch.uint8, generator=gen)
     scales = torch.randint(66, 193, (rows, steps * 4), dtype=torch.uint8, generator=gen)
     scales[:4, 0] = torch.tensor([66, 192, 127, 100])
-    x = (torch.randn(tokens, K, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(torch.bfloat16)
+    x = (torch.randn(tokens, K, generator=gen)
+         * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(torch.bfloat16)
     weights = mxfp4.decode(blocks, scales, torch.float32).double()
-    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double().T  # [rows, tokens]; the kernel undoes 2^-offset
-    first = 8 * token_groups  # the step's operands: outputs, 8 weight words, scale and x addresses, accumulators
+    # [rows, tokens]; the kernel undoes 2^-offset
+    want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double().T
+    # the step's operands: outputs, 8 weight words, scale and x addresses, accumulators
+    first = 8 * token_groups
     assert len(tensor_core_step_constraints(token_groups).split(",")) == first + 16 + 4 * token_groups + first
     lanes = [{f"${first + 16 + 4 * token_groups + n}": 0.0 for n in range(first)} for _ in range(32)]
     # memory: scale bytes of row r, block b at 1000 + 100 r + b; token n's x at (1 << 16) + 2 K n
@@ -558,7 +574,8 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
         emulate_warp_ptx(tensor_core_rows_result_ptx(), lanes)
         for lane, regs in enumerate(lanes):
             g, t = lane // 4, lane % 4
-            assert (regs["$2"], regs["$3"], regs["$6"], regs["$7"]) == (regs["$0"], regs["$1"], regs["$4"], regs["$5"])
+            assert ((regs["$2"], regs["$3"], regs["$6"], regs["$7"])
+                    == (regs["$0"], regs["$1"], regs["$4"], regs["$5"]))
             for parity in (0, 1):
                 got[2 * g, 8 * j + 2 * t + parity] = regs[f"${parity}"]
                 got[2 * g + 1, 8 * j + 2 * t + parity] = regs[f"${4 + parity}"]
@@ -570,11 +587,14 @@ def test_multi_row_tensor_core_tiles():
     interpreter, which runs no PTX) for decode batches of both models."""
     assert gemv_tiles_ok(Tiles(8, 64, 128, 4, 1, "gemv", decode="tensor_core_rows"))
     assert gemv_tiles_ok(Tiles(16, 128, 128, 4, 1, "gemv", decode="tensor_core_rows"))
-    assert gemv_tiles_ok(Tiles(8, 32, 512, 2, 1, "gemv", decode="tensor_core_rows"))  # 4 blocks a lane in a chunk
+    # 4 blocks a lane in a chunk
+    assert gemv_tiles_ok(Tiles(8, 32, 512, 2, 1, "gemv", decode="tensor_core_rows"))
     assert not gemv_tiles_ok(Tiles(8, 64, 1024, 4, 1, "gemv", decode="tensor_core_rows"))
-    assert not gemv_tiles_ok(Tiles(8, 64, 64, 4, 1, "gemv", decode="tensor_core_rows"))  # a chunk is 4 lanes' blocks
+    # a chunk is 4 lanes' blocks
+    assert not gemv_tiles_ok(Tiles(8, 64, 64, 4, 1, "gemv", decode="tensor_core_rows"))
     assert not gemv_tiles_ok(Tiles(4, 64, 128, 4, 1, "gemv", decode="tensor_core_rows"))  # 8 or 16 rows
-    assert not gemv_tiles_ok(Tiles(8, 32, 128, 4, 1, "gemv", decode="tensor_core_rows"))  # 16 rows for 4 warps
+    # 16 rows for 4 warps
+    assert not gemv_tiles_ok(Tiles(8, 32, 128, 4, 1, "gemv", decode="tensor_core_rows"))
     from runtime.kernels.moe_triton_details import tiles as tiles_module
 
     interpret = tiles_module.INTERPRET
@@ -636,14 +656,15 @@ def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
     specs = tensor_specs(cfg)
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     args = [random_tensor(specs[f"block.0.mlp.{k}"], gen, "cuda") for k in
-            ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks", "mlp2_weight.scales",
-             "mlp2_bias")]
+            ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias", "mlp2_weight.blocks",
+             "mlp2_weight.scales", "mlp2_bias")]
     expert_ids, weights = route(torch.randn(tokens, cfg.num_experts, device="cuda"), cfg.experts_per_token)
     h = torch.randn(tokens, cfg.hidden_size, device="cuda")
     rows = h.repeat_interleave(cfg.experts_per_token, 0)
     experts = expert_ids.reshape(-1)
     # fp32 activations: the dots run in fp32 (ieee), so only the decode could make a large error.
-    fp32_args = [a.float() if a.is_floating_point() else a for a in args]  # the biases, as an fp32 model holds them
+    # the biases, as an fp32 model holds them
+    fp32_args = [a.float() if a.is_floating_point() else a for a in args]
     ref = expert_rows(rows, experts, *fp32_args, cfg.swiglu_limit)
     got = expert_rows_triton(rows, experts, *fp32_args, cfg.swiglu_limit)
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -656,9 +677,10 @@ def test_triton_experts_match_the_reference_at_real_shapes(name, tokens):
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-2, rel
     p = plan(experts, cfg.num_experts)
-    poisoned = torch.full((len(experts), cfg.intermediate_size), float("nan"), device="cuda", dtype=torch.bfloat16)
-    grouped_mxfp4(hb, p.order, cfg.experts_per_token, p, *args[:3], torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
-                  out=poisoned)
+    poisoned = torch.full((len(experts), cfg.intermediate_size), float("nan"), device="cuda",
+                          dtype=torch.bfloat16)
+    grouped_mxfp4(hb, p.order, cfg.experts_per_token, p, *args[:3], torch.bfloat16,
+                  swiglu_limit=cfg.swiglu_limit, out=poisoned)
     assert torch.isfinite(poisoned).all()  # every element written
 
 
@@ -673,7 +695,8 @@ def _random_experts(E, n, k, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
-@pytest.mark.parametrize("split", [1, 2])  # 2: each expert's intermediate dimension halved (tensor parallelism)
+# 2: each expert's intermediate dimension halved (tensor parallelism)
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, tokens):
     """The one-row GEMV on tensor cores (decode "tensor_core_row") against the CUDA-core one on the same bf16
@@ -696,17 +719,21 @@ def test_moe_gemv_on_tensor_cores_matches_the_cuda_core_route(name, split, token
     expert_ids, _ = route(torch.randn(tokens, E, device="cuda", generator=gen), cfg.experts_per_token)
     p = plan(expert_ids.reshape(-1), E)
     h = torch.randn(tokens, d, device="cuda", generator=gen).to(torch.bfloat16)
-    tiles1, tiles2 = choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False)  # the model's tiles
+    # the model's tiles
+    tiles1, tiles2 = choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False)
     assert tiles1.decode == tiles2.decode == "tensor_core_row"
     assert tensor_core_gemv_fits(h, w1[1], tiles1) and tensor_core_gemv_fits(h, w2[1], tiles2)
     outs = {}
     for decode in ("tensor_core_row", "fp16"):
         act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
-        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
-                      tiles=dataclasses.replace(tiles1, decode=decode), out=act)
-        act_in = outs["tensor_core_row"][0] if decode == "fp16" else act  # the same mlp2 input for both routes
+        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16,
+                      swiglu_limit=cfg.swiglu_limit, tiles=dataclasses.replace(tiles1, decode=decode),
+                      out=act)
+        # the same mlp2 input for both routes
+        act_in = outs["tensor_core_row"][0] if decode == "fp16" else act
         y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
-        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=dataclasses.replace(tiles2, decode=decode), out=y)
+        grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32,
+                      tiles=dataclasses.replace(tiles2, decode=decode), out=y)
         assert torch.isfinite(act).all() and torch.isfinite(y).all()
         outs[decode] = (act, y)
     (act, y), (act_ref, y_ref) = outs["tensor_core_row"], outs["fp16"]
@@ -750,8 +777,8 @@ def test_moe_multi_row_gemv_on_tensor_cores_matches_the_cuda_core_route(name, bl
     outs = {}
     for t in (tiles, PROBE_REFERENCE_TILES):
         act = torch.full((p.num_rows, inter), float("nan"), dtype=torch.bfloat16, device="cuda")
-        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16, swiglu_limit=cfg.swiglu_limit,
-                      tiles=t, out=act)
+        grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w1, torch.bfloat16,
+                      swiglu_limit=cfg.swiglu_limit, tiles=t, out=act)
         act_in = outs[tiles][0] if t is PROBE_REFERENCE_TILES else act  # the same mlp2 input for both routes
         y = torch.full((p.num_rows, d), float("nan"), dtype=torch.float32, device="cuda")
         grouped_mxfp4(act_in, None, 1, p, *w2, torch.float32, tiles=t, out=y)
@@ -772,7 +799,8 @@ def test_triton_decode_at_both_scale_ranges(top_scale):
 
     E, d, inter = 4, 256, 256
     w1 = [torch.randint(0, 256, (E, 2 * inter, d // 32, 16), dtype=torch.uint8, device="cuda"),
-          torch.randint(top_scale - 8, top_scale + 1, (E, 2 * inter, d // 32), dtype=torch.uint8, device="cuda"),
+          torch.randint(top_scale - 8, top_scale + 1, (E, 2 * inter, d // 32), dtype=torch.uint8,
+                        device="cuda"),
           torch.randn(E, 2 * inter, device="cuda")]
     w2 = [torch.randint(0, 256, (E, d, inter // 32, 16), dtype=torch.uint8, device="cuda"),
           torch.randint(top_scale - 8, top_scale + 1, (E, d, inter // 32), dtype=torch.uint8, device="cuda"),
@@ -812,7 +840,8 @@ def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
                       decode="tensor_core_row" if mma else cuda_core[swiglu])
     elif per_expert <= 8 and not interpret and options.moe_tensor_core_rows:
         wide = per_expert <= 2 and (swiglu or num_experts >= 128)
-        return Tiles(8, 64, 256 if wide else 128, 4, 1, "gemv", decode="tensor_core_rows"), gemm(rows, num_experts, swiglu)
+        return (Tiles(8, 64, 256 if wide else 128, 4, 1, "gemv", decode="tensor_core_rows"),
+                gemm(rows, num_experts, swiglu))
     elif per_expert <= 1:
         tiles = Tiles(2, 32, 256, 4, 1, "gemv", decode="e4m3" if swiglu else "fp16", unroll=False)
     else:
@@ -835,7 +864,8 @@ def test_tile_table_matches_the_frozen_if_chains(monkeypatch):
                         for rows in grid:
                             for swiglu in (True, False):
                                 want, want_gemm = _frozen_choose_tiles(rows, experts, swiglu, interpret)
-                                assert tiles_module.choose_tiles(rows, experts, swiglu) == want, (rows, experts)
+                                assert tiles_module.choose_tiles(rows, experts, swiglu) == want, \
+                                    (rows, experts)
                                 assert tiles_module.gemm_tiles(rows, experts, swiglu) == want_gemm
                                 checked += 1
     assert checked > 10000

@@ -1,5 +1,5 @@
-"""runtime.mxfp4.decode against values worked out by hand from docs/gpt-oss-spec.md §3 (E2M1 codes, low nibble first,
-E8M0 scale with bias 127)."""
+"""runtime.mxfp4.decode against values worked out by hand from docs/gpt-oss-spec.md §3 (E2M1 codes, low
+nibble first, E8M0 scale with bias 127)."""
 
 import pytest
 import torch
@@ -69,8 +69,10 @@ def test_leading_dims_are_kept():
     assert out.shape == (3, 5, 128)
     # Element 2j + 1 of block g of row (1, 2) is the high nibble of byte j, times its scale.
     byte = blocks[1, 2, 3, 7].item()
-    assert out[1, 2, 3 * 32 + 15].item() == mxfp4.FP4_VALUES[byte >> 4] * 2.0 ** (scales[1, 2, 3].item() - 127)
-    assert out[1, 2, 3 * 32 + 14].item() == mxfp4.FP4_VALUES[byte & 15] * 2.0 ** (scales[1, 2, 3].item() - 127)
+    assert (out[1, 2, 3 * 32 + 15].item()
+            == mxfp4.FP4_VALUES[byte >> 4] * 2.0 ** (scales[1, 2, 3].item() - 127))
+    assert (out[1, 2, 3 * 32 + 14].item()
+            == mxfp4.FP4_VALUES[byte & 15] * 2.0 ** (scales[1, 2, 3].item() - 127))
 
 
 def test_bf16_and_fp32_decode_to_the_same_values():
@@ -93,7 +95,8 @@ def test_bf16_and_fp32_decode_to_the_same_values():
 ])
 def test_mismatched_shapes_raise(blocks_shape, scales_shape):
     with pytest.raises(ValueError):
-        mxfp4.decode(torch.zeros(blocks_shape, dtype=torch.uint8), torch.zeros(scales_shape, dtype=torch.uint8))
+        mxfp4.decode(torch.zeros(blocks_shape, dtype=torch.uint8),
+                     torch.zeros(scales_shape, dtype=torch.uint8))
 
 
 def test_non_uint8_inputs_raise():

@@ -47,8 +47,9 @@ def test_attribute_of_names_the_switch():
 def test_no_module_reads_a_switch_from_the_environment():
     """Only runtime/options.py reads the switches' variables."""
     names = "|".join(s.variable for s in SWITCHES)
-    found = subprocess.run(["git", "grep", "-n", "-E", f"environ[^\\n]*({names})", "--", "runtime", "parallel",
-                            "launch", "scripts", ":!runtime/options.py"], capture_output=True, text=True)
+    found = subprocess.run(["git", "grep", "-n", "-E", f"environ[^\\n]*({names})", "--", "runtime",
+                            "parallel", "launch", "scripts", ":!runtime/options.py"],
+                           capture_output=True, text=True)
     assert found.stdout == "", found.stdout
 
 

@@ -27,8 +27,8 @@ REQUESTS = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (5 + 3 * i,),
                                                         generator=torch.Generator().manual_seed(i)).tolist(),
              "max_tokens": 6, "temperature": 0, "logprobs": True} for i in range(5)]
 # Longer than the others, so it ends up decoding alone: one token, and an empty slice on some ranks.
-REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "top_p": 0.9,
-                 "seed": 11, "logprobs": True})
+REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9,
+                 "top_p": 0.9, "seed": 11, "logprobs": True})
 
 
 def env(**extra):
@@ -42,10 +42,11 @@ def batch_job(nproc, checkpoint, inp, out, *overrides, background=False, extra_e
     if nproc > 1:
         launcher += ["torch.distributed.run", "--nproc-per-node", str(nproc),
                      "--master-port", str(29500 + os.getpid() % 1000), "-m"]
-    cmd = launcher + ["launch.batch", f"checkpoint={checkpoint}", f"input={inp}", f"output={out}", "progress=false",
-                      *overrides]
+    cmd = launcher + ["launch.batch", f"checkpoint={checkpoint}", f"input={inp}", f"output={out}",
+                      "progress=false", *overrides]
     if background:
-        return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     done = subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return {r["id"]: r for r in map(json.loads, Path(out).read_text().splitlines())}
@@ -105,8 +106,10 @@ def _rank_pid(launcher_pid, rank):
     """The pid of the torchrun worker (a child of the launcher) with RANK=rank."""
     for entry in Path("/proc").iterdir():
         try:
-            parent = int(next(l for l in (entry / "status").read_text().splitlines() if l.startswith("PPid:")).split()[1])
-            if parent == launcher_pid and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+            parent = int(next(l for l in (entry / "status").read_text().splitlines()
+                              if l.startswith("PPid:")).split()[1])
+            if (parent == launcher_pid
+                    and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0")):
                 return int(entry.name)
         except (OSError, ValueError, StopIteration):
             continue
@@ -119,11 +122,12 @@ def _long_job(tiny_checkpoints, tmp_path, *overrides):
     inp.write_text("".join(json.dumps({"id": i, "prompt": "go", "max_tokens": 3 if i < 2 else 500,
                                        "ignore_eos": True}) + "\n" for i in range(64)))
     out = tmp_path / "out.jsonl"
-    proc = batch_job(2, tiny_checkpoints["original"], inp, out, "parallel.tp=2", "max_batch_size=2", *overrides,
-                     background=True)
+    proc = batch_job(2, tiny_checkpoints["original"], inp, out, "parallel.tp=2", "max_batch_size=2",
+                     *overrides, background=True)
     deadline = time.time() + 60
     while not (out.exists() and out.read_text().count("\n") >= 1):  # wait until work is under way
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+        assert time.time() < deadline and proc.poll() is None, \
+            proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
     return proc
 
@@ -194,7 +198,9 @@ def test_each_rank_reads_only_its_slices(tiny_checkpoints):
                               full["block.0.attn.qkv.weight"][q + kv + half_kv:]])
     local = model.state_dict()
     assert torch.equal(local["block.0.attn.qkv.weight"], expected_qkv.float())
-    assert torch.equal(local["block.0.attn.sinks"], full["block.0.attn.sinks"][cfg.num_attention_heads // 2:].float())
+    assert torch.equal(local["block.0.attn.sinks"],
+                       full["block.0.attn.sinks"][cfg.num_attention_heads // 2:].float())
     assert torch.equal(local["block.0.attn.out.weight"], full["block.0.attn.out.weight"][:, half_q:].float())
-    assert torch.equal(local["block.0.mlp.mlp1_weight.blocks"], full["block.0.mlp.mlp1_weight.blocks"][cfg.num_experts // 2:])
+    assert torch.equal(local["block.0.mlp.mlp1_weight.blocks"],
+                       full["block.0.mlp.mlp1_weight.blocks"][cfg.num_experts // 2:])
     assert torch.equal(local["unembedding.weight"], full["unembedding.weight"][cfg.vocab_size // 2:].float())

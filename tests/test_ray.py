@@ -14,19 +14,22 @@ pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
 REPO = Path(__file__).resolve().parents[1]
 REQUESTS = [{"id": i, "prompt_token_ids": [500 + i, 600 + i, 700 + i, 800 + i][: 2 + i % 3], "max_tokens": 5,
              "temperature": 0, "logprobs": True} for i in range(6)]
-REQUESTS.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+REQUESTS.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                 "temperature": 0})
 
 
 def run(*args, module="launch.ray_batch"):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stderr
 
 
 def by_id(path):
-    return {r["id"] if r["id"] is not None else f"line {r['line']}": r for r in map(json.loads, path.read_text().splitlines())}
+    return {r["id"] if r["id"] is not None else f"line {r['line']}": r
+            for r in map(json.loads, path.read_text().splitlines())}
 
 
 def test_two_rank_replica_matches_one_process_and_resumes(tiny_checkpoints, tmp_path):
@@ -39,7 +42,8 @@ def test_two_rank_replica_matches_one_process_and_resumes(tiny_checkpoints, tmp_
     expected, got = by_id(tmp_path / "single.jsonl"), by_id(out)
     assert sorted(got, key=str) == sorted(expected, key=str)
     for rid, want in expected.items():
-        assert got[rid]["token_ids"] == want["token_ids"] and got[rid]["finish_reason"] == want["finish_reason"]
+        assert (got[rid]["token_ids"] == want["token_ids"]
+                and got[rid]["finish_reason"] == want["finish_reason"])
         if "logprobs" in want:
             assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
     assert "not valid JSON" in got["line 8"]["error"] and "channels" in got["chat"]

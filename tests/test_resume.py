@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start(checkpoint, inp, out):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "launch.batch", f"checkpoint={checkpoint}", f"input={inp}",
                              f"output={out}", "max_batch_size=4", "progress=false"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -60,7 +61,8 @@ def test_killed_five_times_then_finished_gives_exactly_once(tiny_checkpoints, tm
         want = json.loads(line)
         # Resumed requests share steps with other batch mates than before, so fp32 sums run in another
         # order: logprobs agree to ~1e-6, everything else exactly.
-        assert {k: v for k, v in got[rid].items() if k != "logprobs"} == {k: v for k, v in want.items() if k != "logprobs"}
+        assert ({k: v for k, v in got[rid].items() if k != "logprobs"}
+                == {k: v for k, v in want.items() if k != "logprobs"})
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4, f"seed {seed}"
     assert kills == 5 and done_before_last < len(ids), f"seed {seed}: the job finished before its 5th kill"
 

@@ -40,7 +40,8 @@ def test_add_rms_norm_matches_the_reference(gen, width, rows, with_delta):
     x_before = x.clone()
     residual_out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
     normed_out = torch.full_like(x, float("nan"))
-    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, residual_out=residual_out, normed_out=normed_out)
+    residual, normed = add_rms_norm_triton(x, delta, gain, EPS, residual_out=residual_out,
+                                           normed_out=normed_out)
     want_residual, want_normed = add_rms_norm(x, delta, gain, EPS)
     assert normed is normed_out
     if with_delta:
@@ -93,7 +94,8 @@ def test_add_rms_norm_rejects_rows_wider_than_its_registers():
 # --- bf16 at the real shapes (GPU) --------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("delta_dtype", [torch.bfloat16, torch.float32])  # attention's out, the MoE's fp32 sum
+# attention's out, the MoE's fp32 sum
+@pytest.mark.parametrize("delta_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 4096, 65537])
 def test_add_rms_norm_bf16_on_gpu(gen, rows, delta_dtype):
     width = preset("gpt-oss-20b").hidden_size

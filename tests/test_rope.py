@@ -31,8 +31,8 @@ def randn(*shape, gen, dtype=torch.float32, scale=1.0):
 
 def yarn(head_dim):
     cfg = preset("gpt-oss-20b")
-    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.initial_context_length,
-                                   cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
+                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
     return inv_freq.to(DEVICE), c
 
 
@@ -97,7 +97,8 @@ def test_rope_qk_writes_k_and_v_into_the_cache(gen, heads, kv_heads, head_dim, r
     v_pages = torch.full_like(k_pages, float("nan"))
     slots = torch.randperm(pages * 16, generator=gen, device=DEVICE)[:rows]
     want = rope_qk_triton(qkv.clone(), positions, inv_freq, c, heads, kv_heads, head_dim)
-    q, k, v = rope_qk_triton(qkv, positions, inv_freq, c, heads, kv_heads, head_dim, cache=(k_pages, v_pages, slots))
+    q, k, v = rope_qk_triton(qkv, positions, inv_freq, c, heads, kv_heads, head_dim,
+                             cache=(k_pages, v_pages, slots))
     for got, ref in zip((q, k, v), want):
         assert torch.equal(got, ref)
     for stored, value in ((k_pages, k), (v_pages, v)):
@@ -116,8 +117,8 @@ def test_rope_qk_takes_int32_positions(gen):
 
 def test_rope_qk_empty_batch():
     inv_freq, c = yarn(32)
-    q, k, v = rope_qk_triton(torch.empty(0, 24 * 32, device=DEVICE), torch.empty(0, dtype=torch.int64, device=DEVICE),
-                             inv_freq, c, 16, 4, 32)
+    q, k, v = rope_qk_triton(torch.empty(0, 24 * 32, device=DEVICE),
+                             torch.empty(0, dtype=torch.int64, device=DEVICE), inv_freq, c, 16, 4, 32)
     assert q.shape == (0, 16, 32) and k.shape == v.shape == (0, 4, 32)
 
 
@@ -154,7 +155,8 @@ def test_rope_qk_bf16_on_gpu(gen, heads, kv_heads, head_dim):
 def test_yarn_frequencies_match_the_spec():
     inv_freq, c = yarn_frequencies(64, 150000.0, 32.0, 4096, 1.0, 32.0)
     expected = [1.0, 0.68904, 0.47478, 0.32715, 0.22542, 0.15532, 0.10702, 0.073745, 0.050813, 0.031706,
-                0.019335, 0.011592, 0.0067950, 0.0038604, 0.0020938, 0.0010526, 4.5648e-4, 1.2932e-4, 3.8309e-5]
+                0.019335, 0.011592, 0.0067950, 0.0038604, 0.0020938, 0.0010526, 4.5648e-4, 1.2932e-4,
+                3.8309e-5]
     assert inv_freq[: len(expected)].tolist() == pytest.approx(expected, rel=1e-4)
     assert inv_freq[-1].item() == pytest.approx(3.0235e-7, rel=1e-3)
     assert c == 1.3465735902799727

@@ -8,7 +8,8 @@ kernel's dot sums in another order than cuBLAS and bf16 logits can tie: the chos
 must be the reference's top-k values to within a bf16 rounding, and the weights close. The
 one-launch add + norm + router (norm_route_and_plan) must also equal the unfused launches bit for
 bit (interpreter, fp32 and bf16; GPU: the norm), every buffer it allocates poisoned first, and
-leave its counter at zero (GPU: also replayed from a CUDA graph). Inputs are fresh random numbers each run; the seed is printed.
+leave its counter at zero (GPU: also replayed from a CUDA graph). Inputs are fresh random numbers each
+run; the seed is printed.
 """
 
 import math
@@ -77,7 +78,8 @@ def test_route_triton_breaks_ties_toward_the_lower_expert(tokens):
     bias = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0, -1.0], device=DEVICE)
     ids, weights = route_triton(h, weight, bias, 4)
     assert ids.tolist() == [[1, 3, 6, 2]] * tokens
-    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * tokens, device=DEVICE), -1))
+    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * tokens,
+                                                                   device=DEVICE), -1))
 
 
 @pytest.mark.gpu
@@ -174,10 +176,12 @@ def test_norm_route_and_plan_matches_the_references_fp32(gen, tokens, experts, w
     assert (rows.num_rows, rows.num_experts) == (tokens * k, experts)
 
 
-@pytest.mark.parametrize("dtype, delta_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+@pytest.mark.parametrize("dtype, delta_dtype", [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("tokens, experts, width", [(1, 32, 128), (5, 8, 200), (16, 32, 256)])
-def test_norm_route_and_plan_is_the_unfused_kernels_bit_for_bit(gen, dtype, delta_dtype, tokens, experts, width):
+def test_norm_route_and_plan_is_the_unfused_kernels_bit_for_bit(gen, dtype, delta_dtype, tokens, experts,
+                                                                width):
     """Against add_rms_norm_triton then route_and_plan: residual, h, experts, weights and plan
     identical, in bf16 too (the interpreter's bf16 casts truncate, but the same way in both). h
     because the fused kernel repeats add_rms_norm_triton's arithmetic; the logits because up to
@@ -207,7 +211,8 @@ def test_norm_route_and_plan_breaks_ties_toward_the_lower_expert():
     gain, weight = torch.ones(32, device=DEVICE), torch.zeros(8, 32, device=DEVICE)
     _, _, ids, weights, rows = fused(x, delta, gain, weight, bias, 4)
     assert ids.tolist() == [[1, 3, 6, 2]] * 3
-    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * 3, device=DEVICE), -1))
+    torch.testing.assert_close(weights, torch.softmax(torch.tensor([[1.0, 1.0, 1.0, 0.5]] * 3,
+                                                                   device=DEVICE), -1))
     assert rows.counts.tolist() == [0, 3, 3, 3, 0, 0, 3, 0]
 
 
@@ -278,7 +283,8 @@ def test_route_softmax_over_the_chosen_four():
     experts, weights = route(logits, 4)
     assert experts.tolist() == [[1, 5, 3, 7]]  # by descending logit
     chosen = torch.tensor([3.0, 2.5, 2.0, 1.0])
-    assert torch.allclose(weights[0], torch.softmax(chosen, -1)) and weights.sum().item() == pytest.approx(1.0)
+    assert (torch.allclose(weights[0], torch.softmax(chosen, -1))
+            and weights.sum().item() == pytest.approx(1.0))
 
 
 def test_route_picks_the_top_4_and_softmaxes_over_them():

@@ -325,7 +325,8 @@ def test_random_mixes_finish_as_alone_without_leaking_pages(seed):
 # --------------------------------------------------------------------------- the engine over a fixed pool
 @pytest.fixture(scope="module")
 def roomy(tiny_checkpoints):
-    return LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=1, max_batch_tokens=256)
+    return LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=1,
+               max_batch_tokens=256)
 
 
 def tight(tiny_checkpoints, tokens, batch, step_tokens):
@@ -342,8 +343,8 @@ def random_requests(seed, n, max_prompt=40, max_new=12):
         if draw(0, 1):
             params = SamplingParams(max_tokens=draw(1, max_new), temperature=0, logprobs=True)
         else:  # sampled, with its own seed: the same tokens whatever else is in the batch
-            params = SamplingParams(max_tokens=draw(1, max_new), temperature=0.8, top_k=draw(0, 50), top_p=0.95,
-                                    seed=draw(0, 2**30), logprobs=True)
+            params = SamplingParams(max_tokens=draw(1, max_new), temperature=0.8, top_k=draw(0, 50),
+                                    top_p=0.95, seed=draw(0, 2**30), logprobs=True)
         reqs.append(Request(i, prompt, params, stop_token_ids=()))
     return reqs
 

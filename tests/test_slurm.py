@@ -27,7 +27,8 @@ def cluster_up() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not cluster_up(), reason="no Slurm cluster (CI starts one with slurm/ci/local_cluster.sh)")
+pytestmark = pytest.mark.skipif(not cluster_up(),
+                                reason="no Slurm cluster (CI starts one with slurm/ci/local_cluster.sh)")
 
 
 def env():
@@ -36,9 +37,11 @@ def env():
 
 
 def sbatch(tmp_path, *args, extra_env=None, wait=True, script="batch.sbatch", options=()):
-    cmd = ["sbatch", "--parsable", "--export=ALL", "-o", str(tmp_path / "slurm-%j.out"), "-D", str(tmp_path), *options]
+    cmd = ["sbatch", "--parsable", "--export=ALL", "-o", str(tmp_path / "slurm-%j.out"), "-D", str(tmp_path),
+           *options]
     cmd += (["--wait"] if wait else []) + [str(REPO / "slurm" / script), "device=cpu", *args]
-    done = subprocess.run(cmd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr + log(tmp_path)
     return done.stdout.strip().split(";")[0]
 
@@ -72,9 +75,10 @@ def records(path):
 
 
 def write_requests(path, n, long_after=None):
-    path.write_text("".join(json.dumps({"id": i, "prompt": f"request {i}", "temperature": 0, "ignore_eos": True,
-                                        "max_tokens": 4 if long_after is None or i < long_after else 150}) + "\n"
-                            for i in range(n)))
+    path.write_text("".join(
+        json.dumps({"id": i, "prompt": f"request {i}", "temperature": 0, "ignore_eos": True,
+                    "max_tokens": 4 if long_after is None or i < long_after else 150}) + "\n"
+        for i in range(n)))
 
 
 def test_one_node_two_replicas(tiny_checkpoints, tmp_path):
@@ -93,9 +97,9 @@ def test_multinode_script_on_one_node(tiny_checkpoints, tmp_path):
     on the one node CI has: 2 ranks, tp=2, one replica."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_requests(inp, 6)
-    sbatch(tmp_path, f"checkpoint={tiny_checkpoints['original']}", f"input={inp}", f"output={out}", "parallel.tp=2",
-           extra_env={"NPROC": "2", "RDZV_PORT": str(29600 + os.getpid() % 300)}, script="batch_multinode.sbatch",
-           options=["--nodes=1"])
+    sbatch(tmp_path, f"checkpoint={tiny_checkpoints['original']}", f"input={inp}", f"output={out}",
+           "parallel.tp=2", extra_env={"NPROC": "2", "RDZV_PORT": str(29600 + os.getpid() % 300)},
+           script="batch_multinode.sbatch", options=["--nodes=1"])
     assert sorted(r["id"] for r in records(out)) == list(range(6)), log(tmp_path)
     assert "1 node(s) x 2 rank(s)" in log(tmp_path)
 

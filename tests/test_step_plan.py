@@ -114,7 +114,8 @@ def _broadcast_worker(rank: int, port: int, messages: list, results):
 
 def test_broadcast_carries_short_and_long_messages_whole():
     rng = random.Random(1)
-    messages = [[rng.randint(-2**40, 2**40) for _ in range(n)] for n in (1, FIRST_WORDS - 1, FIRST_WORDS, 3 * FIRST_WORDS + 5)]
+    messages = [[rng.randint(-2**40, 2**40) for _ in range(n)]
+                for n in (1, FIRST_WORDS - 1, FIRST_WORDS, 3 * FIRST_WORDS + 5)]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = 20000 + os.getpid() % 20000
