@@ -1,9 +1,9 @@
-"""The fused Triton kernels (add + RMSNorm, in-place RoPE on q/k) against their torch references.
+"""The residual add + RMSNorm kernel (rmsnorm_triton) against its torch reference (rmsnorm), and the
+reference against the formula worked by hand.
 
-CPU: Triton's interpreter, fp32 (its bf16 math is wrong, docs/environment.md), so kernel and reference
-differ only in summation order and libm: tolerances ~1e-5 relative. Without a GPU those tests run on
-CPU tensors; with one, on CUDA tensors. GPU only: bf16 at the real shapes, with bf16 tolerances.
-Inputs are fresh random numbers each run; the seed is printed, so a failure's output shows it.
+CPU: Triton's interpreter in fp32, so kernel and reference differ only in summation order:
+tolerances ~1e-5 relative. GPU only: bf16 at the real shapes, with bf16 tolerances. Inputs are fresh
+random numbers each run; the seed is printed, so a failure's output shows it.
 """
 
 import math
@@ -15,17 +15,12 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
+from kernel_inputs import BF16_U, DEVICE, randn  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: E402
 from runtime.kernels.rmsnorm_triton import add_rms_norm_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = preset("gpt-oss-20b").rms_norm_eps
-BF16_U = 2.0**-8  # bf16 unit roundoff: rounding to nearest moves a value by at most this fraction of it
-
-
-def randn(*shape, gen, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
 
 
 # --- add + RMSNorm, fp32 ------------------------------------------------------------------------
@@ -86,9 +81,6 @@ def test_add_rms_norm_rejects_rows_wider_than_its_registers():
     x = torch.ones(1, 8193, device=DEVICE)
     with pytest.raises(ValueError, match="8193"):
         add_rms_norm_triton(x, None, torch.ones(8193, device=DEVICE), EPS)
-
-
-# --- RoPE on q and k, fp32 ----------------------------------------------------------------------
 
 
 # --- bf16 at the real shapes (GPU) --------------------------------------------------------------

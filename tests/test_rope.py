@@ -1,9 +1,9 @@
-"""The fused Triton kernels (add + RMSNorm, in-place RoPE on q/k) against their torch references.
+"""RoPE with YaRN on q and k in place (rope_triton), with k and v stored to the cache, against its
+torch reference (rope), and the reference against the spec's numbers.
 
-CPU: Triton's interpreter, fp32 (its bf16 math is wrong, docs/environment.md), so kernel and reference
-differ only in summation order and libm: tolerances ~1e-5 relative. Without a GPU those tests run on
-CPU tensors; with one, on CUDA tensors. GPU only: bf16 at the real shapes, with bf16 tolerances.
-Inputs are fresh random numbers each run; the seed is printed, so a failure's output shows it.
+CPU: Triton's interpreter in fp32, so kernel and reference differ only in libm: tolerances ~1e-5
+relative. GPU only: bf16 at the real shapes, with bf16 tolerances. Inputs are fresh random numbers
+each run; the seed is printed, so a failure's output shows it.
 """
 
 import math
@@ -16,17 +16,10 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
+from kernel_inputs import BF16_U, DEVICE, randn  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.rope import apply_rope, cos_sin, rope_qk, yarn_frequencies  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = preset("gpt-oss-20b").rms_norm_eps
-BF16_U = 2.0**-8  # bf16 unit roundoff: rounding to nearest moves a value by at most this fraction of it
-
-
-def randn(*shape, gen, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
 
 
 def yarn(head_dim):
@@ -44,11 +37,7 @@ def random_positions(n, gen):
     return pos
 
 
-# --- add + RMSNorm, fp32 ------------------------------------------------------------------------
-
-
 # --- RoPE on q and k, fp32 ----------------------------------------------------------------------
-
 def run_rope(gen, n, heads, kv_heads, head_dim, dtype, pos_dtype=torch.int64):
     """Kernel and reference on the same random qkv; qkv is a column slice of a wider buffer (row
     stride > width), so a write outside it would show in the buffer."""

@@ -1,0 +1,14 @@
+"""What the elementwise kernels' tests share: the device they run on and random inputs for it.
+
+Without a GPU the tests run on CPU tensors through Triton's interpreter (fp32: its bf16 math is
+wrong, docs/environment.md); with one, on CUDA tensors.
+"""
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_U = 2.0**-8  # bf16 unit roundoff: rounding to nearest moves a value by at most this fraction of it
+
+
+def randn(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
