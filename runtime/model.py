@@ -97,9 +97,8 @@ class MoE(Sharded):
         lo, hi = shard(I, self.split, "intermediate_size")
         if (hi - lo) % mxfp4.BLOCK:
             raise LayoutError(f"intermediate_size ({I}) split {self.split.size} ways gives {hi - lo} "
-                              f"columns per rank,"
-                              f" not a multiple of the {mxfp4.BLOCK}-value MXFP4 block; choose another "
-                              f"parallel.expert_tp (1 partitions whole experts instead)")
+                              f"columns per rank, not a multiple of the {mxfp4.BLOCK}-value MXFP4 block; "
+                              f"choose another parallel.expert_tp (1 partitions whole experts instead)")
         g, b = mxfp4.BLOCK, mxfp4.BYTES_PER_BLOCK
         self.norm = Sharded(dev)
         self.norm.add("scale", (d,), torch.float32)
