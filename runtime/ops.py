@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch.nn.functional import linear as torch_linear
 
-from parallel.layers import ColumnParallelLinear
+from parallel.layers import ColumnParallelLinear, Matmul
 from runtime.kernels import rmsnorm
 from runtime.kernels.attention import paged_attention
 from runtime.kernels.greedy import greedy
@@ -47,8 +47,6 @@ from runtime.kernels.router import route as route_reference
 from runtime.options import options
 from runtime.sampling import SamplingParams, sample_on_device
 from runtime.step import PagedLayers, PagedStep
-
-Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def use_kernels(t: torch.Tensor) -> bool:
@@ -72,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch_linear(x, weight, bias)
 
 
-def linear_for(ways: int) -> Linear:
+def linear_for(ways: int) -> Matmul:
     """The matmul of a linear layer split `ways` ways: the GEMV route only for unsplit layers (at 4
     rows, and at the tp=2 output projection's shape, it lost to cuBLAS: torch there)."""
     return linear if ways == 1 else torch_linear
