@@ -237,6 +237,26 @@ def random_weights(cfg: ModelConfig, seed: int = 0, device="cpu"):
 
 
 # ------------------------------------------------------------------------------------------- writing
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
+
+
+def _permissions_as_umask(folder: Path) -> None:
+    """A folder and its files with the permissions a plain mkdir and open give: mkdtemp makes the
+    folder 0700 and safetensors its files 0600, which would hide a checkpoint from the user's group."""
+    mask = _umask()
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
+    folder.chmod(0o777 & ~mask)
+
+
 def write_checkpoint(cfg: ModelConfig, out: str | os.PathLike, layout: str = "original", seed: int = 0,
                      shard_bytes: int = 2 << 30) -> Path:
     """Write a random checkpoint of `cfg` in `layout`, atomically (a temp folder renamed into place)."""
@@ -261,6 +281,7 @@ def write_checkpoint(cfg: ModelConfig, out: str | os.PathLike, layout: str = "or
         _save_shards(shards, tmp, layout, save_file)
         config = cfg.to_original_json() if layout == "original" else cfg.to_hf_json()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _permissions_as_umask(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.checkpoint import CheckpointError, CheckpointReader, tensor_specs
+from runtime.checkpoint import CheckpointError, CheckpointReader, tensor_specs, write_checkpoint
 from runtime.config import preset
 
 CFG = preset("tiny")
@@ -250,3 +250,15 @@ def test_unrecognised_tensor_names(tmp_path):
 def test_errors_are_value_errors():
     # Callers that catch ValueError (as for ConfigError) also catch checkpoint problems.
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_written_checkpoints_follow_the_umask(tmp_path):
+    """A checkpoint made for a team is readable as the user's umask allows (the temporary folder's
+    0700 and safetensors' 0600 do not leak into it)."""
+    old = os.umask(0o027)
+    try:
+        path = write_checkpoint(preset("tiny"), tmp_path / "ckpt", layout="hf", seed=0, shard_bytes=40 << 20)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o750
+    assert {f.stat().st_mode & 0o777 for f in path.iterdir()} == {0o640}
