@@ -2,9 +2,11 @@
 
     python -m launch.batch input=IN.jsonl output=OUT.jsonl [checkpoint=DIR] [dtype=bfloat16] [device=cuda]
 
-Results are appended as requests finish; rerunning with the same output skips the ids already there.
-A request that cannot run (bad JSON, an unknown field, a prompt over the context limit, ...) gets an
-`error` line of its own and the others go on.
+Results are written as requests finish, each replica to its own part file in OUT.jsonl.parts/; when
+every request has a result they are merged into OUT.jsonl in input order (launch/results_store.py).
+Rerunning with the same output skips the ids already done. A request that cannot run (bad JSON, an
+unknown field, a repeated id, a prompt over the context limit, ...) gets an `error` line of its own and
+the others go on; retry_errors=true runs such requests again.
 """
 
 from __future__ import annotations
@@ -18,79 +20,100 @@ import hydra
 import torch.distributed
 from omegaconf import DictConfig
 
-from launch.batch_core import ResultWriter, first_of_each_key, not_done, to_requests
-from launch.common import build_llm, clean_exit, fail_fast, init_parallel
+from launch.batch_core import ResultWriter, flag_repeated_ids, not_done, to_requests
+from launch.common import (build_llm, check_job_args, clean_exit, fail_fast, init_parallel,
+                           interrupted_quietly, rank_prefix)
 from launch.progress import Progress
+from launch.results_store import ResultsStore, parts_dir
 from parallel import groups
 from parallel.groups import Parallel
 from runtime.jsonl import NoOutput, OutputFile, read_input
 
 
 class StopSignal:
-    """SIGTERM (Slurm's preemption and requeue, torchrun's shutdown) or SIGUSR1 ends the job after
-    the current step: every finished result is already on disk, the rest runs again on resume."""
+    """SIGTERM (Slurm's preemption and requeue, torchrun's shutdown), SIGUSR1 or Ctrl-C (SIGINT) ends the
+    job after the current step: every finished result is already on disk, the rest runs again on resume.
+    A second Ctrl-C stops at once (what is on disk stays)."""
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __call__(self) -> bool:
         return self.received is not None
 
 
-def open_output(path: str, parallel: Parallel) -> OutputFile:
-    """Every rank of a replica runs the same loop on the same requests and its first rank writes;
-    replicas (dp) take every dp-th request, so no two ever write the same id. Rank 0 alone repairs
-    the file and reads what is done, and all ranks take that one answer, so all agree on the work."""
-    out = OutputFile(path) if parallel.rank == 0 else None
+def recover_done(store: ResultsStore, retry_errors: bool) -> set | None:
+    """The first rank alone checks and repairs the results files and reads what is done (before the
+    model loads, so that a refused output costs no loading); the other ranks learn it in `share_done`."""
+    return store.recover(retry_errors) if int(os.environ.get("RANK", 0)) == 0 else None
+
+
+def share_done(done: set | None, parallel: Parallel) -> set:
+    """All ranks take the first rank's answer, so all agree on the work (a collective: no rank writes
+    before the first rank has repaired the files)."""
     if parallel.world_size > 1:
-        done = [out.done if out is not None else None]
-        torch.distributed.broadcast_object_list(done, src=0)
-        if out is None:
-            out = OutputFile(path, recover=False) if parallel.is_writer else NoOutput(path)
-            out.done = done[0]
-    return out
+        box = [done]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = box[0]
+    return done
+
+
+def open_part(store: ResultsStore, parallel: Parallel) -> OutputFile | NoOutput:
+    """Every rank of a replica runs the same loop on the same requests and its first rank writes, to
+    the replica's own part file; replicas (dp) take every dp-th request, so no two write the same id."""
+    return store.part(f"replica-{parallel.dp_rank}.jsonl") if parallel.is_writer else NoOutput(store.parts)
 
 
 def run(cfg: DictConfig) -> dict:
-    with clean_exit():  # a bad checkpoint, config, layout or input path stops the job here, before any work
+    with clean_exit():  # bad arguments, paths, output files, checkpoints or layouts stop the job here
+        check_job_args(cfg, "input", "output")
+        store = ResultsStore(cfg.output)
+        lines = list(flag_repeated_ids(read_input(cfg.input)))
+        done = recover_done(store, cfg.retry_errors)
         parallel = init_parallel(cfg)
         llm = build_llm(cfg, parallel)
-        lines = list(read_input(cfg.input))
-    with open_output(cfg.output, parallel) as out:
-        # Finished in an earlier run, or a repeated id (the first one wins): skipped.
-        todo = list(first_of_each_key(not_done(lines, out.done)))
-        skipped = len(lines) - len(todo)
-        todo = todo[parallel.dp_rank::parallel.layout.dp]
-        progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
-                            interval_s=cfg.progress_interval_s)
+    done = share_done(done, parallel)
+    # Finished in an earlier run: skipped.
+    todo = list(not_done(lines, done))
+    skipped = len(lines) - len(todo)
+    todo = todo[parallel.dp_rank::parallel.layout.dp]
+    progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
+                        interval_s=cfg.progress_interval_s)
+    stop = StopSignal()
+    start = time.perf_counter()
+    with open_part(store, parallel) as out:
         write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
-        start = time.perf_counter()
         requests = to_requests(todo, llm.make_request, on_error=write)
-        stop = StopSignal()
         llm.generate(requests, on_result=write, should_stop=stop)
         progress.close()
-    stats = {"requests": len(todo), **write.counts, "skipped": skipped}
-    stats["stopped_by"] = stop.received
-    stats["graph_replays"] = llm.graph_replays
-    stats["seconds"] = time.perf_counter() - start
+    stats = {"requests": len(todo), **write.counts, "skipped": skipped, "stopped_by": stop.received,
+             "graph_replays": llm.graph_replays, "seconds": time.perf_counter() - start}
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+    # The replica finishing last finds every request done and merges (any that finds it so may).
+    keys = [line.key for line in lines]
+    complete = parallel.is_writer and not stop.received and set(keys) <= store.done()
+    stats["merged"] = store.merge(keys) is not None if complete else False
     return stats
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="batch")
 def main(cfg: DictConfig) -> None:
-    with fail_fast():
+    with fail_fast(), interrupted_quietly("results finished so far are on disk; rerun with the same "
+                                          "output to resume"):
         stats = run(cfg)
         groups.shutdown()
     if stats["stopped_by"]:
         print(f"stopped by {stats['stopped_by']}: {stats['written']} of {stats['requests']} "
               f"requests written; rerun with the same output to finish the rest", file=sys.stderr)
         sys.exit(128 + getattr(signal, stats["stopped_by"]))
+    if stats["merged"]:
+        print(f"{rank_prefix()}every request has its result: {cfg.output} written", file=sys.stderr)
     if int(os.environ.get("RANK", 0)) != 0:
         return
     multi_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -99,6 +122,9 @@ def main(cfg: DictConfig) -> None:
           f"{stats['skipped']} already done), "
           f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s, "
           f"{stats['graph_replays']} decode steps replayed from CUDA graphs", file=sys.stderr)
+    if not stats["merged"]:
+        print(f"results so far are in {parts_dir(cfg.output)}/; {cfg.output} is written when every "
+              f"request has its result", file=sys.stderr)
 
 
 if __name__ == "__main__":

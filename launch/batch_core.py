@@ -22,13 +22,17 @@ def not_done(lines: Iterable[InputLine], done: set) -> Iterator[InputLine]:
     return (line for line in lines if line.key not in done)
 
 
-def first_of_each_key(lines: Iterable[InputLine]) -> Iterator[InputLine]:
-    """The first line of each key: a repeated id runs once, as its first line says."""
-    seen = set()
+def flag_repeated_ids(lines: Iterable[InputLine]) -> Iterator[InputLine]:
+    """The lines, each id's second and later lines turned into errors of their own (reported by line
+    number, since the id is its first line's): every line gets exactly one result, and no result
+    stands for two requests."""
+    first_line = {}
     for line in lines:
-        if line.key not in seen:
-            seen.add(line.key)
-            yield line
+        first = first_line.setdefault(line.key, line.number)
+        if first != line.number:
+            line = InputLine(line.number, error=f"id {line.key[1]!r} is already used by line {first}; "
+                                                f"ids must be unique (this line did not run)")
+        yield line
 
 
 def error_result(line: InputLine, error: Exception) -> Result:
@@ -64,8 +68,8 @@ class ResultWriter:
     to `out` and counted; `on_write(result)` follows each one (progress, a list of what was done).
 
     A key already in `out` is not written again, so the record written first stays: in a Ray batch
-    retried after a failure, or an id repeated inside one batch. The torchrun job never hands it such a
-    key: it skips those before it starts."""
+    retried after a failure. The jobs hand it no other repeats: they skip what is done before they
+    start, and `flag_repeated_ids` gives a repeated id's later lines keys of their own."""
 
     def __init__(self, out: OutputFile | NoOutput, on_write: Callable[[Result], None] = lambda result: None):
         self.out, self.on_write = out, on_write

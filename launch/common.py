@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from omegaconf import DictConfig, OmegaConf
 
+from launch.results_store import check_paths
 from parallel import groups, heartbeat
 from runtime.config import ConfigError
 from runtime.engine import LLM, resolve_device
@@ -53,15 +54,41 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
     return llm
 
 
+def check_job_args(cfg: DictConfig, *required: str) -> None:
+    """The job's own arguments, before anything is loaded: each of `required` given, and where an
+    input and an output are among them, their paths (launch/results_store.py `check_paths`)."""
+    for name in required:
+        if OmegaConf.is_missing(cfg, name) or cfg.get(name) in (None, ""):
+            raise ValueError(f"{name}= is required ({REQUIRED_HELP[name]})")
+    if "input" in required and "output" in required:
+        check_paths(cfg.input, cfg.output)
+    engine_config(cfg)  # the engine's settings, checked on construction
+
+
+REQUIRED_HELP = {"input": "the JSONL file of requests, one per line",
+                 "output": "the results file to write, e.g. output=results.jsonl"}
+
+
 @contextmanager
 def clean_exit():
-    """Start-up problems (a missing file, a bad checkpoint, config or layout) end the job with one
-    clear line."""
+    """Start-up problems (bad arguments, a missing file, an output that is not the job's own, a bad
+    checkpoint, config or layout) end the job with one clear line and exit status 2."""
     try:
         yield
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def interrupted_quietly(what_is_kept: str):
+    """Ctrl-C that reaches Python (while loading, or a second one while a job stops) ends the job with
+    one line and exit status 130, as a shell reports it, instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n{rank_prefix()}interrupted: {what_is_kept}", file=sys.stderr)
+        sys.exit(130)
 
 
 def rank_prefix() -> str:

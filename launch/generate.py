@@ -16,20 +16,32 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from launch.common import build_llm, clean_exit
+from launch.common import build_llm, check_job_args, clean_exit, interrupted_quietly
+from runtime.harmony import REASONING_EFFORTS
+from runtime.requests import parse_sampling_params
+
+
+def request_of(cfg: DictConfig) -> dict:
+    """The one request, as a batch job's input line; its checks that need no model run before loading
+    (the rest, such as the context limit, when the engine parses it)."""
+    if not isinstance(cfg.prompt, str) or not cfg.prompt:
+        raise ValueError(f"prompt= must be a non-empty string, got {cfg.prompt!r}")
+    if cfg.reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort= must be one of {', '.join(REASONING_EFFORTS)}, "
+                         f"got {cfg.reasoning_effort!r}")
+    request = {"id": "generate", "messages": [{"role": "user", "content": cfg.prompt}],
+               "reasoning_effort": cfg.reasoning_effort, "max_tokens": cfg.max_tokens,
+               "temperature": cfg.temperature, "seed": cfg.seed}
+    parse_sampling_params(request)
+    return request
 
 
 def run(cfg: DictConfig) -> dict:
     with clean_exit():
+        check_job_args(cfg)
+        request = request_of(cfg)
         llm = build_llm(cfg)
-        request = llm.make_request({
-            "id": "generate",
-            "messages": [{"role": "user", "content": cfg.prompt}],
-            "reasoning_effort": cfg.reasoning_effort,
-            "max_tokens": cfg.max_tokens,
-            "temperature": cfg.temperature,
-            "seed": cfg.seed,
-        })
+        request = llm.make_request(request)
     start = time.perf_counter()
     result = llm.generate([request])[0]
     seconds = time.perf_counter() - start
@@ -40,7 +52,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    out = run(cfg)
+    with interrupted_quietly("nothing was generated"):
+        out = run(cfg)
     result = out["result"]
     print(f"prompt: {cfg.prompt}")
     for channel, text in (result.chat or {}).get("channels", {}).items():

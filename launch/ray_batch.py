@@ -24,9 +24,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.batch_core import ResultWriter, not_done, to_requests
+from launch.batch_core import ResultWriter, flag_repeated_ids, not_done, to_requests
+from launch.common import check_job_args, clean_exit, interrupted_quietly
 from launch.progress import Progress
-from runtime.jsonl import NoOutput, OutputFile, nonblank_lines, output_key, parse_line
+from launch.results_store import ResultsStore, parts_dir
+from runtime.jsonl import InputLine, NoOutput, OutputFile, nonblank_lines, parse_line
 
 
 class RankActor:
@@ -45,15 +47,18 @@ class RankActor:
                                     master_port=master_port, device_type=device, timeout_s=p.timeout_s)
         self.llm = build_llm(cfg, self.parallel)
 
-    def generate(self, lines: list[tuple[int, str]], part: str) -> list[dict]:
-        """Run a batch of raw input lines; the first rank writes results to `part` as they finish."""
+    def generate(self, lines: list[tuple[int, str, str | None]], part: str) -> list[dict]:
+        """Run a batch of input lines (number, raw text, the driver's error for the line or None); the
+        first rank writes results to `part` as they finish."""
         out = OutputFile(part) if self.parallel.is_writer else NoOutput(part)
         written = []
         with out:
             write = ResultWriter(out, on_write=lambda result: written.append(
                 {"id": result.id, "tokens": len(result.token_ids)}))
             # A retried batch: what its part file holds was written before the failure.
-            todo = not_done((parse_line(number, text) for number, text in lines), out.done)
+            parsed = (InputLine(number, error=error) if error is not None else parse_line(number, text)
+                      for number, text, error in lines)
+            todo = not_done(parsed, out.done)
             requests = to_requests(todo, self.llm.make_request, on_error=write)
             self.llm.generate(requests, on_result=write)
         return written if self.parallel.is_writer else []
@@ -96,16 +101,17 @@ class Replica:
     def __call__(self, batch: dict) -> dict:
         import ray
 
-        lines = list(zip((int(n) for n in batch["number"]), (str(t) for t in batch["text"])))
+        lines = [(int(n), str(t), None if e is None else str(e))
+                 for n, t, e in zip(batch["number"], batch["text"], batch["error"])]
         # The same batch (after a Ray retry) lands in the same part file, which remembers what is done.
-        digest = hashlib.sha1("\n".join(f"{n}:{t}" for n, t in lines).encode()).hexdigest()[:16]
+        digest = hashlib.sha1("\n".join(f"{n}:{t}:{e}" for n, t, e in lines).encode()).hexdigest()[:16]
         part = str(self.parts_dir / f"part-{digest}.jsonl")
         written = ray.get([r.generate.remote(lines, part) for r in self.ranks])[0]
         return {"id": [json.dumps(w["id"]) for w in written], "tokens": [w["tokens"] for w in written]}
 
 
 # ------------------------------------------------------------------------------------------ the job
-def _input_lines(path: str) -> list[tuple[int, str]]:
+def _raw_lines(path: str) -> list[tuple[int, str]]:
     """(line number, raw JSON text) per request; Parquet rows become JSON objects."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -113,57 +119,73 @@ def _input_lines(path: str) -> list[tuple[int, str]]:
         rows = pq.read_table(path).to_pylist()
         return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None}))
                 for i, row in enumerate(rows)]
-    return [(number, text.strip()) for number, text in nonblank_lines(path)]
+    return list(nonblank_lines(path))
 
 
-def _done(parts_dir: Path) -> set:
-    done = set()
-    for part in parts_dir.glob("part-*.jsonl"):
-        done |= OutputFile(part).done  # also repairs a part cut by a crash
-    return done
+def read_lines(path: str) -> list[tuple[InputLine, str]]:
+    """Each request's line as the torchrun job reads it (parsed, errors naming the file, repeated ids
+    flagged), with its raw text: what an actor is handed is (number, text, error)."""
+    raw = _raw_lines(path)
+    parsed = flag_repeated_ids(parse_line(number, text, path) for number, text in raw)
+    return [(line, text) for line, (_, text) in zip(parsed, raw)]
 
 
-def _finish(parts_dir: Path, output: str) -> int:
-    """All parts into the output file, atomically (a temp file renamed into place)."""
-    records = {}
-    for part in sorted(parts_dir.glob("part-*.jsonl")):
-        for line in part.read_text().splitlines():
-            record = json.loads(line)
-            records.setdefault(json.dumps(output_key(record)), record)
-    tmp = Path(output + ".tmp")
-    if output.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def _check_parquet_output(store: ResultsStore) -> None:
+    """A Parquet output is not read back (its ids are strings): a rerun reads the parts kept beside
+    it, so an existing one must be this runtime's results with its parts folder still there."""
+    import pyarrow.parquet as pq
 
-        columns = ("id", "token_ids", "logprobs", "text", "finish_reason", "error", "line")
-        rows = [{**{c: r.get(c) for c in columns}, "id": None if r.get("id") is None else str(r["id"]),
-                 "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r})
-                         if "channels" in r else None}
-                for r in records.values()]
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-    else:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
-    os.replace(tmp, output)
-    return len(records)
+    if not store.output.exists():
+        return
+    try:
+        columns = set(pq.read_schema(store.output).names)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+        raise ValueError(f"output={store.output} exists and is not a Parquet file ({e}); give another "
+                         f"path, or move it away") from None
+    if not {"id", "token_ids", "finish_reason"} <= columns:
+        raise ValueError(f"output={store.output} is not a results file of this runtime (its columns are "
+                         f"{', '.join(sorted(columns))}); give another path, or move it away")
+    if not store.parts.is_dir():
+        raise ValueError(f"output={store.output} holds an earlier job's results, but {store.parts}/, "
+                         f"which a rerun reads, is gone; move {store.output} away to run again")
+
+
+def _write_parquet(tmp: Path, lines) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ("id", "token_ids", "logprobs", "text", "finish_reason", "error", "line")
+    records = (json.loads(line) for line in lines)
+    rows = [{**{c: r.get(c) for c in columns}, "id": None if r.get("id") is None else str(r["id"]),
+             "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r})
+                     if "channels" in r else None}
+            for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def run(cfg: DictConfig) -> dict:
     import ray
 
+    with clean_exit():  # bad arguments, paths or output files stop the job before Ray starts
+        check_job_args(cfg, "input", "output")
+        parquet = str(cfg.output).endswith(".parquet")
+        store = ResultsStore(cfg.output, readable_output=not parquet)
+        if parquet:
+            _check_parquet_output(store)
+        lines = read_lines(str(cfg.input))
+        done = store.recover(cfg.retry_errors)
+    todo = [(line, text) for line, text in lines if line.key not in done]
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, num_cpus=cfg.ray_num_cpus, log_to_driver=True)
-    parts_dir = Path(str(cfg.output) + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    done = _done(parts_dir)
-    lines = _input_lines(str(cfg.input))
-    todo = [(n, t) for n, t in lines if parse_line(n, t).key not in done]
     progress = Progress(len(todo), enabled=cfg.progress, interval_s=cfg.progress_interval_s)
     start, tokens = time.perf_counter(), 0
     if todo:
-        dataset = ray.data.from_items([{"number": n, "text": t} for n, t in todo])
+        store.parts.mkdir(parents=True, exist_ok=True)
+        dataset = ray.data.from_items([{"number": line.number, "text": text, "error": line.error}
+                                       for line, text in todo])
         container = OmegaConf.to_container(cfg, resolve=True)
         results = dataset.map_batches(Replica,
-                                      fn_constructor_kwargs={"cfg": container, "parts_dir": str(parts_dir)},
+                                      fn_constructor_kwargs={"cfg": container, "parts_dir": str(store.parts)},
                                       batch_size=cfg.ray_batch_size,
                                       compute=ray.data.ActorPoolStrategy(size=cfg.replicas), num_cpus=0)
         for batch in results.iter_batches(batch_size=None):
@@ -171,14 +193,16 @@ def run(cfg: DictConfig) -> dict:
                 tokens += int(n)
                 progress.update(int(n))
     progress.close()
-    total = _finish(parts_dir, str(cfg.output))
-    return {"requests": len(todo), "skipped": len(lines) - len(todo), "written": total, "tokens": tokens,
-            "seconds": time.perf_counter() - start}
+    written = store.merge([line.key for line, _ in lines], write=_write_parquet if parquet else None)
+    return {"requests": len(todo), "skipped": len(lines) - len(todo), "written": written,
+            "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="ray_batch")
 def main(cfg: DictConfig) -> None:
-    stats = run(cfg)
+    with interrupted_quietly(f"finished results are in {parts_dir(cfg.output)}/; rerun with the same "
+                             f"output to resume"):
+        stats = run(cfg)
     print(f"done: {stats['requests']} requests ({stats['skipped']} already done), "
           f"{stats['written']} results in {cfg.output}, "
           f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s", file=sys.stderr)

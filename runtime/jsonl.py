@@ -7,6 +7,7 @@ in the output are skipped, and a last line cut short by a crash is dropped first
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -39,14 +40,15 @@ def parse_line(number: int, text: str, path: str | os.PathLike | None = None) ->
 
 
 def nonblank_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line of a JSONL file that is not blank; the text keeps its newline.
-    The error for a missing file names `path` as given."""
+    """(line number, text) for each line of a JSONL file that is not blank, without its line end (so
+    that a JSON error's column counts within the line). The error for a missing file names `path` as
+    given."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                yield number, text
+                yield number, text.rstrip("\r\n")
 
 
 def read_input(path: str | os.PathLike) -> Iterator[InputLine]:
@@ -55,35 +57,101 @@ def read_input(path: str | os.PathLike) -> Iterator[InputLine]:
         yield parse_line(number, text, path)
 
 
+FINISH_REASONS = ("stop", "length", "error")
+# Every result line starts so (Result.to_json puts the id first): how a line cut short by a crash is told
+# from someone else's text.
+RESULT_START = '{"id": '
+
+
+class NotResults(ValueError):
+    """A file taken for the job's results holds something else; the message names the file and line."""
+
+
 def output_key(record: dict):
     if "id" in record and record["id"] is not None:
         return ("id", record["id"])
     return ("line", record.get("line"))
 
 
+def is_result(record: Any) -> bool:
+    """Whether a parsed output line is one of this runtime's results (see runtime.engine.Result)."""
+    if not isinstance(record, dict) or "id" not in record:
+        return False
+    rid, line = record["id"], record.get("line")
+    has_key = (request_id(record) is not None
+               or (rid is None and isinstance(line, int) and not isinstance(line, bool)))
+    return (has_key and isinstance(record.get("token_ids"), list)
+            and record.get("finish_reason") in FINISH_REASONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResult:
+    """Where one result line lies in its file: bytes [start, end), newline included."""
+    key: tuple
+    start: int
+    end: int
+    failed: bool  # an error result (what retry_errors runs again)
+
+
+@dataclasses.dataclass
+class ResultLines:
+    """A results file read through: its whole lines, and where a cut last line (if any) begins."""
+    path: Path
+    results: list[StoredResult]
+    whole_bytes: int  # bytes up to the last newline; a cut last line follows
+
+    @property
+    def keys(self) -> set:
+        return {r.key for r in self.results}
+
+
+def read_result_lines(path: str | os.PathLike) -> ResultLines:
+    """Every line of `path` checked to be a result, without changing the file. A last line without its
+    newline is a write cut short by a kill when it starts as a result does; anything else (a foreign line
+    anywhere) raises NotResults naming the line, so that no file but the job's own is ever changed."""
+    path = Path(path)
+    results, offset = [], 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                text = raw.decode("utf-8", errors="replace")
+                if not (text.startswith(RESULT_START) or RESULT_START.startswith(text)):
+                    raise NotResults(f"{path}:{number} is not a result of this runtime "
+                                     f"(found {_preview(text)} without a final newline)")
+                break
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    record = None
+                if not is_result(record):
+                    raise NotResults(f"{path}:{number} is not a result of this runtime "
+                                     f"(found {_preview(raw.decode('utf-8', errors='replace'))})")
+                results.append(StoredResult(output_key(record), offset, offset + len(raw),
+                                            record.get("error") is not None))
+            offset += len(raw)
+    return ResultLines(path, results, offset)
+
+
+def _preview(text: str, width: int = 60) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
 class OutputFile:
     """Append-only JSONL results; `done` holds the keys of requests already written."""
 
     def __init__(self, path: str | os.PathLike, recover: bool = True):
-        """recover=False: another writer owns repairing the file and reading what is done."""
+        """recover=True: read what `path` holds (NotResults if it is not results) and drop a cut last
+        line; False: another writer owns that, and `done` starts empty."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set = set()
         if recover and self.path.exists():
-            self._recover()
+            stored = read_result_lines(self.path)
+            truncate_cut_line(stored)
+            self.done = stored.keys
         self._file = open(self.path, "a", encoding="utf-8")
-
-    def _recover(self) -> None:
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]  # a partial last line is a write cut by a crash
-        if len(complete) != len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-        for line in complete.decode("utf-8", errors="replace").splitlines():
-            try:
-                self.done.add(output_key(json.loads(line)))
-            except (json.JSONDecodeError, AttributeError):
-                continue  # not ours to judge; it stays in the file
 
     def write(self, record: dict) -> None:
         # One write call per line, then fsync: a kill leaves whole lines plus at most one partial line.
@@ -100,6 +168,16 @@ class OutputFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def truncate_cut_line(stored: ResultLines) -> None:
+    """Drop the cut last line `read_result_lines` found, if any: the only change made to a results file
+    in place (whole lines are only ever appended)."""
+    if stored.path.stat().st_size > stored.whole_bytes:
+        with open(stored.path, "r+b") as f:
+            f.truncate(stored.whole_bytes)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 class NoOutput:

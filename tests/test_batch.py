@@ -91,11 +91,38 @@ def test_rerun_resumes_without_repeating(tiny_checkpoints, tmp_path):
     assert batch.run(cfg)["requests"] == 0  # a third run has nothing left to do
 
 
-def test_repeated_ids_run_once(tiny_checkpoints, tmp_path):
+def test_a_repeated_id_gets_an_error_line_of_its_own(tiny_checkpoints, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_lines(inp, [{"id": "a", "prompt": "x", "max_tokens": 2}] * 3)
-    batch.run(config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False))
-    assert [r["id"] for r in read_output(out)] == ["a"]
+    write_lines(inp, [{"id": rid, "prompt": "x", "max_tokens": 2} for rid in ("a", "b", "a")])
+    cfg = config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False)
+    batch.run(cfg)
+    rows = read_output(out)
+    assert [(r["id"], r.get("line")) for r in rows] == [("a", None), ("b", None), (None, 3)]
+    assert rows[2]["error"] == ("line 3: id 'a' is already used by line 1; ids must be unique "
+                                "(this line did not run)")
+    assert batch.run(cfg)["requests"] == 0  # the error line is its result: a rerun has nothing to do
+
+
+def test_retry_errors_runs_the_failed_requests_again(tiny_checkpoints, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = {"id": "good", "prompt_token_ids": [5, 6], "max_tokens": 2, "temperature": 0}
+    write_lines(inp, [good, {"id": "fixed", "prompt_token_ids": [5, 6], "max_tokns": 2}, '{"id": "cut", '])
+    cfg = dict(checkpoint=tiny_checkpoints["original"], input=inp, output=out, progress=False)
+    batch.run(config("batch", **cfg))
+    first = read_output(out)
+    assert [r["finish_reason"] for r in first] == ["length", "error", "error"]
+    # The user fixes both lines. A plain rerun runs "cut", whose line now has an id (its old error,
+    # keyed by line number, stays after the input's results), but "fixed" keeps its error...
+    write_lines(inp, [good, {**good, "id": "fixed"}, {**good, "id": "cut"}])
+    assert batch.run(config("batch", **cfg))["requests"] == 1
+    assert [(r["id"], r["finish_reason"]) for r in read_output(out)] == [
+        ("good", "length"), ("fixed", "error"), ("cut", "length"), (None, "error")]
+    # ...until retry_errors=true runs the failed requests again and drops their errors.
+    stats = batch.run(config("batch", **cfg, retry_errors=True))
+    rows = read_output(out)
+    assert stats["requests"] == 1 and stats["errors"] == 0
+    assert [r["id"] for r in rows] == ["good", "fixed", "cut"]  # one line per id, in input order
+    assert rows[0] == first[0] and rows[1]["token_ids"] == rows[0]["token_ids"]
 
 
 class EchoLLM:
@@ -125,25 +152,27 @@ def test_both_jobs_share_one_parse_and_write_core(tmp_path, monkeypatch):
     stats = batch.run(config("batch", input=inp, output=tmp_path / "out.jsonl", progress=False))
     actor = object.__new__(ray_batch.RankActor)  # its engine, without Ray or a process group
     actor.parallel, actor.llm = SimpleNamespace(is_writer=True), EchoLLM()
-    written = actor.generate(ray_batch._input_lines(str(inp)), str(tmp_path / "part.jsonl"))
+    # What the Ray driver hands an actor: each line's number, text, and the error found in reading it.
+    lines = [(line.number, text, line.error) for line, text in ray_batch.read_lines(str(inp))]
+    written = actor.generate(lines, str(tmp_path / "part.jsonl"))
     torchrun, ray = read_output(tmp_path / "out.jsonl"), read_output(tmp_path / "part.jsonl")
-    lines = [(tmp_path / name).read_text().splitlines() for name in ("out.jsonl", "part.jsonl")]
-    assert lines[0][1:] == lines[1][1:]  # byte for byte, but for the parse error below
     assert stats["written"] == len(written) == 5 and stats["errors"] == 3 and stats["tokens"] == 7
-    # The one difference: a torchrun job's parse error names the file, a Ray batch's only the line.
-    assert torchrun[0]["error"].startswith(f"line 2: {inp}:2: not valid JSON (")
-    assert ray[0]["error"].startswith("line 2: line 2: not valid JSON (")
-    torchrun[0]["error"] = ray[0]["error"] = "not JSON"
-    assert torchrun == ray == [
-        {"id": None, "token_ids": [], "text": "", "finish_reason": "error", "error": "not JSON", "line": 2},
+    # The same records but for their order: the torchrun job's output is merged in input order, a Ray
+    # part file holds them as they finished (the errors first).
+    assert sorted(map(json.dumps, torchrun)) == sorted(map(json.dumps, ray))
+    assert [r["id"] for r in torchrun] == ["a", None, None, "bad-field", 7]
+    assert ray == [
+        {"id": None, "token_ids": [], "text": "", "finish_reason": "error", "line": 2,
+         "error": ray[0]["error"]},
         {"id": None, "token_ids": [], "text": "", "finish_reason": "error", "line": 3,
          "error": "line 3: field 'id' must be a string or an integer, got None"},
         {"id": "bad-field", "token_ids": [], "text": "", "finish_reason": "error",
-         "error": torchrun[2]["error"]},
+         "error": ray[2]["error"]},
         {"id": "a", "token_ids": [1, 2, 3], "text": "echo", "finish_reason": "length", "logprobs": [0.5] * 3},
         {"id": 7, "token_ids": [6, 7, 8, 9], "text": "echo", "finish_reason": "length"},
     ]
-    assert torchrun[2]["error"].startswith("line 4: unknown field(s) 'max_tokns'")
+    assert ray[0]["error"].startswith(f"line 2: {inp}:2: not valid JSON (")
+    assert ray[2]["error"].startswith("line 4: unknown field(s) 'max_tokns'")
 
 
 def _broken_copy(src, dst, edit):

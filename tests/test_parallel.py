@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from parallel import groups
 from parallel.groups import Group, Layout, LayoutError
 from runtime.config import preset
 from runtime.model import GptOss
-
-REPO = Path(__file__).resolve().parents[1]
+from batch_jobs import batch_command, job_env, rank_pid, start_batch, written_lines
 
 REQUESTS = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (5 + 3 * i,),
                                                         generator=torch.Generator().manual_seed(i)).tolist(),
@@ -29,25 +27,16 @@ REQUESTS = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (5 + 3 * i,),
 # Longer than the others, so it ends up decoding alone: one token, and an empty slice on some ranks.
 REQUESTS.append({"id": "sampled", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9,
                  "top_p": 0.9, "seed": 11, "logprobs": True})
+# Without a seed: its default seed comes from the job's seed and its id, so every layout (and replica)
+# samples the same tokens for it.
+REQUESTS.append({"id": "unseeded", "prompt": "Twice upon a time", "max_tokens": 8, "temperature": 0.8,
+                 "logprobs": True})
 
 
-def env(**extra):
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
-
-
-def batch_job(nproc, checkpoint, inp, out, *overrides, background=False, extra_env=None):
-    """Run the batch job on nproc gloo ranks (torchrun) and return its results by id, or the process."""
-    launcher = [sys.executable, "-m"]
-    if nproc > 1:
-        launcher += ["torch.distributed.run", "--nproc-per-node", str(nproc),
-                     "--master-port", str(29500 + os.getpid() % 1000), "-m"]
-    cmd = launcher + ["launch.batch", f"checkpoint={checkpoint}", f"input={inp}", f"output={out}",
-                      "progress=false", *overrides]
-    if background:
-        return subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    done = subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=240)
+def batch_job(nproc, checkpoint, inp, out, *overrides, extra_env=None):
+    """Run the batch job on nproc gloo ranks (torchrun) and return its results by id."""
+    done = subprocess.run(batch_command(nproc, checkpoint, inp, out, *overrides),
+                          env=job_env(**(extra_env or {})), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return {r["id"]: r for r in map(json.loads, Path(out).read_text().splitlines())}
 
@@ -102,30 +91,16 @@ def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_r
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
 
 
-def _rank_pid(launcher_pid, rank):
-    """The pid of the torchrun worker (a child of the launcher) with RANK=rank."""
-    for entry in Path("/proc").iterdir():
-        try:
-            parent = int(next(l for l in (entry / "status").read_text().splitlines()
-                              if l.startswith("PPid:")).split()[1])
-            if (parent == launcher_pid
-                    and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0")):
-                return int(entry.name)
-        except (OSError, ValueError, StopIteration):
-            continue
-    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
-
-
 def _long_job(tiny_checkpoints, tmp_path, *overrides):
     inp = tmp_path / "long.jsonl"
     # Two short requests first, so results appear within seconds; then enough work to outlast the test.
     inp.write_text("".join(json.dumps({"id": i, "prompt": "go", "max_tokens": 3 if i < 2 else 500,
                                        "ignore_eos": True}) + "\n" for i in range(64)))
     out = tmp_path / "out.jsonl"
-    proc = batch_job(2, tiny_checkpoints["original"], inp, out, "parallel.tp=2", "max_batch_size=2",
-                     *overrides, background=True)
+    proc = start_batch(2, tiny_checkpoints["original"], inp, out, "parallel.tp=2", "max_batch_size=2",
+                       *overrides)
     deadline = time.time() + 60
-    while not (out.exists() and out.read_text().count("\n") >= 1):  # wait until work is under way
+    while not written_lines(out):  # wait until work is under way
         assert time.time() < deadline and proc.poll() is None, \
             proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
@@ -134,7 +109,7 @@ def _long_job(tiny_checkpoints, tmp_path, *overrides):
 
 def test_a_killed_rank_ends_the_job_and_is_named(tiny_checkpoints, tmp_path):
     proc = _long_job(tiny_checkpoints, tmp_path)
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     start = time.time()
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.time() - start < 60
@@ -143,7 +118,7 @@ def test_a_killed_rank_ends_the_job_and_is_named(tiny_checkpoints, tmp_path):
 
 def test_a_hung_rank_ends_the_job_within_the_timeout(tiny_checkpoints, tmp_path):
     proc = _long_job(tiny_checkpoints, tmp_path, "parallel.timeout_s=3")
-    survivor, hung = _rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)
+    survivor, hung = rank_pid(proc.pid, 0), rank_pid(proc.pid, 1)
     os.kill(hung, signal.SIGSTOP)
     start = time.time()
     while Path(f"/proc/{survivor}").exists() and time.time() - start < 60:
