@@ -9,6 +9,7 @@ a checkpoint's own config.json wins over it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +20,23 @@ from runtime.config import ModelConfig, from_mapping as model_from_mapping
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _check_at_least_one(name: str, value) -> None:
+    """A count setting (ranks, sequences, tokens) is an integer of at least 1; `name` is the setting
+    as the user types it (parallel.tp), so the error points at the override to fix."""
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """The layout of a job's ranks: world = dp x tp x ep (parallel/groups.py builds the groups)."""
@@ -27,6 +45,17 @@ class ParallelConfig:
     dp: int | None = None  # independent replicas; None: world / (tp x ep)
     expert_tp: int | None = None  # ways each expert is split; None: tp
     timeout_s: float = 600  # a collective waiting longer than this fails the job instead of hanging
+
+    def __post_init__(self):
+        # Checked here, before launch/common.py divides the world size by tp x ep.
+        _check_at_least_one("parallel.tp", self.tp)
+        _check_at_least_one("parallel.ep", self.ep)
+        for name in ("dp", "expert_tp"):  # None: derived from the world size and tp
+            if getattr(self, name) is not None:
+                _check_at_least_one(f"parallel.{name}", getattr(self, name))
+        if not (_is_number(self.timeout_s) and 0 < self.timeout_s < math.inf):
+            raise ValueError(f"parallel.timeout_s must be a positive number of seconds, "
+                             f"got {self.timeout_s!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +83,10 @@ class EngineConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        for name in ("max_batch_size", "max_batch_tokens", "default_max_tokens"):
+            _check_at_least_one(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _check_at_least_one("max_model_len", self.max_model_len)
         if self.max_batch_tokens < self.max_batch_size:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
                              f"({self.max_batch_size}): every running sequence decodes one token per step")
