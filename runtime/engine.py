@@ -118,8 +118,8 @@ class LLM:
         self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.perf_counter()
         if config.checkpoint == "dummy":
-            cfg = preset(config.model) if isinstance(config.model, str) else config.model
-            self.model = GptOss(cfg, self.dtype, parallel=self.parallel).randomize(config.seed)
+            model = GptOss(config.model_config, self.dtype, parallel=self.parallel)
+            self.model = model.randomize(config.seed)
         else:
             path = config.checkpoint if config.checkpoint is not None else default_checkpoint()
             reader = CheckpointReader(path)

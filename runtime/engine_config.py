@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from runtime.config import ModelConfig, from_mapping as model_from_mapping
+from runtime.config import ModelConfig, from_mapping as model_from_mapping, preset, preset_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,6 +35,13 @@ def _check_at_least_one(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _typed_name(model: str | ModelConfig) -> str:
+    """`model` as the user typed it (from_mapping has turned a hydra preset into its ModelConfig)."""
+    if isinstance(model, str):
+        return model
+    return next((name for name in preset_names() if preset(name) == model), "<a custom ModelConfig>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +70,10 @@ class EngineConfig:
     """What runtime.engine.LLM is built from.
 
     checkpoint: a folder (either public layout), "dummy" (random weights of `model`), or None (the
-    embedded tiny synthetic checkpoint). max_model_len None: the model's limit. kv_cache_tokens
-    None: on CUDA what gpu_memory_fraction of the GPU leaves after the weights, on CPU a pool that
-    grows on demand. enforce_eager: never replay decode steps from CUDA graphs. seed: dummy weights,
-    and sampling seeds for requests that bring none.
+    embedded tiny synthetic checkpoint, so `model` must be tiny). max_model_len None: the model's
+    limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
+    weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
+    graphs. seed: dummy weights, and sampling seeds for requests that bring none.
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"
@@ -96,6 +103,15 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+        if self.checkpoint is None and self.model_config != preset("tiny"):
+            raise ValueError(f"model={_typed_name(self.model)} was given without a checkpoint: pass "
+                             f"checkpoint=DIR for its weights, or checkpoint=dummy for random weights of its "
+                             f"shape; without a checkpoint only the embedded tiny model runs")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The shape `model` names (a checkpoint's config.json wins over it)."""
+        return preset(self.model) if isinstance(self.model, str) else self.model
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "EngineConfig":

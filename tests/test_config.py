@@ -1,5 +1,6 @@
 """ModelConfig: presets, both config.json dialects, errors that name the field, and parameter counts."""
 
+import dataclasses
 import json
 import math
 
@@ -173,8 +174,6 @@ def test_tensor_count_and_mxfp4_shapes_of_20b():
 def test_engine_yaml_mirrors_the_engine_config_key_for_key():
     """configs/engine.yaml holds every EngineConfig field but `model` (each entry point's defaults
     list picks that preset), in order and with the dataclass's defaults, the parallel node too."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     from runtime.config import CONFIG_DIR
@@ -253,6 +252,29 @@ def test_parallel_settings_below_their_minimum_name_the_override(override, messa
     with pytest.raises(ValueError, match=message):
         engine_config(cfg)
     ParallelConfig(tp=1, ep=1, dp=1, expert_tp=1, timeout_s=0.5)  # each minimum itself is allowed
+
+
+def test_a_preset_without_a_checkpoint_is_refused():
+    """Without a checkpoint only the embedded tiny model can run; a bigger preset must not silently
+    become it."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.common import engine_config
+    from runtime.config import CONFIG_DIR
+    from runtime.engine_config import EngineConfig
+
+    message = ("model=gpt-oss-20b was given without a checkpoint: pass checkpoint=DIR for its weights, "
+               "or checkpoint=dummy for random weights of its shape")
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="gpt-oss-20b")
+    with pytest.raises(ValueError, match="model=<a custom ModelConfig> was given without a checkpoint"):
+        EngineConfig(model=dataclasses.replace(preset("tiny"), num_hidden_layers=2))
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        default = compose("batch", ["input=in.jsonl", "output=out.jsonl"])
+        big = compose("batch", ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b"])
+    with pytest.raises(ValueError, match=message):  # hydra's model node, named as the user typed it
+        engine_config(big)
+    assert engine_config(default) == EngineConfig(model=preset("tiny"))  # the default still runs
 
 
 def test_llm_takes_an_engine_config_or_its_keywords(tiny_checkpoints):
