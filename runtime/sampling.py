@@ -17,7 +17,27 @@ from runtime.transfer import to_device
 
 
 @dataclasses.dataclass(frozen=True)
+class Limit:
+    """A numeric sampling parameter's accepted range (inclusive), and whether it is an integer."""
+    lo: int | float
+    hi: int | float
+    integer: bool = False
+
+
+# The one table of ranges: SamplingParams checks them on construction, whether the parameters come
+# from Python or from a JSON request (runtime/requests.py checks the JSON types from `integer`).
+LIMITS = {
+    "max_tokens": Limit(1, 2**31, integer=True),
+    "temperature": Limit(0.0, 100.0),
+    "top_p": Limit(1e-9, 1.0),
+    "top_k": Limit(-1, 2**31, integer=True),
+    "seed": Limit(-(2**63), 2**63 - 1, integer=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """Raises ValueError naming the field when a value is outside its range in LIMITS."""
     max_tokens: int = 256
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
@@ -25,6 +45,14 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     ignore_eos: bool = False
+
+    def __post_init__(self):
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if not limit.lo <= value <= limit.hi:  # NaN fails this too
+                raise ValueError(f"field {name!r} must be in [{limit.lo}, {limit.hi}], got {value!r}")
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
