@@ -308,7 +308,7 @@ class LLM:
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
         params = [s.request.params for s in seqs]
-        if greedy is not None and all(p.temperature == 0 for p in params):
+        if greedy is not None and all(p.greedy for p in params):
             tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
         else:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs])

@@ -35,11 +35,16 @@ LIMITS = {
 }
 
 
+# Below this temperature a row is sampled greedily (vLLM's _SAMPLING_EPS): dividing logits by a
+# temperature like 1e-38 overflows them to inf, and the softmax of inf - inf is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Raises ValueError naming the field when a value is outside its range in LIMITS."""
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 means all tokens
     seed: int | None = None
@@ -53,6 +58,11 @@ class SamplingParams:
                 continue
             if not limit.lo <= value <= limit.hi:  # NaN fails this too
                 raise ValueError(f"field {name!r} must be in [{limit.lo}, {limit.hi}], got {value!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Rows under these params take the argmax (the first maximal id on ties)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -83,7 +93,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     E picks token i with probability p_i, and the draws come from the row's own generator."""
     # greedy: the first maximal id on ties, as torch and the references do
     tokens = torch.argmax(logits, dim=-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
         rows = to_device(sampled, torch.int64, dev)

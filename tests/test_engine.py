@@ -77,6 +77,15 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     assert unseeded[0] != unseeded[1]
 
 
+def test_a_temperature_too_small_to_sample_stably_is_greedy(llm):
+    """Dividing by 1e-38 overflowed the logits, so the softmax was NaN and every token 0."""
+    tokens = prompts(1, seed=6)[0]
+    want = llm.generate([greedy(tokens)])[0].token_ids
+    got = llm.generate([Request(0, tokens, SamplingParams(max_tokens=10, temperature=1e-38),
+                                stop_token_ids=())])[0].token_ids
+    assert got == want
+
+
 def test_logprobs_are_those_of_the_model(llm):
     tokens = prompts(1, seed=4)[0]
     res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, logprobs=True),

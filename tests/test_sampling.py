@@ -3,9 +3,10 @@
 import math
 
 import pytest
+import torch
 
 from runtime.requests import RequestError, parse_request
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingParams, make_generator, sample_on_device
 
 
 def parse(**fields):
@@ -36,3 +37,24 @@ def test_out_of_range_parameters_are_refused_alike_from_python_and_json(field, v
 def test_nan_temperature_is_refused_from_python():
     with pytest.raises(ValueError, match="field 'temperature' must be in"):
         SamplingParams(temperature=math.nan)
+
+
+def tied_rows(temperature: float, rows: int = 64) -> set[int]:
+    """The tokens `rows` differently seeded rows draw where tokens 3 and 7 tie for the largest logit, a
+    logit that overflows when divided by 1e-38."""
+    logits = torch.zeros(rows, 1000)
+    logits[:, [3, 7]] = 5.0
+    tokens, _ = sample_on_device(logits, [SamplingParams(temperature=temperature)] * rows,
+                                 [make_generator(seed, torch.device("cpu")) for seed in range(rows)])
+    return set(tokens.tolist())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-38, 1e-6])
+def test_temperatures_below_1e_5_are_greedy(temperature):
+    assert SamplingParams(temperature=temperature).greedy
+    assert tied_rows(temperature) == {3}  # the first maximal id, as argmax takes it
+
+
+def test_a_temperature_of_1e_4_samples():
+    assert not SamplingParams(temperature=1e-4).greedy
+    assert tied_rows(1e-4) == {3, 7}
