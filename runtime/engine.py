@@ -30,7 +30,7 @@ from runtime.engine_config import DTYPES, EngineConfig
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import make_generator
+from runtime.sampling import SeededNoise
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
 from runtime.step import Step
 from runtime.step_plan import PlanChannel, StepPlan
@@ -261,12 +261,12 @@ class LLM:
         return [results[i] for i in sorted(results)]
 
     # --------------------------------------------------------------------------- the loop
-    def _new_generator(self, req: Request) -> torch.Generator:
+    def _new_generator(self, req: Request) -> SeededNoise:
         """A request's sampler state on the device, from its seed or a fresh one of the engine's."""
         seed = req.params.seed
         if seed is None:
             seed = int(torch.randint(2**62, (1,), generator=self._seeds))
-        return make_generator(seed, self.device)
+        return SeededNoise(seed, self.device)
 
     def _run(self, finish, should_stop) -> None:
         """Continuous batching: the scheduler admits and plans a step (runtime/scheduler.py), which is

@@ -31,7 +31,8 @@ LIMITS = {
     "temperature": Limit(0.0, 100.0),
     "top_p": Limit(1e-9, 1.0),
     "top_k": Limit(-1, 2**31, integer=True),
-    "seed": Limit(-(2**63), 2**63 - 1, integer=True),
+    # taken mod 2**64 (SeededNoise): -1 and 2**64 - 1 are the same seed
+    "seed": Limit(-(2**63), 2**64 - 1, integer=True),
 }
 
 
@@ -65,17 +66,44 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+_MIX_STEPS = 2**52  # resolution of the CPU's mixed uniforms: k + 1/2 is exact in fp64 for every k below
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, float]:
+class SeededNoise:
+    """A request's random source: the Exp(1) draws of its rows' exponential races, a function of
+    all 64 bits of its seed (taken mod 2**64) on every device.
+
+    CUDA's generator (Philox) keeps a 64-bit seed, so there one generator draws, as torch does. The
+    CPU's (mt19937) keeps only the low 32 bits, so seeds 1 and 1 + 2**32 would draw alike: there a
+    second generator, seeded with the high 32 bits, is mixed in when they are not zero.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str):
+        seed %= 2**64
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._high = None
+        if self.device.type == "cpu" and seed >> 32:
+            self._high = torch.Generator().manual_seed(seed >> 32)
+
+    def exponential(self, n: int) -> torch.Tensor:
+        """n independent Exp(1) draws (fp32) on the device: one row's noise."""
+        if self._high is None:
+            return torch.empty(n, device=self.device).exponential_(generator=self._generator)
+        # frac(a + b) of two independent uniforms is uniform and depends on both. In integers the sum
+        # stays exact, and u = (k + 1/2) / 2**52 lies strictly inside (0, 1): -log(u) is finite and > 0.
+        k = (torch.randint(_MIX_STEPS, (n,), generator=self._generator)
+             + torch.randint(_MIX_STEPS, (n,), generator=self._high)) % _MIX_STEPS
+        return (-torch.log((k.double() + 0.5) / _MIX_STEPS)).float()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: SeededNoise) -> tuple[int, float]:
     """One token from fp32 logits [vocab] and its logprob under the unmodified distribution."""
     return sample_rows(logits[None], [params], [generator])[0]
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> list[tuple[int, float]]:
+                generators: list[SeededNoise]) -> list[tuple[int, float]]:
     """(token, logprob) for each row of fp32 logits [M, vocab]: `sample_on_device` and one host sync."""
     tokens, logprobs = sample_on_device(logits, params, generators)
     both = torch.stack([tokens.double(), logprobs.double()]).tolist()  # ids are exact in fp64
@@ -83,7 +111,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                     generators: list[SeededNoise]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [M] (int64) and their logprobs [M] (fp32) for the rows of fp32 logits [M, vocab], row i
     under params[i], drawing from generators[i] only; on the logits' device, without a host sync (the
     engine samples one step while planning the next). Batched (a step's rows cost a few launches, not a
@@ -113,7 +141,6 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
             # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
             drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= column(top_p)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i])
-                             for i in sampled])
+        noise = torch.stack([generators[i].exponential(vocab) for i in sampled])
         tokens[rows] = torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
     return tokens, logprobs_of(logits, tokens)

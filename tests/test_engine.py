@@ -8,7 +8,7 @@ import torch
 
 from runtime.engine import LLM
 from runtime.requests import Request
-from runtime.sampling import SamplingParams, sample
+from runtime.sampling import SamplingParams, SeededNoise, sample
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_a_prompt_filling_the_context_gets_one_token(tiny_checkpoints):
 
 def test_sample_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(1000)
-    gen = torch.Generator().manual_seed(0)
+    gen = SeededNoise(0, "cpu")
     best = int(logits.argmax())
     assert sample(logits, SamplingParams(temperature=1.0, top_k=1), gen)[0] == best
     assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-6), gen)[0] == best
@@ -140,7 +140,7 @@ def test_sample_top_k_one_and_tiny_top_p_are_greedy():
 
 def test_sample_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    gen = torch.Generator().manual_seed(0)
+    gen = SeededNoise(0, "cpu")
     seen = {sample(probs.log(), SamplingParams(temperature=1.0, top_p=0.8), gen)[0] for _ in range(300)}
     assert seen == {0, 1}
 
