@@ -30,7 +30,7 @@ from runtime.engine_config import DTYPES, EngineConfig
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import SeededNoise
+from runtime.sampling import SeededNoise, default_seed
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
 from runtime.step import Step
 from runtime.step_plan import PlanChannel, StepPlan
@@ -133,7 +133,6 @@ class LLM:
                             self.config.max_position_embeddings)
         max_batch_size = config.max_batch_size
         self.default_max_tokens = config.default_max_tokens
-        self._seeds = torch.Generator().manual_seed(config.seed)  # seeds for requests that bring none
         self._harmony = None
         # The sliding layers keep only each running sequence's window: a bound, not a budget.
         sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, config.max_batch_tokens)
@@ -262,10 +261,10 @@ class LLM:
 
     # --------------------------------------------------------------------------- the loop
     def _new_generator(self, req: Request) -> SeededNoise:
-        """A request's sampler state on the device, from its seed or a fresh one of the engine's."""
+        """A request's sampler state on the device, from its seed or else the engine's seed and its id."""
         seed = req.params.seed
         if seed is None:
-            seed = int(torch.randint(2**62, (1,), generator=self._seeds))
+            seed = default_seed(self.engine_config.seed, req.id)
         return SeededNoise(seed, self.device)
 
     def _run(self, finish, should_stop) -> None:

@@ -73,7 +73,8 @@ class EngineConfig:
     embedded tiny synthetic checkpoint, so `model` must be tiny). max_model_len None: the model's
     limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
     weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
-    graphs. seed: dummy weights, and sampling seeds for requests that bring none.
+    graphs. seed: dummy weights; and a request without a seed samples with
+    runtime.sampling.default_seed(seed, its id).
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"

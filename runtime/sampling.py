@@ -1,14 +1,16 @@
 """Sampling: greedy, temperature, top-k, top-p, with a generator per request.
 
-Each request draws from its own seeded generator, so its tokens do not depend on which other
-requests share the batch; the rows of a step are still sampled together, on the GPU, without a host
-sync. Logprobs are of the model's own distribution (before temperature, top-k and top-p), as vLLM
-reports them by default.
+Each request draws from its own seeded generator (its seed, or one derived from the engine's seed
+and its id), so its tokens do not depend on which other requests share the batch or came before;
+the rows of a step are still sampled together, on the GPU, without a host sync. Logprobs are of the
+model's own distribution (before temperature, top-k and top-p), as vLLM reports them by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import torch
 
@@ -64,6 +66,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Rows under these params take the argmax (the first maximal id on ties)."""
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+def default_seed(engine_seed: int, request_id) -> int:
+    """The 64-bit seed of a request that brings none: a hash of the engine's seed and the request's
+    id, never of the order requests arrive in, so a request samples the same tokens alone, in any
+    batch, and in a resumed batch job. The id is hashed as JSON text (so 7 and "7" differ; one JSON
+    cannot write, by its repr) with sha256: Python's hash() of a str changes from process to process.
+    """
+    text = json.dumps([engine_seed, request_id], default=repr)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 _MIX_STEPS = 2**52  # resolution of the CPU's mixed uniforms: k + 1/2 is exact in fp64 for every k below

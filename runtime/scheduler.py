@@ -75,7 +75,7 @@ class Scheduler:
     """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
 
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
-    sampler state, made at its first admission (so requests turned away draw no seed).
+    sampler state, made at its first admission and kept across preemption.
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,

@@ -70,11 +70,26 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     alone = llm.generate([target])[0].token_ids
     mixed = llm.generate(others[:2] + [target] + others[2:])[2].token_ids
     assert alone == mixed
-    unseeded = [llm.generate([Request("u", target.prompt_token_ids,
-                                      SamplingParams(max_tokens=8, temperature=1.0),
-                                      stop_token_ids=())])[0].token_ids for _ in range(2)]
-    # fresh seeds differ (a collision over 8 tokens is vanishingly unlikely)
-    assert unseeded[0] != unseeded[1]
+
+
+def test_unseeded_sampling_depends_on_the_engine_seed_and_the_id_alone(llm, tiny_checkpoints):
+    """A request without a seed samples from the engine's seed and its id, never from the order of
+    admission, so a resumed batch job gives what an uninterrupted one does. (A collision over 8
+    sampled tokens is vanishingly unlikely.)"""
+    tokens = prompts(1, seed=2)[0]
+
+    def unseeded(rid):
+        return Request(rid, tokens, SamplingParams(max_tokens=8, temperature=1.0), stop_token_ids=())
+
+    others = [unseeded(f"other{i}") for i in range(3)]
+    alone = llm.generate([unseeded("u")])[0].token_ids
+    after_others = [r.token_ids for r in llm.generate(others)] + [llm.generate([unseeded("u")])[0].token_ids]
+    reordered = llm.generate([others[2], unseeded("u"), others[0], others[1]])
+    assert after_others[-1] == reordered[1].token_ids == alone
+    assert [r.token_ids for r in reordered[2:] + reordered[:1]] == after_others[:3]
+    assert len({tuple(t) for t in after_others}) == 4  # the same prompt, four ids: four samples
+    reseeded = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", seed=1)
+    assert reseeded.generate([unseeded("u")])[0].token_ids != alone
 
 
 def test_a_temperature_too_small_to_sample_stably_is_greedy(llm):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime.requests import RequestError, parse_request
-from runtime.sampling import SamplingParams, SeededNoise, sample_on_device
+from runtime.sampling import SamplingParams, SeededNoise, default_seed, sample_on_device
 
 
 def parse(**fields):
@@ -102,3 +102,11 @@ def test_seeds_count_to_64_bits_on_cuda():
     torch_draws = torch.empty(4096, device="cuda").exponential_(
         generator=torch.Generator("cuda").manual_seed(1 + 2**32))
     assert torch.equal(noise(1 + 2**32, "cuda"), torch_draws)
+
+
+def test_default_seeds_are_a_stable_hash_of_the_engine_seed_and_the_id():
+    # Pinned: the same in every process and Python version (hash() of a str is salted per process).
+    assert default_seed(0, "r1") == 10175615044903777583
+    assert default_seed(0, 7) != default_seed(0, "7")
+    assert default_seed(0, 7) != default_seed(1, 7)
+    assert 0 <= default_seed(-5, "x" * 1000) < 2**64
