@@ -101,6 +101,39 @@ def test_a_temperature_too_small_to_sample_stably_is_greedy(llm):
     assert got == want
 
 
+def test_generate_takes_strings_and_token_lists_as_vllm_does(llm, monkeypatch):
+    text = "Hello <|start|>"  # a control string typed in a raw prompt stays text
+    tokens = llm.harmony.encode_text(text)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    as_json = llm.generate([{"id": "j", "prompt": text, "max_tokens": 4, "temperature": 0,
+                             "ignore_eos": True}])[0].token_ids
+    single = llm.generate(text, params)
+    listed = llm.generate([text, tokens], params)
+    assert [r.id for r in single + listed] == [0, 0, 1]  # a string or token list's id is its index
+    assert single[0].token_ids == listed[0].token_ids == listed[1].token_ids == as_json
+    assert len(as_json) == 4
+    per_prompt = llm.generate([text, tokens], [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                               SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)])
+    assert [r.token_ids for r in per_prompt] == [as_json[:2], as_json[:3]]
+    with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
+        llm.generate([text, tokens], [params])
+    monkeypatch.setattr(llm, "default_max_tokens", 3)  # without params: the engine's defaults
+    unparametrized = llm.generate(["Hello"])[0]
+    assert unparametrized.error is None and 1 <= len(unparametrized.token_ids) <= 3
+
+
+def test_generate_refuses_bad_prompts_one_by_one(llm):
+    mixed = llm.generate([{"id": "d", "prompt_token_ids": [5, 6, 7], "max_tokens": 2}, "", [1, "a"],
+                          [llm.config.vocab_size], "fine", 5], SamplingParams(max_tokens=2))
+    assert [r.id for r in mixed] == ["d", 1, 2, 3, 4, None]
+    assert [r.error is None for r in mixed] == [True, False, False, False, True, False]
+    assert "field 'prompt' must be a non-empty string" in mixed[1].error
+    assert "prompt_token_ids[1] = 'a' is not a token id" in mixed[2].error
+    assert f"prompt_token_ids[0] = {llm.config.vocab_size} is not a token id" in mixed[3].error
+    assert "got int" in mixed[5].error
+    assert len(llm.generate({"id": "alone", "prompt": "x", "max_tokens": 1})) == 1  # one dict, not its keys
+
+
 def test_logprobs_are_those_of_the_model(llm):
     tokens = prompts(1, seed=4)[0]
     res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, logprobs=True),
