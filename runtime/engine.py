@@ -30,7 +30,7 @@ from runtime.engine_config import DTYPES, EngineConfig
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
-from runtime.sampling import make_generator
+from runtime.sampling import SamplingParams, SeededNoise, default_seed
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
 from runtime.step import Step
 from runtime.step_plan import PlanChannel, StepPlan
@@ -65,6 +65,33 @@ class _Launched:
     samples: list[tuple[Sequence, int]]  # per sampled row: its sequence and the index of its PENDING token
     host: torch.Tensor  # [rows, 2] fp64: token (exact) and logprob per row, filled by an asynchronous copy
     ready: torch.cuda.Event | None  # the copy is done (None off CUDA: copies there are synchronous)
+
+
+Prompt = Request | dict | str | list[int]  # what LLM.generate takes, as vLLM's does
+
+
+def _with_params(prompts: Prompt | Iterable[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None):
+    """(prompt, the SamplingParams a string or token list takes) for each prompt."""
+    if isinstance(prompts, (Request, dict, str)):  # one prompt (a dict or str would iterate its parts)
+        prompts = [prompts]
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return ((prompt, sampling_params) for prompt in prompts)
+    prompts, sampling_params = list(prompts), list(sampling_params)
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts; "
+                         f"give one SamplingParams for all, or one per prompt")
+    return zip(prompts, sampling_params)
+
+
+def _request_object(index: int, prompt, params: SamplingParams | None):
+    """The JSON request a string or token list stands for: its text as `prompt` or its tokens as
+    `prompt_token_ids`, its index as `id`, and the params' fields (None: the request defaults).
+    Anything else is returned as it is, for make_request to parse or refuse."""
+    if not isinstance(prompt, (str, list)):
+        return prompt
+    field = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+    return {"id": index, field: prompt, **(dataclasses.asdict(params) if params is not None else {})}
 
 
 def memory_report(device: torch.device) -> dict:
@@ -118,8 +145,8 @@ class LLM:
         self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.perf_counter()
         if config.checkpoint == "dummy":
-            cfg = preset(config.model) if isinstance(config.model, str) else config.model
-            self.model = GptOss(cfg, self.dtype, parallel=self.parallel).randomize(config.seed)
+            model = GptOss(config.model_config, self.dtype, parallel=self.parallel)
+            self.model = model.randomize(config.seed)
         else:
             path = config.checkpoint if config.checkpoint is not None else default_checkpoint()
             reader = CheckpointReader(path)
@@ -133,7 +160,6 @@ class LLM:
                             self.config.max_position_embeddings)
         max_batch_size = config.max_batch_size
         self.default_max_tokens = config.default_max_tokens
-        self._seeds = torch.Generator().manual_seed(config.seed)  # seeds for requests that bring none
         self._harmony = None
         # The sliding layers keep only each running sequence's window: a bound, not a budget.
         sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, config.max_batch_tokens)
@@ -224,16 +250,25 @@ class LLM:
         return parse_request(obj, max_model_len=self.max_model_len, vocab_size=self.config.vocab_size,
                              default_max_tokens=self.default_max_tokens, harmony=self.harmony)
 
-    def generate(self, requests: Iterable[Request | dict], on_result: Callable[[Result], None] | None = None,
+    def generate(self, prompts: Prompt | Iterable[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 on_result: Callable[[Result], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[Result]:
-        """Generate for every request; results come back in the order given (and to `on_result` as
-        they finish). Dicts are parsed with make_request; one that fails becomes an error result.
+        """Generate for every prompt; results come back in the order given (and to `on_result` as
+        they finish). A prompt that cannot run becomes an error result for it alone.
+
+        As vLLM's LLM.generate takes them, a prompt is a Request, a dict (a JSON request object,
+        parsed with make_request), a string (raw text, encoded as a request's `prompt` field is) or a
+        list of token ids (as `prompt_token_ids`); one prompt may be given alone. A string or token
+        list takes its index among the prompts as its id and `sampling_params` as its parameters: one
+        SamplingParams for all, or one per prompt (a list as long as the prompts; the entries of
+        Requests and dicts are unused); without it, SamplingParams(max_tokens=default_max_tokens).
 
         `should_stop` is asked before every step; once it says yes, generation ends and only the
         finished results return.
 
         Every rank of a model replica calls generate. Its first rank (parallel.is_writer) schedules,
-        samples and returns the results; the others run the steps it sends them (their requests are
+        samples and returns the results; the others run the steps it sends them (their prompts are
         not read) and return an empty list.
         """
         if not self.parallel.is_writer:
@@ -247,26 +282,27 @@ class LLM:
                 on_result(result)
 
         try:
-            for index, req in enumerate(requests):
-                if isinstance(req, dict):
+            for index, (prompt, params) in enumerate(_with_params(prompts, sampling_params)):
+                if not isinstance(prompt, Request):
+                    obj = _request_object(index, prompt, params)
                     try:
-                        req = self.make_request(req)
+                        prompt = self.make_request(obj)
                     except RequestError as e:
-                        finish(index, Result(request_id(req), error=str(e)))
+                        finish(index, Result(request_id(obj), error=str(e)))
                         continue
-                self.scheduler.add(index, req)
+                self.scheduler.add(index, prompt)
             self._run(finish, should_stop)
         finally:  # stopped early or failed: the next call starts from an empty queue
             self.scheduler.drop_unfinished()
         return [results[i] for i in sorted(results)]
 
     # --------------------------------------------------------------------------- the loop
-    def _new_generator(self, req: Request) -> torch.Generator:
-        """A request's sampler state on the device, from its seed or a fresh one of the engine's."""
+    def _new_generator(self, req: Request) -> SeededNoise:
+        """A request's sampler state on the device, from its seed or else the engine's seed and its id."""
         seed = req.params.seed
         if seed is None:
-            seed = int(torch.randint(2**62, (1,), generator=self._seeds))
-        return make_generator(seed, self.device)
+            seed = default_seed(self.engine_config.seed, req.id)
+        return SeededNoise(seed, self.device)
 
     def _run(self, finish, should_stop) -> None:
         """Continuous batching: the scheduler admits and plans a step (runtime/scheduler.py), which is
@@ -308,7 +344,7 @@ class LLM:
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
         params = [s.request.params for s in seqs]
-        if greedy is not None and all(p.temperature == 0 for p in params):
+        if greedy is not None and all(p.greedy for p in params):
             tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
         else:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs])

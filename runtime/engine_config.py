@@ -9,14 +9,39 @@ a checkpoint's own config.json wins over it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from runtime.config import ModelConfig, from_mapping as model_from_mapping
+from runtime.config import ModelConfig, from_mapping as model_from_mapping, preset, preset_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _check_at_least_one(name: str, value) -> None:
+    """A count setting (ranks, sequences, tokens) is an integer of at least 1; `name` is the setting
+    as the user types it (parallel.tp), so the error points at the override to fix."""
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _typed_name(model: str | ModelConfig) -> str:
+    """`model` as the user typed it (from_mapping has turned a hydra preset into its ModelConfig)."""
+    if isinstance(model, str):
+        return model
+    return next((name for name in preset_names() if preset(name) == model), "<a custom ModelConfig>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,16 +53,28 @@ class ParallelConfig:
     expert_tp: int | None = None  # ways each expert is split; None: tp
     timeout_s: float = 600  # a collective waiting longer than this fails the job instead of hanging
 
+    def __post_init__(self):
+        # Checked here, before launch/common.py divides the world size by tp x ep.
+        _check_at_least_one("parallel.tp", self.tp)
+        _check_at_least_one("parallel.ep", self.ep)
+        for name in ("dp", "expert_tp"):  # None: derived from the world size and tp
+            if getattr(self, name) is not None:
+                _check_at_least_one(f"parallel.{name}", getattr(self, name))
+        if not (_is_number(self.timeout_s) and 0 < self.timeout_s < math.inf):
+            raise ValueError(f"parallel.timeout_s must be a positive number of seconds, "
+                             f"got {self.timeout_s!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """What runtime.engine.LLM is built from.
 
     checkpoint: a folder (either public layout), "dummy" (random weights of `model`), or None (the
-    embedded tiny synthetic checkpoint). max_model_len None: the model's limit. kv_cache_tokens
-    None: on CUDA what gpu_memory_fraction of the GPU leaves after the weights, on CPU a pool that
-    grows on demand. enforce_eager: never replay decode steps from CUDA graphs. seed: dummy weights,
-    and sampling seeds for requests that bring none.
+    embedded tiny synthetic checkpoint, so `model` must be tiny). max_model_len None: the model's
+    limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
+    weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
+    graphs. seed: dummy weights; and a request without a seed samples with
+    runtime.sampling.default_seed(seed, its id).
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"
@@ -54,6 +91,10 @@ class EngineConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        for name in ("max_batch_size", "max_batch_tokens", "default_max_tokens"):
+            _check_at_least_one(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _check_at_least_one("max_model_len", self.max_model_len)
         if self.max_batch_tokens < self.max_batch_size:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
                              f"({self.max_batch_size}): every running sequence decodes one token per step")
@@ -63,6 +104,15 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+        if self.checkpoint is None and self.model_config != preset("tiny"):
+            raise ValueError(f"model={_typed_name(self.model)} was given without a checkpoint: pass "
+                             f"checkpoint=DIR for its weights, or checkpoint=dummy for random weights of its "
+                             f"shape; without a checkpoint only the embedded tiny model runs")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The shape `model` names (a checkpoint's config.json wins over it)."""
+        return preset(self.model) if isinstance(self.model, str) else self.model
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "EngineConfig":

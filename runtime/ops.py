@@ -45,7 +45,7 @@ from runtime.kernels.moe import expert_rows as expert_rows_reference
 from runtime.kernels.rope import rope_qk
 from runtime.kernels.router import route as route_reference
 from runtime.options import options
-from runtime.sampling import SamplingParams, sample_on_device
+from runtime.sampling import SamplingParams, SeededNoise, sample_on_device
 from runtime.step import PagedLayers, PagedStep
 
 
@@ -221,7 +221,7 @@ def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+           generators: list[SeededNoise]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [M] and their logprobs [M] of fp32 logits [M, vocab], row i under params[i] drawing from
     generators[i], without a host sync: torch on every path."""
     return sample_on_device(logits, params, generators)

@@ -10,10 +10,10 @@ import dataclasses
 import math
 from typing import Any
 
-from runtime.sampling import SamplingParams
+from runtime.sampling import LIMITS, SamplingParams
 
 PROMPT_FIELDS = ("prompt_token_ids", "prompt", "messages")
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "ignore_eos")
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 KNOWN_FIELDS = {"id", "reasoning_effort", *PROMPT_FIELDS, *SAMPLING_FIELDS}
 # Raw prompts stop on <|return|>, <|call|> (Harmony's assistant stops) and <|endoftext|>, as the
 # Hugging Face generation config does; Harmony chats add nothing to that set.
@@ -37,21 +37,22 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _number(obj: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    value = obj.get(name, default)
+def _number(obj: dict, name: str, default):
+    """A numeric field, of the JSON type LIMITS gives it (an integer, or any number); its range is
+    SamplingParams' to check."""
+    value = obj.get(name)
     if value is None:
         return default
+    integer = LIMITS[name].integer
     ok = _is_int(value) if integer else (_is_int(value) or isinstance(value, float))
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
         kind = "an integer" if integer else "a number"
         raise RequestError(f"field {name!r} must be {kind}, got {value!r}")
-    if not lo <= value <= hi:
-        raise RequestError(f"field {name!r} must be in [{lo}, {hi}], got {value!r}")
-    return value
+    return value if integer else float(value)
 
 
-def _flag(obj: dict, name: str) -> bool:
-    value = obj.get(name, False)
+def _flag(obj: dict, name: str, default: bool) -> bool:
+    value = obj.get(name, default)
     if not isinstance(value, bool):
         raise RequestError(f"field {name!r} must be true or false, got {value!r}")
     return value
@@ -86,17 +87,20 @@ def parse_request(obj: Any, *, max_model_len: int, vocab_size: int, default_max_
     if len(tokens) > max_model_len:
         raise RequestError(f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is "
                            f"{max_model_len}")
-    params = SamplingParams(
-        max_tokens=_number(obj, "max_tokens", default_max_tokens, 1, 2**31, integer=True),
-        temperature=float(_number(obj, "temperature", 1.0, 0.0, 100.0)),
-        top_p=float(_number(obj, "top_p", 1.0, 1e-9, 1.0)),
-        top_k=_number(obj, "top_k", 0, -1, 2**31, integer=True),
-        seed=_number(obj, "seed", None, -(2**63), 2**63 - 1, integer=True),
-        logprobs=_flag(obj, "logprobs"),
-        ignore_eos=_flag(obj, "ignore_eos"),
-    )
+    params = _sampling_params(obj, default_max_tokens)
     stops = () if params.ignore_eos else EOS_TOKEN_IDS
     return Request(rid, tokens, params, chat=given[0] == "messages", stop_token_ids=stops)
+
+
+def _sampling_params(obj: dict, default_max_tokens: int) -> SamplingParams:
+    defaults = SamplingParams(max_tokens=default_max_tokens)
+    fields = {name: _number(obj, name, getattr(defaults, name)) for name in LIMITS}
+    fields.update({name: _flag(obj, name, getattr(defaults, name)) for name in SAMPLING_FIELDS
+                   if name not in LIMITS})
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:  # a value out of its range, named by SamplingParams
+        raise RequestError(str(e)) from None
 
 
 def _prompt_tokens(obj: dict, field: str, vocab_size: int, harmony) -> list[int]:

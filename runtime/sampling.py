@@ -1,14 +1,16 @@
 """Sampling: greedy, temperature, top-k, top-p, with a generator per request.
 
-Each request draws from its own seeded generator, so its tokens do not depend on which other
-requests share the batch; the rows of a step are still sampled together, on the GPU, without a host
-sync. Logprobs are of the model's own distribution (before temperature, top-k and top-p), as vLLM
-reports them by default.
+Each request draws from its own seeded generator (its seed, or one derived from the engine's seed
+and its id), so its tokens do not depend on which other requests share the batch or came before;
+the rows of a step are still sampled together, on the GPU, without a host sync. Logprobs are of the
+model's own distribution (before temperature, top-k and top-p), as vLLM reports them by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import torch
 
@@ -17,27 +19,103 @@ from runtime.transfer import to_device
 
 
 @dataclasses.dataclass(frozen=True)
+class Limit:
+    """A numeric sampling parameter's accepted range (inclusive), and whether it is an integer."""
+    lo: int | float
+    hi: int | float
+    integer: bool = False
+
+
+# The one table of ranges: SamplingParams checks them on construction, whether the parameters come
+# from Python or from a JSON request (runtime/requests.py checks the JSON types from `integer`).
+LIMITS = {
+    "max_tokens": Limit(1, 2**31, integer=True),
+    "temperature": Limit(0.0, 100.0),
+    "top_p": Limit(1e-9, 1.0),
+    "top_k": Limit(-1, 2**31, integer=True),
+    # taken mod 2**64 (SeededNoise): -1 and 2**64 - 1 are the same seed
+    "seed": Limit(-(2**63), 2**64 - 1, integer=True),
+}
+
+
+# Below this temperature a row is sampled greedily (vLLM's _SAMPLING_EPS): dividing logits by a
+# temperature like 1e-38 overflows them to inf, and the softmax of inf - inf is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """Raises ValueError naming the field when a value is outside its range in LIMITS."""
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 means all tokens
     seed: int | None = None
     logprobs: bool = False
     ignore_eos: bool = False
 
+    def __post_init__(self):
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if not limit.lo <= value <= limit.hi:  # NaN fails this too
+                raise ValueError(f"field {name!r} must be in [{limit.lo}, {limit.hi}], got {value!r}")
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+    @property
+    def greedy(self) -> bool:
+        """Rows under these params take the argmax (the first maximal id on ties)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[int, float]:
+def default_seed(engine_seed: int, request_id) -> int:
+    """The 64-bit seed of a request that brings none: a hash of the engine's seed and the request's
+    id, never of the order requests arrive in, so a request samples the same tokens alone, in any
+    batch, and in a resumed batch job. The id is hashed as JSON text (so 7 and "7" differ; one JSON
+    cannot write, by its repr) with sha256: Python's hash() of a str changes from process to process.
+    """
+    text = json.dumps([engine_seed, request_id], default=repr)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+_MIX_STEPS = 2**52  # resolution of the CPU's mixed uniforms: k + 1/2 is exact in fp64 for every k below
+
+
+class SeededNoise:
+    """A request's random source: the Exp(1) draws of its rows' exponential races, a function of
+    all 64 bits of its seed (taken mod 2**64) on every device.
+
+    CUDA's generator (Philox) keeps a 64-bit seed, so there one generator draws, as torch does. The
+    CPU's (mt19937) keeps only the low 32 bits, so seeds 1 and 1 + 2**32 would draw alike: there a
+    second generator, seeded with the high 32 bits, is mixed in when they are not zero.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str):
+        seed %= 2**64
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._high = None
+        if self.device.type == "cpu" and seed >> 32:
+            self._high = torch.Generator().manual_seed(seed >> 32)
+
+    def exponential(self, n: int) -> torch.Tensor:
+        """n independent Exp(1) draws (fp32) on the device: one row's noise."""
+        if self._high is None:
+            return torch.empty(n, device=self.device).exponential_(generator=self._generator)
+        # frac(a + b) of two independent uniforms is uniform and depends on both. In integers the sum
+        # stays exact, and u = (k + 1/2) / 2**52 lies strictly inside (0, 1): -log(u) is finite and > 0.
+        k = (torch.randint(_MIX_STEPS, (n,), generator=self._generator)
+             + torch.randint(_MIX_STEPS, (n,), generator=self._high)) % _MIX_STEPS
+        return (-torch.log((k.double() + 0.5) / _MIX_STEPS)).float()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: SeededNoise) -> tuple[int, float]:
     """One token from fp32 logits [vocab] and its logprob under the unmodified distribution."""
     return sample_rows(logits[None], [params], [generator])[0]
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> list[tuple[int, float]]:
+                generators: list[SeededNoise]) -> list[tuple[int, float]]:
     """(token, logprob) for each row of fp32 logits [M, vocab]: `sample_on_device` and one host sync."""
     tokens, logprobs = sample_on_device(logits, params, generators)
     both = torch.stack([tokens.double(), logprobs.double()]).tolist()  # ids are exact in fp64
@@ -45,7 +123,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                     generators: list[SeededNoise]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [M] (int64) and their logprobs [M] (fp32) for the rows of fp32 logits [M, vocab], row i
     under params[i], drawing from generators[i] only; on the logits' device, without a host sync (the
     engine samples one step while planning the next). Batched (a step's rows cost a few launches, not a
@@ -55,7 +133,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     E picks token i with probability p_i, and the draws come from the row's own generator."""
     # greedy: the first maximal id on ties, as torch and the references do
     tokens = torch.argmax(logits, dim=-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
         rows = to_device(sampled, torch.int64, dev)
@@ -75,7 +153,6 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
             # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it does.
             drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= column(top_p)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i])
-                             for i in sampled])
+        noise = torch.stack([generators[i].exponential(vocab) for i in sampled])
         tokens[rows] = torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
     return tokens, logprobs_of(logits, tokens)

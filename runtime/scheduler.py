@@ -25,10 +25,9 @@ import collections
 import dataclasses
 from typing import Callable
 
-import torch
-
 from runtime.kv_cache import OutOfPages, PagePool, SequenceKV
 from runtime.requests import Request
+from runtime.sampling import SeededNoise
 from runtime.step import SequenceChunk
 from runtime.step_plan import StepPlan
 
@@ -41,7 +40,7 @@ class Sequence:
     index: int  # the request's place in the generate call: its key in step plans
     request: Request
     cache: SequenceKV
-    generator: torch.Generator | None  # its sampler's random state, kept across preemption
+    generator: SeededNoise | None  # its sampler's random state, kept across preemption
     tokens: list[int]  # prompt + generated so far
     computed: int = 0  # tokens whose K/V are in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -76,12 +75,12 @@ class Scheduler:
     """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
 
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
-    sampler state, made at its first admission (so requests turned away draw no seed).
+    sampler state, made at its first admission and kept across preemption.
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
                  max_batch_tokens: int, max_model_len: int,
-                 new_generator: Callable[[Request], torch.Generator | None] = lambda request: None):
+                 new_generator: Callable[[Request], SeededNoise | None] = lambda request: None):
         self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_model_len = max_model_len

@@ -1,5 +1,6 @@
 """ModelConfig: presets, both config.json dialects, errors that name the field, and parameter counts."""
 
+import dataclasses
 import json
 import math
 
@@ -173,8 +174,6 @@ def test_tensor_count_and_mxfp4_shapes_of_20b():
 def test_engine_yaml_mirrors_the_engine_config_key_for_key():
     """configs/engine.yaml holds every EngineConfig field but `model` (each entry point's defaults
     list picks that preset), in order and with the dataclass's defaults, the parallel node too."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     from runtime.config import CONFIG_DIR
@@ -215,14 +214,67 @@ def test_engine_config_from_a_hydra_config():
     (dict(gpu_memory_fraction=0), r"gpu_memory_fraction must be in \(0, 1\], got 0"),
     (dict(gpu_memory_fraction=1.5), r"gpu_memory_fraction must be in \(0, 1\], got 1.5"),
     (dict(dtype="float16"), "dtype='float16' is not supported; use one of auto, float32, bfloat16"),
+    (dict(max_batch_size=0), "max_batch_size must be at least 1, got 0"),
+    (dict(max_batch_tokens=0, max_batch_size=0), "max_batch_size must be at least 1, got 0"),
+    (dict(max_batch_tokens=-5), "max_batch_tokens must be at least 1, got -5"),
+    (dict(default_max_tokens=0), "default_max_tokens must be at least 1, got 0"),
+    (dict(max_model_len=0), "max_model_len must be at least 1, got 0"),
+    (dict(max_batch_size=2.5), "max_batch_size must be an integer, got 2.5"),
 ])
 def test_engine_config_checks_name_the_setting(settings, message):
     from runtime.engine_config import EngineConfig
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(**settings)
-    EngineConfig(max_batch_size=8, max_batch_tokens=8, kv_cache_tokens=1, gpu_memory_fraction=1,
-                 dtype="bfloat16")  # each bound itself is allowed
+    EngineConfig(max_batch_size=1, max_batch_tokens=1, default_max_tokens=1, max_model_len=1,
+                 kv_cache_tokens=1, gpu_memory_fraction=1, dtype="bfloat16")  # each bound itself is allowed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.tp=0", "parallel.tp must be at least 1, got 0"),
+    ("parallel.ep=0", "parallel.ep must be at least 1, got 0"),
+    ("parallel.dp=0", "parallel.dp must be at least 1, got 0"),
+    ("parallel.expert_tp=-1", "parallel.expert_tp must be at least 1, got -1"),
+    ("parallel.tp=1.5", "parallel.tp must be an integer, got 1.5"),
+    ("parallel.timeout_s=0", "parallel.timeout_s must be a positive number of seconds, got 0"),
+])
+def test_parallel_settings_below_their_minimum_name_the_override(override, message):
+    """Checked where the settings are read, so tp=0 is this error rather than a division by zero when
+    the ranks are laid out (launch/common.py), and clean_exit reports it in one line."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.common import engine_config
+    from runtime.config import CONFIG_DIR
+    from runtime.engine_config import ParallelConfig
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("batch", ["input=in.jsonl", "output=out.jsonl", override])
+    with pytest.raises(ValueError, match=message):
+        engine_config(cfg)
+    ParallelConfig(tp=1, ep=1, dp=1, expert_tp=1, timeout_s=0.5)  # each minimum itself is allowed
+
+
+def test_a_preset_without_a_checkpoint_is_refused():
+    """Without a checkpoint only the embedded tiny model can run; a bigger preset must not silently
+    become it."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.common import engine_config
+    from runtime.config import CONFIG_DIR
+    from runtime.engine_config import EngineConfig
+
+    message = ("model=gpt-oss-20b was given without a checkpoint: pass checkpoint=DIR for its weights, "
+               "or checkpoint=dummy for random weights of its shape")
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="gpt-oss-20b")
+    with pytest.raises(ValueError, match="model=<a custom ModelConfig> was given without a checkpoint"):
+        EngineConfig(model=dataclasses.replace(preset("tiny"), num_hidden_layers=2))
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        default = compose("batch", ["input=in.jsonl", "output=out.jsonl"])
+        big = compose("batch", ["input=in.jsonl", "output=out.jsonl", "model=gpt-oss-20b"])
+    with pytest.raises(ValueError, match=message):  # hydra's model node, named as the user typed it
+        engine_config(big)
+    assert engine_config(default) == EngineConfig(model=preset("tiny"))  # the default still runs
 
 
 def test_llm_takes_an_engine_config_or_its_keywords(tiny_checkpoints):

@@ -8,7 +8,7 @@ import torch
 
 from runtime.engine import LLM
 from runtime.requests import Request
-from runtime.sampling import SamplingParams, sample
+from runtime.sampling import SamplingParams, SeededNoise, sample
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,68 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm):
     alone = llm.generate([target])[0].token_ids
     mixed = llm.generate(others[:2] + [target] + others[2:])[2].token_ids
     assert alone == mixed
-    unseeded = [llm.generate([Request("u", target.prompt_token_ids,
-                                      SamplingParams(max_tokens=8, temperature=1.0),
-                                      stop_token_ids=())])[0].token_ids for _ in range(2)]
-    # fresh seeds differ (a collision over 8 tokens is vanishingly unlikely)
-    assert unseeded[0] != unseeded[1]
+
+
+def test_unseeded_sampling_depends_on_the_engine_seed_and_the_id_alone(llm, tiny_checkpoints):
+    """A request without a seed samples from the engine's seed and its id, never from the order of
+    admission, so a resumed batch job gives what an uninterrupted one does. (A collision over 8
+    sampled tokens is vanishingly unlikely.)"""
+    tokens = prompts(1, seed=2)[0]
+
+    def unseeded(rid):
+        return Request(rid, tokens, SamplingParams(max_tokens=8, temperature=1.0), stop_token_ids=())
+
+    others = [unseeded(f"other{i}") for i in range(3)]
+    alone = llm.generate([unseeded("u")])[0].token_ids
+    after_others = [r.token_ids for r in llm.generate(others)] + [llm.generate([unseeded("u")])[0].token_ids]
+    reordered = llm.generate([others[2], unseeded("u"), others[0], others[1]])
+    assert after_others[-1] == reordered[1].token_ids == alone
+    assert [r.token_ids for r in reordered[2:] + reordered[:1]] == after_others[:3]
+    assert len({tuple(t) for t in after_others}) == 4  # the same prompt, four ids: four samples
+    reseeded = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", seed=1)
+    assert reseeded.generate([unseeded("u")])[0].token_ids != alone
+
+
+def test_a_temperature_too_small_to_sample_stably_is_greedy(llm):
+    """Dividing by 1e-38 overflowed the logits, so the softmax was NaN and every token 0."""
+    tokens = prompts(1, seed=6)[0]
+    want = llm.generate([greedy(tokens)])[0].token_ids
+    got = llm.generate([Request(0, tokens, SamplingParams(max_tokens=10, temperature=1e-38),
+                                stop_token_ids=())])[0].token_ids
+    assert got == want
+
+
+def test_generate_takes_strings_and_token_lists_as_vllm_does(llm, monkeypatch):
+    text = "Hello <|start|>"  # a control string typed in a raw prompt stays text
+    tokens = llm.harmony.encode_text(text)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    as_json = llm.generate([{"id": "j", "prompt": text, "max_tokens": 4, "temperature": 0,
+                             "ignore_eos": True}])[0].token_ids
+    single = llm.generate(text, params)
+    listed = llm.generate([text, tokens], params)
+    assert [r.id for r in single + listed] == [0, 0, 1]  # a string or token list's id is its index
+    assert single[0].token_ids == listed[0].token_ids == listed[1].token_ids == as_json
+    assert len(as_json) == 4
+    per_prompt = llm.generate([text, tokens], [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                               SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)])
+    assert [r.token_ids for r in per_prompt] == [as_json[:2], as_json[:3]]
+    with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
+        llm.generate([text, tokens], [params])
+    monkeypatch.setattr(llm, "default_max_tokens", 3)  # without params: the engine's defaults
+    unparametrized = llm.generate(["Hello"])[0]
+    assert unparametrized.error is None and 1 <= len(unparametrized.token_ids) <= 3
+
+
+def test_generate_refuses_bad_prompts_one_by_one(llm):
+    mixed = llm.generate([{"id": "d", "prompt_token_ids": [5, 6, 7], "max_tokens": 2}, "", [1, "a"],
+                          [llm.config.vocab_size], "fine", 5], SamplingParams(max_tokens=2))
+    assert [r.id for r in mixed] == ["d", 1, 2, 3, 4, None]
+    assert [r.error is None for r in mixed] == [True, False, False, False, True, False]
+    assert "field 'prompt' must be a non-empty string" in mixed[1].error
+    assert "prompt_token_ids[1] = 'a' is not a token id" in mixed[2].error
+    assert f"prompt_token_ids[0] = {llm.config.vocab_size} is not a token id" in mixed[3].error
+    assert "got int" in mixed[5].error
+    assert len(llm.generate({"id": "alone", "prompt": "x", "max_tokens": 1})) == 1  # one dict, not its keys
 
 
 def test_logprobs_are_those_of_the_model(llm):
@@ -121,7 +178,7 @@ def test_a_prompt_filling_the_context_gets_one_token(tiny_checkpoints):
 
 def test_sample_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(1000)
-    gen = torch.Generator().manual_seed(0)
+    gen = SeededNoise(0, "cpu")
     best = int(logits.argmax())
     assert sample(logits, SamplingParams(temperature=1.0, top_k=1), gen)[0] == best
     assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-6), gen)[0] == best
@@ -131,7 +188,7 @@ def test_sample_top_k_one_and_tiny_top_p_are_greedy():
 
 def test_sample_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    gen = torch.Generator().manual_seed(0)
+    gen = SeededNoise(0, "cpu")
     seen = {sample(probs.log(), SamplingParams(temperature=1.0, top_p=0.8), gen)[0] for _ in range(300)}
     assert seen == {0, 1}
 
