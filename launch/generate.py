@@ -32,7 +32,7 @@ def request_of(cfg: DictConfig) -> dict:
     request = {"id": "generate", "messages": [{"role": "user", "content": cfg.prompt}],
                "reasoning_effort": cfg.reasoning_effort, "max_tokens": cfg.max_tokens,
                "temperature": cfg.temperature, "seed": cfg.seed}
-    parse_sampling_params(request)
+    parse_sampling_params(request, cfg.default_max_tokens)  # RequestError: a ValueError, exit 2
     return request
 
 

@@ -117,9 +117,18 @@ def _raw_lines(path: str) -> list[tuple[int, str]]:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
-        return [(i + 1, json.dumps({k: v for k, v in row.items() if v is not None}))
-                for i, row in enumerate(rows)]
+        return [(i + 1, json.dumps(_without_nulls(row))) for i, row in enumerate(rows)]
     return list(nonblank_lines(path))
+
+
+def _without_nulls(value):
+    """A Parquet row as the JSON object it stands for: a column (or a field of a struct, such as a
+    message's `channel`) that a row leaves empty reads back as null, and is left out instead."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def read_lines(path: str) -> list[tuple[InputLine, str]]:

@@ -87,12 +87,14 @@ def parse_request(obj: Any, *, max_model_len: int, vocab_size: int, default_max_
     if len(tokens) > max_model_len:
         raise RequestError(f"prompt has {len(tokens)} tokens; the context limit (max_model_len) is "
                            f"{max_model_len}")
-    params = _sampling_params(obj, default_max_tokens)
+    params = parse_sampling_params(obj, default_max_tokens)
     stops = () if params.ignore_eos else EOS_TOKEN_IDS
     return Request(rid, tokens, params, chat=given[0] == "messages", stop_token_ids=stops)
 
 
-def _sampling_params(obj: dict, default_max_tokens: int) -> SamplingParams:
+def parse_sampling_params(obj: dict, default_max_tokens: int) -> SamplingParams:
+    """The sampling fields of a request object, checked (RequestError names the field); the rest of
+    the object is not looked at, so this runs without a model (launch.generate, before loading)."""
     defaults = SamplingParams(max_tokens=default_max_tokens)
     fields = {name: _number(obj, name, getattr(defaults, name)) for name in LIMITS}
     fields.update({name: _flag(obj, name, getattr(defaults, name)) for name in SAMPLING_FIELDS

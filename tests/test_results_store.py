@@ -128,11 +128,13 @@ def test_errors_on_the_command_line_are_one_line_with_status_2(tmp_path):
 
 
 def test_each_replica_writes_its_own_part_and_the_last_one_merges(tmp_path, monkeypatch):
-    """Two data-parallel replicas, one after the other: the first's part alone is not every request,
-    so it leaves OUTPUT unwritten; the second finds all done and merges, in input order."""
+    """Two data-parallel replicas of one job, one finishing before the other: the first's part alone is
+    not every request, so it leaves OUTPUT unwritten; the second finds all done and merges, in input
+    order."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(REQUESTS)
     monkeypatch.setattr(batch, "build_llm", lambda cfg, parallel: EchoLLM())
+    monkeypatch.setattr(batch, "share_done", lambda done, parallel: set())  # both start with nothing done
     for dp_rank, merged in ((1, False), (0, True)):
         replica = SimpleNamespace(rank=0, world_size=1, is_writer=True, dp_rank=dp_rank,
                                   layout=SimpleNamespace(dp=2))
