@@ -153,7 +153,8 @@ def test_control_strings_in_any_input_are_text_never_control_tokens(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     rows = [{**row, "id": str(row["id"])} for row in _requests_with(CONTROL_STRINGS)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")  # the rows' empty cells read as null
+    columns = {key: [row.get(key) for row in rows] for key in ("id", "prompt", "messages")}
+    pq.write_table(pa.Table.from_pydict(columns), tmp_path / "in.parquet")  # a row's empty cells read as null
     inputs += [json.loads(text) for _, text in ray_batch.read_lines(str(tmp_path / "in.parquet"))]
     from omegaconf import OmegaConf
 
