@@ -64,10 +64,13 @@ def share_done(done: set | None, parallel: Parallel) -> set:
     return done
 
 
-def open_part(store: ResultsStore, parallel: Parallel) -> OutputFile | NoOutput:
+def open_part(store: ResultsStore, parallel: Parallel, work: list) -> OutputFile | NoOutput:
     """Every rank of a replica runs the same loop on the same requests and its first rank writes, to
-    the replica's own part file; replicas (dp) take every dp-th request, so no two write the same id."""
-    return store.part(f"replica-{parallel.dp_rank}.jsonl") if parallel.is_writer else NoOutput(store.parts)
+    the replica's own part file; replicas (dp) take every dp-th request, so no two write the same id.
+    A replica without work makes no file."""
+    if parallel.is_writer and work:
+        return store.part(f"replica-{parallel.dp_rank}.jsonl")
+    return NoOutput(store.parts)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -87,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
                         interval_s=cfg.progress_interval_s)
     stop = StopSignal()
     start = time.perf_counter()
-    with open_part(store, parallel) as out:
+    with open_part(store, parallel, todo) as out:
         write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
         requests = to_requests(todo, llm.make_request, on_error=write)
         llm.generate(requests, on_result=write, should_stop=stop)

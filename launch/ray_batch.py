@@ -101,7 +101,7 @@ class Replica:
     def __call__(self, batch: dict) -> dict:
         import ray
 
-        lines = [(int(n), str(t), None if e is None else str(e))
+        lines = [(int(n), str(t), str(e) or None)
                  for n, t, e in zip(batch["number"], batch["text"], batch["error"])]
         # The same batch (after a Ray retry) lands in the same part file, which remembers what is done.
         digest = hashlib.sha1("\n".join(f"{n}:{t}:{e}" for n, t, e in lines).encode()).hexdigest()[:16]
@@ -190,7 +190,8 @@ def run(cfg: DictConfig) -> dict:
     start, tokens = time.perf_counter(), 0
     if todo:
         store.parts.mkdir(parents=True, exist_ok=True)
-        dataset = ray.data.from_items([{"number": line.number, "text": text, "error": line.error}
+        # "" for no error: a column of strings and None would reach the actors as NaN for None
+        dataset = ray.data.from_items([{"number": line.number, "text": text, "error": line.error or ""}
                                        for line, text in todo])
         container = OmegaConf.to_container(cfg, resolve=True)
         results = dataset.map_batches(Replica,

@@ -143,19 +143,18 @@ def _rewrite(target: Path, source: Path | None, results: list, write=None) -> No
         if write is None:
             with open(tmp, "wb") as out:
                 out.writelines(lines())
-                out.flush()
-                os.fsync(out.fileno())
         else:
             write(tmp, lines())
     finally:
         for f in handles.values():
             f.close()
+    _fsync(tmp)  # on disk before the rename makes it the file
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    _fsync(target.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

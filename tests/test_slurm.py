@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from batch_jobs import written_lines
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,7 +112,7 @@ def test_requeue_resumes_without_repeating(tiny_checkpoints, tmp_path):
     job = sbatch(tmp_path, f"checkpoint={tiny_checkpoints['original']}", f"input={inp}", f"output={out}",
                  "max_batch_size=4", wait=False)
     deadline = time.time() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 1):
+    while not written_lines(out):  # results so far are in the output's parts
         assert time.time() < deadline, log(tmp_path)
         time.sleep(0.3)
     # What Slurm sends before a time limit (--signal=B:USR1@120): the script stops and requeues itself.
@@ -126,7 +128,7 @@ def test_requeue_resumes_without_repeating(tiny_checkpoints, tmp_path):
         record = job_record(job)
         if int(record.get("Restarts", 0)) >= 1 and record.get("JobState") in ENDED:
             break
-        if (lines := out.read_text().count("\n")) > written:
+        if (lines := len(written_lines(out))) > written:
             written, progress = lines, time.time()
         time.sleep(0.5)
     text = log(tmp_path)
