@@ -1,8 +1,9 @@
 """JSONL in, JSONL out, resumable.
 
 Input lines are parsed one by one: a line that is not valid JSON becomes an error for that line
-alone. Output lines are appended (and flushed to disk) as requests finish; on a rerun, ids already
-in the output are skipped, and a last line cut short by a crash is dropped first.
+alone. Result lines are appended (and fsynced) as requests finish, and read back on a rerun: each must
+be a result of this runtime, and only a last line cut short by a kill is dropped
+(launch/results_store.py decides which files hold a job's results).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the tests that run batch jobs as processes share: the environment and command of a job, what it
-has written so far, and the pid of one torchrun worker."""
+"""What the tests of the batch jobs share: a job's hydra config and an engine stand-in (for jobs run in
+the test's process); the environment and command of a job run as processes, what it has written so
+far, and the pid of one torchrun worker."""
 
 import json
 import os
@@ -7,7 +8,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from runtime.config import CONFIG_DIR
+from runtime.engine import Result
+from runtime.requests import parse_request
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def config(name, **overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(name, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+class EchoLLM:
+    """An engine stand-in: the real request checks, and each request's prompt echoed as its output."""
+
+    graph_replays = 0
+
+    def make_request(self, obj):
+        return parse_request(obj, max_model_len=64, vocab_size=1000, default_max_tokens=4)
+
+    def generate(self, requests, on_result, should_stop=None):
+        for request in requests:
+            tokens = request.prompt_token_ids[: request.params.max_tokens]
+            on_result(Result(request.id, token_ids=tokens, text="echo", finish_reason="length",
+                             logprobs=[0.5] * len(tokens) if request.params.logprobs else None))
 
 
 def job_env(**extra) -> dict:

@@ -8,20 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+from batch_jobs import EchoLLM, config
 from launch import batch, ray_batch
-from runtime.config import CONFIG_DIR
-from runtime.engine import Result
-from runtime.requests import parse_request
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def config(name, **overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(name, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
 def write_lines(path, lines):
@@ -123,21 +115,6 @@ def test_retry_errors_runs_the_failed_requests_again(tiny_checkpoints, tmp_path)
     assert stats["requests"] == 1 and stats["errors"] == 0
     assert [r["id"] for r in rows] == ["good", "fixed", "cut"]  # one line per id, in input order
     assert rows[0] == first[0] and rows[1]["token_ids"] == rows[0]["token_ids"]
-
-
-class EchoLLM:
-    """An engine stand-in: the real request checks, and each request's prompt echoed as its output."""
-
-    graph_replays = 0
-
-    def make_request(self, obj):
-        return parse_request(obj, max_model_len=64, vocab_size=1000, default_max_tokens=4)
-
-    def generate(self, requests, on_result, should_stop=None):
-        for request in requests:
-            tokens = request.prompt_token_ids[: request.params.max_tokens]
-            on_result(Result(request.id, token_ids=tokens, text="echo", finish_reason="length",
-                             logprobs=[0.5] * len(tokens) if request.params.logprobs else None))
 
 
 def test_both_jobs_share_one_parse_and_write_core(tmp_path, monkeypatch):

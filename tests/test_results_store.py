@@ -8,20 +8,12 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from batch_jobs import job_env
+from batch_jobs import EchoLLM, config, job_env
 from launch import batch, generate, ray_batch
 from launch.results_store import MERGE_LOCK, ResultsStore
-from runtime.config import CONFIG_DIR
 from runtime.engine import Result
 from runtime.jsonl import NotResults, OutputFile
-from runtime.requests import parse_request
-
-
-def config(name, **overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(name, overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
 def result(rid, tokens=(1, 2), error=None, line=None):
@@ -33,19 +25,6 @@ def result(rid, tokens=(1, 2), error=None, line=None):
 
 REQUESTS = "".join(json.dumps({"id": i, "prompt_token_ids": [5 + i], "max_tokens": 2}) + "\n"
                    for i in range(3))
-
-
-class EchoLLM:
-    """An engine stand-in: the real request checks, each prompt echoed as its output."""
-
-    graph_replays = 0
-
-    def make_request(self, obj):
-        return parse_request(obj, max_model_len=64, vocab_size=1000, default_max_tokens=4)
-
-    def generate(self, requests, on_result, should_stop=None):
-        for r in requests:
-            on_result(Result(r.id, token_ids=r.prompt_token_ids, finish_reason="length"))
 
 
 @pytest.fixture
