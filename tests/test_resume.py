@@ -51,15 +51,25 @@ def assert_same_results(got_path, want_path, seed):
 
 
 def kill_and_resume(checkpoint, inp, out, *overrides, nproc=1, victim=None, kills=5):
-    """Start the job `kills` times, SIGKILL it (or its rank `victim`) at a random moment of loading or
-    generation, then let a last run finish. Returns the random seed (printed on failure)."""
+    """Start the job `kills` times, SIGKILL it (or its rank `victim`) at a random moment, then let a
+    last run finish. Returns the random seed (printed on failure).
+
+    Each kill falls either at a random moment of starting up (before any new result) or just after
+    the run has written 1 to 3 new results: a moment picked by progress, not by time alone, so a
+    fast machine cannot finish the job before its last kill."""
     seed = int(time.time())
     rng = random.Random(seed)
     total = len(inp.read_text().splitlines())
     done = 0
     while done < kills and len(written_lines(out)) < total:
+        before = len(written_lines(out))
         proc = start_batch(nproc, checkpoint, inp, out, "max_batch_size=4", *overrides)
-        time.sleep(rng.uniform(1.0, 3.5) * nproc)  # start-up takes ~1.5 s a rank on 2 cores
+        if rng.random() < 0.3:
+            time.sleep(rng.uniform(0.2, 1.2) * nproc)  # start-up takes ~1.5 s a rank on 2 cores
+        else:
+            wanted, deadline = before + rng.randint(1, 3), time.time() + 120
+            while len(written_lines(out)) < wanted and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
         if victim is None:
             proc.kill()
         else:
