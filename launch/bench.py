@@ -1,4 +1,5 @@
-"""Offline speed of the engine on one model: decode, prefill, time to first token, memory.
+"""Offline speed of the engine on one model: decode, prefill, time to first token, memory (the
+default mode, `latency`), or an offline batch's throughput (`mode=throughput`, launch/throughput.py).
 
     python -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda hf=true json=bench.json
     python -m launch.bench batch_sizes=[1,2] ttft_prompts=[64] decode_tokens=4   # tiny model, CPU
@@ -22,64 +23,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from launch import throughput
 from launch.common import build_llm, clean_exit
+from launch.limits import ceilings, flops_per_token, synchronize, weight_bytes_per_token
 from parallel import groups
-from runtime.checkpoint import tensor_specs
 from runtime.engine import LLM
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def ceilings(device: torch.device) -> dict:
-    """Copy bandwidth (bytes read + written by a 2 GiB device copy) and bf16 matmul FLOP/s (8192^3),
-    medians of 10 after 3 warm-ups; empty off CUDA."""
-    if device.type != "cuda":
-        return {}
-
-    def median_seconds(fn) -> float:
-        times = []
-        for i in range(13):
-            synchronize(device)
-            t = time.perf_counter()
-            fn()
-            synchronize(device)
-            if i >= 3:
-                times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / median_seconds(lambda: dst.copy_(src))
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    matmul = 2 * 8192**3 / median_seconds(lambda: a @ a)
-    return {"copy_bytes_per_s": copy, "matmul_flops": matmul}
-
-
-def weight_bytes_per_token(cfg) -> int:
-    """Weights one decoded token reads at batch 1: all but the unused experts and embedding rows."""
-    total = 0
-    for name, spec in tensor_specs(cfg).items():
-        n = 1
-        for s in spec.shape:
-            n *= s
-        size = n if spec.kind == "uint8" else 2 * n
-        if ".mlp.mlp" in name:  # experts: only experts_per_token of num_experts are read
-            size = size * cfg.experts_per_token // cfg.num_experts
-        if name == "embedding.weight":
-            size = 2 * cfg.hidden_size
-        total += size
-    return total
-
-
-def flops_per_token(cfg) -> int:
-    """Matmul FLOPs of one prompt token, attention scores excluded (they grow with the context)."""
-    d, heads, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attention = 2 * d * (heads + 2 * kv) * hd + 2 * heads * hd * d
-    experts = 2 * cfg.experts_per_token * 3 * d * cfg.intermediate_size
-    return cfg.num_hidden_layers * (attention + experts + 2 * d * cfg.num_experts)
 
 
 def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) -> float:
@@ -134,11 +82,20 @@ def hf_decode_tokens_per_s(cfg, device: torch.device, prompt: int, decode: int, 
     return decode / (full - one)
 
 
+MODES = ("latency", "throughput")
+
+
 def run(cfg: DictConfig) -> dict:
     with clean_exit():
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
+        if cfg.mode == "throughput":
+            throughput.Workload.from_config(cfg)  # its arguments checked before the model loads
         llm = build_llm(cfg)
         if cfg.hf and llm.parallel.world_size > 1:
             raise ValueError("hf=true times transformers on one GPU: run the bench without torchrun for it")
+    if cfg.mode == "throughput":
+        return throughput.run(llm, cfg, str(cfg.model.get("name")))
     dev, model_cfg = llm.device, llm.config
     limits = ceilings(dev)
     bw, mm = limits.get("copy_bytes_per_s"), limits.get("matmul_flops")
@@ -223,7 +180,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(report, f, indent=2)
-    print(table(report))
+    print(throughput.table(report) if report.get("mode") == "throughput" else table(report))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A decode step (one new token for each of b running sequences) launches about ten kernels per layer;
 from Python each launch costs more than the kernel itself at small batches, so batch-1 decode would
 be bound by the interpreter, not by reading the weights. `DecodeGraphs` captures the model's
-`forward_paged` once per padded batch size (lazily, the first time a step of that size runs) over
+`forward_paged` once per padded batch size (all of them when the engine starts, `capture_all`) over
 static input buffers, and each later step only stages its inputs and replays.
 
 What the graph sees is fixed at capture: tensor addresses, shapes and every launch parameter. So
@@ -114,6 +114,15 @@ class DecodeGraphs:
             self._graphs[size].replay()
         self.replays[size] = self.replays.get(size, 0) + 1
         return self._logits[:len(chunks)]
+
+    def capture_all(self) -> None:
+        """Capture every size now, largest first (the shared memory pool is sized by the first), with
+        every row staged as padding: what the engine does at start-up, as vLLM does, so that no
+        capture falls inside a timed run."""
+        for size in reversed(self.sizes):
+            if size not in self._graphs:
+                self._stage([], [], {}, size)
+                self._capture(size)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:
         """[rows, 2] float64 (token, logprob) of the last step's first rows, sampled greedily; their

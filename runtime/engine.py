@@ -185,8 +185,12 @@ class LLM:
         if self.parallel.replica.size > 1:
             self._plans = PlanChannel(self.parallel.replica_host, self.model.pool, self.model.sliding_pool,
                                       self.config.sliding_window)
+        start = time.perf_counter()
         if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
             self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
+            self._graphs.capture_all()
+            torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start  # start-up beside load_seconds, for reports
 
     def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
         """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
@@ -231,6 +235,16 @@ class LLM:
     def preemptions(self) -> int:
         """Sequences sent back to wait (their KV recomputed later) over this engine's life, for reports."""
         return self.scheduler.preemptions
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        """The decode batch sizes with a CUDA graph (none when eager)."""
+        return [] if self._graphs is None else list(self._graphs.sizes)
+
+    @property
+    def step_stats(self):
+        """Counts over the steps planned so far (runtime/scheduler.py StepStats)."""
+        return self.scheduler.stats
 
     @property
     def graph_replays(self) -> int:

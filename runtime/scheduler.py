@@ -56,6 +56,19 @@ class Sequence:
 
 
 @dataclasses.dataclass
+class StepStats:
+    """Counts over the steps planned so far, for reports (the benchmark's mean running batch)."""
+    steps: int = 0
+    decode_tokens: int = 0  # single-token chunks: a running sequence's next token
+    prompt_tokens: int = 0  # tokens of longer chunks: prompts, and preempted sequences recomputed
+    running: int = 0  # running sequences, summed over steps
+
+    @property
+    def mean_running(self) -> float:
+        return self.running / self.steps if self.steps else 0.0
+
+
+@dataclasses.dataclass
 class Rejected:
     """A request that can never run (it needs more KV pages than the whole pool has)."""
     index: int
@@ -88,6 +101,7 @@ class Scheduler:
         self.waiting: collections.deque[tuple[int, Request | Sequence]] = collections.deque()
         self.running: dict[int, Sequence] = {}  # in admission order
         self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+        self.stats = StepStats()
 
     def add(self, index: int, request: Request) -> None:
         """Queue a request; `index` is its key (unique among the requests queued at once)."""
@@ -201,7 +215,18 @@ class Scheduler:
             if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
                 logits_rows.append(len(ids) - 1)
                 wants.append(seq)
+        self._count(chunks)
         return StepPlan(ids, positions, chunks, logits_rows, pending, keys), self._mark_pending(wants)
+
+    def _count(self, chunks: list[SequenceChunk]) -> None:
+        if not chunks:
+            return
+        decodes = sum(c.length == 1 for c in chunks)
+        stats = self.stats
+        stats.steps += 1
+        stats.decode_tokens += decodes
+        stats.prompt_tokens += sum(c.length for c in chunks) - decodes
+        stats.running += len(self.running)
 
     @staticmethod
     def _mark_pending(wants: list[Sequence]) -> list[tuple[Sequence, int]]:

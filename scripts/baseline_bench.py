@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from launch.bench import ceilings, hf_decode_tokens_per_s, weight_bytes_per_token
+from launch.bench import hf_decode_tokens_per_s
+from launch.limits import ceilings, weight_bytes_per_token
 from runtime.config import preset
 from runtime.engine import LLM
 

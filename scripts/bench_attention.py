@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.bench import ceilings as measure_ceilings  # noqa: E402
+from launch.limits import ceilings as measure_ceilings  # noqa: E402
 from runtime.kernels.attention_triton import choose_num_splits, paged_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, WINDOW = 64, 8, 64, 16, 128
@@ -49,6 +49,16 @@ CASES = [
       for c in (32768, 65536, 131072) for sliding in (False, True)],
     *[("decode b64 ctx 4k", [(4095, 1)] * 64, sliding) for sliding in (False, True)],
     *[(f"prefill {n}", [(0, n)], sliding) for n in (4096, 16384) for sliding in (False, True)],
+    # Offline batches: decode at large batch, and a mixed step (decodes beside prompt chunks) against
+    # its two halves alone (what two launches, decode-shaped and prefill-shaped tiles, would cost).
+    *[(f"decode b{b} ctx {c}", [(c - 1, 1)] * b, sliding)
+      for b, c in ((1024, 1536), (256, 8192)) for sliding in (False, True)],
+    *[(name, seqs, sliding) for name, seqs in (
+        ("mixed 512 decodes ctx 1536 + 7 x 1024 prompt",
+         [(1535, 1)] * 512 + [(1024 * i, 1024) for i in range(7)]),
+        ("mixed half: 512 decodes ctx 1536", [(1535, 1)] * 512),
+        ("mixed half: 7 x 1024 prompt", [(1024 * i, 1024) for i in range(7)]))
+      for sliding in (False, True)],
 ]
 
 

@@ -26,7 +26,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.bench import ceilings  # noqa: E402
+from launch.limits import ceilings  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.rmsnorm_triton import add_rms_norm_triton  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402

@@ -30,7 +30,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.bench import ceilings  # noqa: E402
+from launch.limits import ceilings  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.kernels.linear_triton import Rope, gemv_config, linear_gemv  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402

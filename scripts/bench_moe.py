@@ -31,7 +31,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.bench import ceilings as measure_ceilings  # noqa: E402
+from launch.limits import ceilings as measure_ceilings  # noqa: E402
 from runtime import mxfp4  # noqa: E402
 from runtime.checkpoint import random_tensor, tensor_specs  # noqa: E402
 from runtime.config import preset  # noqa: E402

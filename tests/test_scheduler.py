@@ -200,6 +200,11 @@ def test_prompts_are_prefilled_in_chunks_within_the_budget_and_decodes_go_first(
                 for k, c in zip(p.plan.keys, p.plan.chunks) if k == 1]
     assert b_chunks[:4] == [(0, 5), (5, 7), (12, 7), (19, 7)]  # beside A's prompt, then A's decodes
     assert b_chunks[4] == (26, 4)
+    # The step counts for reports: prompts (3 + 30 tokens) apart from decodes (5 + 2 after the first tokens).
+    stats = driver.s.stats
+    assert (stats.steps, stats.prompt_tokens, stats.decode_tokens) == (len(driver.plans), 33, 7)
+    # Running sequences per step count one whose only token left is in flight (it has no chunk then).
+    assert sum(len(p.plan.chunks) for p in driver.plans) <= stats.running <= 2 * stats.steps
     # B samples only once its prompt is in: its first sampled row is in the plan of its last chunk.
     first_sample = next(n for n, p in enumerate(driver.plans) if any(seq.index == 1 for seq, _ in p.samples))
     assert any(k == 1 and c.start + c.length == 30 for k, c in
