@@ -136,7 +136,7 @@ def attention(q: torch.Tensor, step: PagedStep, kv: PagedLayers, layer: int, sin
 
         return paged_attention_triton(q, keys, values, kv.block_table, step.cu_q, step.q_start, sinks,
                                       sm_scale=sm_scale, window=window, max_q_len=step.max_q_len,
-                                      max_k_len=step.max_k_len)
+                                      max_k_len=step.max_k_len, decodes=step.decodes)
     return paged_attention(q, keys, values, kv.block_table, step.cu_q, step.q_start, sinks, sm_scale=sm_scale,
                            window=window)
 

@@ -59,6 +59,7 @@ class PagedStep:
     q_start: torch.Tensor  # [S] int32
     max_q_len: int
     max_k_len: int
+    decodes: int = 0  # leading sequences with one query each (decodes), for the attention's tiles
 
     @classmethod
     def of(cls, chunks: list[SequenceChunk], device) -> "PagedStep":
@@ -67,9 +68,10 @@ class PagedStep:
             cu_q.append(cu_q[-1] + c.length)
         as_int32 = lambda values: to_device(values, torch.int32, device)  # noqa: E731
         sliding = PagedLayers.of(chunks, True, device) if chunks[0].cache.sliding_pool is not None else None
+        decodes = next((i for i, c in enumerate(chunks) if c.length != 1), len(chunks))
         return cls(PagedLayers.of(chunks, False, device), sliding, as_int32(cu_q),
                    as_int32([c.start for c in chunks]), max(c.length for c in chunks),
-                   max(c.start + c.length for c in chunks))
+                   max(c.start + c.length for c in chunks), decodes)
 
     def layers(self, sliding: bool) -> PagedLayers:
         return self.sliding if sliding else self.full

@@ -197,9 +197,9 @@ def time_settings(timer, call, decode: bool, auto_splits: int) -> list[tuple[flo
     return sorted(timed, key=lambda x: x[0])
 
 
-def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False) -> list[dict]:
+def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False, extra=None) -> list[dict]:
     """One row per case: time, and achieved TB/s (decode) or TFLOP/s (prefill) with their % of the
-    ceilings."""
+    ceilings. `extra`: keyword arguments of every call (over the engine's hints)."""
     timer = time_eager if eager else time_graph
     rows = []
     for name, seqs, sliding in cases:
@@ -208,8 +208,9 @@ def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False) -
         out = torch.empty_like(copies[0][0])
         max_q_len = max(n for _, n in seqs)
         max_k_len = max(start + n for start, n in seqs)
+        decodes = next((i for i, (_, n) in enumerate(seqs) if n != 1), len(seqs))  # as PagedStep counts
         hints = {"sm_scale": HEAD_DIM ** -0.5, "window": window, "out": out, "max_q_len": max_q_len,
-                 "max_k_len": max_k_len}  # the host-side hints spare the timed call a device sync
+                 "max_k_len": max_k_len, "decodes": decodes, **(extra or {})}  # host-side: no device sync
         call = functools.partial(calls, copies, hints)
         decode = max_q_len == 1
         label = f"{name:>20} {layer_name(sliding):>11}"
@@ -263,6 +264,10 @@ def main() -> None:
                    help='only the cases whose "name layer" contains one of these, e.g. prefill, '
                         '"ctx 32k full"')
     p.add_argument("--eager", action="store_true", help="time single eager calls, not CUDA-graph replays")
+    p.add_argument("--heads-fastest", action="store_true",
+                   help="time every case with the grid's KV-head axis first too (heads_fastest=True)")
+    p.add_argument("--one-launch", action="store_true",
+                   help="time every case with a mixed step's decodes in the prefill launch too (decodes=0)")
     args = p.parse_args()
     cases = select(CASES, args.cases)
     if not cases:
@@ -272,9 +277,11 @@ def main() -> None:
     print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
           flush=True)
-    rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager)
-    print()
-    print(markdown(rows, limits))
+    variants = [{}] + [{"heads_fastest": True}] * args.heads_fastest + [{"decodes": 0}] * args.one_launch
+    for extra in variants:
+        rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager, extra=extra)
+        print(f"\n{extra or 'defaults'}:")
+        print(markdown(rows, limits))
 
 
 if __name__ == "__main__":

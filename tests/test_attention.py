@@ -129,6 +129,34 @@ def test_default_tiles_at_the_tiny_model_shape(window):
     assert_close(triton_poisoned(decode, num_splits=1), reference(decode))
 
 
+# A mixed step as the scheduler plans it: decodes first (fewest tokens to compute), then prompt chunks.
+DECODES_FIRST = [(37, 1), (0, 1), (70, 1), (0, 5), (20, 11), (9, 23), (3, 1)]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("window", [None, 8])
+def test_decodes_of_a_mixed_step_in_their_own_launch(window, num_splits):
+    """decodes=3: the leading single-query sequences run in decode-shaped tiles, the rest (a late
+    one-query chunk too) in prefill tiles; the output is the reference's either way."""
+    from runtime.kv_cache import PagePool, SequenceKV
+    from runtime.step import PagedStep, SequenceChunk
+
+    b = paged_batch(DECODES_FIRST, kv_heads=2, group=4, head_dim=32, page_size=16, window=window)
+    want = reference(b)
+    assert_close(triton_poisoned(b, num_splits=num_splits, decodes=3), want)
+    assert_close(triton_poisoned(b, num_splits=num_splits, decodes=0), want)
+    assert_close(triton_poisoned(b, num_splits=num_splits, decodes=3, heads_fastest=True), want)
+    # The step description counts the leading decodes (not the late one-query chunk).
+    pool = PagePool([0], 2, 32, torch.float32, "cpu", num_pages=32)
+    chunks = []
+    for start, n in DECODES_FIRST:
+        kv = SequenceKV(pool)
+        kv.reserve(0, start + n)
+        chunks.append(SequenceChunk(start, n, kv))
+    assert PagedStep.of(chunks, "cpu").decodes == 3
+    assert PagedStep.of(chunks[3:], "cpu").decodes == 0 and PagedStep.of(chunks[:3], "cpu").decodes == 3
+
+
 @pytest.mark.parametrize("num_splits", [3, 5])
 @pytest.mark.parametrize("window", [None, 8])
 def test_split_k(window, num_splits):
@@ -239,6 +267,17 @@ def test_gpu_mixed_batch_real_shapes(window, page_size):
     b32 = SimpleNamespace(**{**vars(b), "q": b.q.float(), "k_pages": b.k_pages.float(),
                              "v_pages": b.v_pages.float()})
     assert_close(triton_poisoned(b32), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_mixed_step_decodes_in_their_own_launch(window):
+    seqs = [(1535, 1)] * 96 + [(5000, 1), (0, 1)] + [(0, 300), (2000, 129), (130, 64)]
+    b = paged_batch(seqs, kv_heads=8, group=8, head_dim=64, page_size=16, window=window,
+                    dtype=torch.bfloat16, device="cuda")
+    want = fp32_reference(b)
+    assert_bf16_close(triton_poisoned(b, decodes=98), want)
+    assert_bf16_close(triton_poisoned(b, decodes=98, num_splits=4), want)
 
 
 def test_sink_takes_probability_mass():

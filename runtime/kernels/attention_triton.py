@@ -125,12 +125,18 @@ def _paged_attention_kernel(
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
     # Slots in reverse: the last tiles of a causal sequence see the most keys, so they start first
-    # and the short ones fill the tail of the schedule.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # and the short ones fill the tail of the schedule. HEADS_FASTEST: the grid's first axis is the
+    # KV head, so the programs of one tile's heads run side by side and read the same key rows
+    # (each head's 128 bytes of a 1 KiB row of all heads) at about the same time.
+    if HEADS_FASTEST:
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        kv_head = tl.program_id(0)
+    else:
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     pdl.wait_for_previous_kernel(PDL)
     seq = _find_sequence(cu_q_ptr, tile, num_seqs, BLOCK_T)
@@ -263,7 +269,8 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
                            out: torch.Tensor | None = None, max_q_len: int | None = None,
                            max_k_len: int | None = None, num_splits: int | None = None, block_m: int = 128,
                            block_n: int | None = None, num_warps: int = 4,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, decodes: int = 0,
+                           heads_fastest: bool = False) -> torch.Tensor:
     """`attention.paged_attention` in Triton: q [N, H, D] over the paged cache, returns [N, H, D].
 
     max_q_len (longest query run in the step) and max_k_len (largest q_start[s] + n_s) pick the tile
@@ -273,6 +280,11 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     (tokens x group heads); block_n: keys per tile and num_stages: the pipeline's depth (defaults:
     128 keys and 3 stages for decode-shaped tiles of 16 rows; for 128-row prefill tiles 128 keys and
     2 stages on full layers, 64 keys and 3 stages on sliding ones, see PREFILL_FULL_TILE).
+
+    decodes: the first `decodes` sequences have one query each (the scheduler plans decodes first).
+    Beside prompt chunks they get a launch of their own with decode-shaped tiles (one query's GROUP
+    heads), where one launch would give each a prefill tile of BLOCK_T queries, nearly all padding,
+    and so about BLOCK_T times the tensor-core work its keys need.
     """
     n_rows, num_heads, head_dim = q.shape
     _, page_size, num_kv, _ = k_pages.shape
@@ -292,6 +304,16 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         max_q_len = int((cu_q[1:] - cu_q[:-1]).max())
     if max_k_len is None:
         max_k_len = int((q_start + cu_q[1:] - cu_q[:-1]).max())
+
+    if 0 < decodes < num_seqs and max_q_len > 1:  # a mixed step: decodes, then the prompt chunks
+        settings = dict(sm_scale=sm_scale, window=window, max_k_len=max_k_len, num_splits=num_splits,
+                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                        heads_fastest=heads_fastest)
+        paged_attention_triton(q[:decodes], k_pages, v_pages, block_table[:decodes], cu_q[:decodes + 1],
+                               q_start[:decodes], sinks, out=out[:decodes], max_q_len=1, **settings)
+        paged_attention_triton(q[decodes:], k_pages, v_pages, block_table[decodes:], cu_q[decodes:] - decodes,
+                               q_start[decodes:], sinks, out=out[decodes:], max_q_len=max_q_len, **settings)
+        return out
 
     group_p = triton.next_power_of_2(group)
     block_t = min(triton.next_power_of_2(max_q_len), max(1, block_m // group_p))
@@ -313,14 +335,17 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
                                device=q.device)
     else:
         part_m = part_l = part_acc = out  # never touched: SPLIT=False compiles the direct epilogue
-    _paged_attention_kernel[(slots, num_kv, num_splits)](
+    if heads_fastest:
+        assert slots < 2 ** 16, f"{slots} query tiles: too many for the grid's second axis"
+    grid = (num_kv, slots, num_splits) if heads_fastest else (slots, num_kv, num_splits)
+    _paged_attention_kernel[grid](
         q, k_pages, v_pages, block_table, cu_q, q_start, sinks, out, part_m, part_l, part_acc,
         num_seqs, num_heads, sm_scale * 1.4426950408889634, window or 0, num_splits,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1,
+        PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1, HEADS_FASTEST=heads_fastest,
         DOT_FP32=INTERPRET or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device),
     )
