@@ -81,7 +81,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
-    max_batch_size: int = 64
+    max_batch_size: int = 1024  # keeps a big file's batch full (docs/performance.md, "Offline throughput")
     max_batch_tokens: int = 8192
     default_max_tokens: int = 256
     kv_cache_tokens: int | None = None

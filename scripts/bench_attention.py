@@ -264,8 +264,6 @@ def main() -> None:
                    help='only the cases whose "name layer" contains one of these, e.g. prefill, '
                         '"ctx 32k full"')
     p.add_argument("--eager", action="store_true", help="time single eager calls, not CUDA-graph replays")
-    p.add_argument("--heads-fastest", action="store_true",
-                   help="time every case with the grid's KV-head axis first too (heads_fastest=True)")
     p.add_argument("--one-launch", action="store_true",
                    help="time every case with a mixed step's decodes in the prefill launch too (decodes=0)")
     args = p.parse_args()
@@ -277,7 +275,7 @@ def main() -> None:
     print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
           flush=True)
-    variants = [{}] + [{"heads_fastest": True}] * args.heads_fastest + [{"decodes": 0}] * args.one_launch
+    variants = [{}] + [{"decodes": 0}] * args.one_launch
     for extra in variants:
         rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager, extra=extra)
         print(f"\n{extra or 'defaults'}:")

@@ -145,7 +145,6 @@ def test_decodes_of_a_mixed_step_in_their_own_launch(window, num_splits):
     want = reference(b)
     assert_close(triton_poisoned(b, num_splits=num_splits, decodes=3), want)
     assert_close(triton_poisoned(b, num_splits=num_splits, decodes=0), want)
-    assert_close(triton_poisoned(b, num_splits=num_splits, decodes=3, heads_fastest=True), want)
     # The step description counts the leading decodes (not the late one-query chunk).
     pool = PagePool([0], 2, 32, torch.float32, "cpu", num_pages=32)
     chunks = []

@@ -125,18 +125,14 @@ def _paged_attention_kernel(
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
     # Slots in reverse: the last tiles of a causal sequence see the most keys, so they start first
-    # and the short ones fill the tail of the schedule. HEADS_FASTEST: the grid's first axis is the
-    # KV head, so the programs of one tile's heads run side by side and read the same key rows
-    # (each head's 128 bytes of a 1 KiB row of all heads) at about the same time.
-    if HEADS_FASTEST:
-        tile = tl.num_programs(1) - 1 - tl.program_id(1)
-        kv_head = tl.program_id(0)
-    else:
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
-        kv_head = tl.program_id(1)
+    # and the short ones fill the tail of the schedule. (KV heads as the first grid axis, so that a
+    # tile's heads read the same key rows side by side, was within 2.5% at batch 1,024 and 256:
+    # docs/performance.md, "Offline throughput".)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     pdl.wait_for_previous_kernel(PDL)
     seq = _find_sequence(cu_q_ptr, tile, num_seqs, BLOCK_T)
@@ -269,8 +265,7 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
                            out: torch.Tensor | None = None, max_q_len: int | None = None,
                            max_k_len: int | None = None, num_splits: int | None = None, block_m: int = 128,
                            block_n: int | None = None, num_warps: int = 4,
-                           num_stages: int | None = None, decodes: int = 0,
-                           heads_fastest: bool = False) -> torch.Tensor:
+                           num_stages: int | None = None, decodes: int = 0) -> torch.Tensor:
     """`attention.paged_attention` in Triton: q [N, H, D] over the paged cache, returns [N, H, D].
 
     max_q_len (longest query run in the step) and max_k_len (largest q_start[s] + n_s) pick the tile
@@ -307,8 +302,7 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
 
     if 0 < decodes < num_seqs and max_q_len > 1:  # a mixed step: decodes, then the prompt chunks
         settings = dict(sm_scale=sm_scale, window=window, max_k_len=max_k_len, num_splits=num_splits,
-                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest)
+                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
         paged_attention_triton(q[:decodes], k_pages, v_pages, block_table[:decodes], cu_q[:decodes + 1],
                                q_start[:decodes], sinks, out=out[:decodes], max_q_len=1, **settings)
         paged_attention_triton(q[decodes:], k_pages, v_pages, block_table[decodes:], cu_q[decodes:] - decodes,
@@ -335,17 +329,14 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
                                device=q.device)
     else:
         part_m = part_l = part_acc = out  # never touched: SPLIT=False compiles the direct epilogue
-    if heads_fastest:
-        assert slots < 2 ** 16, f"{slots} query tiles: too many for the grid's second axis"
-    grid = (num_kv, slots, num_splits) if heads_fastest else (slots, num_kv, num_splits)
-    _paged_attention_kernel[grid](
+    _paged_attention_kernel[(slots, num_kv, num_splits)](
         q, k_pages, v_pages, block_table, cu_q, q_start, sinks, out, part_m, part_l, part_acc,
         num_seqs, num_heads, sm_scale * 1.4426950408889634, window or 0, num_splits,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1, HEADS_FASTEST=heads_fastest,
+        PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1,
         DOT_FP32=INTERPRET or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device),
     )
