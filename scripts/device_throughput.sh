@@ -3,6 +3,8 @@
 #   tests:   the GPU tests of the paths this issue touches (graphs captured at start-up, sampling)
 #   bench:   launch.bench mode=throughput on dummy gpt-oss-20b (and 120b with `bench 120b`)
 #   profile: scripts/profile_throughput.py, a throughput run's steps classed and its kernels ranked
+#   ab:      launch.bench mode=throughput on two trees alternately, `.base/` (main before a change,
+#            carried: git archive REV | tar -x -C .base) and this one; `ab ROUNDS key=value ...`
 # Logs under $OUT, tables on stdout.
 set -uo pipefail
 source scripts/device_env.sh
@@ -17,6 +19,28 @@ case "$what" in
     model=${1:-gpt-oss-20b}; shift || true
     timeout 560 python3 -m launch.bench mode=throughput checkpoint=dummy model=$model device=cuda \
       json=$OUT/throughput_$model.json "$@" 2>&1 | tee $OUT/bench_$model.log | grep -v "^$"
+    ;;
+  ab)
+    rounds=${1:-2}; shift || true
+    for round in $(seq "$rounds"); do
+      for tree in .base .; do
+        name=$([ "$tree" = . ] && echo new || echo base)
+        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 280 python3 -m launch.bench mode=throughput \
+          checkpoint=dummy device=cuda json=$OUT/ab_${name}_$round.json "$@") > $OUT/ab_${name}_$round.log 2>&1
+        echo "round $round $name: $(grep -h 'output tokens/s per GPU' $OUT/ab_${name}_$round.log | head -1)"
+      done
+    done
+    python3 - "$OUT" <<'PY'
+import glob, json, statistics, sys
+runs = {}
+for path in sorted(glob.glob(f"{sys.argv[1]}/ab_*_*.json")):
+    runs.setdefault(path.split("ab_")[1].split("_")[0], []).append(
+        json.load(open(path))["output_tokens_per_s_per_gpu"])
+base, new = runs.get("base", []), runs.get("new", [])
+print("| output tokens/s per GPU | base (runs) | new (runs) | new / base (medians) |\n|---|---|---|---:|")
+ratio = statistics.median(new) / statistics.median(base) if base and new else float("nan")
+print(f"| | {', '.join(f'{v:,.0f}' for v in base)} | {', '.join(f'{v:,.0f}' for v in new)} | {ratio:.4f} |")
+PY
     ;;
   profile)
     timeout 560 python3 scripts/profile_throughput.py "$@" 2>&1 | tee $OUT/profile.log
