@@ -131,7 +131,8 @@ def run(llm: LLM, cfg, model_name: str) -> dict:
     steps = after.steps - stats.steps
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     output_tokens = sum(len(r.token_ids) for r in results)
-    gpus = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # Per GPU of rank 0's replica: data-parallel replicas each run the whole workload side by side.
+    gpus = llm.parallel.replica.size
     report = {
         "mode": "throughput", "workload": dataclasses.asdict(work), "model": model_name,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
