@@ -23,7 +23,7 @@ Design
   more term of the denominator, exp2(sink * log2(e) - m), added at the end. It has no value.
 - Split-K (flash-decoding): when tiles x KV heads are fewer than the SMs (decode of a few long
   sequences), every tile's key range is cut into num_splits slices, each a program writing its
-  (max, sum, unnormalised accumulator) in fp32; `_combine_kernel` merges the slices and adds the sink.
+  (max, sum, unnormalised accumulator) in fp32; `_merge_splits_kernel` merges the slices and adds the sink.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits,
+def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits,
                     stride_on, stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """One (query row, head): merge the split partials and add the sink to the denominator."""
     row = tl.program_id(0).to(tl.int64)
@@ -341,7 +341,7 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device),
     )
     if num_splits > 1:
-        _combine_kernel[(n_rows, num_heads)](
+        _merge_splits_kernel[(n_rows, num_heads)](
             part_m, part_l, part_acc, sinks, out, num_heads, num_splits, out.stride(0), out.stride(1),
             SPLITS_P=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
             num_warps=4, **pdl.launch_args(q.device),
