@@ -89,13 +89,12 @@ def run(cfg: DictConfig) -> dict:
     with clean_exit():
         if cfg.mode not in MODES:
             raise ValueError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
-        if cfg.mode == "throughput":
-            throughput.Workload.from_config(cfg)  # its arguments checked before the model loads
+        work = throughput.Workload.from_config(cfg) if cfg.mode == "throughput" else None  # before loading
         llm = build_llm(cfg)
         if cfg.hf and llm.parallel.world_size > 1:
             raise ValueError("hf=true times transformers on one GPU: run the bench without torchrun for it")
-    if cfg.mode == "throughput":
-        return throughput.run(llm, cfg, str(cfg.model.get("name")))
+    if work is not None:
+        return throughput.run(llm, work, str(cfg.model.get("name")))
     dev, model_cfg = llm.device, llm.config
     limits = ceilings(dev)
     bw, mm = limits.get("copy_bytes_per_s"), limits.get("matmul_flops")

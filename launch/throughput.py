@@ -112,9 +112,8 @@ def _check(results, requests) -> None:
             raise RuntimeError(f"request {result.id} failed: {result.error or len(result.token_ids)} tokens")
 
 
-def run(llm: LLM, cfg, model_name: str) -> dict:
+def run(llm: LLM, work: Workload, model_name: str) -> dict:
     """Time the workload on a loaded engine; the report (JSON-ready)."""
-    work = Workload.from_config(cfg)
     requests = [llm.make_request(obj) for obj in work.request_objects(llm.config.vocab_size)]
     # Warm-up: enough of the first prompts to fill one step's token budget, a few tokens each.
     count = min(len(requests), llm.max_batch_tokens // max(1, len(requests[0].prompt_token_ids)) + 2)
@@ -154,12 +153,11 @@ def run(llm: LLM, cfg, model_name: str) -> dict:
                      if llm.device.type == "cuda" else None),
     }
     matmul = limits.get("matmul_flops")
-    if matmul:  # the FLOPs of the run's tokens at the measured matmul rate, over all the job's GPUs
+    if matmul:  # each GPU does its share of the run's FLOPs at the measured matmul rate
         flops = sum(sequence_flops(llm.config, len(q.prompt_token_ids), len(r.token_ids))
                     for q, r in zip(requests, results))
-        limit_seconds = flops / (matmul * gpus)
         for key, tokens in (("output", output_tokens), ("total", prompt_tokens + output_tokens)):
-            report[f"compute_limit_{key}_tokens_per_s_per_gpu"] = tokens / limit_seconds / gpus
+            report[f"compute_limit_{key}_tokens_per_s_per_gpu"] = tokens * matmul / flops
     anchor = PUBLISHED.get(report["model"], {}).get(work.preset) if work.kind == "random" else None
     if anchor is not None:
         report["published_output_tokens_per_s_per_gpu"] = anchor  # TensorRT-LLM, H200, TP1
