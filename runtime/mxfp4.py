@@ -36,6 +36,16 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
     return torch.ldexp(values, exponents.to(torch.float32)).flatten(-2).to(dtype)
 
 
+def quad_transpose(blocks: torch.Tensor) -> torch.Tensor:
+    """[..., G, 16] blocks with each block's bytes transposed as a 4 x 4 matrix: byte 4q + i of the
+    result is byte q + 4i of the block (its own inverse). A tensor-core operand gives lane q of each
+    quad the block's bytes q, q + 4, q + 8, q + 12: in this order they are one aligned word, which
+    the GEMM reads with one ldmatrix instead of one load per byte."""
+    if blocks.shape[-1] != BYTES_PER_BLOCK:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not end in {BYTES_PER_BLOCK} bytes")
+    return blocks.unflatten(-1, (4, 4)).transpose(-1, -2).flatten(-2).contiguous()
+
+
 def random_scales(shape: tuple[int, ...], std: float, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Scale bytes for random weights of spread `std` when the codes are uniform over all 16.

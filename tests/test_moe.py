@@ -44,6 +44,14 @@ def random_experts(E, N, K, device="cpu"):
     return blocks, scales, bias
 
 
+def test_quad_transpose_puts_a_quads_bytes_together_and_undoes_itself():
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8)
+    t = mxfp4.quad_transpose(blocks)
+    for q in range(4):  # lane q's bytes q, q + 4, q + 8, q + 12 become bytes 4q .. 4q + 3
+        assert torch.equal(t[..., 4 * q:4 * q + 4], blocks[..., q::4])
+    assert torch.equal(mxfp4.quad_transpose(t), blocks)
+
+
 @pytest.mark.parametrize("rows", [1, 50, 300, 700])  # the one-program plan (<= 512 rows) and torch.sort
 def test_plan_sorts_rows_by_expert_and_counts_them(rows):
     experts = torch.randint(0, 6, (rows,))
@@ -59,15 +67,18 @@ def test_plan_sorts_rows_by_expert_and_counts_them(rows):
 @pytest.mark.parametrize("rows_per_expert, K", [([1, 0, 3, 0], 256), ([17, 5, 0, 40], 256),
                                                 ([3, 2, 1, 9], 160)])  # 160: K not a multiple of BLOCK_K
 @pytest.mark.parametrize("tiles", [Tiles(8, 64, 128, 4, 1), Tiles(16, 32, 64, 4, 1)])
-def test_grouped_gemm_matches_decode_then_matmul(rows_per_expert, K, tiles):
+@pytest.mark.parametrize("quad", [False, True])  # blocks as stored, or in mxfp4.quad_transpose order
+def test_grouped_gemm_matches_decode_then_matmul(rows_per_expert, K, tiles, quad):
     E, N = 4, 128
     blocks, scales, bias = random_experts(E, N, K)
+    stored = mxfp4.quad_transpose(blocks) if quad else blocks
     experts = torch.repeat_interleave(torch.arange(E), torch.tensor(rows_per_expert))
     experts = experts[torch.randperm(len(experts))]  # rows arrive in any order; the plan sorts them
     x = torch.randn(len(experts), K)
     p = plan(experts, E)
     poisoned = torch.full((len(experts), N), float("nan"))  # every element must be written
-    got = grouped_mxfp4(x, p.order, 1, p, blocks, scales, bias, torch.float32, tiles=tiles, out=poisoned)
+    got = grouped_mxfp4(x, p.order, 1, p, stored, scales, bias, torch.float32, tiles=tiles, out=poisoned,
+                        quad=quad)
     sorted_experts = experts[p.order.long()].tolist()
     want = torch.stack([mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[p.order[i]] + bias[e]
                         for i, e in enumerate(sorted_experts)])

@@ -63,7 +63,7 @@ def _moe_gemm_kernel(
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
     GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr,
     PTX: tl.constexpr, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr, QUAD: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
     pdl.wait_for_previous_kernel(PDL)
@@ -99,8 +99,9 @@ def _moe_gemm_kernel(
     next_scale = tl.load(s_ptrs, mask=col_ok[:, None] & (kg < K_BYTES // 16)[None, :], other=127)
     for k0 in range(0, K_BYTES, BYTES):
         # K (2880 in gpt-oss) need not be a multiple of BLOCK_K; it is one of 32 (16 bytes), which
-        # keeps the masks constant over 16-byte vectors.
-        w_mask = col_ok[:, None] & ((k0 + kb) < K_BYTES)[None, :]
+        # keeps the masks constant over 16-byte vectors. Where it is one of BLOCK_K (EVEN_K), only
+        # the feature and row masks remain.
+        w_mask = col_ok[:, None] if EVEN_K else col_ok[:, None] & ((k0 + kb) < K_BYTES)[None, :]
         packed = tl.load(w_ptrs + k0, mask=w_mask, other=0)
         scale = next_scale
         next_group = (k0 + BYTES) // 16 + kg
@@ -113,8 +114,13 @@ def _moe_gemm_kernel(
         # compiler then loads the packed bytes straight into the MMA operand's register layout (each
         # thread's bytes decode to its own k pairs), with no round trip of the decoded tile through
         # shared memory, and x reaches the MMA from where the pipeliner put it.
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-        x = tl.load(x_ptrs + 2 * k0, mask=row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :], other=0.0)
+        if QUAD:  # storage byte 4q + i of a block holds its byte q + 4i (mxfp4.quad_transpose)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 4, 4, 2))
+            w = tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+        else:
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        x_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :]
+        x = tl.load(x_ptrs + 2 * k0, mask=x_mask, other=0.0)
         if DOT_FP32:
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
         else:

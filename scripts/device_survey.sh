@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call that surveys where offline throughput stands (issue 19), on one GPU:
+#   1. the GPU attention tests (the mixed step's decodes in their own launch among them)
+#   2. the MoE GEMMs alone at the batch sizes an offline run steps through (scripts/bench_moe.py)
+#   3. Nsight Compute on the wgmma GEMM at two of them: tensor-pipe use, stalls, occupancy
+#   4. launch.bench: batch-1 decode (no regression) and the time to first token of a 32k prompt
+#   quad:  the wgmma GEMM on quad-transposed blocks beside the stored order (scripts/bench_moe.py --quad)
+#   mixed: the GPU test of a mixed step's decodes in their own attention launch
+# `bash scripts/device_survey.sh [steps...]` (default: tests moe ncu latency). Logs under $OUT.
+set -uo pipefail
+source scripts/device_env.sh
+nvidia-smi -L
+steps=${*:-tests moe ncu latency}
+for step in $steps; do
+  start=$SECONDS
+  case "$step" in
+    tests)
+      timeout 240 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_attention.py 2>&1 \
+        | tee $OUT/pytest_attention.log | grep -E "FAILED|ERROR| passed| failed"
+      ;;
+    moe)
+      timeout 200 python3 scripts/bench_moe.py --model gpt-oss-20b gpt-oss-120b --tokens 256 1024 2048 8192 \
+        --rep 50 2>&1 | tee $OUT/bench_moe.log | grep -E "^\||TFLOP"
+      ;;
+    ncu)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 200 "$ncu" --clock-control none -k regex:_moe_gemm_kernel --launch-skip 2 --launch-count 4 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy --section LaunchStats --section SchedulerStats \
+        python3 scripts/moe_gemm_once.py --repeat 2 > $OUT/ncu_moe.txt 2>&1
+      grep -E "moe_gemm_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|Stall|Block Limit" \
+        $OUT/ncu_moe.txt | head -80
+      ;;
+    quad)
+      timeout 240 python3 scripts/bench_moe.py --model gpt-oss-20b --tokens 1024 2048 8192 --quad --rep 30 \
+        --tiles 256,64,64,4,3 128,128,64,8,3 2>&1 | tee $OUT/quad_20b.log | grep -E "^\| gpt-oss-20b \| [0-9]+ \| gemm"
+      timeout 240 python3 scripts/bench_moe.py --model gpt-oss-120b --tokens 1024 4096 8192 --quad --rep 30 \
+        --tiles 32,128,64,8,3 128,64,64,4,3 2>&1 | tee $OUT/quad_120b.log | grep -E "^\| gpt-oss-120b \| [0-9]+ \| gemm"
+      ;;
+    mixed)
+      timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_attention.py -k "mixed_step_decodes or test_triton_experts_match" \
+        tests/test_moe.py::test_triton_experts_match_the_reference_at_real_shapes 2>&1 \
+        | tee $OUT/pytest_mixed.log | grep -E "FAILED|ERROR| passed| failed"
+      ;;
+    latency)
+      timeout 240 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1]" \
+        "ttft_prompts=[32768]" decode_tokens=128 repeat=3 json=$OUT/latency_20b.json 2>&1 \
+        | tee $OUT/latency_20b.log | grep -E "^\|"
+      ;;
+  esac
+  echo "($step took $((SECONDS - start)) s)"
+done
