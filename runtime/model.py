@@ -162,6 +162,13 @@ class Block(nn.Module):
         return self.mlp(x, self.attn(x, ctx, h), next_norm)
 
 
+def in_memory_order(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as the model keeps it: the experts' MXFP4 blocks in kernel order (each
+    block's bytes transposed, mxfp4.quad_transpose: the order every MoE kernel and the reference read),
+    everything else as read. Blocks are never split inside, so a shard's slices transpose alike."""
+    return mxfp4.quad_transpose(tensor) if name.endswith("_weight.blocks") else tensor
+
+
 class GptOss(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", parallel: Parallel | None = None):
@@ -247,7 +254,7 @@ class GptOss(nn.Module):
             raise ValueError(f"{reader.path}: config.json describes another model than the one being built")
         reader.validate()
         for name, tensor, slices in self.shards():
-            tensor.copy_(reader.read(name, slices))
+            tensor.copy_(in_memory_order(name, reader.read(name, slices)))
         return self
 
     def randomize(self, seed: int = 0) -> "GptOss":
@@ -258,5 +265,6 @@ class GptOss(nn.Module):
         specs = tensor_specs(self.cfg)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         for name, tensor, slices in self.shards():
-            tensor.copy_(take(random_tensor(specs[name], generator, self.device), slices))
+            drawn = take(random_tensor(specs[name], generator, self.device), slices)
+            tensor.copy_(in_memory_order(name, drawn))
         return self

@@ -4,6 +4,10 @@ A block is 32 E2M1 values packed two per byte (element 2j in the low nibble of b
 high nibble) plus one E8M0 scale byte: value = FP4(code) * 2**(scale - 127). Blocks run along the
 last (input / reduction) axis. Expert weights stay packed in memory; this reference decode is what
 every kernel is checked against.
+
+Kernel order: the model keeps each block's 16 bytes transposed as a 4 x 4 matrix (`quad_transpose`,
+done once when the weights load), the order every MoE kernel reads; `decode(..., kernel_order=True)`
+decodes blocks kept so.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 SCALE_BIAS = 127
 
 
-def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Packed [..., G, 16] uint8 blocks and [..., G] uint8 scales -> [..., G * 32] values in `dtype`.
+def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+           kernel_order: bool = False) -> torch.Tensor:
+    """Packed [..., G, 16] uint8 blocks and [..., G] uint8 scales -> [..., G * 32] values in `dtype`;
+    kernel_order: the blocks' bytes are in kernel order (`quad_transpose`), as the model keeps them.
 
     Exact for bfloat16 and float32: every value is a 2-bit-mantissa number times a power of two.
     A scale byte of 255 gives inf (as OpenAI's torch reference does).
@@ -28,6 +34,8 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
         raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    if kernel_order:
+        blocks = quad_transpose(blocks)
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     low = lut[(blocks & 0x0F).long()]
     high = lut[(blocks >> 4).long()]
@@ -38,9 +46,10 @@ def decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
 
 def quad_transpose(blocks: torch.Tensor) -> torch.Tensor:
     """[..., G, 16] blocks with each block's bytes transposed as a 4 x 4 matrix: byte 4q + i of the
-    result is byte q + 4i of the block (its own inverse). A tensor-core operand gives lane q of each
-    quad the block's bytes q, q + 4, q + 8, q + 12: in this order they are one aligned word, which
-    the GEMM reads with one ldmatrix instead of one load per byte."""
+    result is byte q + 4i of the block (its own inverse: checkpoint order to kernel order and back).
+    A tensor-core operand gives lane q of each quad the block's bytes q, q + 4, q + 8, q + 12: in
+    this order they are one aligned word, which the GEMM reads with one ldmatrix instead of one load
+    per byte; the GEMVs, which read whole blocks, only rename registers (ptx.kernel_order_element)."""
     if blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not end in {BYTES_PER_BLOCK} bytes")
     return blocks.unflatten(-1, (4, 4)).transpose(-1, -2).flatten(-2).contiguous()

@@ -144,7 +144,8 @@ def attention(q: torch.Tensor, step: PagedStep, kv: PagedLayers, layer: int, sin
 # --------------------------------------------------------------------------- mixture of experts
 @dataclasses.dataclass
 class ExpertWeights:
-    """This rank's experts, MXFP4 packed: blocks [E, N, K / 32, 16] and scales [E, N, K / 32] (uint8)."""
+    """This rank's experts, MXFP4 packed: blocks [E, N, K / 32, 16] in kernel order (mxfp4.quad_transpose)
+    and scales [E, N, K / 32] (uint8)."""
     mlp1_blocks: torch.Tensor
     mlp1_scales: torch.Tensor
     mlp1_bias: torch.Tensor

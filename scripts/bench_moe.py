@@ -10,10 +10,6 @@ GEMV existed (`gemm_tiles`) against what `choose_tiles` picks now, and beside th
 reads the same experts' packed blocks (`read_only_seconds`): what one launch of that size reaches at
 all, timed the same way.
 
-`--quad` times the wgmma GEMM on the same experts with their blocks in mxfp4.quad_transpose order
-beside the order they are stored in (same tiles: `gemm_tiles` and any `--tiles`), checks that the two
-give the same bits, and with `--sweep` sweeps the transposed order.
-
 `--sweep` times each GEMM over candidate tiles of both kernels (the wgmma `_moe_gemm_kernel`
 and the CUDA-core `_moe_gemv_kernel`, the latter with both decode routes for its best shapes),
 checks every candidate's output against an fp32 decode-then-matmul reference, and prints the
@@ -164,7 +160,8 @@ def reference(x, source, source_div, experts_sorted, blocks, scales, bias, limit
     for e in torch.unique(experts_sorted).tolist():
         rows = torch.nonzero(experts_sorted == e).squeeze(1)
         src = source[rows].long() // source_div if source is not None else rows
-        y = x[src].float() @ mxfp4.decode(blocks[e], scales[e], torch.float32).T + bias[e].float()
+        y = x[src].float() @ mxfp4.decode(blocks[e], scales[e], torch.float32, kernel_order=True).T \
+            + bias[e].float()
         y = swiglu(y, limit) if limit is not None else y
         if out is None:
             out = torch.empty(len(experts_sorted), y.shape[1], device=x.device)
@@ -190,7 +187,7 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
 
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
         sweep: bool = False, routes: tuple[str, ...] = ("gemm", "gemv"),
-        tiles: list[Tiles] | None = None, quad: bool = False) -> list[dict]:
+        tiles: list[Tiles] | None = None) -> list[dict]:
     """routes: which candidates the sweep times: "gemm" (the wgmma GEMM), "gemv" (every GEMV route),
     or one GEMV route by its decode name ("tensor_core_rows", "tensor_core_row", "fp16", "e4m3"); the
     old words "mma" (the GEMM and the one-row route) and "mma_rows" still work (`ROUTE_ALIASES`);
@@ -216,26 +213,21 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         act = grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
                             swiglu_limit=cfg.swiglu_limit, tiles=gemm_tiles(p.num_rows, E, True))
 
-        wq = [mxfp4.quad_transpose(t) if n.endswith("blocks") else t for n, t in zip(NAMES, w)] if quad else w
+        def gemm1(tiles=None):
+            return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *w[:3], torch.bfloat16,
+                                 swiglu_limit=cfg.swiglu_limit, tiles=tiles)
 
-        def gemm1(tiles=None, transposed=quad):
-            return grouped_mxfp4(h, p.order, cfg.experts_per_token, p, *(wq if transposed else w)[:3],
-                                 torch.bfloat16, swiglu_limit=cfg.swiglu_limit, tiles=tiles, quad=transposed)
-
-        def gemm2(tiles=None, transposed=quad):
-            return grouped_mxfp4(act, None, 1, p, *(wq if transposed else w)[3:], torch.float32, tiles=tiles,
-                                 quad=transposed)
+        def gemm2(tiles=None):
+            return grouped_mxfp4(act, None, 1, p, *w[3:], torch.float32, tiles=tiles)
 
         old = (gemm_tiles(p.num_rows, E, True), gemm_tiles(p.num_rows, E, False))
         new = (choose_tiles(p.num_rows, E, True), choose_tiles(p.num_rows, E, False))
-        t_old = [bench(lambda: fn(t, False)) for fn, t in zip((gemm1, gemm2), old)]
-        t_new = [bench(lambda: fn(t, False)) for fn, t in zip((gemm1, gemm2), new)]
-        gemms = bench(lambda: (gemm1(None, False), gemm2(None, False)))
+        t_old = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), old)]
+        t_new = [bench(lambda: fn(t)) for fn, t in zip((gemm1, gemm2), new)]
+        gemms = bench(lambda: (gemm1(), gemm2()))
         row = {"kernel": "moe", "model": model, "tokens": tokens, "experts": experts, "bytes": touched,
                "flops": flops, "seconds": whole, "gemm_seconds": gemms, "tiles": new[0],
                "gemm_old_seconds": t_old, "gemm_new_seconds": t_new, "old_tiles": old, "new_tiles": new}
-        if quad:
-            row["quad"] = compare_quad(tokens, p.num_rows, E, (gemm1, gemm2), tiles, flops, mm)
         for i, name in enumerate(("gemm1", "gemm2")):
             nbytes = experts * per_gemm[i]
             blocks = w[3 * i]
@@ -287,29 +279,6 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
         results.append(row)
         print(format_row(row, bw, mm), flush=True)
     return results
-
-
-def compare_quad(tokens: int, rows: int, E: int, gemms, tiles: list[Tiles] | None, flops: float,
-                 mm: float) -> list[tuple]:
-    """Each GEMM's time with its blocks as stored and quad-transposed, same tiles, same bits."""
-    out = []
-    for i, fn in enumerate(gemms):
-        swiglu = i == 0
-        candidates_ = [gemm_tiles(rows, E, swiglu)] + [t for t in tiles or [] if t.kernel == "gemm"]
-        share = flops * (2 / 3 if swiglu else 1 / 3)
-        for t in candidates_:
-            try:
-                same = torch.equal(fn(t, False), fn(t, True))
-                stored, transposed = bench(lambda: fn(t, False)), bench(lambda: fn(t, True))
-            except Exception as e:  # a shape the compiler rejects
-                print(f"  tokens {tokens} gemm{i + 1} {t}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                continue
-            out.append((tokens, f"gemm{i + 1}", t, stored, transposed, same))
-            print(f"  QUAD tokens {tokens} gemm{i + 1} {t}: stored {stored * 1e6:.1f} us "
-                  f"({100 * share / stored / mm:.1f}% matmul), quad {transposed * 1e6:.1f} us "
-                  f"({100 * share / transposed / mm:.1f}%), {stored / transposed:.3f}x, same bits {same}",
-                  flush=True)
-    return out
 
 
 def format_row(r: dict, bw: float, mm: float) -> str:
@@ -364,8 +333,6 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
                          "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
-    ap.add_argument("--quad", action="store_true",
-                    help="also time the wgmma GEMM on quad-transposed blocks (mxfp4.quad_transpose)")
     args = ap.parse_args()
     tiles = [parse_tiles(t) for t in args.tiles] if args.tiles else None
     global REP_MS
@@ -374,20 +341,12 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     for model in args.model:
-        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes), tiles, args.quad)
+        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes), tiles)
     print(HEADER)
     for r in rows:
         print(format_row(r, bw, mm))
     print()
     print(compare_table(rows, bw))
-    if args.quad:
-        print("\n| model | tokens | GEMM | tiles | stored µs | quad µs | speed-up | same bits |\n"
-              "|---|---:|---|---|---:|---:|---:|---|")
-        for r in rows:
-            for tokens, name, t, a, b, same in r["quad"]:
-                shape = f"{t.block_t},{t.block_n},{t.block_k},{t.num_warps},{t.num_stages}"
-                print(f"| {r['model']} | {tokens} | {name} | {shape} | {a * 1e6:.1f} | {b * 1e6:.1f} | "
-                      f"{a / b:.3f}x | {same} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   2. the MoE GEMMs alone at the batch sizes an offline run steps through (scripts/bench_moe.py)
 #   3. Nsight Compute on the wgmma GEMM at two of them: tensor-pipe use, stalls, occupancy
 #   4. launch.bench: batch-1 decode (no regression) and the time to first token of a 32k prompt
-#   quad:  the wgmma GEMM on quad-transposed blocks beside the stored order (scripts/bench_moe.py --quad)
+#   verify: the GPU tests of the MoE kernels, the MXFP4 decode and the CUDA graphs (bit-exactness)
 #   mixed: the GPU test of a mixed step's decodes in their own attention launch
 # `bash scripts/device_survey.sh [steps...]` (default: tests moe ncu latency). Logs under $OUT.
 set -uo pipefail
@@ -31,11 +31,9 @@ for step in $steps; do
       grep -E "moe_gemm_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|Stall|Block Limit" \
         $OUT/ncu_moe.txt | head -80
       ;;
-    quad)
-      timeout 240 python3 scripts/bench_moe.py --model gpt-oss-20b --tokens 1024 2048 8192 --quad --rep 30 \
-        --tiles 256,64,64,4,3 128,128,64,8,3 2>&1 | tee $OUT/quad_20b.log | grep -E "^\| gpt-oss-20b \| [0-9]+ \| gemm"
-      timeout 240 python3 scripts/bench_moe.py --model gpt-oss-120b --tokens 1024 4096 8192 --quad --rep 30 \
-        --tiles 32,128,64,8,3 128,64,64,4,3 2>&1 | tee $OUT/quad_120b.log | grep -E "^\| gpt-oss-120b \| [0-9]+ \| gemm"
+    verify)
+      timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_moe.py tests/test_mxfp4.py \
+        tests/test_cuda_graphs.py 2>&1 | tee $OUT/pytest_verify.log | grep -E "FAILED|ERROR| passed| failed"
       ;;
     mixed)
       timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_attention.py -k "mixed_step_decodes or test_triton_experts_match" \

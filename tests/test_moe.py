@@ -44,14 +44,6 @@ def random_experts(E, N, K, device="cpu"):
     return blocks, scales, bias
 
 
-def test_quad_transpose_puts_a_quads_bytes_together_and_undoes_itself():
-    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8)
-    t = mxfp4.quad_transpose(blocks)
-    for q in range(4):  # lane q's bytes q, q + 4, q + 8, q + 12 become bytes 4q .. 4q + 3
-        assert torch.equal(t[..., 4 * q:4 * q + 4], blocks[..., q::4])
-    assert torch.equal(mxfp4.quad_transpose(t), blocks)
-
-
 @pytest.mark.parametrize("rows", [1, 50, 300, 700])  # the one-program plan (<= 512 rows) and torch.sort
 def test_plan_sorts_rows_by_expert_and_counts_them(rows):
     experts = torch.randint(0, 6, (rows,))
@@ -67,18 +59,18 @@ def test_plan_sorts_rows_by_expert_and_counts_them(rows):
 @pytest.mark.parametrize("rows_per_expert, K", [([1, 0, 3, 0], 256), ([17, 5, 0, 40], 256),
                                                 ([3, 2, 1, 9], 160)])  # 160: K not a multiple of BLOCK_K
 @pytest.mark.parametrize("tiles", [Tiles(8, 64, 128, 4, 1), Tiles(16, 32, 64, 4, 1)])
-@pytest.mark.parametrize("quad", [False, True])  # blocks as stored, or in mxfp4.quad_transpose order
-def test_grouped_gemm_matches_decode_then_matmul(rows_per_expert, K, tiles, quad):
+def test_grouped_gemm_matches_decode_then_matmul(rows_per_expert, K, tiles):
+    """The GEMM reads blocks in kernel order (as the model keeps them): the checkpoint's blocks,
+    transposed, against the checkpoint's decode."""
     E, N = 4, 128
     blocks, scales, bias = random_experts(E, N, K)
-    stored = mxfp4.quad_transpose(blocks) if quad else blocks
+    stored = mxfp4.quad_transpose(blocks)
     experts = torch.repeat_interleave(torch.arange(E), torch.tensor(rows_per_expert))
     experts = experts[torch.randperm(len(experts))]  # rows arrive in any order; the plan sorts them
     x = torch.randn(len(experts), K)
     p = plan(experts, E)
     poisoned = torch.full((len(experts), N), float("nan"))  # every element must be written
-    got = grouped_mxfp4(x, p.order, 1, p, stored, scales, bias, torch.float32, tiles=tiles, out=poisoned,
-                        quad=quad)
+    got = grouped_mxfp4(x, p.order, 1, p, stored, scales, bias, torch.float32, tiles=tiles, out=poisoned)
     sorted_experts = experts[p.order.long()].tolist()
     want = torch.stack([mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[p.order[i]] + bias[e]
                         for i, e in enumerate(sorted_experts)])
@@ -178,7 +170,8 @@ def grouped_reference(x, order, source_div, experts, blocks, scales, bias, limit
     """fp32 decode-then-matmul per sorted row (then the clamped SwiGLU), the GEMMs' contract."""
     rows = []
     for i, e in enumerate(experts[order.long()].tolist()):
-        rows.append(mxfp4.decode(blocks[e], scales[e], torch.float32) @ x[order[i] // source_div].float()
+        rows.append(mxfp4.decode(blocks[e], scales[e], torch.float32, kernel_order=True)
+                    @ x[order[i] // source_div].float()
                     + bias[e])
     y = torch.stack(rows)
     return swiglu(y, limit) if limit is not None else y
@@ -347,12 +340,13 @@ def emulate_ptx(ptx: str, inputs: list[int]) -> list[float]:
 
 @pytest.mark.parametrize("e4m3, log2", [(False, 14), (True, 6)])
 def test_gemv_ptx_decode_routes_emulated(e4m3, log2):
-    """Every byte value in every position: $e must be element e of the block times 2^-log2."""
+    """Every byte value in every position: given a block's words in kernel order, $e must be element e
+    of the block times 2^-log2."""
     blocks = torch.cat([torch.arange(256, dtype=torch.uint8).view(16, 16),
                         torch.randint(0, 256, (16, 16), dtype=torch.uint8)])
     want = mxfp4.decode(blocks[:, None], torch.full((32, 1), 127, dtype=torch.uint8), torch.float32)
     ptx = decode32_ptx(e4m3)
-    for block, expected in zip(blocks, want):
+    for block, expected in zip(mxfp4.quad_transpose(blocks), want):
         got = [v * 2.0 ** log2 for v in emulate_ptx(ptx, block.view(torch.int32).tolist())]
         assert got == expected.tolist()
 
@@ -508,7 +502,7 @@ def test_tensor_core_gemv_ptx_emulated_on_a_warp():
     scales[:, :4] = torch.tensor([66, 192, 127, 100])
     x = (torch.randn(steps * 16 * 32, generator=gen) * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(
         torch.bfloat16)
-    weights = mxfp4.decode(blocks, scales, torch.float32).double()
+    weights = mxfp4.decode(blocks, scales, torch.float32, kernel_order=True).double()
     # the kernel multiplies 2^offset back later
     want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double()
     lanes = [{f"${28 + n}": 0.0 for n in range(8)} for _ in range(32)]
@@ -558,7 +552,7 @@ def test_tensor_core_rows_gemv_ptx_emulated_on_a_warp(token_groups):
     scales[:4, 0] = torch.tensor([66, 192, 127, 100])
     x = (torch.randn(tokens, K, generator=gen)
          * 2.0 ** torch.randint(-60, 40, (1,), generator=gen)).to(torch.bfloat16)
-    weights = mxfp4.decode(blocks, scales, torch.float32).double()
+    weights = mxfp4.decode(blocks, scales, torch.float32, kernel_order=True).double()
     # [rows, tokens]; the kernel undoes 2^-offset
     want = (weights * 2.0 ** -TENSOR_CORE_SCALE_OFFSET) @ x.double().T
     # the step's operands: outputs, 8 weight words, scale and x addresses, accumulators
@@ -828,7 +822,8 @@ def test_triton_decode_at_both_scale_ranges(top_scale):
 
 # ------------------------------------------------------------------------------ the tile table
 def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
-    """choose_tiles and mma_tiles as if/elif chains before they became a table (new names)."""
+    """choose_tiles and mma_tiles as if/elif chains before they became a table (new names; mlp2's
+    GEMM tiles from 49 rows per expert since the blocks are in kernel order)."""
     cuda_core = {True: "fp16", False: "e4m3"}
 
     def gemm(rows, num_experts, swiglu):
@@ -840,8 +835,8 @@ def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
         if per_expert <= 48:
             return Tiles(64, 128, 64, 4, 3)
         if per_expert <= 128:
-            return Tiles(128, 64, 64, 4, 3)
-        return Tiles(256, 128, 64, 8, 4)
+            return Tiles(128, 64, 64, 4, 3) if swiglu else Tiles(128, 128, 64, 8, 3)
+        return Tiles(256, 128, 64, 8, 4) if swiglu else Tiles(128, 128, 64, 8, 3)
 
     per_expert = rows / max(1, min(rows, num_experts))
     if rows * 2 <= num_experts:

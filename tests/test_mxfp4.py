@@ -116,3 +116,14 @@ def test_mxfp4_decode_on_gpu_is_exact_at_real_shapes(name):
     gpu = mxfp4.decode(blocks, scales, torch.bfloat16)
     cpu = mxfp4.decode(blocks.cpu(), scales.cpu(), torch.float32)
     assert torch.equal(gpu.cpu().float(), cpu)
+
+
+def test_kernel_order_puts_a_quads_bytes_together_and_decodes_alike():
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8)
+    scales = torch.randint(100, 150, (3, 5, 2), dtype=torch.uint8)
+    kernel = mxfp4.quad_transpose(blocks)
+    for q in range(4):  # lane q's bytes q, q + 4, q + 8, q + 12 become bytes 4q .. 4q + 3
+        assert torch.equal(kernel[..., 4 * q:4 * q + 4], blocks[..., q::4])
+    assert torch.equal(mxfp4.quad_transpose(kernel), blocks)
+    assert torch.equal(mxfp4.decode(kernel, scales, torch.float32, kernel_order=True),
+                       mxfp4.decode(blocks, scales, torch.float32))

@@ -17,6 +17,7 @@ import torch
 
 from parallel import groups
 from parallel.groups import Group, Layout, LayoutError
+from runtime import mxfp4
 from runtime.config import preset
 from runtime.model import GptOss
 from batch_jobs import batch_command, job_env, rank_pid, start_batch, written_lines
@@ -176,6 +177,6 @@ def test_each_rank_reads_only_its_slices(tiny_checkpoints):
     assert torch.equal(local["block.0.attn.sinks"],
                        full["block.0.attn.sinks"][cfg.num_attention_heads // 2:].float())
     assert torch.equal(local["block.0.attn.out.weight"], full["block.0.attn.out.weight"][:, half_q:].float())
-    assert torch.equal(local["block.0.mlp.mlp1_weight.blocks"],
-                       full["block.0.mlp.mlp1_weight.blocks"][cfg.num_experts // 2:])
+    assert torch.equal(local["block.0.mlp.mlp1_weight.blocks"],  # kept in kernel order
+                       mxfp4.quad_transpose(full["block.0.mlp.mlp1_weight.blocks"][cfg.num_experts // 2:]))
     assert torch.equal(local["unembedding.weight"], full["unembedding.weight"][cfg.vocab_size // 2:].float())

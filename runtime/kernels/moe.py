@@ -26,16 +26,17 @@ def expert_rows(x: torch.Tensor, experts: torch.Tensor, mlp1_blocks: torch.Tenso
                 mlp2_bias: torch.Tensor, limit: float, reduce=None) -> torch.Tensor:
     """Row i through expert experts[i]: x [m, d] -> [m, d_out] in fp32 (unweighted, bias included).
 
-    `experts` index the packed tensors' first dimension (this rank's experts). When each expert's
+    `experts` index the packed tensors' first dimension (this rank's experts); blocks in kernel order
+    (mxfp4.quad_transpose), as the model keeps them. When each expert's
     intermediate dimension is split over ranks, `reduce` sums the partial mlp2 outputs across them
     before the bias is added, so the bias counts once.
     """
     out = torch.zeros(x.shape[0], mlp2_bias.shape[-1], dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():
         rows = torch.nonzero(experts == e).squeeze(1)
-        w1 = mxfp4.decode(mlp1_blocks[e], mlp1_scales[e], x.dtype)
+        w1 = mxfp4.decode(mlp1_blocks[e], mlp1_scales[e], x.dtype, kernel_order=True)
         h = torch.nn.functional.linear(x[rows], w1, mlp1_bias[e])
-        w2 = mxfp4.decode(mlp2_blocks[e], mlp2_scales[e], x.dtype)
+        w2 = mxfp4.decode(mlp2_blocks[e], mlp2_scales[e], x.dtype, kernel_order=True)
         out[rows] = torch.nn.functional.linear(swiglu(h, limit), w2).float()
     if reduce is not None:
         out = reduce(out)

@@ -128,10 +128,10 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
                   blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype,
                   swiglu_limit: float | None = None, tiles: Tiles | None = None,
-                  out: torch.Tensor | None = None, quad: bool = False) -> torch.Tensor:
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = W_e x[source[i] // source_div] + b_e for sorted rows i of expert e (then SwiGLU);
-    source None reads x[i] (x already sorted); bias None adds none. quad: `blocks` are in
-    mxfp4.quad_transpose order (the wgmma GEMM reads them; scripts/bench_moe.py --quad measures it)."""
+    source None reads x[i] (x already sorted); bias None adds none. `blocks` in kernel order
+    (mxfp4.quad_transpose), as the model keeps them."""
     E, N, groups, group_bytes = blocks.shape
     assert x.shape[1] == groups * 32 and group_bytes == 16, (x.shape, blocks.shape)
     tiles = tiles or choose_tiles(p.num_rows, E, swiglu_limit is not None)
@@ -140,8 +140,6 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         out = torch.empty((p.num_rows, width), dtype=out_dtype, device=x.device)
     if p.num_rows == 0:
         return out
-    if quad:  # only the GEMM reads the transposed order so far
-        tiles = tiles if tiles.kernel == "gemm" else gemm_tiles(p.num_rows, E, swiglu_limit is not None)
     tensor_core = tiles.kernel == "gemv" and tiles.decode in TENSOR_CORE_DECODES
     if tensor_core and not tensor_core_gemv_fits(x, scales, tiles):
         swiglu = swiglu_limit is not None  # the CUDA-core GEMV takes up to 4 rows a tile, the GEMM any
@@ -179,7 +177,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
         DOT_FP32=INTERPRET or x.dtype == torch.float32, PTX=not INTERPRET, FOLD=scales_fold(scales),
         BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_POW2=triton.next_power_of_2(E),
-        QUAD=quad, EVEN_K=groups * group_bytes % (tiles.block_k // 2) == 0,
+        EVEN_K=groups * group_bytes % (tiles.block_k // 2) == 0,
         num_warps=tiles.num_warps, num_stages=num_stages,
         **pdl.launch_args(x.device),
     )

@@ -11,9 +11,10 @@ of 8.
 Decode (`ptx.decode_ptx`) is elementwise (each byte's two values from that byte and its own scale), so
 the compiler may lay the packed tile out as it likes: it reads the bytes from the pipeline's
 shared-memory buffer straight into the MMA's operand layout, where a thread's k pairs (2j, 2j + 1)
-are exactly byte j, and the decoded tile is never written back (a thread's bytes lie 4 apart, so they
-are read one at a time). The interpreter (CPU tests) cannot run PTX: it uses an integer-only decode
-of the same values (`_e2m1_scaled_bf16`).
+are exactly byte j, and the decoded tile is never written back. In a block's original order lane q of
+a quad needs bytes q, q + 4, q + 8, q + 12 (one load each); in kernel order (mxfp4.quad_transpose)
+they are one word, and a thread's 16 bytes of a step come in one ldmatrix. The interpreter (CPU
+tests) cannot run PTX: it uses an integer-only decode of the same values (`_e2m1_scaled_bf16`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _moe_gemm_kernel(
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
     GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr,
     PTX: tl.constexpr, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr, QUAD: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
     pdl.wait_for_previous_kernel(PDL)
@@ -110,15 +111,14 @@ def _moe_gemm_kernel(
         scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, GROUPS, 1)), (BLOCK_N, GROUPS, 16)),
                            (BLOCK_N, BYTES))
         lo, hi = _decode(packed, scale, PTX, FOLD)
-        # byte j holds elements 2j (low nibble) and 2j + 1 (high): interleaved back into K order. The
-        # compiler then loads the packed bytes straight into the MMA operand's register layout (each
-        # thread's bytes decode to its own k pairs), with no round trip of the decoded tile through
-        # shared memory, and x reaches the MMA from where the pipeliner put it.
-        if QUAD:  # storage byte 4q + i of a block holds its byte q + 4i (mxfp4.quad_transpose)
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 4, 4, 2))
-            w = tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
-        else:
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        # Back into K order: byte 4q + i of a block (kernel order, mxfp4.quad_transpose) is its byte
+        # q + 4i, and byte j holds elements 2j (low nibble) and 2j + 1 (high). The compiler then loads
+        # the packed bytes straight into the MMA operand's register layout (each thread's bytes decode
+        # to its own k pairs, lane q of a quad's 4 bytes of a block one word: one ldmatrix for a
+        # thread's 16 bytes), with no round trip of the decoded tile through shared memory, and x
+        # reaches the MMA from where the pipeliner put it.
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 4, 4, 2))
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
         x_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :]
         x = tl.load(x_ptrs + 2 * k0, mask=x_mask, other=0.0)
         if DOT_FP32:

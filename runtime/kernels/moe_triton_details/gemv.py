@@ -42,16 +42,27 @@ def _e2m1_fp32(code):
 
 
 @triton.jit
+def _byte_column(k0, k1, k2, k3, B: tl.constexpr):
+    """The word made of byte B of k0 .. k3 (k0's lowest): kernel-order words back to a block's words."""
+    return (((k0 >> 8 * B) & 255) | (((k1 >> 8 * B) & 255) << 8) | (((k2 >> 8 * B) & 255) << 16)
+            | (((k3 >> 8 * B) & 255) << 24))
+
+
+@triton.jit
 def _decode32(words, DECODE: tl.constexpr):
-    """words [BLOCK_N, GPI, 4] int32 (one 32-value block per [row, group], 4 words each) -> 8 fp32
-    tensors of the same shape: the n-th holds, at word position j, element 4n + j of the block, times
-    2^-14 (DECODE 0 or 1) or 2^-6 (DECODE 2). So x for the n-th is 4 contiguous elements per block."""
+    """words [BLOCK_N, GPI, 4] int32 (one 32-value block per [row, group], 4 words each, in kernel
+    order: mxfp4.quad_transpose) -> 8 fp32 tensors of the same shape: the n-th holds, at word position
+    j, element 4n + j of the block, times 2^-14 (DECODE 0 or 1) or 2^-6 (DECODE 2). So x for the n-th
+    is 4 contiguous elements per block."""
     if DECODE == 0:
         j = tl.arange(0, 4)[None, None, :]
-        w0 = tl.sum(tl.where(j == 0, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
-        w1 = tl.sum(tl.where(j == 1, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
-        w2 = tl.sum(tl.where(j == 2, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
-        w3 = tl.sum(tl.where(j == 3, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        k0 = tl.sum(tl.where(j == 0, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        k1 = tl.sum(tl.where(j == 1, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        k2 = tl.sum(tl.where(j == 2, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        k3 = tl.sum(tl.where(j == 3, words, 0), 2)[:, :, None].to(tl.uint32, bitcast=True)
+        # kernel order back to the block's: its word w is byte w of each kernel-order word
+        w0, w1, w2, w3 = (_byte_column(k0, k1, k2, k3, 0), _byte_column(k0, k1, k2, k3, 1),
+                          _byte_column(k0, k1, k2, k3, 2), _byte_column(k0, k1, k2, k3, 3))
         lo = (4 * j).to(tl.uint32)  # element 4n + j is nibble 4 * (n % 2) + j of word n // 2
         hi = (4 * j + 16).to(tl.uint32)
         v0 = _e2m1_fp32((w0 >> lo) & 15)

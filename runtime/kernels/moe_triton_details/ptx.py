@@ -43,11 +43,19 @@ def decode_ptx(fold: bool) -> str:
     return "\n".join(lines + ["}"])
 
 
+def kernel_order_element(word: int, nibble: int) -> int:
+    """The block element that nibble `nibble` (0-7, even ones low in their byte) of word `word` (0-3)
+    holds in kernel order: the word's byte b is the block's byte word + 4b (mxfp4.quad_transpose), and
+    byte j holds elements 2j (low nibble) and 2j + 1."""
+    return 2 * (word + 4 * (nibble // 2)) + nibble % 2
+
+
 def decode32_ptx(e4m3: bool) -> str:
-    """PTX turning one 32-value block's 16 packed bytes ($32..$35: four words, byte 4w + b in word w)
-    into 32 fp32 registers, $e = element e of the block times 2^-14 (fp16 route) or 2^-6 (e4m3
-    route), exactly. Element e is nibble e % 8 of word e // 8 (even nibbles: low halves of bytes). No
-    scale here: the kernel applies the block's scale once, to the block's partial sum.
+    """PTX turning one 32-value block's 16 packed bytes ($32..$35: four words in kernel order, byte b
+    of word w being the block's byte w + 4b, see mxfp4.quad_transpose) into 32 fp32 registers, $e =
+    element e of the block times 2^-14 (fp16 route) or 2^-6 (e4m3 route), exactly. Nibble n of word w
+    is element `kernel_order_element(w, n)`; the outputs are named so that the order costs nothing.
+    No scale here: the kernel applies the block's scale once, to the block's partial sum.
 
     Both routes first rebuild each nibble as a byte in all 4 byte lanes of a word at once: the low
     nibbles (sign from bit 3, exponent/mantissa bits from 0-2) and the high ones (sign already at 7,
@@ -77,7 +85,7 @@ def decode32_ptx(e4m3: bool) -> str:
                       "prmt.b32 p2, hi, 0, 0x2404;", "and.b32 p3, hi, 0xFF00FF00;",
                       "mov.b32 {q0, q4}, p0;", "mov.b32 {q2, q6}, p1;",
                       "mov.b32 {q1, q5}, p2;", "mov.b32 {q3, q7}, p3;"]
-        lines += [f"cvt.f32.f16 ${8 * w + n}, q{n};" for n in range(8)]
+        lines += [f"cvt.f32.f16 ${kernel_order_element(w, n)}, q{n};" for n in range(8)]
     return "\n".join(lines + ["}"])
 
 
@@ -106,9 +114,10 @@ def tensor_core_step_ptx(token_groups: int = 1) -> str:
 
     Operands (pack 4, one block's 4 words per input), with G = token_groups and I = 8G the first
     input: the outputs $0..$(8G - 1), group j's chains at 8j..8j + 3 and 8j + 4..8j + 7; $I..$I+3
-    the even row's words, $I+4..$I+7 the odd row's; $I+8 the address of the even row's scale byte,
-    $I+12 the odd row's; $I+16+4j the address of group j's 32 bf16 x values of the block (16-byte
-    aligned; word q holds values 2q, 2q + 1); then the accumulators coming in, in the outputs' order.
+    the even row's words (kernel order: `kernel_order_element`), $I+4..$I+7 the odd row's; $I+8
+    the address of the even row's scale byte, $I+12 the odd row's; $I+16+4j the address of group
+    j's 32 bf16 x values of the block (16-byte aligned; word q holds values 2q, 2q + 1); then the
+    accumulators coming in, in the outputs' order.
     Scales and x are loaded here, not by Triton, so that the only tensors the compiler lays out are
     the weights (gemv_tensor_core.py: the lanes must follow the weight rows). The decoded weights of a block
     are reused by every group's MMAs."""
@@ -129,10 +138,12 @@ def tensor_core_step_ptx(token_groups: int = 1) -> str:
         for i in range(4):
             lines += _pair_ptx(f"${words_a + w}", "sa", f"ra{i}", i)
             lines += _pair_ptx(f"${words_b + w}", "sb", f"rb{i}", i)
+            # the pair's weights are elements e and e + 16 (kernel_order_element of nibbles i and i + 4):
+            # x values e (low half) and e + 16 (high half) are halves i % 2 of x words e // 2 and e // 2 + 8
+            e = kernel_order_element(w, i)
             for j in range(token_groups):
-                # x values 8w + i (low half) and 8w + i + 4 (high half): words 4w + i // 2 and 4w + 2 + i // 2
                 x = 16 * j
-                lines.append(f"prmt.b32 bx{4 * j + i}, x{x + 4 * w + i // 2}, x{x + 4 * w + 2 + i // 2}, "
+                lines.append(f"prmt.b32 bx{4 * j + i}, x{x + e // 2}, x{x + e // 2 + 8}, "
                              f"{'0x5410' if i % 2 == 0 else '0x7632'};")
         for j in range(token_groups):
             base = 8 * j + (0 if w < 2 else 4)
