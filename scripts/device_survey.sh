@@ -24,12 +24,17 @@ for step in $steps; do
       ;;
     ncu)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      timeout 200 "$ncu" --clock-control none -k regex:_moe_gemm_kernel --launch-skip 2 --launch-count 4 \
-        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-        --section Occupancy --section LaunchStats --section SchedulerStats \
-        python3 scripts/moe_gemm_once.py --repeat 2 > $OUT/ncu_moe.txt 2>&1
-      grep -E "moe_gemm_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Warp Cycles Per Issued|Stall|Block Limit" \
-        $OUT/ncu_moe.txt | head -80
+      for tokens in 1024 8192; do
+        for gemm in 1 2; do
+          timeout 100 "$ncu" --clock-control none -k regex:_moe_gemm_kernel --launch-skip 2 --launch-count 1 \
+            --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+            --section Occupancy --section LaunchStats --section SchedulerStats \
+            python3 scripts/kernel_probe.py moe --model gpt-oss-20b --tokens $tokens --gemm $gemm \
+            > $OUT/ncu_moe_${tokens}_$gemm.txt 2>&1
+          grep -E "moe_gemm_kernel|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per" \
+            $OUT/ncu_moe_${tokens}_$gemm.txt
+        done
+      done
       ;;
     verify)
       timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_moe.py tests/test_mxfp4.py \

@@ -27,9 +27,9 @@ def expert_rows(x: torch.Tensor, experts: torch.Tensor, mlp1_blocks: torch.Tenso
     """Row i through expert experts[i]: x [m, d] -> [m, d_out] in fp32 (unweighted, bias included).
 
     `experts` index the packed tensors' first dimension (this rank's experts); blocks in kernel order
-    (mxfp4.quad_transpose), as the model keeps them. When each expert's
-    intermediate dimension is split over ranks, `reduce` sums the partial mlp2 outputs across them
-    before the bias is added, so the bias counts once.
+    (mxfp4.quad_transpose), as the model keeps them. When each expert's intermediate dimension is
+    split over ranks, `reduce` sums the partial mlp2 outputs across them before the bias is added, so
+    the bias counts once.
     """
     out = torch.zeros(x.shape[0], mlp2_bias.shape[-1], dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():

@@ -1,7 +1,8 @@
 """Which kernel, route and tiles each MoE GEMM takes, by rows per expert: a table, scanned in order.
 
 Decode-sized batches are bound by streaming (and decoding) the weight bytes, prefill by the MMAs. The
-rules are the fastest in scripts/bench_moe.py --sweep (and profile_decode.py --ab) on an H100; the
+rules are the fastest in scripts/bench_moe.py --sweep (and profile_decode.py --ab) on an H100 (mlp2's
+GEMM tiles from 49 rows per expert: on an H200, with the blocks in kernel order); the
 measurements behind each line are in docs/performance.md, "MoE tile choices: the measurements behind
 runtime/kernels/moe_triton_details/tiles.py".
 
