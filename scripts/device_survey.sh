@@ -6,6 +6,8 @@
 #   4. launch.bench: batch-1 decode (no regression) and the time to first token of a 32k prompt
 #   verify: the GPU tests of the MoE kernels, the MXFP4 decode and the CUDA graphs (bit-exactness)
 #   mixed: the GPU test of a mixed step's decodes in their own attention launch
+#   moe_ab, latency_ab: step 2 (all batch sizes) and batch-1 / batch-64 decode on two trees alternately,
+#            `.base/` (main before a change, carried: git archive REV | tar -x -C .base) and this one
 # `bash scripts/device_survey.sh [steps...]` (default: tests moe ncu latency). Logs under $OUT.
 set -uo pipefail
 source scripts/device_env.sh
@@ -48,6 +50,24 @@ for step in $steps; do
       timeout 240 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda "batch_sizes=[1]" \
         "ttft_prompts=[32768]" decode_tokens=128 repeat=3 json=$OUT/latency_20b.json 2>&1 \
         | tee $OUT/latency_20b.log | grep -E "^\|"
+      ;;
+    moe_ab)
+      for tree in .base .; do
+        name=$([ "$tree" = . ] && echo new || echo base)
+        echo "== $name"
+        (cd "$tree" && timeout 150 python3 scripts/bench_moe.py --model gpt-oss-20b gpt-oss-120b \
+          --tokens 1 64 256 1024 2048 8192 --rep 30 2>&1) | tee -a $OUT/bench_moe_$name.log \
+          | grep -E "^\||tokens|TFLOP"
+      done
+      ;;
+    latency_ab)
+      for tree in .base . .base .; do
+        name=$([ "$tree" = . ] && echo new || echo base)
+        echo "== $name"
+        (cd "$tree" && timeout 150 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
+          "batch_sizes=[1,64]" decode_tokens=128 repeat=3 max_batch_size=64 2>&1) \
+          | tee -a $OUT/latency_$name.log | grep -E "^\|"
+      done
       ;;
   esac
   echo "($step took $((SECONDS - start)) s)"
