@@ -12,6 +12,21 @@
 set -uo pipefail
 source scripts/device_env.sh
 nvidia-smi -L
+
+# on_both_trees ROUNDS LOG SHOWN COMMAND...: COMMAND in .base/ then in this tree, ROUNDS times; the
+# output appended to $OUT/LOG_base.log and $OUT/LOG_new.log, its lines matching SHOWN printed
+on_both_trees() {
+  local rounds=$1 log=$2 shown=$3 round tree name
+  shift 3
+  for round in $(seq "$rounds"); do
+    for tree in .base .; do
+      name=$([ "$tree" = . ] && echo new || echo base)
+      echo "== $name"
+      (cd "$tree" && "$@" 2>&1) | tee -a "$OUT/${log}_$name.log" | grep -E "$shown"
+    done
+  done
+}
+
 steps=${*:-tests moe ncu latency}
 for step in $steps; do
   start=$SECONDS
@@ -52,22 +67,12 @@ for step in $steps; do
         | tee $OUT/latency_20b.log | grep -E "^\|"
       ;;
     moe_ab)
-      for tree in .base .; do
-        name=$([ "$tree" = . ] && echo new || echo base)
-        echo "== $name"
-        (cd "$tree" && timeout 150 python3 scripts/bench_moe.py --model gpt-oss-20b gpt-oss-120b \
-          --tokens 1 64 256 1024 2048 8192 --rep 30 2>&1) | tee -a $OUT/bench_moe_$name.log \
-          | grep -E "^\||tokens|TFLOP"
-      done
+      on_both_trees 1 bench_moe "^\||tokens|TFLOP" timeout 150 python3 scripts/bench_moe.py \
+        --model gpt-oss-20b gpt-oss-120b --tokens 1 64 256 1024 2048 8192 --rep 30
       ;;
     latency_ab)
-      for tree in .base . .base .; do
-        name=$([ "$tree" = . ] && echo new || echo base)
-        echo "== $name"
-        (cd "$tree" && timeout 150 python3 -m launch.bench checkpoint=dummy model=gpt-oss-20b device=cuda \
-          "batch_sizes=[1,64]" decode_tokens=128 repeat=3 max_batch_size=64 2>&1) \
-          | tee -a $OUT/latency_$name.log | grep -E "^\|"
-      done
+      on_both_trees 2 latency "^\|" timeout 150 python3 -m launch.bench checkpoint=dummy \
+        model=gpt-oss-20b device=cuda "batch_sizes=[1,64]" decode_tokens=128 repeat=3 max_batch_size=64
       ;;
   esac
   echo "($step took $((SECONDS - start)) s)"
