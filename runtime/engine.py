@@ -46,6 +46,10 @@ class Result:
     finish_reason: str = "error"  # "stop" | "length" | "error"
     error: str | None = None
     chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}}
+    # For reports, not in the output record: the prompt's length, and how much of it came from the
+    # prefix cache (vLLM's num_cached_tokens)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     def to_json(self) -> dict:
         out = {"id": self.id, "token_ids": self.token_ids, "text": self.text,
@@ -168,7 +172,8 @@ class LLM:
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
                                    max_batch_tokens=config.max_batch_tokens, max_model_len=max_model_len,
-                                   new_generator=self._new_generator)
+                                   new_generator=self._new_generator,
+                                   prefix_caching=config.enable_prefix_caching)
         # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
         self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
@@ -306,6 +311,11 @@ class LLM:
                         continue
                 self.scheduler.add(index, prompt)
             self._run(finish, should_stop)
+        except BaseException:  # a registered page's step may never have run: trust no cached page
+            for pool in (self.model.pool, self.model.sliding_pool):
+                if pool is not None:
+                    pool.forget_cached()
+            raise
         finally:  # stopped early or failed: the next call starts from an empty queue
             self.scheduler.drop_unfinished()
         return [results[i] for i in sorted(results)]
@@ -404,7 +414,8 @@ class LLM:
         # The text leaves out a final stop token; the token ids keep it.
         body = seq.generated[:-1] if reason == "stop" else seq.generated
         result = Result(req.id, list(seq.generated), list(seq.logprobs) if req.params.logprobs else None,
-                        finish_reason=reason)
+                        finish_reason=reason, prompt_tokens=len(req.prompt_token_ids),
+                        cached_tokens=seq.cached_tokens)
         try:
             result.text = self.harmony.decode(body)
             if req.chat:

@@ -73,7 +73,8 @@ class EngineConfig:
     embedded tiny synthetic checkpoint, so `model` must be tiny). max_model_len None: the model's
     limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
     weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
-    graphs. seed: dummy weights; and a request without a seed samples with
+    graphs. enable_prefix_caching: reuse the KV pages of prompt prefixes computed before (vLLM's
+    name; runtime/prefix_cache.py). seed: dummy weights; and a request without a seed samples with
     runtime.sampling.default_seed(seed, its id).
     """
     checkpoint: str | Path | None = None
@@ -87,6 +88,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
+    enable_prefix_caching: bool = True
     seed: int = 0
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 

@@ -15,10 +15,16 @@ tables do too). The sliding pool is sized so that it cannot run out (see `slidin
 
 A fixed pool has one page more than it hands out, `scratch` (zeros): the padding rows of a CUDA
 graph's batch write their keys there and read them back, so they never touch a sequence's pages.
+
+Pages are reference-counted so that sequences can share them (prefix caching, runtime/prefix_cache.py):
+a complete page can be registered under the digest of its tokens and every token before them; when
+its last holder lets go it is kept, still registered, on a least-recently-used list, and handed out
+again only when no free page is left (its digest forgotten first, so no one finds stale content).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import torch
@@ -66,6 +72,12 @@ class PagePool:
                     pages[self.scratch].zero_()
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._num_pages = num_pages
+        self._holders = [0] * num_pages  # sequences holding each page
+        self._digest: dict[int, bytes] = {}  # registered page -> digest of its prefix
+        self._page: dict[bytes, int] = {}  # digest -> the registered page holding that prefix
+        # Registered pages no sequence holds, least recently used first: reusable as they are, or
+        # handed out (forgotten) when the free list is empty.
+        self._unheld: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def _empty(self, num_pages: int) -> torch.Tensor:
         return torch.empty((num_pages, self.page_size, *self._shape), dtype=self._dtype, device=self._device)
@@ -76,20 +88,74 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages allocate() can hand out without growing: free ones and cached ones no sequence holds."""
+        return len(self._free) + len(self._unheld)
+
+    @property
+    def cached_pages(self) -> int:
+        """Registered pages (held or not): the prefix cache's size."""
+        return len(self._page)
 
     def pages_for(self, positions: int) -> int:
         return pages_for(positions, self.page_size)
 
     def allocate(self) -> int:
+        """A page for one holder: a free one, else the least recently used cached one (forgotten),
+        else (a growable pool) a new one."""
+        if not self._free and self._unheld:
+            page, _ = self._unheld.popitem(last=False)
+            del self._page[self._digest.pop(page)]
+            self._free.append(page)
         if not self._free:
             if not self.growable:
                 raise OutOfPages(f"all {self.num_pages} KV pages are in use")
             self._grow()
-        return self._free.pop()
+        page = self._free.pop()
+        self._holders[page] = 1
+        return page
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(p for p in reversed(pages) if p != RELEASED)
+        """Each holder lets go of its pages (RELEASED entries skipped): a page no one holds any more
+        goes back to the free list, or, if registered, to the end of the least-recently-used list."""
+        for page in reversed(pages):
+            if page == RELEASED:
+                continue
+            assert self._holders[page] > 0, f"KV page {page} released more often than held"
+            self._holders[page] -= 1
+            if self._holders[page] == 0:
+                if page in self._digest:
+                    self._unheld[page] = None
+                else:
+                    self._free.append(page)
+
+    # --------------------------------------------------------------------------- prefix caching
+    def lookup(self, digest: bytes) -> int | None:
+        """The registered page holding the prefix with this digest, or None."""
+        return self._page.get(digest)
+
+    def share(self, page: int) -> None:
+        """One more holder of a registered page (found by lookup)."""
+        assert page in self._digest, f"KV page {page} is not registered"
+        self._holders[page] += 1
+        self._unheld.pop(page, None)
+
+    def register(self, page: int, digest: bytes) -> None:
+        """Page `page` (held, its positions all written) holds the prefix `digest`; a prefix already
+        registered keeps its page (the newcomer stays private and is freed when let go)."""
+        assert self._holders[page] > 0, f"KV page {page} registered while no one holds it"
+        if digest not in self._page and page not in self._digest:
+            self._page[digest], self._digest[page] = page, digest
+
+    def holders(self, page: int) -> int:
+        return self._holders[page]
+
+    def forget_cached(self) -> None:
+        """Drop every registration (their contents may be unwritten after a failed step): unheld
+        cached pages become free, held ones private."""
+        self._free.extend(reversed(self._unheld))
+        self._unheld.clear()
+        self._page.clear()
+        self._digest.clear()
 
     def _grow(self) -> None:
         old = self._num_pages
@@ -99,6 +165,7 @@ class PagePool:
                 grown[:old] = pages
                 store[layer] = grown
         self._free.extend(range(2 * old - 1, old - 1, -1))
+        self._holders.extend([0] * old)
         self._num_pages = 2 * old
 
     def grow_to(self, num_pages: int) -> None:
@@ -136,6 +203,7 @@ class PageTables:
         # sliding layers' pages in position order, RELEASED once out of the window
         self.sliding_pages: list[int] = []
         self.released_upto = 0  # sliding_pages[:released_upto] are all RELEASED
+        self.registered = 0  # pages[:registered] are in the prefix cache (runtime/prefix_cache.py)
         self._slots: dict[bool, tuple[int, int, torch.Tensor]] = {}
 
     def _kind(self, layer: int) -> bool:
@@ -224,6 +292,7 @@ class SequenceKV(PageTables):
         if self.sliding_pool is not None:
             self.sliding_pool.release(self.sliding_pages)
         self.pages, self.sliding_pages, self._slots, self.released_upto = [], [], {}, 0
+        self.registered = 0
         self.serial = next(_serials)
 
     def __del__(self):

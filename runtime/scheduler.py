@@ -14,6 +14,12 @@ first (fewest uncomputed tokens first), prompts in chunks within the token budge
 most recently admitted sequence goes back to the front of the queue (its KV recomputed when it
 returns, as one prefill of prompt and generated tokens).
 
+With prefix caching (runtime/prefix_cache.py), a sequence about to compute from a page boundary first
+takes the longest run of cached pages that continues it, and its complete pages are registered for
+others after each step is planned (they are read only by later steps, which the GPU runs after this
+one). Sequences sharing a prefix in one step compute it once: one whose next page another chunk of
+the step is computing waits a step and then finds it cached.
+
 One step is always in flight (the engine's async scheduling): a step's sampled tokens are PENDING
 in their sequences until `land()`, and the next step, planned before they land, decodes a PENDING
 token by reading it from the GPU buffer row the step in flight samples it into (`sample_row`).
@@ -25,6 +31,7 @@ import collections
 import dataclasses
 from typing import Callable
 
+from runtime import prefix_cache
 from runtime.kv_cache import OutOfPages, PagePool, SequenceKV
 from runtime.requests import Request
 from runtime.sampling import SeededNoise
@@ -48,6 +55,9 @@ class Sequence:
     pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
     sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
     finish_reason: str | None = None  # "stop" | "length" once finished
+    digests: list[bytes] = dataclasses.field(default_factory=list)  # its complete pages' (prefix_cache.py)
+    cached_tokens: int = 0  # prompt tokens it found in the prefix cache (before any preemption)
+    preempted: bool = False
 
     @property
     def done(self) -> bool:
@@ -61,6 +71,7 @@ class StepStats:
     steps: int = 0
     decode_tokens: int = 0  # single-token chunks: a running sequence's next token
     prompt_tokens: int = 0  # tokens of longer chunks: prompts, and preempted sequences recomputed
+    cached_tokens: int = 0  # tokens taken from the prefix cache instead of computed
     running: int = 0  # running sequences, summed over steps
 
     @property
@@ -88,13 +99,16 @@ class Scheduler:
     """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
 
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
-    sampler state, made at its first admission and kept across preemption.
+    sampler state, made at its first admission and kept across preemption. prefix_caching: reuse
+    cached pages of earlier sequences' prefixes (vLLM's enable_prefix_caching).
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
                  max_batch_tokens: int, max_model_len: int,
-                 new_generator: Callable[[Request], SeededNoise | None] = lambda request: None):
+                 new_generator: Callable[[Request], SeededNoise | None] = lambda request: None,
+                 prefix_caching: bool = False):
         self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
+        self.prefix_caching = prefix_caching
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_model_len = max_model_len
         # Not admitted yet (index, Request), or preempted (index, Sequence), in the order they run.
@@ -136,7 +150,7 @@ class Scheduler:
                 del self.running[seq.index]
             else:  # preempted while its token was on the way
                 self.waiting.remove((seq.index, seq))
-            seq.cache.release()
+            self._release(seq)
             finished.append(seq)
         return finished
 
@@ -150,6 +164,21 @@ class Scheduler:
                 item.cache.release()
         self.running.clear()
         self.waiting.clear()
+
+    def _release(self, seq: Sequence) -> None:
+        """A finished or preempted sequence lets go of its pages, its complete ones registered first
+        (they stay cached until the memory is needed)."""
+        if self.prefix_caching:
+            self._register(seq)
+        seq.cache.release()
+
+    def _register(self, seq: Sequence) -> None:
+        """Register the sequence's complete computed pages not registered yet (digests extended
+        over the tokens known so far: a page with a PENDING token waits for a later call)."""
+        ps = self.pool.page_size
+        if seq.computed // ps > seq.cache.registered:
+            prefix_cache.chain_digests(seq.tokens, ps, seq.digests)
+            prefix_cache.register(seq.cache, seq.digests, seq.computed)
 
     # --------------------------------------------------------------------------- admission
     def longest(self, request: Request) -> int:
@@ -171,7 +200,7 @@ class Scheduler:
                                                          f"cache; it holds {capacity} (kv_cache_tokens)"))
                     continue
                 tokens = seq.tokens if seq else req.prompt_token_ids
-                if self.pool.pages_for(len(tokens)) > self.pool.free_pages:
+                if self.pool.pages_for(len(tokens)) - self._cached_pages(tokens) > self.pool.free_pages:
                     break  # wait for running sequences to finish
             self.waiting.popleft()
             self.running[index] = seq if seq else self._new_sequence(index, req)
@@ -179,6 +208,22 @@ class Scheduler:
 
     def _new_sequence(self, index: int, req: Request) -> Sequence:
         return Sequence(index, req, self.new_cache(), self.new_generator(req), list(req.prompt_token_ids))
+
+    def _cached_pages(self, tokens: list[int]) -> int:
+        """Pages a waiting sequence would share with running ones instead of allocating (the cached
+        run of full pages from its start that someone holds: the unheld ones count as free already),
+        for admission's estimate."""
+        if not self.prefix_caching:
+            return 0
+        digests = []
+        prefix_cache.chain_digests(tokens[:max(0, len(tokens) - 1)], self.pool.page_size, digests)
+        cached = 0
+        for digest in digests:
+            page = self.pool.lookup(digest)
+            if page is None:
+                break
+            cached += self.pool.holders(page) > 0
+        return cached
 
     # --------------------------------------------------------------------------- planning
     def _plan(self) -> tuple[StepPlan, list[tuple[Sequence, int]]]:
@@ -193,10 +238,13 @@ class Scheduler:
         ids, positions, chunks, logits_rows, wants, pending, keys = [], [], [], [], [], {}, []
         order = sorted(running, key=lambda i: len(running[i].tokens) - running[i].computed)
         planned: set[int] = set()
+        computing: set[bytes] = set()  # digests of the pages this step's chunks write
         for index in order:
             if index not in running:  # preempted for an earlier sequence of this step
                 continue
             seq = running[index]
+            if self.prefix_caching and self._take_cached(seq, computing):
+                continue  # another chunk of this step computes its next page: it waits for it
             take = min(len(seq.tokens) - seq.computed, budget)
             if take == 0 or self._ends_with_pending(seq):
                 continue
@@ -210,13 +258,39 @@ class Scheduler:
                 pending[len(ids) - 1] = seq.sample_row
             positions.extend(range(start, start + take))
             chunks.append(SequenceChunk(start, take, seq.cache))
+            ps = self.pool.page_size
+            computing.update(seq.digests[start // ps:(start + take) // ps])  # the pages it completes
             keys.append(index)
             seq.computed += take
             if seq.computed == len(seq.tokens):  # the chunk reaches the end: sample the next token
                 logits_rows.append(len(ids) - 1)
                 wants.append(seq)
         self._count(chunks)
+        if self.prefix_caching:  # read by later steps only: the GPU runs them after this one
+            for index in planned:
+                if index in running:
+                    self._register(running[index])
         return StepPlan(ids, positions, chunks, logits_rows, pending, keys), self._mark_pending(wants)
+
+    def _take_cached(self, seq: Sequence, computing: set[bytes]) -> bool:
+        """Before planning a sequence's chunk: if it stands at a page boundary with nothing of its own
+        ahead, extend it with the longest cached run of pages (leaving at least its last token to
+        compute, whose logits it samples). True when its next page is one that another chunk of this
+        step writes: it waits for it rather than compute it twice."""
+        ps = self.pool.page_size
+        have = seq.computed // ps
+        limit = (len(seq.tokens) - 1) // ps  # pages that end before its last token
+        if seq.computed % ps or len(seq.cache.pages) != have or have >= limit:
+            return False  # mid-page, pages of its own ahead, or at its last page (a decode's case)
+        prefix_cache.chain_digests(seq.tokens, ps, seq.digests)
+        gained = prefix_cache.attach(seq.cache, seq.digests, limit)
+        if gained:
+            seq.computed += gained * ps
+            self.stats.cached_tokens += gained * ps
+            if not seq.preempted:
+                seq.cached_tokens += gained * ps
+        have += gained
+        return have < min(limit, len(seq.digests)) and seq.digests[have] in computing
 
     def _count(self, chunks: list[SequenceChunk]) -> None:
         if not chunks:
@@ -258,8 +332,8 @@ class Scheduler:
         """Send a running sequence back to the front of the queue; its KV is recomputed when it
         returns (prompt and generated tokens as one prefill), its sampler state kept."""
         seq = self.running.pop(index)
-        seq.cache.release()
-        seq.computed = 0
+        self._release(seq)
+        seq.computed, seq.preempted = 0, True
         self.waiting.appendleft((index, seq))
         self.preemptions += 1
 
