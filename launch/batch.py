@@ -1,16 +1,22 @@
 """Offline batch generation: JSONL requests in, JSONL results out, resumable.
 
     python -m launch.batch input=IN.jsonl output=OUT.jsonl [checkpoint=DIR] [dtype=bfloat16] [device=cuda]
+        [stats=STATS.json]
 
 Results are written as requests finish, each replica to its own part file in OUT.jsonl.parts/; when
 every request has a result they are merged into OUT.jsonl in input order (launch/results_store.py).
 Rerunning with the same output skips the ids already done. A request that cannot run (bad JSON, an
 unknown field, a repeated id, a prompt over the context limit, ...) gets an `error` line of its own and
 the others go on; retry_errors=true runs such requests again.
+
+At the end (finished or stopped) a summary of this run goes to stderr and, with stats=FILE, to FILE
+as JSON: requests, prompt_tokens, cached_prompt_tokens (served by the prefix cache),
+generated_tokens, seconds, preemptions, ..., over every replica.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -89,6 +95,7 @@ def run(cfg: DictConfig) -> dict:
     progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
                         interval_s=cfg.progress_interval_s)
     stop = StopSignal()
+    preemptions = llm.preemptions
     start = time.perf_counter()
     with open_part(store, parallel, todo) as out:
         write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
@@ -96,7 +103,10 @@ def run(cfg: DictConfig) -> dict:
         llm.generate(requests, on_result=write, should_stop=stop)
         progress.close()
     stats = {"requests": len(todo), **write.counts, "skipped": skipped, "stopped_by": stop.received,
-             "graph_replays": llm.graph_replays, "seconds": time.perf_counter() - start}
+             "graph_replays": llm.graph_replays, "preemptions": llm.preemptions - preemptions,
+             "seconds": time.perf_counter() - start}
+    stats = over_replicas(stats, parallel)
+    stats["generated_tokens"] = stats["tokens"]
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     # The replica finishing last finds every request done and merges (any that finds it so may).
     keys = [line.key for line in lines]
@@ -105,27 +115,59 @@ def run(cfg: DictConfig) -> dict:
     return stats
 
 
+# Counts that add up over replicas (each runs every dp-th request); the others are the first replica's,
+# but seconds, which is the slowest replica's.
+SUMMED = ("requests", "written", "errors", "tokens", "prompt_tokens", "cached_prompt_tokens", "graph_replays",
+          "preemptions")
+
+
+def over_replicas(stats: dict, parallel: Parallel) -> dict:
+    """The job's stats from every replica's first rank (the one that writes and counts)."""
+    if parallel.world_size == 1:
+        return stats
+    every = [None] * parallel.world_size
+    torch.distributed.all_gather_object(every, (parallel.is_writer, stats))
+    writers = [s for is_writer, s in every if is_writer]
+    total = {**writers[0], **{key: sum(s[key] for s in writers) for key in SUMMED}}
+    total["seconds"] = max(s["seconds"] for s in writers)
+    return total
+
+
+def summary(stats: dict) -> str:
+    cached = stats["cached_prompt_tokens"] / max(stats["prompt_tokens"], 1)
+    return (f"{stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
+            f"{stats['prompt_tokens']} prompt tokens ({stats['cached_prompt_tokens']} from the prefix cache, "
+            f"{100 * cached:.1f}%), {stats['generated_tokens']} generated in {stats['seconds']:.1f} s, "
+            f"{stats['tokens_per_s']:.1f} tokens/s, {stats['preemptions']} preemptions, "
+            f"{stats['graph_replays']} decode steps replayed from CUDA graphs")
+
+
+def write_stats(path: str, stats: dict) -> None:
+    keys = ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "seconds", "preemptions",
+            "errors", "skipped", "written", "tokens_per_s", "graph_replays", "stopped_by", "merged")
+    with open(path, "w") as f:
+        json.dump({key: stats[key] for key in keys}, f, indent=2)
+        f.write("\n")
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="batch")
 def main(cfg: DictConfig) -> None:
     with fail_fast(), interrupted_quietly("results finished so far are on disk; rerun with the same "
                                           "output to resume"):
         stats = run(cfg)
         groups.shutdown()
+    first = int(os.environ.get("RANK", 0)) == 0
+    if first and cfg.stats:
+        write_stats(cfg.stats, stats)
+    if first:
+        print(f"{'stopped' if stats['stopped_by'] else 'done'}: {summary(stats)}", file=sys.stderr)
     if stats["stopped_by"]:
         print(f"stopped by {stats['stopped_by']}: {stats['written']} of {stats['requests']} "
               f"requests written; rerun with the same output to finish the rest", file=sys.stderr)
         sys.exit(128 + getattr(signal, stats["stopped_by"]))
     if stats["merged"]:
         print(f"{rank_prefix()}every request has its result: {cfg.output} written", file=sys.stderr)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    multi_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    replica = f"replica 0 of {cfg.parallel.dp or 'all'}: " if multi_rank else ""
-    print(f"done: {replica}{stats['requests']} requests ({stats['errors']} failed, "
-          f"{stats['skipped']} already done), "
-          f"{stats['tokens']} tokens in {stats['seconds']:.1f} s, {stats['tokens_per_s']:.1f} tokens/s, "
-          f"{stats['graph_replays']} decode steps replayed from CUDA graphs", file=sys.stderr)
-    if not stats["merged"]:
+    if first and not stats["merged"]:
         print(f"results so far are in {parts_dir(cfg.output)}/; {cfg.output} is written when every "
               f"request has its result", file=sys.stderr)
 

@@ -73,7 +73,8 @@ class ResultWriter:
 
     def __init__(self, out: OutputFile | NoOutput, on_write: Callable[[Result], None] = lambda result: None):
         self.out, self.on_write = out, on_write
-        self.counts = {"written": 0, "errors": 0, "tokens": 0}
+        # tokens: generated; prompt and cached prompt tokens (the prefix cache's share) for reports
+        self.counts = {"written": 0, "errors": 0, "tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def __call__(self, result: Result, line_number: int | None = None) -> None:
         record = output_record(result, line_number)
@@ -82,4 +83,6 @@ class ResultWriter:
         self.counts["written"] += 1
         self.counts["errors"] += result.error is not None
         self.counts["tokens"] += len(result.token_ids)
+        self.counts["prompt_tokens"] += result.prompt_tokens
+        self.counts["cached_prompt_tokens"] += result.cached_tokens
         self.on_write(result)

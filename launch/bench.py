@@ -28,6 +28,7 @@ from launch.common import build_llm, clean_exit
 from launch.limits import ceilings, flops_per_token, synchronize, weight_bytes_per_token
 from parallel import groups
 from runtime.engine import LLM
+from runtime.kv_cache import PAGE_SIZE
 
 
 def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) -> float:
@@ -36,6 +37,7 @@ def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) 
              "max_tokens": tokens, "temperature": 0, "ignore_eos": True} for i in range(batch)]
     times = []
     for attempt in range(repeat + 1):  # the first run warms this shape up
+        llm.reset_prefix_cache()  # each run computes its prompts (the run before cached them)
         synchronize(llm.device)
         t = time.perf_counter()
         results = llm.generate(reqs)
@@ -46,6 +48,29 @@ def timed_generate(llm: LLM, batch: int, prompt: int, tokens: int, repeat: int) 
         if bad is not None:
             raise RuntimeError(f"request {bad.id} of the batch-{batch} run failed: "
                                f"{bad.error or bad.token_ids}")
+    return statistics.median(times)
+
+
+def timed_cached_ttft(llm: LLM, prompt: int, cached: int, repeat: int) -> float:
+    """Time to first token of one prompt whose first `cached` tokens another prompt (same start,
+    another tail) has just left in the prefix cache."""
+    gen = torch.Generator().manual_seed(prompt + cached)
+    tokens = torch.randint(0, 199998, (prompt + (prompt - cached),), generator=gen).tolist()
+    earlier, timed = tokens[:prompt], tokens[:cached] + tokens[prompt:]
+    times = []
+    for attempt in range(repeat + 1):  # the first run warms this shape up
+        llm.reset_prefix_cache()
+        request = {"id": 0, "prompt_token_ids": earlier, "max_tokens": 1, "temperature": 0}
+        llm.generate([request])
+        synchronize(llm.device)
+        t = time.perf_counter()
+        result = llm.generate([{**request, "prompt_token_ids": timed}])[0]
+        synchronize(llm.device)
+        if result.error or result.cached_tokens != cached - cached % PAGE_SIZE:
+            raise RuntimeError(f"the cached time-to-first-token run found {result.cached_tokens} of "
+                               f"{cached} tokens cached ({result.error or 'no error'})")
+        if attempt:
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
@@ -110,6 +135,11 @@ def run(cfg: DictConfig) -> dict:
         seconds = timed_generate(llm, 1, prompt, 1, cfg.repeat)
         rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds,
                      "prefill_tokens_per_s": prompt / seconds})
+        cached = cfg.get("ttft_cached_tokens")
+        if cached and cached < prompt and llm.engine_config.enable_prefix_caching:
+            hit = timed_cached_ttft(llm, prompt, cached, cfg.repeat)
+            rows.append({"kind": "cached ttft", "prompt": prompt, "cached": cached, "seconds": hit,
+                         "of_uncached": hit / seconds})
     # A replica of n GPUs reads its weights and does its FLOPs n ways: n times one GPU's ceilings.
     gpus = llm.parallel.replica.size
     roof_decode = gpus * bw / weight_bytes_per_token(model_cfg) if bw else None
@@ -162,6 +192,9 @@ def table(report: dict) -> str:
             roof, share = pct(r["prefill_tokens_per_s"], r.get("prefill_roofline_tokens_per_s"))
             lines.append(f"| time to first token, {r['prompt']:,}-token prompt | {r['seconds']:.3f} s | "
                          f"{roof + ' tok/s' if roof else ''} | {share} |")
+        elif r["kind"] == "cached ttft":
+            lines.append(f"| time to first token, {r['prompt']:,}-token prompt, first {r['cached']:,} "
+                         f"cached | {r['seconds']:.3f} s | | {100 * r['of_uncached']:.1f}% of uncached |")
         else:
             ratio = r["ours_over_transformers"]
             lines.append(f"| transformers decode tokens/s, batch 1 | {r['tokens_per_s']:,.1f} | | "

@@ -4,12 +4,16 @@ graphs) runs them to the end, and output tokens/s per GPU is the number.
 
     python -m launch.bench mode=throughput checkpoint=dummy model=gpt-oss-20b device=cuda preset=1k1k
     python -m launch.bench mode=throughput preset=1k1k isl=64 osl=8 requests=16   # tiny model, CPU
+    python -m launch.bench mode=throughput ... preset=prefix2k [enable_prefix_caching=false]
 
 Workloads: `random` (TensorRT-LLM's synthetic dataset: prompts of exactly `isl` random token ids,
-exactly `osl` generated tokens with ignore_eos, greedy) and `chat` (Harmony conversations: a system
-and a user message, the user's length and the output length varied around isl and osl, mixed
-reasoning efforts). Presets carry TensorRT-LLM's table (ISL/OSL and request counts); isl, osl and
-requests override them.
+exactly `osl` generated tokens with ignore_eos, greedy; with `prefix`, every prompt starts with the
+same `prefix` random tokens before its own `isl`) and `chat` (Harmony conversations: one system
+message and a user message, the user's length and the output length varied around isl and osl,
+mixed reasoning efforts). Presets carry TensorRT-LLM's table (ISL/OSL and request counts) and a
+shared-prefix case (prefix2k: 2,000 shared tokens, 200 of its own, 256 generated, 1,000 requests);
+isl, osl, requests and prefix override them. The report gives the prompt tokens the prefix cache
+served (`cached_prompt_tokens`, and their share of all prompt tokens).
 
 Start-up is kept apart from the timed work: loading, capturing every CUDA graph (runtime/engine.py
 does it when it starts), and a warm-up generate of the first requests shortened to a few tokens
@@ -29,9 +33,10 @@ import torch
 from launch.limits import ceilings, sequence_flops, synchronize
 from runtime.engine import LLM
 
-# TensorRT-LLM's perf-overview table: (ISL, OSL, requests) per case.
-PRESETS = {"1k1k": (1024, 1024, 3000), "8k1k": (8192, 1024, 1500), "1k8k": (1024, 8192, 1500),
-           "32k1k": (32768, 1024, 1000)}
+# (ISL, OSL, requests, shared prefix) per case: TensorRT-LLM's perf-overview table, and a batch job
+# that runs one long instruction over many documents (the prefix caching issue's case).
+PRESETS = {"1k1k": (1024, 1024, 3000, 0), "8k1k": (8192, 1024, 1500, 0), "1k8k": (1024, 8192, 1500, 0),
+           "32k1k": (32768, 1024, 1000, 0), "prefix2k": (200, 256, 1000, 2000)}
 # Its published output tokens/s per GPU on one H200 (TP1) for the same cases: the anchors.
 PUBLISHED = {"gpt-oss-20b": {"1k1k": 13890, "8k1k": 4015, "1k8k": 12743, "32k1k": 915},
              "gpt-oss-120b": {"1k1k": 6798, "8k1k": 1828, "1k8k": 3543, "32k1k": 519}}
@@ -55,26 +60,32 @@ class Workload:
     osl: int
     requests: int
     preset: str | None = None
+    prefix: int = 0  # tokens every prompt starts with (random workload)
 
     @classmethod
     def from_config(cls, cfg) -> "Workload":
-        """preset's (isl, osl, requests), each overridden where the config gives it."""
+        """preset's (isl, osl, requests, prefix), each overridden where the config gives it."""
         preset = cfg.get("preset")
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset={preset} is not one of {', '.join(PRESETS)} (or null with isl, osl "
                              f"and requests)")
-        defaults = PRESETS.get(preset, (None, None, None))
+        defaults = PRESETS.get(preset, (None, None, None, 0))
         values = {}
-        for name, default in zip(("isl", "osl", "requests"), defaults):
+        for name, default in zip(("isl", "osl", "requests", "prefix"), defaults):
             value = cfg.get(name)
             value = default if value is None else value
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer (or set preset=), got {value!r}")
+            least = 0 if name == "prefix" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least} (or set preset=), "
+                                 f"got {value!r}")
             values[name] = value
         kind = cfg.get("workload", "random")
         if kind not in WORKLOADS:
             raise ValueError(f"workload={kind} is not one of {', '.join(WORKLOADS)}")
-        if preset is not None and (values["isl"], values["osl"]) != defaults[:2]:
+        if kind == "chat" and values["prefix"]:
+            raise ValueError("prefix= is for the random workload (chats share their system message)")
+        case = (values["isl"], values["osl"], values["prefix"])
+        if preset is not None and case != (defaults[0], defaults[1], defaults[3]):
             preset = None  # another case than the preset's (fewer requests are still its case)
         return cls(kind, preset=preset, **values)
 
@@ -83,7 +94,8 @@ class Workload:
         rng = random.Random(0)
         if self.kind == "random":
             top = min(vocab_size, 199998)  # below Harmony's special tokens, as TensorRT-LLM's dataset
-            return [{"id": i, "prompt_token_ids": [rng.randrange(top) for _ in range(self.isl)],
+            prefix = [rng.randrange(top) for _ in range(self.prefix)]
+            return [{"id": i, "prompt_token_ids": prefix + [rng.randrange(top) for _ in range(self.isl)],
                      "max_tokens": self.osl, "temperature": 0, "ignore_eos": True}
                     for i in range(self.requests)]
         efforts = ("low", "medium", "high")
@@ -122,6 +134,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
             for r in requests[:count]]
     warmup_seconds, results = _generate(llm, warm)
     _check(results, warm)
+    llm.reset_prefix_cache()  # the timed run computes its prompts from a cold cache
     limits = ceilings(llm.device)
     stats, preemptions, replays = dataclasses.replace(llm.step_stats), llm.preemptions, llm.graph_replays
     seconds, results = _generate(llm, requests)
@@ -130,6 +143,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     steps = after.steps - stats.steps
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     output_tokens = sum(len(r.token_ids) for r in results)
+    cached_tokens = sum(r.cached_tokens for r in results)
     # Per GPU of rank 0's replica: data-parallel replicas each run the whole workload side by side.
     gpus = llm.parallel.replica.size
     report = {
@@ -137,12 +151,14 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
         "dtype": str(llm.dtype), "gpus": gpus,
         "settings": {"max_batch_size": llm.max_batch_size, "max_batch_tokens": llm.max_batch_tokens,
-                     "kv_cache_tokens": llm.kv_cache_tokens},
+                     "kv_cache_tokens": llm.kv_cache_tokens,
+                     "enable_prefix_caching": llm.engine_config.enable_prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
                     "graph_sizes": len(llm.graph_sizes), "warmup_s": warmup_seconds,
                     "warmup_requests": count},
         "seconds": seconds, "requests": len(requests), "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
+        "output_tokens": output_tokens, "cached_prompt_tokens": cached_tokens,
+        "prefix_hit_rate": cached_tokens / prompt_tokens,
         "output_tokens_per_s_per_gpu": output_tokens / seconds / gpus,
         "total_tokens_per_s_per_gpu": (prompt_tokens + output_tokens) / seconds / gpus,
         "steps": steps, "graph_steps": llm.graph_replays - replays,
@@ -168,9 +184,11 @@ def table(report: dict) -> str:
     w, s = report["workload"], report["startup"]
     name = f"preset {w['preset']}, " if w["preset"] else ""
     lines = [f"{report['model']} on {report['gpus']}x {report['device']} ({report['dtype']}): {w['kind']} "
-             f"workload, {name}ISL {w['isl']:,} / OSL {w['osl']:,}, {report['requests']:,} requests, "
-             f"max_batch_size {report['settings']['max_batch_size']}, max_batch_tokens "
-             f"{report['settings']['max_batch_tokens']:,}",
+             f"workload, {name}ISL {w['isl']:,} / OSL {w['osl']:,}"
+             f"{f' after a shared prefix of {prefix:,}' if (prefix := w.get('prefix')) else ''}, "
+             f"{report['requests']:,} requests, max_batch_size {report['settings']['max_batch_size']}, "
+             f"max_batch_tokens {report['settings']['max_batch_tokens']:,}, prefix caching "
+             f"{'on' if report['settings'].get('enable_prefix_caching') else 'off'}",
              "| measurement | value | compute limit | % of limit |", "|---|---:|---:|---:|"]
     for what, key in (("output tokens/s per GPU", "output"), ("total tokens/s per GPU", "total")):
         value = report[f"{key}_tokens_per_s_per_gpu"]
@@ -188,6 +206,8 @@ def table(report: dict) -> str:
               f"({report['graph_steps']:,} from CUDA graphs) | | |",
               f"| mean running batch / decode rows a step | {report['mean_running_batch']:.1f} / "
               f"{report['mean_decode_rows']:.1f} | | |",
+              f"| prompt tokens from the prefix cache | {report['cached_prompt_tokens']:,} "
+              f"({100 * report['prefix_hit_rate']:.1f}%) | | |",
               f"| preemptions | {report['preemptions']:,} | | |",
               f"| start-up: load / graph capture ({s['graph_sizes']} sizes) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]

@@ -312,13 +312,18 @@ class LLM:
                 self.scheduler.add(index, prompt)
             self._run(finish, should_stop)
         except BaseException:  # a registered page's step may never have run: trust no cached page
-            for pool in (self.model.pool, self.model.sliding_pool):
-                if pool is not None:
-                    pool.forget_cached()
+            self.reset_prefix_cache()
             raise
         finally:  # stopped early or failed: the next call starts from an empty queue
             self.scheduler.drop_unfinished()
         return [results[i] for i in sorted(results)]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (between generate calls, as vLLM's LLM.reset_prefix_cache):
+        for timings that repeat a prompt and must start cold."""
+        for pool in (self.model.pool, self.model.sliding_pool):
+            if pool is not None:
+                pool.forget_cached()
 
     # --------------------------------------------------------------------------- the loop
     def _new_generator(self, req: Request) -> SeededNoise:

@@ -188,11 +188,41 @@ def test_cli_end_to_end_and_missing_checkpoint(tiny_checkpoints, tmp_path):
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     ok = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tiny_checkpoints['hf']}",
-                         f"input={inp}", f"output={out}"], capture_output=True, text=True, env=env,
-                        cwd=tmp_path)
+                         f"input={inp}", f"output={out}", f"stats={tmp_path / 'stats.json'}"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "tokens/s" in ok.stderr and len(read_output(out)) == len(GOOD)
+    assert "prompt tokens (" in ok.stderr and "from the prefix cache" in ok.stderr
+    assert json.loads((tmp_path / "stats.json").read_text())["requests"] == len(GOOD)
     missing = subprocess.run([sys.executable, "-m", "launch.batch", f"checkpoint={tmp_path / 'nope'}",
                               f"input={inp}", f"output={tmp_path / 'o2.jsonl'}"], capture_output=True,
                              text=True, env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_stats_file_counts_the_prefix_cache_and_caching_changes_no_output(tiny_checkpoints, tmp_path):
+    """A Harmony chat file with one system message: every request after the first finds the shared
+    start in the prefix cache; the stats file and the stderr summary say so; outputs equal a run
+    with caching off."""
+    inp = tmp_path / "in.jsonl"
+    system = {"role": "system", "content": "You answer every question about numbers in one short word."}
+    write_lines(inp, [{"id": i, "messages": [system, {"role": "user", "content": f"What is {i} + {i}?"}],
+                       "max_tokens": 5, "temperature": 0, "logprobs": True} for i in range(6)])
+    runs = {}
+    for on in (True, False):
+        out, stats_file = tmp_path / f"out-{on}.jsonl", tmp_path / f"stats-{on}.json"
+        stats = batch.run(config("batch", checkpoint=tiny_checkpoints["original"], input=inp, output=out,
+                                 progress=False, enable_prefix_caching=on))
+        batch.write_stats(str(stats_file), stats)
+        runs[on] = read_output(out), json.loads(stats_file.read_text())
+    (cached_rows, cached), (plain_rows, plain) = runs[True], runs[False]
+    for key in ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "seconds",
+                "preemptions"):
+        assert key in cached and key in plain
+    assert cached["requests"] == 6 and cached["prompt_tokens"] == plain["prompt_tokens"] > 6 * 16
+    assert plain["cached_prompt_tokens"] == 0 and cached["cached_prompt_tokens"] >= 5 * 16
+    assert cached["generated_tokens"] == sum(len(r["token_ids"]) for r in cached_rows)
+    for a, b in zip(cached_rows, plain_rows):
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+    assert "from the prefix cache" in batch.summary(cached)

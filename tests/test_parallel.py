@@ -92,6 +92,34 @@ def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_r
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
 
 
+def shared_prefix_lines() -> list[dict]:
+    """Prompts sharing starts of one 70-token stem (mid-page, whole prompts, duplicates), greedy."""
+    stem = torch.randint(0, 199998, (70,), generator=torch.Generator().manual_seed(70)).tolist()
+    cuts = [70, 70, 48, 33, 32, 17, 64, 50]
+    return [{"id": f"p{i}", "prompt_token_ids": stem[:cut] + [1000 + i] * (i % 3), "max_tokens": 5,
+             "temperature": 0, "logprobs": True} for i, cut in enumerate(cuts)]
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+def test_prefix_caching_under_tensor_and_expert_parallelism_matches_one_rank(tiny_checkpoints, tmp_path,
+                                                                             layout):
+    """Shared prefixes with caching on (the default), a small budget so prompts are chunked and
+    sharers wait for each other's pages: the other rank reads the shared pages through the page
+    tables in the step plans, so its answer is one rank's."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in shared_prefix_lines()))
+    small = ["max_batch_size=4", "max_batch_tokens=24"]
+    one = batch_job(1, tiny_checkpoints["hf"], inp, tmp_path / "one.jsonl", *small,
+                    f"stats={tmp_path / 'one.json'}")
+    got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "two.jsonl", *small, *layout,
+                    f"stats={tmp_path / 'two.json'}")
+    for rid, want in one.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    stats = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
+    assert stats[0]["cached_prompt_tokens"] == stats[1]["cached_prompt_tokens"] >= 6 * 16
+
+
 def _long_job(tiny_checkpoints, tmp_path, *overrides):
     inp = tmp_path / "long.jsonl"
     # Two short requests first, so results appear within seconds; then enough work to outlast the test.
