@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> dict:
         rows.append({"kind": "ttft", "prompt": prompt, "seconds": seconds,
                      "prefill_tokens_per_s": prompt / seconds})
         cached = cfg.get("ttft_cached_tokens")
-        if cached and cached < prompt and llm.engine_config.enable_prefix_caching:
+        if cached and cached < prompt and llm.scheduler.prefix_caching:
             hit = timed_cached_ttft(llm, prompt, cached, cfg.repeat)
             rows.append({"kind": "cached ttft", "prompt": prompt, "cached": cached, "seconds": hit,
                          "of_uncached": hit / seconds})

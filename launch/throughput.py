@@ -152,7 +152,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "dtype": str(llm.dtype), "gpus": gpus,
         "settings": {"max_batch_size": llm.max_batch_size, "max_batch_tokens": llm.max_batch_tokens,
                      "kv_cache_tokens": llm.kv_cache_tokens,
-                     "enable_prefix_caching": llm.engine_config.enable_prefix_caching},
+                     "enable_prefix_caching": llm.scheduler.prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
                     "graph_sizes": len(llm.graph_sizes), "warmup_s": warmup_seconds,
                     "warmup_requests": count},

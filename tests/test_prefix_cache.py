@@ -314,3 +314,26 @@ def test_outputs_with_caching_equal_outputs_without(seed, settings):
         cached.append(sum(g.cached_tokens for g in got))
     assert 0 < cached[0] and (cached[0] < cached[1] or "kv_cache_tokens" in settings)
     assert on.pool.free_pages == on.pool.num_pages
+
+
+@pytest.mark.gpu
+def test_caching_on_equals_off_on_the_gpu_kernels_and_graphs():
+    """The GPU path (Triton attention through shared pages, decode steps from CUDA graphs) at the
+    real head shapes, 4 layers, float32: shared prefixes longer than the 128-token window (so the
+    sliding pages' hits span pages), a cache small enough to evict; tokens equal, logprobs within
+    1e-3 (the graph and eager attentions sum in different orders)."""
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    rng = random.Random(21)
+    stem = [rng.randrange(199998) for _ in range(700)]
+    reqs = [Request(i, stem[:rng.choice([700, 513, 400, 300, 129])] + [rng.randrange(199998)] * (i % 4),
+                    SamplingParams(max_tokens=12, temperature=0, logprobs=True), stop_token_ids=())
+            for i in range(10)]
+    results = {}
+    for on in (False, True):
+        llm = LLM("dummy", model=cfg, dtype="float32", max_batch_size=4, max_batch_tokens=512,
+                  kv_cache_tokens=3072, enable_prefix_caching=on)
+        results[on] = llm.generate(reqs) + llm.generate(reqs[:3])
+        assert (sum(r.cached_tokens for r in results[on]) > 0) == on
+    for a, b in zip(results[True], results[False]):
+        assert a.error is None and a.token_ids == b.token_ids, a.id
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3, a.id
