@@ -16,11 +16,12 @@ import torch
 
 from runtime.config import preset
 from runtime.engine import LLM
-from runtime.kv_cache import RELEASED, OutOfPages, PagePool, SequenceKV, sliding_pages_bound
+from runtime.kv_cache import RELEASED, OutOfPages, PagePool
 from runtime.prefix_cache import chain_digests, first_visible_page
 from runtime.requests import Request
 from runtime.sampling import SamplingParams
 from runtime.scheduler import PENDING, Scheduler
+from test_scheduler import make_scheduler
 
 PAGE = 16
 
@@ -173,13 +174,7 @@ class ContentDriver:
 
 
 def content_scheduler(pages, batch, budget, window, caching=True):
-    full = PagePool([1], 1, 2, torch.float32, "cpu", num_pages=pages or 4, growable=pages is None)
-    sliding = None
-    if window is not None:
-        bound = sliding_pages_bound(window, batch, budget)
-        sliding = PagePool([0], 1, 2, torch.float32, "cpu", num_pages=bound, growable=False)
-    return Scheduler(full, lambda: SequenceKV(full, sliding, window), max_batch_size=batch,
-                     max_batch_tokens=budget, max_model_len=10_000, prefix_caching=caching)
+    return make_scheduler(pages, batch, budget, window=window, prefix_caching=caching)
 
 
 def shared_prefix_requests(rng, n, stem_len=90, vocab=5000):

@@ -30,7 +30,7 @@ def fake_token(request_id: int, position: int) -> int:
 
 
 def make_scheduler(pages: int | None, batch: int, budget: int, max_model_len: int = 10_000,
-                   window: int | None = WINDOW) -> Scheduler:
+                   window: int | None = WINDOW, prefix_caching: bool = False) -> Scheduler:
     """A scheduler over a full pool of `pages` pages (None: growable) and, with a window, a sliding
     pool sized as the engine sizes it."""
     full = PagePool([1], 1, 2, torch.float32, "cpu", num_pages=pages or 4, growable=pages is None)
@@ -39,7 +39,7 @@ def make_scheduler(pages: int | None, batch: int, budget: int, max_model_len: in
         bound = sliding_pages_bound(window, batch, budget)
         sliding = PagePool([0], 1, 2, torch.float32, "cpu", num_pages=bound, growable=False)
     return Scheduler(full, lambda: SequenceKV(full, sliding, window), max_batch_size=batch,
-                     max_batch_tokens=budget, max_model_len=max_model_len)
+                     max_batch_tokens=budget, max_model_len=max_model_len, prefix_caching=prefix_caching)
 
 
 def request(i: int, prompt: int, max_tokens: int, stop: tuple[int, ...] = ()) -> Request:
