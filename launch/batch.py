@@ -105,12 +105,12 @@ def run(cfg: DictConfig) -> dict:
     stats = {"requests": len(todo), **write.counts, "skipped": skipped, "stopped_by": stop.received,
              "graph_replays": llm.graph_replays, "preemptions": llm.preemptions - preemptions,
              "seconds": time.perf_counter() - start}
-    stats = over_replicas(stats, parallel)
+    stats = over_replicas(stats, parallel)  # a collective: past it, every replica has written its results
     stats["generated_tokens"] = stats["tokens"]
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
-    # The replica finishing last finds every request done and merges (any that finds it so may).
+    # The first rank alone merges, once every request has its result (no two ranks race to rename).
     keys = [line.key for line in lines]
-    complete = parallel.is_writer and not stop.received and set(keys) <= store.done()
+    complete = parallel.rank == 0 and not stop.received and set(keys) <= store.done()
     stats["merged"] = store.merge(keys) is not None if complete else False
     return stats
 

@@ -34,7 +34,8 @@ def test_throughput_mode_counts_every_token_of_the_batch(tiny_checkpoints, tmp_p
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert r["workload"] == {"kind": "random", "isl": 24, "osl": 5, "requests": 10, "preset": None}
+    assert r["workload"] == {"kind": "random", "isl": 24, "osl": 5, "requests": 10, "preset": None,
+                             "prefix": 0}
     assert (r["requests"], r["prompt_tokens"], r["output_tokens"]) == (10, 240, 50)
     assert r["output_tokens_per_s_per_gpu"] * r["seconds"] == pytest.approx(50)
     # 10 requests through a batch of 4: prompts of 24 tokens in a 32-token budget take >= 8 steps,
