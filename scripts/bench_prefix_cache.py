@@ -31,6 +31,7 @@ def shared_prefix_runs(llm: LLM, args) -> dict:
         for caching in (True, False):
             llm.scheduler.prefix_caching = caching
             runs[caching].append(throughput.run(llm, work, args.model))
+            print(f"caching {'on' if caching else 'off'}: {runs[caching][-1]['seconds']:.1f} s", flush=True)
     llm.scheduler.prefix_caching = True
     return runs
 
@@ -50,9 +51,14 @@ def main() -> None:
     ap.add_argument("--chat-osl", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--shared-prefix-only", action="store_true",
+                    help="only part 1 (for a large model within one device call)")
     args = ap.parse_args()
     llm = LLM("dummy", model=args.model, device=args.device)
     runs = shared_prefix_runs(llm, args)
+    if args.shared_prefix_only:
+        report_shared_prefix(llm, args, runs)
+        return
     cold = bench.timed_generate(llm, 1, args.ttft, 1, 3)
     warm = bench.timed_cached_ttft(llm, args.ttft, args.cached, 3)
     chat = throughput.run(llm, throughput.Workload("chat", args.chat_isl, args.chat_osl, args.chat_requests),
@@ -63,13 +69,30 @@ def main() -> None:
         one, full = (bench.timed_generate(llm, 1, 128, n, 3) for n in (1, 129))
         decode.setdefault(caching, []).append(128 / (full - one))
     llm.scheduler.prefix_caching = True
+    report = report_shared_prefix(llm, args, runs)
+    report.update({"ttft_s": cold, "cached_ttft_s": warm, "chat": chat, "batch1_decode": decode})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"| time to first token, {args.ttft:,} tokens | {warm:.3f} s with {args.cached:,} cached | "
+          f"{cold:.3f} s cold | {100 * warm / cold:.1f}% |")
+    print(f"| Harmony chats ({args.chat_requests} requests, one system message): prompt tokens from the "
+          f"cache | {chat['cached_prompt_tokens']:,} of {chat['prompt_tokens']:,} "
+          f"({100 * chat['prefix_hit_rate']:.1f}%) | | |")
+    print(f"| batch-1 decode tokens/s | {', '.join(f'{r:.1f}' for r in decode[True])} | "
+          f"{', '.join(f'{r:.1f}' for r in decode[False])} | "
+          f"{statistics.median(decode[True]) / statistics.median(decode[False]):.3f} |")
+
+
+def report_shared_prefix(llm: LLM, args, runs: dict) -> dict:
+    """The shared-prefix rows of the table (printed), and the report they come from (json with
+    --shared-prefix-only; the caller adds the other parts)."""
     rate = {on: [r["output_tokens_per_s_per_gpu"] for r in runs[on]] for on in runs}
     seconds = {on: [r["seconds"] for r in runs[on]] for on in runs}
     speedup = statistics.median(seconds[False]) / statistics.median(seconds[True])
     report = {"model": args.model, "device": runs[True][0]["device"], "args": vars(args),
-              "shared_prefix": {str(on): runs[on] for on in runs}, "speedup": speedup,
-              "ttft_s": cold, "cached_ttft_s": warm, "chat": chat, "batch1_decode": decode}
-    if args.json:
+              "shared_prefix": {str(on): runs[on] for on in runs}, "speedup": speedup}
+    if args.json and args.shared_prefix_only:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     on = runs[True][0]
@@ -83,15 +106,7 @@ def main() -> None:
           f"{', '.join(f'{r:,.0f}' for r in rate[False])} | |")
     print(f"| prompt tokens from the cache | {on['cached_prompt_tokens']:,} of {on['prompt_tokens']:,} "
           f"({100 * on['prefix_hit_rate']:.1f}%) | 0 | |")
-    print(f"| time to first token, {args.ttft:,} tokens | {warm:.3f} s with {args.cached:,} cached | "
-          f"{cold:.3f} s cold | {100 * warm / cold:.1f}% |")
-    print(f"| Harmony chats ({args.chat_requests} requests, one system message): prompt tokens from the "
-          f"cache | {chat['cached_prompt_tokens']:,} of {chat['prompt_tokens']:,} "
-          f"({100 * chat['prefix_hit_rate']:.1f}%) | | |")
-    print(f"| batch-1 decode tokens/s | {', '.join(f'{r:.1f}' for r in decode[True])} | "
-          f"{', '.join(f'{r:.1f}' for r in decode[False])} | "
-          f"{statistics.median(decode[True]) / statistics.median(decode[False]):.3f} |")
-
+    return report
 
 if __name__ == "__main__":
     main()
