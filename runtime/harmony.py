@@ -7,6 +7,10 @@ bpe-openai package, each checked by sha256. Only when none exists is harmony lef
 
 The system message carries no date (harmony's SystemContent.new() adds none, and we never set one):
 the same request must render to the same tokens, and so give the same output, on any day.
+
+Chats are OpenAI Chat Completions messages (system, developer, user, assistant with reasoning_content
+and tool_calls, tool) with optional OpenAI function tools; tool_calls() turns a parsed completion's
+calls back into OpenAI's shape, with ids derived from the calls (no randomness either).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -24,8 +30,22 @@ from runtime.cache import cache_dir
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 REASONING_EFFORTS = ("low", "medium", "high")
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+INSTRUCTION_ROLES = ("system", "developer")  # the user's "system prompt": Harmony's developer message
+FIELDS = {  # each field a message may carry -> the roles that take it
+    "role": ROLES,
+    "content": ROLES,
+    "name": ROLES,  # OpenAI's optional participant name: ignored, except as a tool message's function
+    "channel": ("assistant",),
+    "reasoning_content": ("assistant",),  # vLLM's field for the analysis channel
+    "reasoning": ("assistant",),  # newer vLLM's name for it
+    "tool_calls": ("assistant",),
+    "tool_call_id": ("tool",),
+}
 CHANNELS = ("analysis", "commentary", "final")
+FUNCTIONS = "functions."  # Harmony's namespace for the developer's tools: a call goes to=functions.NAME
+JSON_CALL = "<|constrain|>json"  # the content type gpt-oss writes in a call's header
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a tool's name
 END_OF_TEXT = 199999  # a stop token for the engine (raw-text mode) that harmony's parser treats as text
 MESSAGE_ENDS = (200002, 200007, 200012)  # <|return|>, <|end|>, <|call|>
 MESSAGE = 200008  # <|message|>: a header's end, a body's start
@@ -141,24 +161,74 @@ class Harmony:
         except (self._oh.HarmonyError, OverflowError, TypeError):
             return f"<|reserved_{token}|>"
 
-    def render_prompt(self, messages: list[dict], reasoning_effort: str | None = None) -> list[int]:
-        """Token ids of a chat (OpenAI-style message dicts) followed by `<|start|>assistant`."""
+    def render_prompt(self, messages: list[dict], reasoning_effort: str | None = None,
+                      tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat (OpenAI Chat Completions messages, and OpenAI function `tools` if any)
+        followed by `<|start|>assistant`."""
         oh = self._oh
         effort = _check_effort(reasoning_effort)
+        functions = _check_tools(tools)
+        chat = _check_messages(messages)
         system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
         rendered = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-        for m in _check_messages(messages):
-            role, content = m["role"], m["content"]
-            if role in ("system", "developer"):  # the user's "system prompt" is Harmony's developer message
-                dev = oh.DeveloperContent.new().with_instructions(content)
-                rendered.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
-            elif role == "user":
-                rendered.append(oh.Message.from_role_and_content(oh.Role.USER, content))
-            else:
-                message = oh.Message.from_role_and_content(oh.Role.ASSISTANT, content)
-                rendered.append(message.with_channel(m.get("channel", "final")))
-        conversation = oh.Conversation.from_messages(rendered)
-        return list(self.encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
+        developer = self._developer_message(chat, functions)
+        if developer is not None:
+            rendered.append(developer)
+        for m in chat:
+            rendered += self._harmony_messages(m)
+        conversation = oh.Conversation.from_messages(_drop_finished_reasoning(rendered))
+        # harmony's own dropping is off: it drops only before the first final message, and only when
+        # the last assistant message is final, so a multi-turn chat would keep finished turns' reasoning
+        config = oh.RenderConversationConfig(auto_drop_analysis=False)
+        return list(self.encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT, config))
+
+    def _developer_message(self, chat: list[dict], functions: list[dict]):
+        """The leading system/developer messages' text, joined, and the function tools; None for neither."""
+        oh = self._oh
+        instructions = [m["content"] for m in chat if m["role"] in INSTRUCTION_ROLES]
+        if not instructions and not functions:
+            return None
+        developer = oh.DeveloperContent.new()
+        if instructions:
+            developer = developer.with_instructions("\n\n".join(instructions))
+        if functions:
+            developer = developer.with_function_tools(
+                [oh.ToolDescription.new(f["name"], f["description"], f["parameters"]) for f in functions])
+        return oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer)
+
+    def _harmony_messages(self, m: dict) -> list:
+        """One checked chat message as Harmony messages (an assistant message may become several)."""
+        oh = self._oh
+        if m["role"] == "user":
+            return [oh.Message.from_role_and_content(oh.Role.USER, m["content"])]
+        if m["role"] == "tool":  # a function's answer, from functions.NAME to the assistant
+            author = oh.Author.new(oh.Role.TOOL, FUNCTIONS + m["function"])
+            return [oh.Message.from_author_and_content(author, m["content"])
+                    .with_channel("commentary").with_recipient("assistant")]
+        if m["role"] == "assistant":
+            return self._assistant_messages(m)
+        return []  # system and developer messages went into the developer message
+
+    def _assistant_messages(self, m: dict) -> list:
+        """In the order the model writes them: reasoning, then text (a preamble beside calls), then calls."""
+        oh = self._oh
+
+        def says(text: str, channel: str):
+            return oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel(channel)
+
+        out = []
+        if m["reasoning"]:
+            out.append(says(m["reasoning"], "analysis"))
+        if m["content"] or (m["content"] is not None and not m["calls"]):  # "" beside calls says nothing
+            out.append(says(m["content"], m["channel"]))
+        for call in m["calls"]:
+            out.append(says(call["arguments"], "commentary").with_recipient(FUNCTIONS + call["name"])
+                       .with_content_type(JSON_CALL))
+        return out
+
+    def tool_calls(self, parsed: dict) -> list[dict]:
+        """The module's tool_calls(parsed), for callers that hold a Harmony."""
+        return tool_calls(parsed)
 
     def parse_completion(self, token_ids: list[int]) -> dict:
         """Generated assistant tokens -> {"messages": [{channel, recipient, content}],
@@ -183,7 +253,7 @@ class Harmony:
         partial, header_error = self._unfinished(parser, consumed)
         if partial is not None:
             messages.append(partial)
-        out = {"messages": messages, "channels": _by_channel(messages)}
+        out = {"messages": messages, "channels": by_channel(messages)}
         if error or header_error:
             out["parse_error"] = error or header_error
         return out
@@ -209,12 +279,45 @@ def _message_dict(channel, recipient, content: str) -> dict:
     return {"channel": channel, "recipient": recipient, "content": content}
 
 
-def _by_channel(messages: list[dict]) -> dict[str, str]:
+def by_channel(messages: list[dict]) -> dict[str, str]:
     channels: dict[str, str] = {}
     for m in messages:
         if m["channel"] is not None:
             channels[m["channel"]] = channels.get(m["channel"], "") + m["content"]
     return channels
+
+
+def _drop_finished_reasoning(messages: list) -> list:
+    """Without the analysis messages that come before the last final message.
+
+    gpt-oss's format shows the model its reasoning only for the turn in progress: once a turn ended in
+    a final answer its reasoning is dropped, while reasoning that led to tool calls still awaiting a
+    final answer is kept (the model reasons on from it after the tools' results)."""
+    last_final = max((k for k, msg in enumerate(messages) if msg.author.role == "assistant"
+                      and msg.channel == "final"), default=-1)
+    return [msg for k, msg in enumerate(messages) if not (k < last_final and msg.channel == "analysis")]
+
+
+def tool_calls(parsed: dict) -> list[dict]:
+    """OpenAI `tool_calls` ({id, type: "function", function: {name, arguments}}) for the messages of a
+    parse_completion() result that call one of the developer's functions (recipient functions.NAME), in
+    order. The arguments are the model's text as is: the caller decides what to do with bad JSON, or
+    with a call cut short (parse_completion keeps a partial last message)."""
+    calls = []
+    for m in parsed["messages"]:
+        recipient = m["recipient"] or ""
+        name = recipient[len(FUNCTIONS):]
+        if recipient.startswith(FUNCTIONS) and name:  # other recipients (browser.search, python) aren't ours
+            calls.append({"id": _call_id(len(calls), name, m["content"]), "type": "function",
+                          "function": {"name": name, "arguments": m["content"]}})
+    return calls
+
+
+def _call_id(index: int, name: str, arguments: str) -> str:
+    # Derived from the call rather than random: a batch job resumed after a crash redoes requests and must
+    # write the same lines again. The index keeps two identical calls in one reply apart.
+    key = json.dumps([index, name, arguments])
+    return "call_" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 # ---- input checks: errors name the message index and field, for API users ----
@@ -228,28 +331,202 @@ def _check_effort(effort) -> str:
     return effort
 
 
+def _reject_unknown(where: str, obj: dict, known) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise HarmonyInputError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _check_messages(messages) -> list[dict]:
+    """The chat checked, each message in one shape: {role, content (a string, or None beside tool calls),
+    channel, reasoning, calls: [{id, name, arguments}], function (a tool message's function)}."""
     if not isinstance(messages, list) or not messages:
         raise HarmonyInputError("field 'messages' must be a non-empty list of {role, content} objects")
+    chat: list[dict] = []
+    call_names: dict[str, str] = {}  # tool call id -> function name, for the tool messages that answer
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise HarmonyInputError(f"messages[{i}] must be an object with 'role' and 'content'")
-        unknown = sorted(set(m) - {"role", "content", "channel"})
-        if unknown:
-            raise HarmonyInputError(f"messages[{i}]: unknown field(s) {', '.join(map(repr, unknown))}")
-        if m.get("role") not in ROLES:
+        _check_envelope(i, m)
+        if m["role"] in INSTRUCTION_ROLES and chat and chat[-1]["role"] not in INSTRUCTION_ROLES:
             raise HarmonyInputError(
-                f"messages[{i}].role: unknown role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise HarmonyInputError(f"messages[{i}].content: must be a string, "
-                                    f"got {type(m.get('content')).__name__}")
-        if m["role"] in ("system", "developer") and i != 0:
-            raise HarmonyInputError(f"messages[{i}].role: a {m['role']} message must be the first message")
-        if "channel" in m and (m["role"] != "assistant" or m["channel"] not in CHANNELS):
-            raise HarmonyInputError(
-                f"messages[{i}].channel: only assistant messages take a channel, "
-                f"one of {', '.join(CHANNELS)}")
-    return messages
+                f"messages[{i}].role: a {m['role']} message must come before all other messages")
+        if m["role"] == "assistant":
+            checked = _check_assistant(i, m)
+            call_names.update((call["id"], call["name"]) for call in checked["calls"])
+        elif m["role"] == "tool":
+            checked = _check_tool_message(i, m, call_names)
+        else:
+            checked = _checked(m["role"], _check_content(i, m.get("content")))
+        chat.append(checked)
+    return chat
+
+
+def _checked(role: str, content: str | None, channel=None, reasoning=None, calls=(), function=None) -> dict:
+    return {"role": role, "content": content, "channel": channel, "reasoning": reasoning,
+            "calls": list(calls), "function": function}
+
+
+def _check_envelope(i: int, m) -> None:
+    """What every message needs: an object, known fields that its role takes, a known role."""
+    if not isinstance(m, dict):
+        raise HarmonyInputError(f"messages[{i}] must be an object with 'role' and 'content'")
+    _reject_unknown(f"messages[{i}]", m, FIELDS)
+    if m.get("role") not in ROLES:
+        raise HarmonyInputError(
+            f"messages[{i}].role: unknown role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+    for field in m:
+        if m["role"] not in FIELDS[field]:
+            raise HarmonyInputError(f"messages[{i}].{field}: only {' and '.join(FIELDS[field])} messages "
+                                    f"may have it, not {m['role']} messages")
+    if "name" in m and not isinstance(m["name"], str):
+        raise HarmonyInputError(f"messages[{i}].name: must be a string, got {_type_name(m['name'])}")
+
+
+def _check_content(i: int, content) -> str:
+    """A string, or OpenAI's content parts: text parts only, joined with nothing between them (as
+    vLLM's gpt-oss path and harmony's own multi-part messages do)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_check_part(f"messages[{i}].content[{j}]", part) for j, part in enumerate(content))
+    raise HarmonyInputError(f"messages[{i}].content: must be a string or a list of text parts, "
+                            f"got {_type_name(content)}")
+
+
+def _check_part(where: str, part) -> str:
+    if not isinstance(part, dict):
+        raise HarmonyInputError(f"{where}: must be an object {{type: 'text', text}}, got {_type_name(part)}")
+    if part.get("type") != "text":
+        raise HarmonyInputError(f"{where}.type: only 'text' parts are supported, got {part.get('type')!r}")
+    _reject_unknown(where, part, ("type", "text"))
+    if not isinstance(part.get("text"), str):
+        raise HarmonyInputError(f"{where}.text: must be a string, got {_type_name(part.get('text'))}")
+    return part["text"]
+
+
+def _check_assistant(i: int, m: dict) -> dict:
+    calls = _check_tool_calls(i, m.get("tool_calls"))
+    content = m.get("content")
+    if content is not None or not calls:  # OpenAI's content is null when the message only calls tools
+        content = _check_content(i, content)
+    if m.get("reasoning_content") is not None and m.get("reasoning") is not None:
+        raise HarmonyInputError(f"messages[{i}].reasoning: give reasoning_content or reasoning, not both")
+    field = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
+    reasoning = m.get(field)
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise HarmonyInputError(f"messages[{i}].{field}: must be a string, got {_type_name(reasoning)}")
+    # text beside tool calls is a preamble, on commentary: a final message would end the turn before them
+    channel = m.get("channel", "commentary" if calls else "final")
+    if channel not in CHANNELS:
+        raise HarmonyInputError(f"messages[{i}].channel: must be one of {', '.join(CHANNELS)}, "
+                                f"got {channel!r}")
+    return _checked("assistant", content, channel, reasoning, calls)
+
+
+def _check_tool_calls(i: int, calls) -> list[dict]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise HarmonyInputError(f"messages[{i}].tool_calls: must be a list, got {_type_name(calls)}")
+    return [_check_tool_call(f"messages[{i}].tool_calls[{j}]", call) for j, call in enumerate(calls)]
+
+
+def _check_tool_call(where: str, call) -> dict:
+    if not isinstance(call, dict):
+        raise HarmonyInputError(f"{where}: must be an object {{id, type: 'function', function}}, "
+                                f"got {_type_name(call)}")
+    _reject_unknown(where, call, ("id", "type", "function"))
+    if not isinstance(call.get("id"), str) or not call["id"]:
+        raise HarmonyInputError(f"{where}.id: must be a non-empty string, got {call.get('id')!r}")
+    if call.get("type", "function") != "function":
+        raise HarmonyInputError(f"{where}.type: must be 'function', got {call['type']!r}")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise HarmonyInputError(f"{where}.function: must be an object {{name, arguments}}, "
+                                f"got {_type_name(function)}")
+    _reject_unknown(f"{where}.function", function, ("name", "arguments"))
+    name = function.get("name")
+    # no regex here, as the model may have called a name no tool has; but no space, which would end the
+    # recipient in the header: "to=functions.a b" reads back as a call of "a"
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise HarmonyInputError(f"{where}.function.name: must be a non-empty string without spaces, "
+                                f"got {name!r}")
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        raise HarmonyInputError(f"{where}.function.arguments: must be a string holding JSON, "
+                                f"got {_type_name(arguments)}")
+    try:
+        json.loads(arguments)
+    except ValueError as e:
+        raise HarmonyInputError(f"{where}.function.arguments: not JSON ({e})") from None
+    return {"id": call["id"], "name": name, "arguments": arguments}  # the text as given: what the model wrote
+
+
+def _check_tool_message(i: int, m: dict, call_names: dict[str, str]) -> dict:
+    """A function's result: its name is that of the earlier assistant call with this tool_call_id (or the
+    message's own name, where no earlier call has the id)."""
+    call_id, name = m.get("tool_call_id"), m.get("name")
+    if not isinstance(call_id, str):
+        raise HarmonyInputError(f"messages[{i}].tool_call_id: must be the id of the assistant's tool call "
+                                f"this message answers, got {_type_name(call_id)}")
+    if name is not None and (not name or any(c.isspace() for c in name)):
+        raise HarmonyInputError(f"messages[{i}].name: must be a non-empty string without spaces, "
+                                f"got {name!r}")
+    called = call_names.get(call_id)
+    if called is None and name is None:
+        raise HarmonyInputError(f"messages[{i}].tool_call_id: {call_id!r} is the id of no earlier assistant "
+                                f"tool call (and the message has no name)")
+    if called is not None and name is not None and name != called:
+        raise HarmonyInputError(f"messages[{i}].name: {name!r}, but tool call {call_id!r} called {called!r}")
+    return _checked("tool", _check_content(i, m.get("content")), function=called or name)
+
+
+def _check_tools(tools) -> list[dict]:
+    """OpenAI function tools -> [{name, description, parameters}], checked."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise HarmonyInputError(f"tools: must be a list of {{type: 'function', function}} objects, "
+                                f"got {_type_name(tools)}")
+    functions = [_check_tool(f"tools[{i}]", tool) for i, tool in enumerate(tools)]
+    names = [f["name"] for f in functions]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise HarmonyInputError(f"tools[{i}].function.name: {name!r} is defined twice")
+    return functions
+
+
+def _check_tool(where: str, tool) -> dict:
+    if not isinstance(tool, dict):
+        raise HarmonyInputError(f"{where}: must be an object {{type: 'function', function}}, "
+                                f"got {_type_name(tool)}")
+    _reject_unknown(where, tool, ("type", "function"))
+    if tool.get("type") != "function":
+        raise HarmonyInputError(f"{where}.type: must be 'function', got {tool.get('type')!r}")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise HarmonyInputError(f"{where}.function: must be an object {{name, description, parameters}}, "
+                                f"got {_type_name(function)}")
+    # strict is accepted for OpenAI clients that send it, but nothing holds the model to the schema
+    _reject_unknown(f"{where}.function", function, ("name", "description", "parameters", "strict"))
+    name = function.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+        raise HarmonyInputError(f"{where}.function.name: must match ^[a-zA-Z0-9_-]{{1,64}}$, got {name!r}")
+    description = function.get("description")
+    if description is not None and not isinstance(description, str):
+        raise HarmonyInputError(f"{where}.function.description: must be a string, "
+                                f"got {_type_name(description)}")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise HarmonyInputError(f"{where}.function.parameters: must be a JSON Schema object, "
+                                f"got {_type_name(parameters)}")
+    if function.get("strict") is not None and not isinstance(function["strict"], bool):
+        raise HarmonyInputError(f"{where}.function.strict: must be true or false, "
+                                f"got {_type_name(function['strict'])}")
+    return {"name": name, "description": description or "", "parameters": parameters}
 
 
 def get_harmony() -> Harmony:

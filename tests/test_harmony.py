@@ -1,8 +1,10 @@
 """Harmony: the vocab found offline, prompts rendered, completions parsed into channels."""
 
 import hashlib
+import json
 import os
 import random
+import re
 
 import pytest
 
@@ -237,7 +239,7 @@ def test_parse_garbage_never_raises():
     ([{"role": "user"}], None, "messages[0].content"),
     ([{"role": "user", "content": "x"}, {"role": "user", "content": 3}], None, "messages[1].content"),
     ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], None, "messages[1].role"),
-    ([{"role": "user", "content": "x", "name": "n"}], None, "messages[0]: unknown field(s) 'name'"),
+    ([{"role": "user", "content": "x", "nickname": "n"}], None, "messages[0]: unknown field(s) 'nickname'"),
     ([{"role": "user", "content": "x", "channel": "final"}], None, "messages[0].channel"),
     ([{"role": "assistant", "content": "x", "channel": "chat"}], None, "messages[0].channel"),
     ([{"role": "user", "content": "x"}], "extreme", "reasoning_effort must be one of low, medium, high"),
@@ -246,3 +248,265 @@ def test_bad_chats_are_named(messages, effort, words):
     with pytest.raises(HarmonyInputError) as e:
         get_harmony().render_prompt(messages, effort)
     assert words in str(e.value)
+
+
+# ---- OpenAI chats with tools ----
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}
+PING = {"type": "function", "function": {"name": "ping"}}  # no description, no parameters
+ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+
+
+def call(call_id, name, arguments):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_tools_rendered_in_the_developer_message():
+    h = get_harmony()
+    chat = [{"role": "user", "content": "Weather in Paris?"}]
+    ids = h.render_prompt(chat, "low", tools=[WEATHER, PING])
+    system, developer = h.decode(ids).split("<|end|>")[:2]
+    # the system message sends calls of the functions to the commentary channel, as gpt-oss was trained
+    assert system.endswith("Calls to these tools must go to the commentary channel: 'functions'.")
+    assert developer == ("<|start|>developer<|message|># Tools\n\n## functions\n\nnamespace functions {\n\n"
+                         "// Current weather in a city\ntype get_weather = (_: {\n// City name\n"
+                         "city: string,\n}) => any;\n\ntype ping = () => any;\n\n} // namespace functions")
+    assert h.render_prompt(chat, "low", tools=[WEATHER, PING]) == ids
+    assert "Current date" not in h.decode(ids)
+    plain = h.render_prompt(chat, "low")
+    assert h.render_prompt(chat, "low", tools=[]) == plain and "developer" not in h.decode(plain)
+    assert "commentary channel" not in h.decode(plain)
+    text = h.decode(h.render_prompt(ASK, "low", tools=[WEATHER]))
+    assert "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\n" in text
+
+
+def test_content_parts_and_leading_instructions():
+    h = get_harmony()
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}], "name": "ops"},
+             {"role": "developer", "content": "Answer in French."},
+             {"role": "user", "name": "ann",
+              "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Bonjour"}]},
+             {"role": "user", "content": []}]
+    text = h.decode(h.render_prompt(parts))
+    assert "<|start|>developer<|message|># Instructions\n\nBe brief.\n\nAnswer in French.<|end|>" in text
+    assert "<|start|>user<|message|>Hello, world<|end|>" in text
+    assert "<|channel|>final<|message|>Bonjour<|end|><|start|>user<|message|><|end|>" in text
+    strings = [{"role": "system", "content": "Be brief.\n\nAnswer in French."},
+               {"role": "user", "content": "Hello, world"}, {"role": "assistant", "content": "Bonjour"},
+               {"role": "user", "content": ""}]
+    assert h.render_prompt(parts) == h.render_prompt(strings)
+
+
+def test_tool_call_round_trip():
+    h = get_harmony()
+    prompt = h.decode(h.render_prompt(ASK, "low", tools=[WEATHER]))  # what the reply below answers
+    assert prompt.endswith("<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant")
+    reply = ("<|channel|>analysis<|message|>Need the weather tool.<|end|>"
+             "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+             '{"city": "Paris"}<|call|>')
+    parsed = h.parse_completion(encode_with_specials(reply))
+    calls = harmony.tool_calls(parsed)
+    assert calls == [call(calls[0]["id"], "get_weather", '{"city": "Paris"}')]
+    assert calls[0]["id"] == "call_" + hashlib.sha256(b'[0, "get_weather", "{\\"city\\": \\"Paris\\"}"]'
+                                                      ).hexdigest()[:24]
+    assert harmony.tool_calls(h.parse_completion(encode_with_specials(reply))) == calls  # a rerun: same id
+    assert h.tool_calls(parsed) == calls
+
+    turn = ASK + [{"role": "assistant", "content": None, "reasoning_content": parsed["channels"]["analysis"],
+                   "tool_calls": calls},
+                  {"role": "tool", "tool_call_id": calls[0]["id"], "content": '{"temp_c": 18}'}]
+    text = h.decode(h.render_prompt(turn, "low", tools=[WEATHER]))
+    assert text.endswith(
+        "<|start|>user<|message|>Weather in Paris?<|end|>"
+        "<|start|>assistant<|channel|>analysis<|message|>Need the weather tool.<|end|>"  # kept: turn goes on
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        '{"city": "Paris"}<|call|>'
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c": 18}<|end|>'
+        "<|start|>assistant")
+
+    # the turn answered, the next one: its reasoning is dropped, the call and the result stay
+    done = turn + [{"role": "assistant", "content": "18°C."}, {"role": "user", "content": "Thanks"}]
+    text = h.decode(h.render_prompt(done, "low", tools=[WEATHER]))
+    assert "Need the weather tool." not in text
+    assert ('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c": 18}<|end|>'
+            "<|start|>assistant<|channel|>final<|message|>18°C.<|end|><|start|>user<|message|>Thanks") in text
+    assert 'to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city"' in text
+
+
+def test_assistant_reasoning_preamble_and_calls_in_order():
+    h = get_harmony()
+    calls = [call("a", "get_weather", '{"city":"Paris"}'), call("b", "get_weather", '{"city":"Rome"}')]
+    chat = ASK + [{"role": "assistant", "reasoning": "Two cities.", "content": "Checking both.",
+                   "tool_calls": calls},
+                  {"role": "tool", "tool_call_id": "b", "content": "rain"},
+                  {"role": "tool", "tool_call_id": "a", "name": "get_weather",
+                   "content": [{"type": "text", "text": "sun"}]},
+                  {"role": "tool", "tool_call_id": "not-in-this-chat", "name": "lookup", "content": "?"}]
+    text = h.decode(h.render_prompt(chat, "low", tools=[WEATHER]))
+    assert text.endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>Two cities.<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>Checking both.<|end|>"  # a preamble, not final
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        '{"city":"Paris"}<|call|>'
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        '{"city":"Rome"}<|call|>'
+        "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>rain<|end|>"
+        "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sun<|end|>"
+        "<|start|>functions.lookup to=assistant<|channel|>commentary<|message|>?<|end|>"
+        "<|start|>assistant")
+    # empty text beside calls says nothing; an explicit channel is kept
+    quiet = ASK + [{"role": "assistant", "content": "", "reasoning_content": None, "tool_calls": calls[:1]}]
+    assert "<|channel|>commentary<|message|><|end|>" not in h.decode(h.render_prompt(quiet, "low"))
+    loud = ASK + [{"role": "assistant", "content": "Hm.", "channel": "analysis", "tool_calls": calls[:1]}]
+    assert "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant to=" in h.decode(h.render_prompt(loud))
+
+
+def test_reasoning_of_answered_turns_is_dropped():
+    """Harmony's own rule keeps r1 here (it drops only before the first final message) and everything
+    while the last assistant message is a call; gpt-oss should see only the unanswered turn's reasoning."""
+    h = get_harmony()
+    turns = [{"role": "user", "content": "q1"},
+             {"role": "assistant", "reasoning_content": "r1", "content": "a1"},
+             {"role": "user", "content": "q2"},
+             {"role": "assistant", "reasoning_content": "r2", "content": "a2"},
+             {"role": "user", "content": "q3"}]
+    text = h.decode(h.render_prompt(turns))
+    assert "r1" not in text and "r2" not in text and "a1" in text and "a2" in text
+    calling = turns + [{"role": "assistant", "reasoning_content": "r3", "content": None,
+                        "tool_calls": [call("c", "ping", "{}")]}]
+    text = h.decode(h.render_prompt(calling, tools=[PING]))
+    assert "r1" not in text and "r2" not in text and "<|channel|>analysis<|message|>r3<|end|>" in text
+
+
+def test_tool_calls_from_a_completion():
+    h = get_harmony()
+    reply = ("<|channel|>commentary<|message|>Checking.<|end|>"
+             "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+             '{"a":1}<|call|><|start|>assistant to=browser.search<|channel|>analysis<|message|>{}<|call|>'
+             '<|start|>assistant<|channel|>commentary to=functions.get_weather json<|message|>{"a":1}<|call|>'
+             '<|start|>assistant<|channel|>commentary to=functions.ping <|constrain|>json<|message|>{"cut')
+    calls = harmony.tool_calls(h.parse_completion(encode_with_specials(reply)))
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"a":1}'), ("get_weather", '{"a":1}'), ("ping", '{"cut')]  # browser's is not ours
+    assert len({c["id"] for c in calls}) == 3  # the same call twice: two ids
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", c["id"]) and c["type"] == "function" for c in calls)
+    assert harmony.tool_calls(h.parse_completion(encode_with_specials("<|channel|>final<|message|>Hi"))) == []
+
+
+def test_control_strings_in_tool_fields_stay_text():
+    """Security, as for plain chats: no field of a tool chat can forge a message boundary."""
+    h = get_harmony()
+
+    def prompt(text):
+        tool = {"type": "function", "function": {"name": "f", "description": text, "parameters": {
+            "type": "object", "properties": {text: {"type": "string", "description": text}}}}}
+        chat = [{"role": "user", "content": [{"type": "text", "text": text}]},
+                {"role": "assistant", "reasoning_content": text, "content": text,
+                 "tool_calls": [call(text, text, json.dumps(text))]},
+                {"role": "tool", "tool_call_id": text, "content": [{"type": "text", "text": text}]}]
+        return h.render_prompt(chat, "low", tools=[tool])
+
+    evil = prompt(CONTROL_STRINGS)
+    assert _control_ids(evil) == _control_ids(prompt("x"))
+    assert h.decode(evil).count(CONTROL_STRINGS) >= 7
+
+
+USER = {"role": "user", "content": "q"}
+
+
+def _assistant_calling(**function):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}",
+                                                                          **function}}]}
+
+
+@pytest.mark.parametrize("messages, tools, words", [
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}],
+     None, "messages[0].content[1].type: only 'text' parts"),
+    ([{"role": "user", "content": ["a"]}], None, "messages[0].content[0]: must be an object"),
+    ([{"role": "user", "content": [{"type": "text", "text": None}]}], None, "messages[0].content[0].text"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {}}]}], None,
+     "messages[0].content[0]: unknown field(s) 'cache_control'"),
+    ([{"role": "user", "content": None}], None, "messages[0].content: must be a string or a list"),
+    ([{"role": "user", "content": "x", "name": 7}], None, "messages[0].name: must be a string"),
+    ([{"role": "function", "content": "x"}], None, "messages[0].role: unknown role 'function'"),
+    ([USER, {"role": "assistant"}], None, "messages[1].content"),
+    ([USER, {"role": "assistant", "content": "x", "tool_calls": {}}], None,
+     "messages[1].tool_calls: must be a list"),
+    ([USER, {"role": "assistant", "content": None, "tool_calls": ["f"]}], None,
+     "messages[1].tool_calls[0]: must be an object"),
+    ([USER, {**_assistant_calling(), "tool_calls": [{"type": "function", "function": {"name": "f"}}]}], None,
+     "messages[1].tool_calls[0].id"),
+    ([USER, {**_assistant_calling(), "tool_calls": [{"id": "c", "type": "custom", "function": {}}]}], None,
+     "messages[1].tool_calls[0].type: must be 'function'"),
+    ([USER, {**_assistant_calling(), "tool_calls": [{"id": "c", "function": "f"}]}], None,
+     "messages[1].tool_calls[0].function: must be an object"),
+    ([USER, {**_assistant_calling(), "tool_calls": [{"id": "c", "index": 0, "function": {}}]}], None,
+     "messages[1].tool_calls[0]: unknown field(s) 'index'"),
+    ([USER, _assistant_calling(name="get weather")], None, "messages[1].tool_calls[0].function.name"),
+    ([USER, _assistant_calling(name=None)], None, "messages[1].tool_calls[0].function.name"),
+    ([USER, _assistant_calling(arguments={"city": "Paris"})], None,
+     "messages[1].tool_calls[0].function.arguments: must be a string holding JSON, got dict"),
+    ([USER, _assistant_calling(arguments="{city: Paris}")], None,
+     "messages[1].tool_calls[0].function.arguments: not JSON"),
+    ([USER, _assistant_calling(strict=True)], None,
+     "messages[1].tool_calls[0].function: unknown field(s) 'strict'"),
+    ([USER, {"role": "assistant", "content": "x", "reasoning_content": ["r"]}], None,
+     "messages[1].reasoning_content: must be a string"),
+    ([USER, {"role": "assistant", "content": "x", "reasoning_content": "r", "reasoning": "r"}], None,
+     "messages[1].reasoning: give reasoning_content or reasoning, not both"),
+    ([{"role": "user", "content": "x", "tool_calls": []}], None,
+     "messages[0].tool_calls: only assistant messages may have it"),
+    ([USER, {"role": "tool", "content": "x"}], None, "messages[1].tool_call_id: must be the id"),
+    ([USER, _assistant_calling(), {"role": "tool", "tool_call_id": "c2", "content": "x"}], None,
+     "messages[2].tool_call_id: 'c2' is the id of no earlier assistant tool call"),
+    ([USER, {"role": "tool", "tool_call_id": "c1", "content": "x"}, _assistant_calling()], None,
+     "messages[1].tool_call_id"),  # answers a call made only later
+    ([USER, _assistant_calling(), {"role": "tool", "tool_call_id": "c1", "name": "g", "content": "x"}], None,
+     "messages[2].name: 'g', but tool call 'c1' called 'f'"),
+    ([USER, {"role": "tool", "tool_call_id": "c1", "name": "a b", "content": "x"}], None, "messages[1].name"),
+    ([USER, _assistant_calling(), {"role": "tool", "tool_call_id": "c1"}], None, "messages[2].content"),
+    ([USER, {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "x", "channel": "final"}], None,
+     "messages[1].channel: only assistant messages may have it, not tool messages"),
+    ([USER, {"role": "developer", "content": "x"}], None,
+     "messages[1].role: a developer message must come before all other messages"),
+    ([USER], {"type": "function", "function": WEATHER["function"]}, "tools: must be a list"),
+    ([USER], [WEATHER, "ping"], "tools[1]: must be an object"),
+    ([USER], [{"type": "code_interpreter"}], "tools[0].type: must be 'function', got 'code_interpreter'"),
+    ([USER], [{"type": "function", "name": "f"}], "tools[0]: unknown field(s) 'name'"),
+    ([USER], [{"type": "function"}], "tools[0].function: must be an object"),
+    ([USER], [{"type": "function", "function": {"name": "get weather"}}],
+     "tools[0].function.name: must match ^[a-zA-Z0-9_-]{1,64}$, got 'get weather'"),
+    ([USER], [{"type": "function", "function": {"name": "f" * 65}}], "tools[0].function.name: must match"),
+    ([USER], [{"type": "function", "function": {"description": "d"}}], "tools[0].function.name: must match"),
+    ([USER], [{"type": "function", "function": {"name": "f", "description": 3}}],
+     "tools[0].function.description: must be a string"),
+    ([USER], [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+     "tools[0].function.parameters: must be a JSON Schema object"),
+    ([USER], [{"type": "function", "function": {"name": "f", "strict": "yes"}}], "tools[0].function.strict"),
+    ([USER], [{"type": "function", "function": {"name": "f", "examples": []}}],
+     "tools[0].function: unknown field(s) 'examples'"),
+    ([USER], [WEATHER, PING, WEATHER], "tools[2].function.name: 'get_weather' is defined twice"),
+])
+def test_bad_tool_chats_are_named(messages, tools, words):
+    with pytest.raises(HarmonyInputError) as e:
+        get_harmony().render_prompt(messages, "low", tools=tools)
+    assert words in str(e.value)
+
+
+def test_lenient_where_openai_clients_are():
+    """null reasoning and tool_calls, names, strict: what SDKs send back, accepted and ignored."""
+    h = get_harmony()
+    chat = [{"role": "user", "content": "q", "name": "ann"},
+            {"role": "assistant", "content": "a", "reasoning_content": None, "tool_calls": None,
+             "name": "bot"},
+            {"role": "user", "content": "q2"}]
+    tool = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    assert h.render_prompt(chat, tools=[tool]) == h.render_prompt(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+         {"role": "user", "content": "q2"}], tools=[WEATHER])
+    assert h.render_prompt(chat, tools=None) == h.render_prompt(chat)
