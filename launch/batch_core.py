@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
+from runtime import openai_batch
 from runtime.engine import Result
 from runtime.jsonl import InputLine, NoOutput, OutputFile, output_key
 from runtime.requests import Request, RequestError
@@ -36,8 +37,11 @@ def flag_repeated_ids(lines: Iterable[InputLine]) -> Iterator[InputLine]:
 
 
 def error_result(line: InputLine, error: Exception) -> Result:
-    """The result of a line that cannot run: its id when it has a usable one, the reason after its number."""
-    return Result(line.key[1] if line.key[0] == "id" else None, error=f"line {line.number}: {error}")
+    """The result of a line that cannot run: its id when it has a usable one, the reason after its number
+    (an OpenAI Batch line's is written in OpenAI's shape)."""
+    reply = openai_batch.reply_settings(line.obj) if openai_batch.is_openai(line.obj) else None
+    return Result(line.key[1] if line.key[0] == "id" else None, error=f"line {line.number}: {error}",
+                  openai=reply)
 
 
 def to_requests(lines: Iterable[InputLine], make_request: Callable[[object], Request],
@@ -56,7 +60,10 @@ def to_requests(lines: Iterable[InputLine], make_request: Callable[[object], Req
 
 
 def output_record(result: Result, line_number: int | None = None) -> dict:
-    """The output line of a result, as a JSON object."""
+    """The output line of a result, as a JSON object: OpenAI's batch output line for an OpenAI Batch
+    line, else the native record."""
+    if result.openai is not None:
+        return openai_batch.output_record(result, line_number)
     record = result.to_json()
     if result.id is None:
         record["line"] = line_number  # no usable id: the line number identifies it

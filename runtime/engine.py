@@ -22,11 +22,12 @@ import torch
 
 from parallel.groups import Parallel, single
 from parallel.layers import broadcast
-from runtime import cuda_graphs, ops
+from runtime import cuda_graphs, openai_batch, ops
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
+from runtime.harmony import by_channel
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
@@ -45,7 +46,10 @@ class Result:
     text: str = ""
     finish_reason: str = "error"  # "stop" | "length" | "error"
     error: str | None = None
-    chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}}
+    chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}, "tool_calls"?}
+    # per token, the most likely [token, logprob] pairs (a request's top_logprobs)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    openai: dict | None = None  # an OpenAI Batch line's reply settings (runtime/openai_batch.py)
     # For reports, not in the output record: the prompt's length, and how much of it came from the
     # prefix cache (vLLM's num_cached_tokens)
     prompt_tokens: int = 0
@@ -56,6 +60,8 @@ class Result:
                "finish_reason": self.finish_reason}
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.top_logprobs is not None:
+            out["top_logprobs"] = [[list(pair) for pair in pairs] for pairs in self.top_logprobs]
         if self.chat is not None:
             out.update(self.chat)
         if self.error is not None:
@@ -68,7 +74,21 @@ class _Launched:
     """A step on the GPU whose sampled tokens are on their way to the host."""
     samples: list[tuple[Sequence, int]]  # per sampled row: its sequence and the index of its PENDING token
     host: torch.Tensor  # [rows, 2] fp64: token (exact) and logprob per row, filled by an asynchronous copy
-    ready: torch.cuda.Event | None  # the copy is done (None off CUDA: copies there are synchronous)
+    ready: torch.cuda.Event | None  # the copies are done (None off CUDA: copies there are synchronous)
+    top: _TopLogprobs | None = None  # the most likely tokens of the rows that ask for them
+
+
+@dataclasses.dataclass
+class _TopLogprobs:
+    """The top_logprobs of a step's rows that ask for them, on their way to the host."""
+    rows: list[int]
+    counts: list[int]  # how many each row asked for (the tensor holds the largest count)
+    host: torch.Tensor  # [len(rows), max(counts), 2] fp64: (token, logprob), most likely first
+
+    def by_row(self) -> dict[int, list[tuple[int, float]]]:
+        pairs = self.host.tolist()
+        return {row: [(int(t), lp) for t, lp in pairs[i][:k]]
+                for i, (row, k) in enumerate(zip(self.rows, self.counts))}
 
 
 Prompt = Request | dict | str | list[int]  # what LLM.generate takes, as vLLM's does
@@ -95,7 +115,12 @@ def _request_object(index: int, prompt, params: SamplingParams | None):
     if not isinstance(prompt, (str, list)):
         return prompt
     field = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
-    return {"id": index, field: prompt, **(dataclasses.asdict(params) if params is not None else {})}
+    return {"id": index, field: prompt, **_fields(params)}
+
+
+def _fields(params: SamplingParams | None) -> dict:
+    """A SamplingParams as a JSON request's fields (None: none, so the request defaults apply)."""
+    return dataclasses.asdict(params) if params is not None else {}
 
 
 def memory_report(device: torch.device) -> dict:
@@ -172,7 +197,7 @@ class LLM:
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
                                    max_batch_tokens=config.max_batch_tokens, max_model_len=max_model_len,
-                                   new_generator=self._new_generator,
+                                   new_generator=self._new_generator, new_constraint=_new_constraint,
                                    prefix_caching=config.enable_prefix_caching)
         # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
@@ -182,6 +207,7 @@ class LLM:
         # device-to-host copy needs (into a strided view torch copies synchronously).
         self._host_samples = [torch.zeros((max_batch_size, 2), dtype=torch.float64, pin_memory=pinned)
                               for _ in range(2)]
+        self._bitmasks = None  # likewise for the token masks of constrained rows (made at first use)
         self._steps = 0
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
         self._graphs = None
@@ -307,7 +333,8 @@ class LLM:
                     try:
                         prompt = self.make_request(obj)
                     except RequestError as e:
-                        finish(index, Result(request_id(obj), error=str(e)))
+                        reply = openai_batch.reply_settings(obj) if openai_batch.is_openai(obj) else None
+                        finish(index, Result(request_id(obj), error=str(e), openai=reply))
                         continue
                 self.scheduler.add(index, prompt)
             self._run(finish, should_stop)
@@ -317,6 +344,25 @@ class LLM:
         finally:  # stopped early or failed: the next call starts from an empty queue
             self.scheduler.drop_unfinished()
         return [results[i] for i in sorted(results)]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             reasoning_effort: str | None = None, on_result: Callable[[Result], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[Result]:
+        """Generate the assistant's reply to each conversation, as vLLM's LLM.chat: `messages` is one
+        conversation (OpenAI chat messages) or a list of them; `sampling_params` one for all or one per
+        conversation; `tools` (OpenAI function tools), `tool_choice` and `reasoning_effort` apply to all.
+        A thin adaptor: each conversation becomes a `messages` request (its index its id) for
+        `generate`; its Result's `chat` holds the reply's channels and any `tool_calls`."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        extras = {name: value for name, value in (("tools", tools), ("tool_choice", tool_choice),
+                                                   ("reasoning_effort", reasoning_effort))
+                  if value is not None}
+        requests = [{"id": index, "messages": conversation, **_fields(params), **extras}
+                    for index, (conversation, params)
+                    in enumerate(_with_params(conversations, sampling_params))]
+        return self.generate(requests, on_result=on_result, should_stop=should_stop)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (between generate calls, as vLLM's LLM.reset_prefix_cache):
@@ -344,8 +390,17 @@ class LLM:
                 break
             step = self.scheduler.schedule()
             for rejected in step.rejected:
-                finish(rejected.index, Result(rejected.request.id, error=rejected.error))
-            launched = self._launch(step) if step.plan.chunks else None
+                finish(rejected.index, Result(rejected.request.id, error=rejected.error,
+                                              openai=rejected.request.openai))
+            launched = None
+            if step.plan.chunks:
+                logits, greedy = self._start(step)
+                if in_flight is not None and any(seq.constraint for seq, _ in step.samples):
+                    # A constrained row's mask needs every token before this step's: land the step
+                    # before first, while the GPU runs this one's forward.
+                    self._land(in_flight, finish)
+                    in_flight = None
+                launched = self._sample(step, logits, greedy)
             if in_flight is not None:
                 self._land(in_flight, finish)
             in_flight = launched
@@ -363,20 +418,24 @@ class LLM:
                 tokens = torch.empty(samples, dtype=self._sampled.dtype, device=self.device)
                 self._sampled[:samples].copy_(broadcast(tokens, self.parallel.replica))
 
-    def _launch(self, step: ScheduledStep) -> _Launched:
-        """Send the plan to the replica's other ranks, run the step and sample its wanted rows on the
-        GPU; the tokens start their way to the host (the sequences hold them as PENDING)."""
-        plan, seqs = step.plan, [seq for seq, _ in step.samples]
+    def _start(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Send the plan to the replica's other ranks and launch the step's forward (_forward)."""
         if self._plans is not None:
-            self._plans.send(plan, len(seqs))
-        logits, greedy = self._forward(plan)
+            self._plans.send(step.plan, len(step.samples))
+        return self._forward(step.plan)
+
+    def _sample(self, step: ScheduledStep, logits: torch.Tensor, greedy: torch.Tensor | None) -> _Launched:
+        """Sample the step's wanted rows on the GPU; the tokens start their way to the host (the
+        sequences hold them as PENDING)."""
+        seqs = [seq for seq, _ in step.samples]
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
         params = [s.request.params for s in seqs]
-        if greedy is not None and all(p.greedy for p in params):
+        allowed = self._allowed(seqs)
+        if greedy is not None and allowed is None and all(p.greedy for p in params):
             tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
         else:
-            tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs])
+            tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs], allowed)
             self._sampled[:len(seqs)].copy_(tokens)
             pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
         if self.parallel.replica.size > 1:  # for the other ranks' next decode rows (see _follow)
@@ -384,17 +443,50 @@ class LLM:
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
         host.copy_(pairs, non_blocking=True)
+        top = self._top_logprobs(logits, params)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return _Launched(step.samples, host, ready)
+        return _Launched(step.samples, host, ready, top)
+
+    def _allowed(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The constrained rows and their token masks on the device (None when no row is): computed
+        on the host by llguidance while the GPU runs the step's forward."""
+        rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None and not seq.done]
+        if not rows:
+            return None
+        from runtime import structured
+
+        if self._bitmasks is None:  # two, alternating as the sampled tokens' host buffers do
+            words = structured.bitmask_words(self.config.vocab_size)
+            self._bitmasks = [torch.zeros((self.max_batch_size, words), dtype=torch.int32,
+                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
+        bitmask = self._bitmasks[self._steps % 2][:len(rows)]
+        structured.fill_bitmasks([seqs[i].constraint for i in rows], bitmask)
+        return (to_device(rows, torch.int64, self.device),
+                bitmask.to(self.device, non_blocking=True))
+
+    def _top_logprobs(self, logits: torch.Tensor, params: list[SamplingParams]) -> _TopLogprobs | None:
+        """The most likely tokens of the rows that ask for top_logprobs, copied to the host with the
+        step's samples (only those rows pay)."""
+        rows = [i for i, p in enumerate(params) if p.top_logprobs > 0]
+        if not rows:
+            return None
+        counts = [params[i].top_logprobs for i in rows]
+        logprobs = torch.log_softmax(logits[to_device(rows, torch.int64, self.device)], dim=-1)
+        values, tokens = torch.topk(logprobs, max(counts), dim=-1)
+        pairs = torch.stack([tokens.double(), values.double()], dim=-1)
+        host = torch.empty(pairs.shape, dtype=pairs.dtype, pin_memory=self.device.type == "cuda")
+        host.copy_(pairs, non_blocking=True)
+        return _TopLogprobs(rows, counts, host)
 
     def _land(self, step: _Launched, finish) -> None:
         """Wait for a launched step's tokens and hand them to the scheduler; report the finished."""
         if step.ready is not None:
             step.ready.synchronize()
-        for seq in self.scheduler.land(step.samples, step.host.tolist()):
+        top = step.top.by_row() if step.top is not None else None
+        for seq in self.scheduler.land(step.samples, step.host.tolist(), top):
             finish(seq.index, self._result(seq))
 
     def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -415,16 +507,42 @@ class LLM:
                                to_device(plan.logits_rows, torch.int64, dev))), None
 
     def _result(self, seq: Sequence) -> Result:
-        req, reason = seq.request, seq.finish_reason
-        # The text leaves out a final stop token; the token ids keep it.
-        body = seq.generated[:-1] if reason == "stop" else seq.generated
-        result = Result(req.id, list(seq.generated), list(seq.logprobs) if req.params.logprobs else None,
-                        finish_reason=reason, prompt_tokens=len(req.prompt_token_ids),
-                        cached_tokens=seq.cached_tokens)
+        req, params = seq.request, seq.request.params
+        # The text leaves out a final stop token (the token ids keep it), and ends before a stop string.
+        stopped_by_token = bool(seq.generated) and seq.generated[-1] in req.stop_token_ids
+        body = seq.generated[:-1] if stopped_by_token else seq.generated
+        result = Result(req.id, list(seq.generated), list(seq.logprobs) if params.wants_logprobs else None,
+                        finish_reason=seq.finish_reason, prompt_tokens=len(req.prompt_token_ids),
+                        cached_tokens=seq.cached_tokens, openai=req.openai,
+                        top_logprobs=list(seq.top_logprobs) if params.top_logprobs else None)
         try:
             result.text = self.harmony.decode(body)
+            if req.stop_strings is not None:
+                result.text = req.stop_strings.cut(result.text)
             if req.chat:
                 result.chat = self.harmony.parse_completion(seq.generated)
+                if req.stop_strings is not None:
+                    _cut_last_message(result.chat, req.stop_strings)
+                calls = self.harmony.tool_calls(result.chat)
+                if calls:
+                    result.chat["tool_calls"] = calls
         except Exception as e:  # a decoding problem must not lose the generated tokens
             result.error = f"decoding the output failed: {e}"
         return result
+
+
+def _new_constraint(request: Request):
+    """A request's grammar state (runtime/structured.py), made at its first admission."""
+    if request.grammar is None:
+        return None
+    from runtime.structured import Constraint
+
+    return Constraint(request.grammar)
+
+
+def _cut_last_message(chat: dict, stop_strings) -> None:
+    """A chat that a stop string ended: its last message ends before it, and its channels follow."""
+    if chat["messages"]:
+        last = chat["messages"][-1]
+        last["content"] = stop_strings.cut(last["content"])
+        chat["channels"] = by_channel(chat["messages"])

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from runtime import openai_batch
 from runtime.requests import request_id
 
 
@@ -69,13 +70,18 @@ class NotResults(ValueError):
 
 
 def output_key(record: dict):
+    if openai_batch.is_record(record):
+        return openai_batch.record_key(record)
     if "id" in record and record["id"] is not None:
         return ("id", record["id"])
     return ("line", record.get("line"))
 
 
 def is_result(record: Any) -> bool:
-    """Whether a parsed output line is one of this runtime's results (see runtime.engine.Result)."""
+    """Whether a parsed output line is one of this runtime's results (see runtime.engine.Result, and
+    runtime/openai_batch.py for OpenAI Batch output lines)."""
+    if openai_batch.is_record(record):
+        return True
     if not isinstance(record, dict) or "id" not in record:
         return False
     rid, line = record["id"], record.get("line")
@@ -129,9 +135,16 @@ def read_result_lines(path: str | os.PathLike) -> ResultLines:
                     raise NotResults(f"{path}:{number} is not a result of this runtime "
                                      f"(found {_preview(raw.decode('utf-8', errors='replace'))})")
                 results.append(StoredResult(output_key(record), offset, offset + len(raw),
-                                            record.get("error") is not None))
+                                            failed(record)))
             offset += len(raw)
     return ResultLines(path, results, offset)
+
+
+def failed(record: dict) -> bool:
+    """Whether a result line reports a request that did not run (what retry_errors runs again)."""
+    if openai_batch.is_record(record):
+        return openai_batch.record_failed(record)
+    return record.get("error") is not None
 
 
 def _preview(text: str, width: int = 60) -> str:

@@ -221,8 +221,9 @@ def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor)
     pairs.copy_(torch.stack([chosen.double(), logprobs.double()], dim=1))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[SeededNoise]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[SeededNoise],
+           allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [M] and their logprobs [M] of fp32 logits [M, vocab], row i under params[i] drawing from
-    generators[i], without a host sync: torch on every path."""
-    return sample_on_device(logits, params, generators)
+    generators[i] (and the `allowed` rows only among their allowed tokens), without a host sync: torch
+    on every path."""
+    return sample_on_device(logits, params, generators, allowed)

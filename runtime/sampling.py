@@ -35,7 +35,9 @@ LIMITS = {
     "top_k": Limit(-1, 2**31, integer=True),
     # taken mod 2**64 (SeededNoise): -1 and 2**64 - 1 are the same seed
     "seed": Limit(-(2**63), 2**64 - 1, integer=True),
+    "top_logprobs": Limit(0, 20, integer=True),  # OpenAI's bound
 }
+MAX_STOP_STRINGS = 4  # OpenAI's bound on `stop`
 
 
 # Below this temperature a row is sampled greedily (vLLM's _SAMPLING_EPS): dividing logits by a
@@ -53,14 +55,28 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     ignore_eos: bool = False
+    top_logprobs: int = 0  # also this many most likely tokens at each position (implies logprobs)
+    stop: tuple[str, ...] = ()  # strings that end generation; the text ends before the first one found
+    # OpenAI's structured outputs: {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    # {"name", "schema", "strict"}} (runtime/structured.py); None or {"type": "text"}: free
+    response_format: dict | None = None
 
     def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"field 'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
+                             f"non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)  # a list given is kept as a tuple (frozen)
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if name == "seed" and value is None:
                 continue
             if not limit.lo <= value <= limit.hi:  # NaN fails this too
                 raise ValueError(f"field {name!r} must be in [{limit.lo}, {limit.hi}], got {value!r}")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     @property
     def greedy(self) -> bool:
@@ -122,15 +138,28 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     return [(int(t), lp) for t, lp in zip(*both)]
 
 
-def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[SeededNoise]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[SeededNoise],
+                     allowed: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [M] (int64) and their logprobs [M] (fp32) for the rows of fp32 logits [M, vocab], row i
     under params[i], drawing from generators[i] only; on the logits' device, without a host sync (the
     engine samples one step while planning the next). Batched (a step's rows cost a few launches, not a
     few per row), yet each row's result is a function of that row alone.
 
     A sampled row draws by the exponential race: the argmax of p / E over independent Exp(1) draws
-    E picks token i with probability p_i, and the draws come from the row's own generator."""
+    E picks token i with probability p_i, and the draws come from the row's own generator.
+
+    `allowed` (row indices, int32 bitmask [rows, words], on the logits' device): those rows choose only
+    among their allowed tokens (structured outputs); their logprobs stay the model's own."""
+    model_logits = logits
+    if allowed is not None:  # a copy: the logprobs below are of the unmasked logits
+        from runtime.structured import apply_bitmask
+
+        rows, bitmask = allowed
+        logits = logits.clone()
+        masked = logits[rows]
+        apply_bitmask(masked, bitmask)
+        logits[rows] = masked
     # greedy: the first maximal id on ties, as torch and the references do
     tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -155,4 +184,4 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
         noise = torch.stack([generators[i].exponential(vocab) for i in sampled])
         tokens[rows] = torch.argmax(probs / noise.clamp_min(1e-30), dim=-1)
-    return tokens, logprobs_of(logits, tokens)
+    return tokens, logprobs_of(model_logits, tokens)

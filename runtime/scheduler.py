@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from runtime import prefix_cache
 from runtime.kv_cache import OutOfPages, PagePool, SequenceKV
@@ -37,6 +37,9 @@ from runtime.requests import Request
 from runtime.sampling import SeededNoise
 from runtime.step import SequenceChunk
 from runtime.step_plan import StepPlan
+
+if TYPE_CHECKING:
+    from runtime.structured import Constraint
 
 PENDING = -1  # in a sequence's tokens: sampled by the step in flight, not on the host yet
 
@@ -48,10 +51,13 @@ class Sequence:
     request: Request
     cache: SequenceKV
     generator: SeededNoise | None  # its sampler's random state, kept across preemption
+    constraint: Constraint | None  # what it may generate next (runtime/structured.py), kept likewise
     tokens: list[int]  # prompt + generated so far
     computed: int = 0  # tokens whose K/V are in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    # per generated token, the most likely (token, logprob) pairs, when its request asks for them
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     pending: int = 0  # tokens sampled by the step in flight (PENDING in `tokens` until it lands)
     sample_row: int = -1  # the row of the engine's sampled-token buffer holding the newest pending token
     finish_reason: str | None = None  # "stop" | "length" once finished
@@ -99,15 +105,18 @@ class Scheduler:
     """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
 
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
-    sampler state, made at its first admission and kept across preemption. prefix_caching: reuse
+    sampler state, made at its first admission and kept across preemption; new_constraint: likewise its
+    grammar's state (None: unconstrained). prefix_caching: reuse
     cached pages of earlier sequences' prefixes (vLLM's enable_prefix_caching).
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
                  max_batch_tokens: int, max_model_len: int,
                  new_generator: Callable[[Request], SeededNoise | None] = lambda request: None,
+                 new_constraint: Callable[[Request], Constraint | None] = lambda request: None,
                  prefix_caching: bool = False):
         self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
+        self.new_constraint = new_constraint
         self.prefix_caching = prefix_caching
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.max_model_len = max_model_len
@@ -130,17 +139,23 @@ class Scheduler:
         plan, samples = self._plan()
         return ScheduledStep(plan, samples, rejected)
 
-    def land(self, samples: list[tuple[Sequence, int]], pairs: list[tuple[float, float]]) -> list[Sequence]:
-        """Hand a step's sampled (token, logprob) pairs, one per sampled row, to their sequences;
-        returns the ones that finished (their pages given back, finish_reason set), in row order."""
+    def land(self, samples: list[tuple[Sequence, int]], pairs: list[tuple[float, float]],
+             top: dict[int, list[tuple[int, float]]] | None = None) -> list[Sequence]:
+        """Hand a step's sampled (token, logprob) pairs, one per sampled row, to their sequences (and
+        `top`, row -> most likely pairs, for the rows that asked); returns the ones that finished
+        (their pages given back, finish_reason set), in row order."""
         finished = []
-        for (seq, slot), (token, logprob) in zip(samples, pairs):
+        for row, ((seq, slot), (token, logprob)) in enumerate(zip(samples, pairs)):
             if seq.done:  # it ended at the step before: this row was computed in vain
                 continue
             token = int(token)
             seq.tokens[slot] = token
             seq.generated.append(token)
             seq.logprobs.append(logprob)
+            if top is not None and row in top:
+                seq.top_logprobs.append(top[row])
+            if seq.constraint is not None:
+                seq.constraint.consume(token)
             seq.pending -= 1
             reason = self._finish_reason(seq)
             if reason is None:
@@ -207,7 +222,8 @@ class Scheduler:
         return rejected
 
     def _new_sequence(self, index: int, req: Request) -> Sequence:
-        return Sequence(index, req, self.new_cache(), self.new_generator(req), list(req.prompt_token_ids))
+        return Sequence(index, req, self.new_cache(), self.new_generator(req), self.new_constraint(req),
+                        list(req.prompt_token_ids))
 
     def _cached_pages(self, tokens: list[int]) -> int:
         """Pages a waiting sequence would share with running ones instead of allocating (the cached
@@ -345,7 +361,8 @@ class Scheduler:
                                     or len(seq.tokens) >= self.max_model_len)
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        if seq.generated[-1] in seq.request.stop_token_ids:
+        strings = seq.request.stop_strings
+        if seq.generated[-1] in seq.request.stop_token_ids or (strings and strings.hit(seq.generated)):
             return "stop"
         context = len(seq.tokens) - seq.pending  # pending tokens: of a later step, not this one
         if len(seq.generated) >= seq.request.params.max_tokens or context >= self.max_model_len:
