@@ -126,8 +126,6 @@ def _grammar(obj: dict, params: SamplingParams, chat: bool) -> str | None:
     try:
         grammar = structured.grammar_for(params.response_format, chat=chat, tools=obj.get("tools"),
                                          tool_choice=obj.get("tool_choice"))
-        if grammar is not None:
-            structured.check_grammar(grammar)
     except structured.StructureError as e:
         raise RequestError(str(e)) from None
     if grammar is not None and params.ignore_eos:

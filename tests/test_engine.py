@@ -161,6 +161,49 @@ def test_stop_token_and_max_tokens(llm):
     assert stopped.token_ids == first.token_ids[: first.token_ids.index(stop) + 1]
 
 
+def test_stop_strings_end_the_output_before_them(llm):
+    """A stop string ends generation at the token completing it; the text ends before it (OpenAI's
+    behaviour) and the tokens are those up to that point, whatever other rows share the steps."""
+    free = llm.generate([{"id": "free", "prompt": "Tell me", "max_tokens": 24, "temperature": 0,
+                          "ignore_eos": True}])[0]
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # mid-text, likely across a token boundary
+    assert stop and text.find(stop) > 0
+    both = llm.generate([{"id": "stopped", "prompt": "Tell me", "max_tokens": 24, "temperature": 0,
+                          "ignore_eos": True, "stop": ["never appears \u2603", stop]},
+                         {"id": "beside", "prompt": "Other", "max_tokens": 24, "temperature": 0}])
+    stopped = both[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[:text.find(stop)]
+    n = len(stopped.token_ids)
+    assert stopped.token_ids == free.token_ids[:n] and stop in llm.harmony.decode(stopped.token_ids)
+    assert stop not in llm.harmony.decode(stopped.token_ids[:-1])  # ended at the completing token
+
+
+def test_top_logprobs_are_the_models_most_likely_tokens(llm):
+    tokens = prompts(1, seed=4)[0]
+    res = llm.generate([Request(0, tokens, SamplingParams(max_tokens=3, temperature=0, top_logprobs=4),
+                                stop_token_ids=())])[0]
+    assert len(res.top_logprobs) == len(res.logprobs) == 3 and all(len(top) == 4 for top in res.top_logprobs)
+    for token, logprob, top in zip(res.token_ids, res.logprobs, res.top_logprobs):
+        assert top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-5)  # greedy: the first
+        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert res.to_json()["top_logprobs"][0] == [list(pair) for pair in res.top_logprobs[0]]
+
+
+def test_chat_takes_conversations_and_sampling_params_as_vllm_does(llm):
+    conversation = [{"role": "user", "content": "Hi"}]
+    params = SamplingParams(max_tokens=5, temperature=0)
+    one = llm.chat(conversation, params)
+    two = llm.chat([conversation, [{"role": "system", "content": "Be brief."}, *conversation]],
+                   [params, SamplingParams(max_tokens=3, temperature=0)], reasoning_effort="low")
+    assert [r.id for r in one] == [0] and [r.id for r in two] == [0, 1]
+    assert one[0].chat is not None and len(two[1].token_ids) <= 3
+    same = llm.generate([{"id": 0, "messages": conversation, "max_tokens": 5, "temperature": 0}])
+    assert one[0].token_ids == same[0].token_ids  # a thin adaptor over a `messages` request
+    [bad] = llm.chat([{"role": "robot", "content": "x"}])
+    assert "role" in bad.error
+
+
 def test_context_limit_cuts_generation(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_model_len=20)
     res = llm.generate([greedy(prompts(1, lo=15, hi=16)[0], max_tokens=50)])[0]

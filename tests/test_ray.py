@@ -16,6 +16,12 @@ REQUESTS = [{"id": i, "prompt_token_ids": [500 + i, 600 + i, 700 + i, 800 + i][:
              "temperature": 0, "logprobs": True} for i in range(6)]
 REQUESTS.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
                  "temperature": 0})
+# OpenAI Batch lines beside the native ones (runtime/openai_batch.py), one of them bad
+REQUESTS += [{"custom_id": "openai-chat", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}},
+             {"custom_id": "openai-text", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "logprobs": 1}},
+             {"custom_id": "openai-bad", "method": "POST", "url": "/v1/completions", "body": {"n": 3}}]
 
 
 def run(*args, module="launch.ray_batch"):
@@ -28,8 +34,27 @@ def run(*args, module="launch.ray_batch"):
 
 
 def by_id(path):
-    return {r["id"] if r["id"] is not None else f"line {r['line']}": r
-            for r in map(json.loads, path.read_text().splitlines())}
+    """Native results by id (or line), OpenAI Batch results by custom_id, the latter without the time
+    their completion was made."""
+    rows = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        if "custom_id" in r:
+            r["response"]["body"].pop("created", None)
+            rows[r["custom_id"]] = r
+        else:
+            rows[r["id"] if r["id"] is not None else f"line {r['line']}"] = r
+    return rows
+
+
+def close(a, b, tol=1e-4) -> bool:
+    """Equal JSON values, floats (logprobs: two ranks sum in another order) within tol."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    return a == b
 
 
 def test_two_rank_replica_matches_one_process_and_resumes(tiny_checkpoints, tmp_path):
@@ -41,15 +66,19 @@ def test_two_rank_replica_matches_one_process_and_resumes(tiny_checkpoints, tmp_
     log = run(ckpt, f"input={inp}", f"output={out}", "parallel.tp=2", "ray_num_cpus=4", "ray_batch_size=4")
     expected, got = by_id(tmp_path / "single.jsonl"), by_id(out)
     assert sorted(got, key=str) == sorted(expected, key=str)
+    assert [got[rid]["response"]["status_code"] for rid in ("openai-chat", "openai-text", "openai-bad")] == \
+        [200, 200, 400]
+    for rid in ("openai-chat", "openai-text", "openai-bad"):
+        assert close(got.pop(rid), expected.pop(rid)), rid
     for rid, want in expected.items():
         assert (got[rid]["token_ids"] == want["token_ids"]
                 and got[rid]["finish_reason"] == want["finish_reason"])
         if "logprobs" in want:
             assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
-    assert "not valid JSON" in got["line 8"]["error"] and "channels" in got["chat"]
+    assert "not valid JSON" in got["line 11"]["error"] and "channels" in got["chat"]
     assert "rank 1: loaded" in log  # two ranks formed the replica
     before = out.read_text()
-    assert "done: 0 requests (8 already done)" in run(ckpt, f"input={inp}", f"output={out}", "ray_num_cpus=4")
+    assert "done: 0 requests (11 already done)" in run(ckpt, f"input={inp}", f"output={out}", "ray_num_cpus=4")
     assert out.read_text() == before
 
 
