@@ -72,7 +72,8 @@ def check_record_shape(record):
                                                                        else [])
     assert record["id"].startswith("batch_req_") and record["error"] is None
     response = record["response"]
-    assert set(response) == {"status_code", "request_id", "body"} and response["request_id"].startswith("req_")
+    assert set(response) == {"status_code", "request_id", "body"}
+    assert response["request_id"].startswith("req_")
 
 
 def check_usage(usage, completion_tokens):

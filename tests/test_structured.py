@@ -433,7 +433,8 @@ def test_engine_chat_reply_and_tool_call_round_trip(tiny_llm):
         assert tool_call["function"]["name"] == "get_weather" and tool_call["id"].startswith("call_")
         jsonschema.validate(json.loads(tool_call["function"]["arguments"]), WEATHER)
         follow_up = question + [{"role": "assistant", "content": None, "tool_calls": [tool_call]},
-                                {"role": "tool", "tool_call_id": tool_call["id"], "content": '{"temp_c": 18}'}]
+                                {"role": "tool", "tool_call_id": tool_call["id"],
+                                 "content": '{"temp_c": 18}'}]
         [answer] = tiny_llm.chat(follow_up, SamplingParams(max_tokens=300, temperature=0,
                                                            response_format=json_format(ANSWER)), tools=TOOLS)
     assert answer.finish_reason == "stop" and answer.token_ids[-1] == RETURN
