@@ -381,31 +381,41 @@ class LLM:
 
     def _run(self, finish, should_stop) -> None:
         """Continuous batching: the scheduler admits and plans a step (runtime/scheduler.py), which is
-        launched; then the tokens of the step before are handed out while this one runs."""
+        launched; then the tokens of the step before are handed out while this one runs.
+
+        A step with constrained rows samples only once the step before has landed (their masks need
+        its tokens): its forward is launched, the step before lands, the next step is planned and the
+        masks are computed, all while the forward runs; then it samples, and the next step's forward
+        follows at once (planned already, so the GPU does not wait for the host's planning)."""
         in_flight: _Launched | None = None
-        while self.scheduler.has_unfinished() or in_flight:
+        planned: ScheduledStep | None = None  # the next step, planned ahead by a constrained one
+        while self.scheduler.has_unfinished() or in_flight or planned:
             if should_stop is not None and should_stop():
                 if in_flight is not None:  # its finished requests are kept
                     self._land(in_flight, finish)
                 break
-            step = self.scheduler.schedule()
-            for rejected in step.rejected:
-                finish(rejected.index, Result(rejected.request.id, error=rejected.error,
-                                              openai=rejected.request.openai))
+            step, planned = planned or self._schedule(finish), None
             launched = None
             if step.plan.chunks:
                 logits, greedy = self._start(step)
                 if in_flight is not None and any(seq.constraint for seq, _ in step.samples):
-                    # A constrained row's mask needs every token before this step's: land the step
-                    # before first, while the GPU runs this one's forward.
                     self._land(in_flight, finish)
                     in_flight = None
+                    planned = self._schedule(finish)
                 launched = self._sample(step, logits, greedy)
             if in_flight is not None:
                 self._land(in_flight, finish)
             in_flight = launched
         if self._plans is not None:
             self._plans.end()
+
+    def _schedule(self, finish) -> ScheduledStep:
+        """The scheduler's next step; the requests it turned away get their error results."""
+        step = self.scheduler.schedule()
+        for rejected in step.rejected:
+            finish(rejected.index, Result(rejected.request.id, error=rejected.error,
+                                          openai=rejected.request.openai))
+        return step
 
     def _follow(self) -> None:
         """A replica's other ranks: run each step the first rank plans, until it ends the call. The
