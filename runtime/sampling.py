@@ -62,7 +62,8 @@ class SamplingParams:
     response_format: dict | None = None
 
     def __post_init__(self):
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        stop = tuple(stop) if isinstance(stop, (list, tuple)) else (None,)  # (None,): refused below
         if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"field 'stop' must be a string or a list of up to {MAX_STOP_STRINGS} "
                              f"non-empty strings, got {self.stop!r}")

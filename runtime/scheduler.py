@@ -105,9 +105,9 @@ class Scheduler:
     """Admission, KV page reservation, preemption, step planning and stop detection over a pool.
 
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
-    sampler state, made at its first admission and kept across preemption; new_constraint: likewise its
-    grammar's state (None: unconstrained). prefix_caching: reuse
-    cached pages of earlier sequences' prefixes (vLLM's enable_prefix_caching).
+    sampler state, made at its first admission and kept across preemption; new_constraint: likewise
+    its grammar's state (None: unconstrained). prefix_caching: reuse cached pages of earlier
+    sequences' prefixes (vLLM's enable_prefix_caching).
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
@@ -142,8 +142,8 @@ class Scheduler:
     def land(self, samples: list[tuple[Sequence, int]], pairs: list[tuple[float, float]],
              top: dict[int, list[tuple[int, float]]] | None = None) -> list[Sequence]:
         """Hand a step's sampled (token, logprob) pairs, one per sampled row, to their sequences (and
-        `top`, row -> most likely pairs, for the rows that asked); returns the ones that finished
-        (their pages given back, finish_reason set), in row order."""
+        `top`, row -> most likely pairs, for the rows that asked), advancing their grammars; returns
+        the ones that finished (their pages given back, finish_reason set), in row order."""
         finished = []
         for row, ((seq, slot), (token, logprob)) in enumerate(zip(samples, pairs)):
             if seq.done:  # it ended at the step before: this row was computed in vain

@@ -45,6 +45,8 @@ BAD = [
     (chat_line("bad-role") | {"body": {"messages": [{"role": "robot", "content": "x"}]}}, "role"),
     (chat_line("no-body") | {"body": "text"}, "body"),
     (openai_line("bad-logprobs", COMPLETIONS_URL, prompt="x", logprobs=9), "body.logprobs"),
+    (chat_line("bad-stop", stop=[1, 2]), "'stop'"),
+    (chat_line("bad-top-logprobs", logprobs=True, top_logprobs=21), "top_logprobs"),
     (chat_line("bad-schema", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
      "response_format"),
     (chat_line("bad-tool-choice", tool_choice={"type": "function", "function": {"name": "nope"}}),

@@ -26,6 +26,11 @@ def parse(**fields):
                     "got 18446744073709551616"),
     ("seed", -(2**63) - 1, "field 'seed' must be in [-9223372036854775808, 18446744073709551615], "
                            "got -9223372036854775809"),
+    ("top_logprobs", 21, "field 'top_logprobs' must be in [0, 20], got 21"),
+    ("stop", 5, "field 'stop' must be a string or a list of up to 4 non-empty strings, got 5"),
+    ("stop", ["a"] * 5, "field 'stop' must be a string or a list of up to 4 non-empty strings, "
+                        "got ['a', 'a', 'a', 'a', 'a']"),
+    ("stop", [""], "field 'stop' must be a string or a list of up to 4 non-empty strings, got ['']"),
 ])
 def test_out_of_range_parameters_are_refused_alike_from_python_and_json(field, value, message):
     """One table of ranges: SamplingParams built in Python (the LLM API) is checked as a JSON request is."""
