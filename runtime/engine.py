@@ -442,8 +442,10 @@ class LLM:
             return _Launched([], self._host_samples[0][:0], None)
         params = [s.request.params for s in seqs]
         allowed = self._allowed(seqs)
-        if greedy is not None and allowed is None and all(p.greedy for p in params):
+        if greedy is not None and all(p.greedy for p in params):
             tokens, pairs = self._sampled[:len(seqs)], greedy  # the graph sampled them (cuda_graphs.py)
+            if allowed is not None:  # constrained rows choose again, among their allowed tokens
+                ops.masked_greedy_into(logits, *allowed, tokens, pairs)
         else:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs], allowed)
             self._sampled[:len(seqs)].copy_(tokens)

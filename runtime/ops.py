@@ -22,7 +22,8 @@ Each function, its kernel path, and its reference path:
   only after `route` sorted the rows | not taken (the reference goes through the exchange).
 - `expert_rows`, rows through their experts (the exchange's rows): `moe_triton.expert_rows_triton`
   | `moe.expert_rows`.
-- `greedy_into`, argmax and logprob inside the decode graphs: `greedy_triton` | `greedy.greedy`.
+- `greedy_into`, argmax and logprob inside the decode graphs: `greedy_triton` | `greedy.greedy`;
+  `masked_greedy_into`, the same for the rows a grammar constrains: `greedy_triton` | torch.
 - `sample`, temperature, top-k, top-p, seeds: torch (`sampling.sample_on_device`) on both paths.
 
 Kernel modules are imported inside the functions: triton is a test extra, and the base install
@@ -40,7 +41,7 @@ from torch.nn.functional import linear as torch_linear
 from parallel.layers import ColumnParallelLinear, Matmul
 from runtime.kernels import rmsnorm
 from runtime.kernels.attention import paged_attention
-from runtime.kernels.greedy import greedy
+from runtime.kernels.greedy import greedy, logprobs_of
 from runtime.kernels.moe import expert_rows as expert_rows_reference
 from runtime.kernels.rope import rope_qk
 from runtime.kernels.router import route as route_reference
@@ -219,6 +220,25 @@ def greedy_into(logits: torch.Tensor, tokens: torch.Tensor, pairs: torch.Tensor)
     chosen, logprobs = greedy(logits)
     tokens.copy_(chosen)
     pairs.copy_(torch.stack([chosen.double(), logprobs.double()], dim=1))
+
+
+def masked_greedy_into(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor,
+                       tokens: torch.Tensor, pairs: torch.Tensor) -> None:
+    """Rows `rows` of the logits again, each choosing greedily among the tokens its bitmask allows
+    (structured outputs): their tokens and (token, logprob) pairs overwrite theirs in `tokens` and
+    `pairs` (what greedy_into wrote), the logprobs still the model's own."""
+    if use_kernels(logits):
+        from runtime.kernels.greedy_triton import masked_greedy_into as kernel
+
+        kernel(logits, rows, bitmask, tokens, pairs)
+        return
+    from runtime.structured import apply_bitmask
+
+    chosen = logits[rows]
+    apply_bitmask(chosen, bitmask)
+    chosen = torch.argmax(chosen, dim=-1)
+    tokens[rows] = chosen
+    pairs[rows] = torch.stack([chosen.double(), logprobs_of(logits[rows], chosen).double()], dim=1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[SeededNoise],

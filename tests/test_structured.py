@@ -458,9 +458,12 @@ def test_engine_structured_outputs_on_cuda_with_graphs(tiny_checkpoints):
                     "response_format": json_format(schema)} for i, schema in enumerate(schemas)]
     free = [{"id": f"free{i}", "prompt": f"Free {i}", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
             for i in range(4)]
-    results = llm.generate(constrained + free)
-    for result, schema in zip(results, schemas):
-        assert result.finish_reason == "stop", result
-        check_json(result.text, schema)
-    assert [r.token_ids for r in results[len(schemas):]] == [r.token_ids for r in llm.generate(free)]
+    alone = [r.token_ids for r in llm.generate(free)]
+    for greedy_only in (False, True):  # all greedy: the constrained rows re-choose after the graph's
+        requests = [{**r, "temperature": 0} if greedy_only else r for r in constrained]
+        results = llm.generate(requests + free)
+        for result, schema in zip(results, schemas):
+            assert result.finish_reason == "stop", result
+            check_json(result.text, schema)
+        assert [r.token_ids for r in results[len(schemas):]] == alone
     assert llm.graph_replays > 0
