@@ -23,7 +23,7 @@ Each function, its kernel path, and its reference path:
 - `expert_rows`, rows through their experts (the exchange's rows): `moe_triton.expert_rows_triton`
   | `moe.expert_rows`.
 - `greedy_into`, argmax and logprob inside the decode graphs: `greedy_triton` | `greedy.greedy`;
-  `masked_greedy_into`, the same for the rows a grammar constrains: `greedy_triton` | torch.
+  `masked_greedy_into`, the same for the rows a grammar constrains: torch only (see there).
 - `sample`, temperature, top-k, top-p, seeds: torch (`sampling.sample_on_device`) on both paths.
 
 Kernel modules are imported inside the functions: triton is a test extra, and the base install
@@ -226,12 +226,9 @@ def masked_greedy_into(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.
                        tokens: torch.Tensor, pairs: torch.Tensor) -> None:
     """Rows `rows` of the logits again, each choosing greedily among the tokens its bitmask allows
     (structured outputs): their tokens and (token, logprob) pairs overwrite theirs in `tokens` and
-    `pairs` (what greedy_into wrote), the logprobs still the model's own."""
-    if use_kernels(logits):
-        from runtime.kernels.greedy_triton import masked_greedy_into as kernel
-
-        kernel(logits, rows, bitmask, tokens, pairs)
-        return
+    `pairs` (what greedy_into wrote), the logprobs still the model's own. Torch on every device, over
+    the constrained rows only (a one-pass Triton kernel, greedy_triton's with the mask read inline, is
+    the next step once it is measured on a GPU)."""
     from runtime.structured import apply_bitmask
 
     chosen = logits[rows]

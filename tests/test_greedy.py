@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
-from runtime.kernels.greedy import greedy, logprobs_of  # noqa: E402
+from runtime.kernels.greedy import greedy  # noqa: E402
 from runtime.kernels.greedy_triton import SLICE, greedy_into  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,30 +72,3 @@ def test_greedy_kernel_with_no_rows_writes_nothing():
     logits = torch.randn(0, 300, device=DEVICE)
     tokens, pairs = run_kernel(logits)
     assert tokens.numel() == 0 and pairs.numel() == 0
-
-
-@pytest.mark.parametrize("vocab", [201_088, 3 * SLICE + 17])
-def test_masked_greedy_kernel_matches_the_reference(gen, vocab):
-    """Some rows re-chosen among their allowed tokens (structured outputs): the first maximal allowed
-    id, the logprob under every logit; the rows not named keep what was there."""
-    from runtime.kernels.greedy_triton import masked_greedy_into
-    from runtime.structured import apply_bitmask, bitmask_words
-
-    logits = torch.randn(6, vocab, generator=gen, device=DEVICE) * 4
-    rows = torch.tensor([4, 1, 2], device=DEVICE)
-    words = bitmask_words(201_088)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, words), generator=gen, device=DEVICE, dtype=torch.int32)
-    bitmask[1] = 0
-    bitmask[1, 7] = 1 << 5  # one allowed token: 7 * 32 + 5
-    bitmask[2] &= 0x01010101  # sparse
-    tokens = torch.full((6,), -7, dtype=torch.int64, device=DEVICE)
-    pairs = torch.full((6, 2), float("nan"), dtype=torch.float64, device=DEVICE)
-    masked_greedy_into(logits, rows, bitmask, tokens, pairs)
-    masked = logits[rows].clone()
-    apply_bitmask(masked, bitmask)
-    want = masked.argmax(-1)
-    assert torch.equal(tokens[rows], want) and int(tokens[1]) == 7 * 32 + 5
-    assert torch.equal(pairs[rows, 0], want.double())
-    assert torch.allclose(pairs[rows, 1], logprobs_of(logits[rows], want).double(), rtol=0, atol=2e-5)
-    untouched = [0, 3, 5]
-    assert (tokens[untouched] == -7).all() and pairs[untouched].isnan().all()

@@ -467,3 +467,24 @@ def test_engine_structured_outputs_on_cuda_with_graphs(tiny_checkpoints):
             check_json(result.text, schema)
         assert [r.token_ids for r in results[len(schemas):]] == alone
     assert llm.graph_replays > 0
+
+
+def test_masked_greedy_rows_equal_greedy_sampling_under_the_masks():
+    """What the engine runs after a decode graph when its constrained rows are greedy (ops.
+    masked_greedy_into, over those rows only) equals sampling every row with the masks: the same
+    tokens, the model's own logprobs; the free rows keep what the graph wrote."""
+    from runtime import ops
+    from runtime.sampling import SamplingParams, sample_on_device
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, VOCAB_SIZE, generator=gen) * 4
+    rows = torch.tensor([3, 0])
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, WORDS), generator=gen, dtype=torch.int32)
+    bitmask[1] &= 0x00010001
+    tokens, logprobs = sample_on_device(logits, [SamplingParams(temperature=0)] * 5, [None] * 5,
+                                        (rows, bitmask))
+    graph_tokens, graph_pairs = torch.full((5,), -7), torch.full((5, 2), -7.0, dtype=torch.float64)
+    ops.masked_greedy_into(logits, rows, bitmask, graph_tokens, graph_pairs)
+    assert torch.equal(graph_tokens[rows], tokens[rows]) and (graph_tokens[[1, 2, 4]] == -7).all()
+    assert torch.equal(graph_pairs[rows, 0], tokens[rows].double())
+    assert torch.allclose(graph_pairs[rows, 1], logprobs[rows].double())
