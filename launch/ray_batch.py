@@ -160,16 +160,27 @@ def _check_parquet_output(store: ResultsStore) -> None:
 
 
 def _write_parquet(tmp: Path, lines) -> None:
+    """The results as a Parquet table: native results in columns, the nested parts (a chat's
+    messages, channels and tool calls; top_logprobs; an OpenAI Batch line's response and error) as
+    JSON text, so that rows of any shape share one schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = ("id", "token_ids", "logprobs", "text", "finish_reason", "error", "line")
-    records = (json.loads(line) for line in lines)
-    rows = [{**{c: r.get(c) for c in columns}, "id": None if r.get("id") is None else str(r["id"]),
-             "chat": json.dumps({k: r[k] for k in ("messages", "channels") if k in r})
-                     if "channels" in r else None}
-            for r in records]
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    pq.write_table(pa.Table.from_pylist([_parquet_row(json.loads(line)) for line in lines]), tmp)
+
+
+PARQUET_COLUMNS = ("id", "token_ids", "logprobs", "text", "finish_reason", "line")
+
+
+def _parquet_row(r: dict) -> dict:
+    as_json = lambda value: None if value is None else json.dumps(value)  # noqa: E731
+    row = {**{c: r.get(c) for c in PARQUET_COLUMNS}, "id": None if r.get("id") is None else str(r["id"])}
+    row["chat"] = as_json({k: r[k] for k in ("messages", "channels", "tool_calls") if k in r}
+                          if "channels" in r else None)
+    row["top_logprobs"] = as_json(r.get("top_logprobs"))
+    row["error"] = r.get("error") if isinstance(r.get("error"), str) else as_json(r.get("error"))
+    row["custom_id"], row["response"] = r.get("custom_id"), as_json(r.get("response"))  # OpenAI Batch
+    return row
 
 
 def run(cfg: DictConfig) -> dict:

@@ -88,10 +88,17 @@ def test_parquet_in_parquet_out_with_two_replicas(tiny_checkpoints, tmp_path):
 
     inp = tmp_path / "in.parquet"
     rows = [{"id": str(i), "prompt": f"request {i}", "max_tokens": 3, "temperature": 0.0} for i in range(6)]
-    pyarrow_parquet.write_table(pa.Table.from_pylist(rows), inp)
+    rows.append({"custom_id": "openai", "method": "POST", "url": "/v1/completions",  # an OpenAI Batch row
+                 "body": {"prompt": "x", "max_tokens": 2, "temperature": 0.0}})
+    columns = {key: None for row in rows for key in row}  # every row's columns (null where it has none)
+    pyarrow_parquet.write_table(pa.Table.from_pylist([{**columns, **row} for row in rows]), inp)
     out = tmp_path / "out.parquet"
     run(f"checkpoint={tiny_checkpoints['original']}", f"input={inp}", f"output={out}", "replicas=2",
         "ray_num_cpus=4", "ray_batch_size=2")
     table = pyarrow_parquet.read_table(out).to_pylist()
+    [openai] = [r for r in table if r["custom_id"] == "openai"]
+    body = json.loads(openai["response"])["body"]
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 2
+    table.remove(openai)
     assert sorted(r["id"] for r in table) == [str(i) for i in range(6)]
     assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 3 for r in table)
