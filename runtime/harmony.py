@@ -167,7 +167,7 @@ class Harmony:
         followed by `<|start|>assistant`."""
         oh = self._oh
         effort = _check_effort(reasoning_effort)
-        functions = _check_tools(tools)
+        functions = check_tools(tools)
         chat = _check_messages(messages)
         system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
         rendered = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
@@ -484,8 +484,9 @@ def _check_tool_message(i: int, m: dict, call_names: dict[str, str]) -> dict:
     return _checked("tool", _check_content(i, m.get("content")), function=called or name)
 
 
-def _check_tools(tools) -> list[dict]:
-    """OpenAI function tools -> [{name, description, parameters}], checked."""
+def check_tools(tools) -> list[dict]:
+    """OpenAI function tools -> [{name, description, parameters (None if not given)}], checked; the
+    one check of a tool list (runtime/structured.py builds its call grammars on it)."""
     if tools is None:
         return []
     if not isinstance(tools, list):

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 
 import llguidance
 import torch
+
+from runtime.harmony import FUNCTION_NAME as NAME  # OpenAI's rule, for schema names too
+from runtime.harmony import HarmonyInputError, check_tools
 
 VOCAB_SIZE = 201088  # gpt-oss's config.vocab_size (harmony decodes one id more, which the model never emits)
 # llguidance's JSON options: no whitespace anywhere, separators as json.dumps(separators=(",", ":")) writes
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
 TOOL_CHOICES = ("auto", "none", "required")
-NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function and schema names
 ANY_OBJECT = {"type": "object"}
 # The analysis message runs free: FREE matches any text, and a terminal never matches a special token,
 # so the message ends exactly at <|end|>.
@@ -135,24 +136,19 @@ def _response_schema(response_format) -> str | None:
 
 
 def _tool_rules(tools) -> dict[str, str]:
-    """{function name: `%json` rule of its arguments}, in the order given."""
-    if not isinstance(tools, list):
-        raise StructureError(f"tools: must be a list of function tools, got {type(tools).__name__}")
+    """{function name: `%json` rule of its arguments}, in the order given; the list checked as the
+    prompt's tools are (runtime/harmony.check_tools), the arguments' schemas here."""
+    try:
+        functions = check_tools(tools)
+    except HarmonyInputError as e:
+        raise StructureError(str(e)) from None
     rules: dict[str, str] = {}
-    for i, tool in enumerate(tools):
-        _known(_object(tool, f"tools[{i}]"), ("type", "function"), f"tools[{i}]")
-        if tool.get("type") != "function":
-            raise StructureError(f"tools[{i}].type: must be 'function', got {tool.get('type')!r}")
-        function = _object(tool.get("function"), f"tools[{i}].function")
-        _known(function, ("name", "description", "parameters", "strict"), f"tools[{i}].function")
-        name = _name(function.get("name"), f"tools[{i}].function.name")
-        if name in rules:
-            raise StructureError(f"tools[{i}].function.name: {name!r} names an earlier tool too")
-        parameters = function.get("parameters", ANY_OBJECT)
-        if _object(parameters, f"tools[{i}].function.parameters").get("type") != "object":
+    for i, function in enumerate(functions):
+        parameters = ANY_OBJECT if function["parameters"] is None else function["parameters"]
+        if parameters.get("type") != "object":
             raise StructureError(f"tools[{i}].function.parameters: must be an object schema "
                                  f"(\"type\": \"object\"), got type {parameters.get('type')!r}")
-        rules[name] = _json_rule(parameters, f"tools[{i}].function.parameters")
+        rules[function["name"]] = _json_rule(parameters, f"tools[{i}].function.parameters")
     return rules
 
 

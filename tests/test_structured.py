@@ -349,7 +349,7 @@ def weather_tools(**function) -> list[dict]:
      "tools[1].function.parameters: must be an object"),
     (dict(tools=weather_tools(parameters={"type": "object", "properties": {"x": {"type": "wat"}}})),
      "tools[1].function.parameters: Invalid type: wat"),
-    (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name: 'get_weather' names an earlier tool"),
+    (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].function.name: 'get_weather' is defined twice"),
     (dict(tools=TOOLS, tool_choice="always"), "tool_choice: must be one of auto, none, required"),
     (dict(tools=TOOLS, tool_choice={"type": "custom"}), "tool_choice.type: must be 'function'"),
     (dict(tools=TOOLS, tool_choice={"type": "function"}), "tool_choice.function: must be an object"),
