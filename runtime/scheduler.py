@@ -166,6 +166,7 @@ class Scheduler:
             else:  # preempted while its token was on the way
                 self.waiting.remove((seq.index, seq))
             self._release(seq)
+            self._end_constraint(seq)
             finished.append(seq)
         return finished
 
@@ -174,9 +175,11 @@ class Scheduler:
         pages go back to the pool."""
         for seq in self.running.values():
             seq.cache.release()
+            self._end_constraint(seq)
         for _, item in self.waiting:
             if isinstance(item, Sequence):
                 item.cache.release()
+                self._end_constraint(item)
         self.running.clear()
         self.waiting.clear()
 
@@ -186,6 +189,13 @@ class Scheduler:
         if self.prefix_caching:
             self._register(seq)
         seq.cache.release()
+
+    @staticmethod
+    def _end_constraint(seq: Sequence) -> None:
+        """A sequence that will not generate again gives back its grammar state (for reuse)."""
+        if seq.constraint is not None:
+            seq.constraint.release()
+            seq.constraint = None
 
     def _register(self, seq: Sequence) -> None:
         """Register the sequence's complete computed pages not registered yet (digests extended

@@ -14,6 +14,7 @@ so a constrained completion always ends on a token the engine stops on.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 
@@ -212,12 +213,18 @@ class Constraint:
     """One constrained request's position in its grammar: which tokens it may generate next."""
 
     def __init__(self, grammar: str):
-        """Compiles `grammar` over the Harmony vocabulary; StructureError if it cannot."""
-        # short errors: the verbose ones carry the parser state and the whole grammar, schemas included
-        limits = llguidance.LLParserLimits(verbose_errors=False)
-        self.matcher = llguidance.LLMatcher(tokenizer(), grammar, log_level=0, limits=limits)
+        """Starts `grammar` over the Harmony vocabulary; StructureError if it cannot compile."""
+        self.grammar = grammar
+        self.matcher = _IDLE.take(grammar)
         if self.matcher.is_error():
             raise StructureError(f"grammar: {self.matcher.get_error()}")
+
+    def release(self) -> None:
+        """The request is done with it: its matcher, back at the grammar's start, serves a later
+        request of the same grammar. The constraint is not used again."""
+        if self.matcher is not None:
+            _IDLE.give(self.grammar, self.matcher)
+            self.matcher = None
 
     def consume(self, token: int) -> None:
         """Advance by a sampled token. A token the mask did not allow puts the matcher in its error
@@ -233,6 +240,40 @@ class Constraint:
     def error(self) -> str | None:
         """The matcher's error, if it entered one (a token outside the mask), else None."""
         return self.matcher.get_error() or None
+
+
+class _IdleMatchers:
+    """Compiled matchers of finished requests, reset to their grammar's start, by grammar (the most
+    recently used grammars only). A batch file repeats one schema over thousands of lines; a compile
+    (~1.5 ms for a small schema, on the host, in the step that admits the request) then happens only
+    as often as the most requests of that grammar that ran at once. Copies of one compiled matcher
+    (LLMatcher.deep_copy) would cost microseconds but share state behind a lock: a step's masks,
+    computed in parallel, ran several times slower with them on the GPU machine."""
+
+    def __init__(self, grammars: int = 64):
+        self.grammars = grammars
+        self.idle: collections.OrderedDict[str, list[llguidance.LLMatcher]] = collections.OrderedDict()
+
+    def take(self, grammar: str) -> llguidance.LLMatcher:
+        idle = self.idle.get(grammar)
+        if idle:
+            self.idle.move_to_end(grammar)
+            return idle.pop()
+        # short errors: the verbose ones carry the parser state and the whole grammar, schemas included
+        limits = llguidance.LLParserLimits(verbose_errors=False)
+        return llguidance.LLMatcher(tokenizer(), grammar, log_level=0, limits=limits)
+
+    def give(self, grammar: str, matcher: llguidance.LLMatcher) -> None:
+        matcher.reset()
+        if matcher.is_error():  # a grammar that did not compile, or a reset that failed: not kept
+            return
+        self.idle.setdefault(grammar, []).append(matcher)
+        self.idle.move_to_end(grammar)
+        while len(self.idle) > self.grammars:
+            self.idle.popitem(last=False)
+
+
+_IDLE = _IdleMatchers()
 
 
 # ---- masks ----

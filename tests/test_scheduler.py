@@ -300,6 +300,50 @@ def test_drop_unfinished_gives_every_page_back():
     assert not s.has_unfinished() and s.pool.free_pages == s.pool.num_pages
 
 
+class RecordingConstraint:
+    """A grammar state that records what the scheduler does with it."""
+
+    def __init__(self):
+        self.consumed, self.releases = [], 0
+
+    def consume(self, token: int) -> None:
+        assert self.releases == 0, "a released constraint was advanced"
+        self.consumed.append(token)
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+def test_grammar_states_survive_preemption_and_are_given_back_once_at_the_end():
+    """A constrained sequence keeps its grammar state when preempted, has it advanced by exactly its
+    generated tokens, and gives it back (for reuse by later requests) once, when it finishes or when
+    the call drops it."""
+    made = {}
+
+    def new_constraint(req):
+        made[req.id] = RecordingConstraint()
+        return made[req.id]
+
+    s = make_scheduler(pages=4, batch=3, budget=64)
+    s.new_constraint = new_constraint
+    reqs = [request(i, 10, 40) for i in range(3)]
+    driver = Driver(s)
+    driver.add(reqs)
+    driver.run().assert_done_as_alone(reqs)
+    assert s.preemptions > 0 and len(made) == 3
+    for req in reqs:
+        assert made[req.id].consumed == driver.finished[req.id].generated
+        assert made[req.id].releases == 1 and driver.finished[req.id].constraint is None
+    dropped = make_scheduler(pages=4, batch=3, budget=64)
+    dropped.new_constraint = new_constraint
+    driver = Driver(dropped)
+    driver.add([request(i, 10, 40) for i in range(3)])
+    while dropped.preemptions == 0:
+        driver.step()
+    dropped.drop_unfinished()
+    assert [made[i].releases for i in range(3)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("seed", list(range(8)) + [random.randrange(2**32) for _ in range(4)])
 def test_random_mixes_finish_as_alone_without_leaking_pages(seed):
     print(f"random seed {seed}")

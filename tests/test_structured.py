@@ -488,3 +488,31 @@ def test_masked_greedy_rows_equal_greedy_sampling_under_the_masks():
     assert torch.equal(graph_tokens[rows], tokens[rows]) and (graph_tokens[[1, 2, 4]] == -7).all()
     assert torch.equal(graph_pairs[rows, 0], tokens[rows].double())
     assert torch.allclose(graph_pairs[rows, 1], logprobs[rows].double())
+
+
+def test_a_released_constraint_serves_the_next_request_from_the_start():
+    """Requests of one grammar reuse the compiled matchers of finished ones: a released constraint's
+    matcher comes back at the grammar's start (also after an error), and two live constraints of one
+    grammar never share state."""
+    grammar = grammar_for(json_format(WEATHER), chat=False)
+    first, second = Constraint(grammar), Constraint(grammar)
+    start = torch.zeros((2, WORDS), dtype=torch.int32)
+    fill_bitmasks([first, second], start)
+    for token in encode('{"city":"Oslo","days":3}'):
+        first.consume(token)
+    first.consume(RETURN)
+    assert first.finished and first.error is None and not second.finished
+    matcher = first.matcher
+    first.release()
+    third = Constraint(grammar)
+    assert third.matcher is matcher and not third.finished
+    masks = torch.zeros((2, WORDS), dtype=torch.int32)
+    fill_bitmasks([second, third], masks)
+    assert torch.equal(masks, start)
+    third.consume(encode("x")[0])  # not allowed: the error state
+    assert third.error is not None
+    third.release()
+    fourth = Constraint(grammar)
+    assert fourth.error is None
+    fill_bitmasks([fourth], masks[:1])
+    assert torch.equal(masks[:1], start[:1])
