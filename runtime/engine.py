@@ -198,7 +198,8 @@ class LLM:
         self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
                                    max_batch_tokens=config.max_batch_tokens, max_model_len=max_model_len,
                                    new_generator=self._new_generator, new_constraint=_new_constraint,
-                                   prefix_caching=config.enable_prefix_caching)
+                                   prefix_caching=config.enable_prefix_caching,
+                                   conservativeness=config.schedule_conservativeness)
         # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
         self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)

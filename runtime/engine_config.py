@@ -74,8 +74,10 @@ class EngineConfig:
     limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
     weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
     graphs. enable_prefix_caching: reuse the KV pages of prompt prefixes computed before (vLLM's
-    name; runtime/prefix_cache.py). seed: dummy weights; and a request without a seed samples with
-    runtime.sampling.default_seed(seed, its id).
+    name; runtime/prefix_cache.py). schedule_conservativeness: how much of the running sequences'
+    growth a fixed KV cache keeps room for when admitting (SGLang's name; runtime/scheduler.py; 0:
+    admit while the prompt fits, preempting when the batch outgrows the cache). seed: dummy weights;
+    and a request without a seed samples with runtime.sampling.default_seed(seed, its id).
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"
@@ -89,6 +91,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
+    schedule_conservativeness: float = 0.0
     seed: int = 0
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
@@ -102,6 +105,10 @@ class EngineConfig:
                              f"({self.max_batch_size}): every running sequence decodes one token per step")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive, got {self.kv_cache_tokens}")
+        conservativeness = self.schedule_conservativeness
+        if not (_is_number(conservativeness) and 0 <= conservativeness < math.inf):
+            raise ValueError(f"schedule_conservativeness must be a number of at least 0, "
+                             f"got {self.schedule_conservativeness!r}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

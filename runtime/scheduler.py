@@ -7,12 +7,23 @@ of the next step (runtime/step_plan.StepPlan, plus the sequences whose next toke
 (runtime/engine.py) runs the plans on the model and turns finished sequences into results.
 
 Admission is first come, first served while the batch has room (max_batch_size) and, in a fixed
-pool, while the waiting request's tokens fit the free pages; a request that could never fit the
-whole pool fails alone. Each step takes the uncomputed tokens of every running sequence, decodes
-first (fewest uncomputed tokens first), prompts in chunks within the token budget
-(max_batch_tokens), and reserves their pages before the step runs. When the pool runs out, the
+pool, while the waiting request's tokens fit the free pages beside a reserve for the running
+sequences' growth (below); a request that could never fit the whole pool fails alone. Each step
+takes the uncomputed tokens of every running sequence, decodes first (fewest uncomputed tokens
+first), prompts in chunks within the token budget (max_batch_tokens), and reserves their pages
+before the step runs. When the pool runs out, the
 most recently admitted sequence goes back to the front of the queue (its KV recomputed when it
 returns, as one prefill of prompt and generated tokens).
+
+The growth reserve is SGLang's new-token ratio: admission keeps pages for a share (`growth_ratio`)
+of the tokens each running sequence, and the newcomer, may still generate (up to max_tokens, at most
+GROWTH_CLIP counted). The share starts at GROWTH_RATIO_START, falls by GROWTH_RATIO_DECAY a step to
+GROWTH_RATIO_FLOOR (requests often stop early), and returns to 1 at each preemption. Without it a
+small pool thrashes: a preempted sequence is readmitted as soon as its pages are free, recomputed,
+and preempted again at the next page boundary (120b on an H100: 22 preemptions per request).
+`conservativeness` scales the reserve (SGLang's schedule_conservativeness; 0, the default, admits by
+prompt pages alone: with prefix caching a preempted sequence's pages mostly stay cached, and the
+reserve's smaller batch cost more than its recomputes saved, docs/performance.md).
 
 With prefix caching (runtime/prefix_cache.py), a sequence about to compute from a page boundary first
 takes the longest run of cached pages that continues it, and its complete pages are registered for
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Callable
 
 from runtime import prefix_cache
@@ -42,6 +54,10 @@ if TYPE_CHECKING:
     from runtime.structured import Constraint
 
 PENDING = -1  # in a sequence's tokens: sampled by the step in flight, not on the host yet
+
+# The growth reserve (see above), SGLang's defaults: 0.7 falling to 0.1 over 600 steps.
+GROWTH_RATIO_START, GROWTH_RATIO_FLOOR, GROWTH_RATIO_DECAY = 0.7, 0.1, 0.001
+GROWTH_CLIP = 4096  # tokens: the most of a request's max_tokens its reserve counts
 
 
 @dataclasses.dataclass(eq=False)
@@ -107,15 +123,18 @@ class Scheduler:
     new_cache: an empty KV cache for a sequence (pages from `pool`). new_generator: a request's
     sampler state, made at its first admission and kept across preemption; new_constraint: likewise
     its grammar's state (None: unconstrained). prefix_caching: reuse cached pages of earlier
-    sequences' prefixes (vLLM's enable_prefix_caching).
+    sequences' prefixes (vLLM's enable_prefix_caching). conservativeness: scales the growth reserve
+    admission keeps in a fixed pool (0: none).
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
                  max_batch_tokens: int, max_model_len: int,
                  new_generator: Callable[[Request], SeededNoise | None] = lambda request: None,
                  new_constraint: Callable[[Request], Constraint | None] = lambda request: None,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, conservativeness: float):
         self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
+        self.conservativeness = conservativeness
+        self.growth_ratio = GROWTH_RATIO_START
         self.new_constraint = new_constraint
         self.prefix_caching = prefix_caching
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
@@ -211,8 +230,13 @@ class Scheduler:
         return min(len(request.prompt_token_ids) + request.params.max_tokens, self.max_model_len)
 
     def _admit(self) -> list[Rejected]:
-        """Move waiting requests to running while the batch and the KV pool have room."""
+        """Move waiting requests to running while the batch and the KV pool have room (in a fixed
+        pool, room beside the growth reserve)."""
         rejected = []
+        growth = 0  # tokens the running sequences may still generate, as the reserve counts them
+        if not self.pool.growable and self.waiting:
+            growth = sum(self._growth(seq.request, len(seq.generated) + seq.pending, len(seq.tokens))
+                         for seq in self.running.values())
         while self.waiting and len(self.running) < self.max_batch_size:
             index, item = self.waiting[0]
             seq = item if isinstance(item, Sequence) else None
@@ -225,11 +249,23 @@ class Scheduler:
                                                          f"cache; it holds {capacity} (kv_cache_tokens)"))
                     continue
                 tokens = seq.tokens if seq else req.prompt_token_ids
-                if self.pool.pages_for(len(tokens)) - self._cached_pages(tokens) > self.pool.free_pages:
+                own = self._growth(req, len(seq.generated) if seq else 0, len(tokens))
+                reserve = 0
+                if self.running:  # the first always runs when its tokens fit
+                    reserve = math.ceil(self.conservativeness * self.growth_ratio * (growth + own)
+                                        / self.pool.page_size)
+                need = self.pool.pages_for(len(tokens)) - self._cached_pages(tokens)
+                if need + reserve > self.pool.free_pages:
                     break  # wait for running sequences to finish
+                growth += own
             self.waiting.popleft()
             self.running[index] = seq if seq else self._new_sequence(index, req)
         return rejected
+
+    def _growth(self, req: Request, generated: int, length: int) -> int:
+        """Tokens a sequence of `length` tokens, `generated` of them its own, may still generate, as
+        the growth reserve counts them (at most GROWTH_CLIP)."""
+        return max(0, min(req.params.max_tokens - generated, self.max_model_len - length, GROWTH_CLIP))
 
     def _new_sequence(self, index: int, req: Request) -> Sequence:
         return Sequence(index, req, self.new_cache(), self.new_generator(req), self.new_constraint(req),
@@ -322,6 +358,7 @@ class Scheduler:
         if not chunks:
             return
         decodes = sum(c.length == 1 for c in chunks)
+        self.growth_ratio = max(GROWTH_RATIO_FLOOR, self.growth_ratio - GROWTH_RATIO_DECAY)
         stats = self.stats
         stats.steps += 1
         stats.decode_tokens += decodes
@@ -362,6 +399,7 @@ class Scheduler:
         seq.computed, seq.preempted = 0, True
         self.waiting.appendleft((index, seq))
         self.preemptions += 1
+        self.growth_ratio = 1.0  # the pool was too small for the batch: keep room for all its growth
 
     # --------------------------------------------------------------------------- stopping
     def _ends_with_pending(self, seq: Sequence) -> bool:

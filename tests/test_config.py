@@ -220,6 +220,8 @@ def test_engine_config_from_a_hydra_config():
     (dict(default_max_tokens=0), "default_max_tokens must be at least 1, got 0"),
     (dict(max_model_len=0), "max_model_len must be at least 1, got 0"),
     (dict(max_batch_size=2.5), "max_batch_size must be an integer, got 2.5"),
+    (dict(schedule_conservativeness=-0.5), "schedule_conservativeness must be a number of at least 0, got -0.5"),
+    (dict(schedule_conservativeness="high"), "schedule_conservativeness must be a number of at least 0, got 'high'"),
 ])
 def test_engine_config_checks_name_the_setting(settings, message):
     from runtime.engine_config import EngineConfig
@@ -227,7 +229,8 @@ def test_engine_config_checks_name_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**settings)
     EngineConfig(max_batch_size=1, max_batch_tokens=1, default_max_tokens=1, max_model_len=1,
-                 kv_cache_tokens=1, gpu_memory_fraction=1, dtype="bfloat16")  # each bound itself is allowed
+                 kv_cache_tokens=1, gpu_memory_fraction=1, dtype="bfloat16",
+                 schedule_conservativeness=0)  # each bound itself is allowed
 
 
 @pytest.mark.parametrize("override, message", [

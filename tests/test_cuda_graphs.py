@@ -38,7 +38,7 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly():
     results = {}
     for replay in (True, False):
         llm = LLM("dummy", model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
-                  max_model_len=4096)
+                  max_model_len=4096, schedule_conservativeness=0)  # admit while prompts fit: preempts
         if replay:
             assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
         else:
@@ -150,7 +150,7 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
                     SamplingParams(max_tokens=12, temperature=0, logprobs=True), stop_token_ids=())
             for i, n in enumerate((26, 5, 30, 9))]
     settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
-                    max_model_len=1024)
+                    max_model_len=1024, schedule_conservativeness=0)
     want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
     fast = LLM(tiny_checkpoints["original"], **settings)

@@ -118,11 +118,11 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
                     SamplingParams(max_tokens=10, temperature=0, logprobs=True), stop_token_ids=())
             for i, n in enumerate((26, 19, 30))]
     ref = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
-              max_batch_tokens=32, kv_cache_tokens=64)
+              max_batch_tokens=32, kv_cache_tokens=64, schedule_conservativeness=0)
     want = ref.generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
     fast = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
-               max_batch_tokens=32, kv_cache_tokens=64)
+               max_batch_tokens=32, kv_cache_tokens=64, schedule_conservativeness=0)
     released = []
     forward = fast.model.forward
 
