@@ -220,8 +220,10 @@ def test_engine_config_from_a_hydra_config():
     (dict(default_max_tokens=0), "default_max_tokens must be at least 1, got 0"),
     (dict(max_model_len=0), "max_model_len must be at least 1, got 0"),
     (dict(max_batch_size=2.5), "max_batch_size must be an integer, got 2.5"),
-    (dict(schedule_conservativeness=-0.5), "schedule_conservativeness must be a number of at least 0, got -0.5"),
-    (dict(schedule_conservativeness="high"), "schedule_conservativeness must be a number of at least 0, got 'high'"),
+    (dict(schedule_conservativeness=-0.5),
+     "schedule_conservativeness must be a number of at least 0, got -0.5"),
+    (dict(schedule_conservativeness="high"),
+     "schedule_conservativeness must be a number of at least 0, got 'high'"),
 ])
 def test_engine_config_checks_name_the_setting(settings, message):
     from runtime.engine_config import EngineConfig
