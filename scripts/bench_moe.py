@@ -310,14 +310,19 @@ def compare_table(rows: list[dict], bw: float) -> str:
 
 
 def parse_tiles(text: str) -> Tiles:
-    """T,N,K,WARPS,STAGES[,KERNEL,DECODE] -> Tiles, the old words mma and mma_rows read as before."""
-    values = text.split(",")
+    """T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R] -> Tiles, the old words mma and mma_rows read as
+    before."""
+    values = [v for v in text.split(",") if "=" not in v]
+    settings = dict(v.split("=", 1) for v in text.split(",") if "=" in v)
+    if set(settings) - {"maxnreg"}:
+        raise SystemExit(f"--tiles {text}: only maxnreg=R may follow as a setting")
     words = values[5:]
     if words:
         words[0] = KERNEL_ALIASES.get(words[0], words[0])
     if len(words) > 1:
         words[1] = DECODE_ALIASES.get(words[1], words[1])
-    return Tiles(*(int(v) for v in values[:5]), *words)
+    return Tiles(*(int(v) for v in values[:5]), *words,
+                 **{name: int(value) for name, value in settings.items()})
 
 
 def main() -> None:
@@ -330,7 +335,8 @@ def main() -> None:
     ap.add_argument("--routes", nargs="+", default=["gemm", "gemv"],
                     help="the sweep's candidates: gemm (the wgmma GEMM), gemv (all GEMV routes), "
                          "or GEMV decode names (tensor_core_row, tensor_core_rows, fp16, e4m3)")
-    ap.add_argument("--tiles", nargs="+", default=None, metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE]",
+    ap.add_argument("--tiles", nargs="+", default=None,
+                    metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
                          "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
     args = ap.parse_args()

@@ -179,6 +179,7 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
         BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_POW2=triton.next_power_of_2(E),
         EVEN_K=groups * group_bytes % (tiles.block_k // 2) == 0,
         num_warps=tiles.num_warps, num_stages=num_stages,
+        **({} if tiles.maxnreg is None or INTERPRET else {"maxnreg": tiles.maxnreg}),
         **pdl.launch_args(x.device),
     )
     return out

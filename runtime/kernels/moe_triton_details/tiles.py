@@ -33,6 +33,7 @@ class Tiles:
     kernel: str = "gemm"  # "gemm": _moe_gemm_kernel (wgmma); "gemv": _moe_gemv_kernel (1-4, 8 or 16 rows)
     decode: str = "fp16"  # the GEMV's route on the GPU: fp16, e4m3, tensor_core_row or tensor_core_rows
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
+    maxnreg: int | None = None  # the GEMM's register cap a thread (more programs an SM), None: the compiler's
 
 
 TENSOR_CORE_ROW, TENSOR_CORE_ROWS = "tensor_core_row", "tensor_core_rows"
