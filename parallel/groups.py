@@ -175,4 +175,5 @@ def shutdown() -> None:
     still finishes a collective with it can abort in gloo's teardown."""
     if dist.is_initialized():
         dist.barrier()
+        heartbeat.stop()  # no thread in the store's C++ calls while the group goes
         dist.destroy_process_group()

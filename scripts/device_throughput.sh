@@ -5,6 +5,8 @@
 #   profile: scripts/profile_throughput.py, a throughput run's steps classed and its kernels ranked
 #   ab:      launch.bench mode=throughput on two trees alternately, `.base/` (main before a change,
 #            carried: git archive REV | tar -x -C .base) and this one; `ab ROUNDS key=value ...`
+#   latency-ab: launch.bench (batch-1 decode, time to first token of a 32k prompt) on .carry/base
+#            (git archive REV | tar -x -C .carry/base) and this tree alternately; `latency-ab ROUNDS key=value ...`
 # Logs under $OUT, tables on stdout.
 set -uo pipefail
 source scripts/device_env.sh
@@ -41,6 +43,19 @@ print("| output tokens/s per GPU | base (runs) | new (runs) | new / base (median
 ratio = statistics.median(new) / statistics.median(base) if base and new else float("nan")
 print(f"| | {', '.join(f'{v:,.0f}' for v in base)} | {', '.join(f'{v:,.0f}' for v in new)} | {ratio:.4f} |")
 PY
+    ;;
+  latency-ab)
+    rounds=${1:-2}; shift || true
+    for round in $(seq "$rounds"); do
+      for tree in .carry/base .; do
+        name=$([ "$tree" = . ] && echo new || echo base)
+        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m launch.bench checkpoint=dummy \
+          model=gpt-oss-20b device=cuda "batch_sizes=[1]" "ttft_prompts=[32768]" decode_tokens=128 repeat=3 \
+          max_batch_size=64 "$@") > $OUT/latency_${name}_$round.log 2>&1
+        echo "round $round $name: $(grep -hE 'decode tokens/s, batch 1 |32,768-token' $OUT/latency_${name}_$round.log \
+          | cut -d'|' -f2-3 | tr -s ' ' | paste -sd';')"
+      done
+    done
     ;;
   profile)
     timeout 560 python3 scripts/profile_throughput.py "$@" 2>&1 | tee $OUT/profile.log

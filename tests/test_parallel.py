@@ -161,6 +161,32 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tiny_checkpoints, tmp_path)
     assert "rank(s) 1 stopped responding" in output
 
 
+HEARTBEAT_AT_EXIT = """
+import atexit, os, sys, threading
+import torch.distributed as dist
+from parallel import heartbeat
+
+def after_stop():  # registered before heartbeat.start's own hook, so it runs after it (atexit is LIFO)
+    alive = [t for t in threading.enumerate() if t.name == "gpt-oss-heartbeat"]
+    print("heartbeat alive at exit" if alive else "heartbeat joined before exit", flush=True)
+
+atexit.register(after_stop)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+heartbeat.start(0, 1)
+assert any(t.name == "gpt-oss-heartbeat" for t in threading.enumerate())
+"""
+
+
+def test_the_heartbeat_thread_is_joined_before_the_interpreter_exits(tmp_path):
+    # A daemon thread left inside the store's C++ call at interpreter teardown aborts the rank
+    # ("terminate called without an active exception") after its work is done; the job then fails.
+    port = 21000 + os.getpid() % 20000
+    done = subprocess.run(["python", "-c", HEARTBEAT_AT_EXIT, str(port)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "heartbeat joined before exit"
+
+
 def _parallel(tp=1, experts_split=1, experts_partition=1):
     def g(size):
         return Group(None, 0, size, tuple(range(size)))
