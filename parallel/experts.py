@@ -2,8 +2,8 @@
 
 The exchange has two calls, `dispatch` (token rows out to the expert owners) and `combine`
 (expert outputs back, weighted and summed per token), so another transport (DeepEP, NVSHMEM) can
-replace this one without touching the model. This one is two `all_to_all_single` with uneven
-splits, which NCCL and gloo both provide.
+replace this one without touching the model. This one is `all_to_all_single`, which NCCL and gloo
+both provide: with uneven splits sized on the host, or with fixed-capacity buffers for CUDA graphs.
 
 Every rank of the group holds the same tokens (attention is replicated across it), so each rank
 first takes its own slice of them; the slices' outputs are gathered again at the end.
@@ -40,18 +40,35 @@ def gather_token_slices(local: torch.Tensor, n: int, g: Group) -> torch.Tensor:
     return torch.cat(keep)
 
 
+# Each row travels with a 16-byte header (so rows stay 16-byte aligned) whose first int16 is the row's
+# expert among its owner's: one collective carries both, and on the fixed-capacity path the header's
+# sentinel marks the empty slots, so no counts travel at all.
+HEADER_BYTES = 16
+
+
 @dataclasses.dataclass
 class Routed:
     """What dispatch hands to the experts, and what combine needs to undo it."""
     rows: torch.Tensor  # [m, d] token rows this rank's experts must process
-    local_expert: torch.Tensor  # [m] index of the expert among this rank's experts
-    order: torch.Tensor  # (token, slot) pairs sorted by destination rank
-    send_counts: list[int]
-    recv_counts: list[int]
+    local_expert: torch.Tensor  # [m] the row's expert among this rank's; per_rank (one past) on empty slots
+    slot: torch.Tensor  # [n * k] where pair (token, j) = row token * k + j sits in the send buffer
+    send_counts: list[int] | None  # rows to each rank (None: fixed capacity, equal splits)
+    recv_counts: list[int] | None
     shape: tuple[int, int]  # (tokens, experts per token)
 
 
 class AllToAllExchange:
+    """Two ways to move the rows, one result (rows computed alike; combine sums in the same order):
+
+    - host-sized (`dispatch(..., capacity_tokens=None)`, prefill): the per-rank counts are exchanged
+      first (one small all-to-all and a host sync), then the rows with uneven splits, so only real
+      rows travel;
+    - fixed capacity (`capacity_tokens=T`, CUDA graphs): every rank sends each rank a buffer of
+      T x min(k, experts per rank) rows, the most that T tokens can send one rank, so nothing is ever
+      dropped; the slots are computed on the device and an empty slot's header names no expert. No
+      host sync, the same shapes every step: what a captured graph needs.
+    """
+
     def __init__(self, g: Group, num_experts: int):
         if num_experts % g.size:
             raise LayoutError(f"{num_experts} experts cannot be partitioned evenly over {g.size} ranks")
@@ -59,34 +76,70 @@ class AllToAllExchange:
         self.per_rank = num_experts // g.size
         self.first_expert = g.rank * self.per_rank
 
-    def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-        recv = torch.empty((sum(recv_counts), *send.shape[1:]), dtype=send.dtype, device=send.device)
-        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_counts,
-                               input_split_sizes=send_counts, group=self.group.group)
+    def _all_to_all(self, send: torch.Tensor, send_counts: list[int] | None,
+                    recv_counts: list[int] | None) -> torch.Tensor:
+        rows = send.shape[0] if recv_counts is None else sum(recv_counts)
+        recv = torch.empty((rows, *send.shape[1:]), dtype=send.dtype, device=send.device)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=self.group.group)
         return recv
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor) -> Routed:
-        """Send each (token, chosen expert) pair's row to the rank that owns the expert."""
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor,
+                 capacity_tokens: int | None = None) -> Routed:
+        """Send each (token, chosen expert) pair's row to the rank that owns the expert. With
+        capacity_tokens (at least this rank's and every other rank's token count) the buffers have
+        fixed sizes (see the class)."""
         n, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
         destination = torch.div(flat, self.per_rank, rounding_mode="floor")
-        order = torch.argsort(destination, stable=True)
-        rows = tokens[order // k]
-        local = flat[order] - destination[order] * self.per_rank
-        if self.group.size == 1:
-            return Routed(rows, local, order, [n * k], [n * k], (n, k))
-        send_counts = torch.bincount(destination, minlength=self.group.size)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        return Routed(self._exchange(rows, send, recv), self._exchange(local, send, recv), order, send, recv,
-                      (n, k))
+        local = flat - destination * self.per_rank
+        if self.group.size == 1:  # nothing moves: the rows in pair order
+            return Routed(tokens.repeat_interleave(k, dim=0), local, torch.arange(n * k, device=flat.device),
+                          [n * k], [n * k], (n, k))
+        if capacity_tokens is None:
+            send_counts = torch.bincount(destination, minlength=self.group.size)
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group.group)
+            send, recv = send_counts.tolist(), recv_counts.tolist()
+            order = torch.argsort(destination, stable=True)
+            slot = torch.empty_like(order)
+            slot[order] = torch.arange(n * k, device=flat.device)
+            buffer_rows = n * k
+        else:
+            assert capacity_tokens >= n, (capacity_tokens, n)
+            send = recv = None
+            capacity = capacity_tokens * min(k, self.per_rank)
+            # A pair's place among the pairs for its rank, in pair order: a running count per rank
+            # (a comparison, not one_hot, whose checks of the values would sync with the host).
+            to_rank = (destination[:, None] == torch.arange(self.group.size, device=flat.device)).long()
+            earlier = (torch.cumsum(to_rank, 0) - to_rank).gather(1, destination[:, None]).squeeze(1)
+            slot = destination * capacity + earlier
+            buffer_rows = self.group.size * capacity
+        payload, expert_of_row = self._payload(buffer_rows, tokens)
+        payload[slot, : tokens.shape[1]] = tokens.repeat_interleave(k, dim=0)
+        expert_of_row[slot] = local.to(expert_of_row.dtype)
+        received = self._all_to_all(payload, send, recv)
+        d = tokens.shape[1]
+        return Routed(received[:, :d], self._header(received, d).long(), slot, send, recv, (n, k))
+
+    def _payload(self, rows: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A send buffer of `rows` token rows plus headers, and the headers' expert ids (a view), every
+        id first set to the sentinel (no expert here): slots left empty name no expert."""
+        d, extra = tokens.shape[1], HEADER_BYTES // tokens.element_size()
+        payload = torch.empty((rows, d + extra), dtype=tokens.dtype, device=tokens.device)
+        expert_of_row = self._header(payload, d)
+        expert_of_row.fill_(self.per_rank)
+        return payload, expert_of_row
+
+    @staticmethod
+    def _header(payload: torch.Tensor, d: int) -> torch.Tensor:
+        return payload[:, d:].view(torch.int16)[:, 0]
 
     def combine(self, outputs: torch.Tensor, weights: torch.Tensor, routed: Routed) -> torch.Tensor:
-        """Expert outputs [m, d] (rows as dispatched) back to their tokens: sum_k weight * output."""
-        back = outputs if self.group.size == 1 else self._exchange(outputs, routed.recv_counts,
-                                                                    routed.send_counts)
+        """Expert outputs [m, d] (rows as dispatched; empty slots' rows are never read) back to their
+        tokens: sum_k weight * output, in slot order j = 0..k-1 on both paths."""
+        back = outputs if self.group.size == 1 else self._all_to_all(outputs.contiguous(), routed.recv_counts,
+                                                                     routed.send_counts)
         n, k = routed.shape
-        per_pair = torch.empty_like(back)
-        per_pair[routed.order] = back  # undo the sort: row i is pair (i // k, i % k) again
+        per_pair = back[routed.slot]  # row i is pair (i // k, i % k)
         return (per_pair.view(n, k, back.shape[-1]) * weights.unsqueeze(-1).to(per_pair.dtype)).sum(dim=1)

@@ -48,8 +48,6 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
     """Why decode steps of this model cannot run as CUDA graphs, or None when they can."""
     if not ops.use_kernels(model.inv_freq) or (replay and model.device.type != "cuda"):
         return "graphs need the Triton kernels on a CUDA device"
-    if model.parallel.experts_partition.size > 1:
-        return "expert parallelism sizes its all-to-all on the host"
     if model.pool is None or model.pool.growable or (model.sliding_pool is not None
                                                      and model.sliding_pool.growable):
         return "graphs need fixed KV pools (kv_cache_tokens or gpu_memory_fraction)"
@@ -174,7 +172,7 @@ class DecodeGraphs:
         layers = {kind: PagedLayers(pool, ints[:, 2 + kind], self._tables[kind][:size])
                   for kind, pool in self.pools.items()}
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
-                          max_q_len=1, max_k_len=self.max_model_len)
+                          max_q_len=1, max_k_len=self.max_model_len, fixed_shapes=True)
         self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
         ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 

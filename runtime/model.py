@@ -119,12 +119,12 @@ class MoE(Sharded):
                                  self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
                                  self.cfg.swiglu_limit)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor,
-                next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor, next_norm: torch.Tensor | None = None,
+                fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(r + MoE(h), and that sum's RMSNorm under next_norm (the next block's attention norm scale)
         where the kernels compute it in their last launch, else None), where r = x + delta is the
         residual after attention (delta: the attention block's output) and h is r's RMSNorm under
-        this MoE's norm."""
+        this MoE's norm. fixed_shapes: exchange fixed-capacity buffers (a CUDA graph's step)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         r = ops.route(x, delta, self.norm.scale, eps, self.gate.weight, self.gate.bias, cfg.experts_per_token,
@@ -135,7 +135,8 @@ class MoE(Sharded):
         # Each rank of the partition takes a slice of the tokens, sends each row to its experts' owner,
         # and gets the weighted sums back; the slices are gathered again.
         lo, hi = token_slice(x.shape[0], self.partition)
-        routed = self.exchange.dispatch(r.h[lo:hi], r.expert_ids[lo:hi])
+        widest = -(-x.shape[0] // self.partition.size)  # the largest slice, what every rank sizes for
+        routed = self.exchange.dispatch(r.h[lo:hi], r.expert_ids[lo:hi], widest if fixed_shapes else None)
         y = ops.expert_rows(routed.rows, routed.local_expert, self.experts, reduce)
         out = self.exchange.combine(y, r.weights[lo:hi], routed)
         return r.residual + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype), None
@@ -159,7 +160,7 @@ class Block(nn.Module):
         both residuals (x + delta in its first launch, fused with its norm; r + the experts' sum in
         its last), and where the kernels can it also returns the next block's attention input
         rms_norm(y), which that block then takes as `h` instead of computing it."""
-        return self.mlp(x, self.attn(x, ctx, h), next_norm)
+        return self.mlp(x, self.attn(x, ctx, h), next_norm, ctx.paged.fixed_shapes)
 
 
 def in_memory_order(name: str, tensor: torch.Tensor) -> torch.Tensor:

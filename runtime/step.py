@@ -60,6 +60,9 @@ class PagedStep:
     max_q_len: int
     max_k_len: int
     decodes: int = 0  # leading sequences with one query each (decodes), for the attention's tiles
+    # The same shapes every step, nothing sized on the host (a CUDA graph's step): expert parallelism
+    # then exchanges fixed-capacity buffers (parallel/experts.py).
+    fixed_shapes: bool = False
 
     @classmethod
     def of(cls, chunks: list[SequenceChunk], device) -> "PagedStep":

@@ -96,11 +96,13 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
-    """tp=2 on two GPUs (NCCL): decode steps replayed from graphs, with the all-reduces and the
-    logits' all-gather captured inside them, give the eager tp=2 engine's tokens, and logprobs within
-    1e-3 (float32; the graph's attention splits the key range as for max_model_len, so sums differ
-    in order). Both runs must have replayed graphs, or the test would compare eager with eager."""
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2"])
+def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout):
+    """tp=2 or ep=2 on two GPUs (NCCL): decode steps replayed from graphs, with the all-reduces, the
+    logits' all-gather or expert parallelism's fixed-capacity all-to-alls captured inside them, give
+    the eager engine's tokens (whose all-to-alls are sized on the host), and logprobs within 1e-3
+    (float32; the graph's attention splits the key range as for max_model_len, so sums differ in
+    order). The graph run must have replayed graphs, or the test would compare eager with eager."""
     import os
     import subprocess
     import sys
@@ -121,7 +123,7 @@ def test_cuda_graphs_capture_tensor_parallel_collectives(tmp_path):
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "launch.batch",
              "checkpoint=dummy", "model=gpt-oss-20b", "model.num_hidden_layers=4", "dtype=float32",
-             "device=cuda", f"input={inp}", f"output={path}", "progress=false", "parallel.tp=2",
+             "device=cuda", f"input={inp}", f"output={path}", "progress=false", layout,
              "kv_cache_tokens=4096", "max_batch_size=4", f"enforce_eager={str(eager).lower()}"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]

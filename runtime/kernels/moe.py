@@ -29,10 +29,14 @@ def expert_rows(x: torch.Tensor, experts: torch.Tensor, mlp1_blocks: torch.Tenso
     `experts` index the packed tensors' first dimension (this rank's experts); blocks in kernel order
     (mxfp4.quad_transpose), as the model keeps them. When each expert's intermediate dimension is
     split over ranks, `reduce` sums the partial mlp2 outputs across them before the bias is added, so
-    the bias counts once.
+    the bias counts once. A row whose expert is one past the last (E: an empty slot of expert
+    parallelism's fixed-capacity exchange) is not computed; its output row is unspecified.
     """
     out = torch.zeros(x.shape[0], mlp2_bias.shape[-1], dtype=torch.float32, device=x.device)
+    num_experts = mlp1_blocks.shape[0]
     for e in torch.unique(experts).tolist():
+        if e == num_experts:
+            continue
         rows = torch.nonzero(experts == e).squeeze(1)
         w1 = mxfp4.decode(mlp1_blocks[e], mlp1_scales[e], x.dtype, kernel_order=True)
         h = torch.nn.functional.linear(x[rows], w1, mlp1_bias[e])
@@ -40,4 +44,4 @@ def expert_rows(x: torch.Tensor, experts: torch.Tensor, mlp1_blocks: torch.Tenso
         out[rows] = torch.nn.functional.linear(swiglu(h, limit), w2).float()
     if reduce is not None:
         out = reduce(out)
-    return out + mlp2_bias[experts].float()
+    return out + mlp2_bias[experts.clamp(max=num_experts - 1)].float()

@@ -237,13 +237,16 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
 
 def expert_rows_triton(x, experts, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
                        limit: float, reduce=None) -> torch.Tensor:
-    """The Triton version of moe.expert_rows: rows through their experts, [m, d] fp32, bias included."""
-    p = plan(experts, mlp1_blocks.shape[0])
+    """The Triton version of moe.expert_rows: rows through their experts, [m, d] fp32, bias included.
+    Rows of expert E (one past the last: empty slots) sort after every expert's in the plan's extra
+    bucket, which the grouped kernels, reading E experts' counts, never compute."""
+    E = mlp1_blocks.shape[0]
+    p = plan(experts, E + 1)
     act = grouped_mxfp4(x, p.order, 1, p, mlp1_blocks, mlp1_scales, mlp1_bias, x.dtype, swiglu_limit=limit)
     if reduce is None:
         y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias, torch.float32)
     else:  # split experts: sum the partial products across ranks first, then add the bias once
         y = reduce(grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, torch.zeros_like(mlp2_bias),
                                  torch.float32))
-        y += mlp2_bias[experts.long()[p.order.long()]].float()
+        y += mlp2_bias[experts.long().clamp(max=E - 1)[p.order.long()]].float()
     return y[p.position.long()]
