@@ -211,7 +211,7 @@ class Scheduler:
 
     @staticmethod
     def _end_constraint(seq: Sequence) -> None:
-        """A sequence that will not generate again gives back its grammar state (for reuse)."""
+        """A sequence that will not generate again lets go of its grammar state (its memory)."""
         if seq.constraint is not None:
             seq.constraint.release()
             seq.constraint = None

@@ -14,7 +14,7 @@ so a constrained completion always ends on a token the engine stops on.
 
 from __future__ import annotations
 
-import collections
+import concurrent.futures
 import functools
 import json
 
@@ -210,21 +210,37 @@ def grammar_for(response_format: dict | None, *, chat: bool, tools: list[dict] |
 # ---- one request's matcher ----
 
 class Constraint:
-    """One constrained request's position in its grammar: which tokens it may generate next."""
+    """One constrained request's position in its grammar: which tokens it may generate next.
+
+    Its matcher compiles on a worker thread from the moment the request is admitted (~1 ms a small
+    schema, mostly without the GIL), so the compile overlaps the forward of the step that admitted
+    it; the first mask waits for it. Every request compiles its own: llguidance's `reset` (and
+    `rollback` to the start) left some JSON-schema matchers inside the object they had finished
+    (tests/test_structured.py), and copies of one compiled matcher (`deep_copy`) share state behind a
+    lock that serialised the step's parallel mask computation (docs/performance.md)."""
 
     def __init__(self, grammar: str):
-        """Starts `grammar` over the Harmony vocabulary; StructureError if it cannot compile."""
-        self.grammar = grammar
-        self.matcher = _IDLE.take(grammar)
-        if self.matcher.is_error():
-            raise StructureError(f"grammar: {self.matcher.get_error()}")
+        """Starts compiling `grammar` (checked when the request was parsed) over the Harmony vocabulary."""
+        self._compiling = _compiler().submit(_compile, grammar)
+        self._matcher: llguidance.LLMatcher | None = None
+
+    @property
+    def matcher(self) -> llguidance.LLMatcher:
+        """The compiled matcher (waits for the compile); StructureError if the grammar did not compile."""
+        if self._matcher is None:
+            if self._compiling is None:
+                raise RuntimeError("the constraint was released")
+            self._matcher = self._compiling.result()
+            if self._matcher.is_error():
+                raise StructureError(f"grammar: {self._matcher.get_error()}")
+        return self._matcher
 
     def release(self) -> None:
-        """The request is done with it: its matcher, back at the grammar's start, serves a later
-        request of the same grammar. The constraint is not used again."""
-        if self.matcher is not None:
-            _IDLE.give(self.grammar, self.matcher)
-            self.matcher = None
+        """The request will not generate again: its matcher's memory goes (a compile not started yet
+        is dropped)."""
+        if self._compiling is not None:
+            self._compiling.cancel()
+        self._compiling = self._matcher = None
 
     def consume(self, token: int) -> None:
         """Advance by a sampled token. A token the mask did not allow puts the matcher in its error
@@ -242,38 +258,15 @@ class Constraint:
         return self.matcher.get_error() or None
 
 
-class _IdleMatchers:
-    """Compiled matchers of finished requests, reset to their grammar's start, by grammar (the most
-    recently used grammars only). A batch file repeats one schema over thousands of lines; a compile
-    (~1.5 ms for a small schema, on the host, in the step that admits the request) then happens only
-    as often as the most requests of that grammar that ran at once. Copies of one compiled matcher
-    (LLMatcher.deep_copy) would cost microseconds but share state behind a lock: a step's masks,
-    computed in parallel, ran several times slower with them on the GPU machine."""
-
-    def __init__(self, grammars: int = 64):
-        self.grammars = grammars
-        self.idle: collections.OrderedDict[str, list[llguidance.LLMatcher]] = collections.OrderedDict()
-
-    def take(self, grammar: str) -> llguidance.LLMatcher:
-        idle = self.idle.get(grammar)
-        if idle:
-            self.idle.move_to_end(grammar)
-            return idle.pop()
-        # short errors: the verbose ones carry the parser state and the whole grammar, schemas included
-        limits = llguidance.LLParserLimits(verbose_errors=False)
-        return llguidance.LLMatcher(tokenizer(), grammar, log_level=0, limits=limits)
-
-    def give(self, grammar: str, matcher: llguidance.LLMatcher) -> None:
-        matcher.reset()
-        if matcher.is_error():  # a grammar that did not compile, or a reset that failed: not kept
-            return
-        self.idle.setdefault(grammar, []).append(matcher)
-        self.idle.move_to_end(grammar)
-        while len(self.idle) > self.grammars:
-            self.idle.popitem(last=False)
+def _compile(grammar: str) -> llguidance.LLMatcher:
+    # short errors: the verbose ones carry the parser state and the whole grammar, schemas included
+    limits = llguidance.LLParserLimits(verbose_errors=False)
+    return llguidance.LLMatcher(tokenizer(), grammar, log_level=0, limits=limits)
 
 
-_IDLE = _IdleMatchers()
+@functools.cache
+def _compiler() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpt-oss-grammar")
 
 
 # ---- masks ----
