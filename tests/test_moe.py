@@ -823,7 +823,8 @@ def test_triton_decode_at_both_scale_ranges(top_scale):
 # ------------------------------------------------------------------------------ the tile table
 def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
     """choose_tiles and mma_tiles as if/elif chains before they became a table (new names; mlp2's
-    GEMM tiles from 49 rows per expert since the blocks are in kernel order)."""
+    GEMM tiles from 49 rows per expert since the blocks are in kernel order, from 65 since session 17,
+    with 64-row tiles up to 64 rows, mlp2's register-capped)."""
     cuda_core = {True: "fp16", False: "e4m3"}
 
     def gemm(rows, num_experts, swiglu):
@@ -832,8 +833,8 @@ def _frozen_choose_tiles(rows, num_experts, swiglu, interpret):
             return Tiles(8, 64, 128, 4, 4) if swiglu else Tiles(8, 32, 128, 2, 4)
         if per_expert <= 16:
             return Tiles(32, 128, 64, 8, 3)
-        if per_expert <= 48:
-            return Tiles(64, 128, 64, 4, 3)
+        if per_expert <= 64:
+            return Tiles(64, 128, 64, 4, 3) if swiglu else Tiles(64, 128, 64, 4, 3, maxnreg=128)
         if per_expert <= 128:
             return Tiles(128, 64, 64, 4, 3) if swiglu else Tiles(128, 128, 64, 8, 3)
         return Tiles(256, 128, 64, 8, 4) if swiglu else Tiles(128, 128, 64, 8, 3)
