@@ -73,9 +73,10 @@ def share_done(done: set | None, parallel: Parallel) -> set:
 def open_part(store: ResultsStore, parallel: Parallel, work: list) -> OutputFile | NoOutput:
     """Every rank of a replica runs the same loop on the same requests and its first rank writes, to
     the replica's own part file; replicas (dp) take every dp-th request, so no two write the same id.
-    A replica without work makes no file."""
+    Under attention_dp every rank is such a writer with its own share. A writer without work makes no
+    file."""
     if parallel.is_writer and work:
-        return store.part(f"replica-{parallel.dp_rank}.jsonl")
+        return store.part(f"replica-{parallel.scheduler_index}.jsonl")
     return NoOutput(store.parts)
 
 
@@ -91,7 +92,7 @@ def run(cfg: DictConfig) -> dict:
     # Finished in an earlier run: skipped.
     todo = list(not_done(lines, done))
     skipped = len(lines) - len(todo)
-    todo = todo[parallel.dp_rank::parallel.layout.dp]
+    todo = todo[parallel.scheduler_index::parallel.layout.schedulers]
     progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
                         interval_s=cfg.progress_interval_s)
     stop = StopSignal()

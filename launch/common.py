@@ -27,7 +27,7 @@ def init_parallel(cfg: DictConfig) -> groups.Parallel:
     p = settings.parallel
     # dp left out: every rank the launcher started serves, as world / (tp x ep) replicas.
     dp = p.dp if p.dp is not None else max(1, int(os.environ.get("WORLD_SIZE", 1)) // (p.tp * p.ep))
-    layout = groups.Layout(tp=p.tp, ep=p.ep, dp=dp, expert_tp=p.expert_tp)
+    layout = groups.Layout(tp=p.tp, ep=p.ep, dp=dp, expert_tp=p.expert_tp, attention_dp=p.attention_dp)
     device = resolve_device(settings.device)
     parallel = groups.init(layout, device_type=device.type, timeout_s=p.timeout_s)
     if parallel.world_size == 1:

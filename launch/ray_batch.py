@@ -188,6 +188,9 @@ def run(cfg: DictConfig) -> dict:
 
     with clean_exit():  # bad arguments, paths or output files stop the job before Ray starts
         check_job_args(cfg, "input", "output")
+        if cfg.parallel.get("attention_dp"):
+            raise ValueError("parallel.attention_dp is for launch.batch (torchrun, Slurm): a Ray replica "
+                             "schedules its requests on its first actor; use replicas= for data parallelism")
         parquet = str(cfg.output).endswith(".parquet")
         store = ResultsStore(cfg.output, readable_output=not parquet)
         if parquet:

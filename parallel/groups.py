@@ -8,6 +8,11 @@ So tp=1, ep=N is pure expert parallelism; tp=N, ep=1 splits every expert N ways 
 reference does); tp=N with expert_tp=1 keeps attention tensor-parallel but partitions whole experts
 over all N ranks (vLLM's --enable-expert-parallel).
 
+attention_dp (TensorRT-LLM's and SGLang's high-throughput layout for MoE; tp=1, ep=N): the replica's
+N ranks share the experts but not the requests. Each rank schedules its own share, runs attention over
+it with its own KV cache, and sends its tokens' rows to the experts' owners; the ranks step together
+(an idle rank runs an empty step), so their all-to-alls pair up.
+
 Groups come from torchrun's environment, from an explicit rank/world/address (Ray actors, tests),
 or not at all (one process). NCCL on CUDA, gloo on CPU. World size 1 needs no torch.distributed.
 """
@@ -34,6 +39,7 @@ class Layout:
     ep: int = 1
     dp: int = 1
     expert_tp: int | None = None  # None: the same as tp
+    attention_dp: bool = False  # each rank of a replica schedules and attends over its own requests
 
     @property
     def replica_size(self) -> int:
@@ -57,7 +63,16 @@ class Layout:
         if self.experts_split < 1 or self.replica_size % self.experts_split:
             raise LayoutError(f"parallel.expert_tp ({self.experts_split}) must divide tp x ep "
                               f"({self.replica_size})")
+        if self.attention_dp and (self.tp != 1 or self.expert_tp not in (None, 1)):
+            raise LayoutError(f"parallel.attention_dp runs attention whole on every rank: it needs "
+                              f"parallel.tp=1 (got {self.tp}) and whole experts (parallel.expert_tp "
+                              f"unset or 1, got {self.expert_tp}); use parallel.ep for the experts")
         return self
+
+    @property
+    def schedulers(self) -> int:
+        """Ranks that schedule requests of their own: one per replica, or every rank (attention_dp)."""
+        return self.dp * (self.replica_size if self.attention_dp else 1)
 
 
 @dataclasses.dataclass
@@ -88,8 +103,27 @@ class Parallel:
 
     @property
     def is_writer(self) -> bool:
-        """The one rank per replica that samples for the replica and writes its results."""
-        return self.replica.rank == 0
+        """A rank that schedules, samples and writes results: the replica's first (its other ranks
+        follow its step plans), or every rank under attention_dp."""
+        return self.replica.rank == 0 or self.layout.attention_dp
+
+    @property
+    def shares_plans(self) -> bool:
+        """The replica's ranks run the first rank's step plans (tensor or expert parallelism over one
+        set of requests)."""
+        return self.replica.size > 1 and not self.layout.attention_dp
+
+    @property
+    def steps_together(self) -> bool:
+        """attention_dp with more than one rank: each plans its own steps, and all agree before each
+        step on whether any has one and which kind it is (the engine's lockstep)."""
+        return self.replica.size > 1 and self.layout.attention_dp
+
+    @property
+    def scheduler_index(self) -> int:
+        """This writer's place among the layout's `schedulers` (which requests it takes)."""
+        return self.dp_rank * self.replica.size + self.replica.rank if self.layout.attention_dp \
+            else self.dp_rank
 
 
 def _single_group() -> Group:

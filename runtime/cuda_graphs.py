@@ -99,10 +99,12 @@ class DecodeGraphs:
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
 
-    def run(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int]) -> torch.Tensor:
+    def run(self, chunks: list[SequenceChunk], token_ids: list[int], sources: dict[int, int],
+            rows: int | None = None) -> torch.Tensor:
         """Logits [b, vocab] (fp32) of one decode token per chunk (pages already reserved); the
-        token of row r is sampled[sources[r]] where r is in `sources`, else token_ids[r]."""
-        size = next(s for s in self.sizes if s >= len(chunks))
+        token of row r is sampled[sources[r]] where r is in `sources`, else token_ids[r]. rows: pad
+        to the graph that holds this many (at least the chunks; attention_dp's ranks agree on it)."""
+        size = next(s for s in self.sizes if s >= max(len(chunks), rows or 0))
         self._stage(chunks, token_ids, sources, size)
         if not self.replay:
             self._forward(size)

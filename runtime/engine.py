@@ -14,6 +14,8 @@ has one wasted row in step n+1, whose output is dropped. (vLLM calls this async 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -29,11 +31,12 @@ from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
 from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
+from runtime.lockstep import Agreement, Lockstep
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import SamplingParams, SeededNoise, default_seed
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
-from runtime.step import Step
+from runtime.step import SequenceChunk, Step
 from runtime.step_plan import PlanChannel, StepPlan
 from runtime.transfer import to_device
 
@@ -136,7 +139,18 @@ def default_checkpoint() -> Path:
     """The embedded default: a tiny synthetic checkpoint in the real (original) layout, made once."""
     path = cache_dir("checkpoints") / "tiny-original-seed0"
     if not (path / "config.json").is_file():
-        write_checkpoint(preset("tiny"), path, layout="original", seed=0)
+        # Written aside and renamed into place: torchrun's ranks all get here on a fresh machine, and
+        # none may read a half-written checkpoint.
+        aside = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        write_checkpoint(preset("tiny"), aside, layout="original", seed=0)
+        try:
+            aside.rename(path)
+        except OSError:  # another rank's copy got there first (or a broken one from a crash is there)
+            if not (path / "config.json").is_file():
+                shutil.rmtree(path)
+                aside.rename(path)
+            else:
+                shutil.rmtree(aside)
     return path
 
 
@@ -212,11 +226,13 @@ class LLM:
         self._steps = 0
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
         self._graphs = None
-        # The replica's first rank plans every step and sends the plan to the others (step_plan.py).
+        # The replica's first rank plans every step and sends the plan to the others (step_plan.py);
+        # under attention_dp each rank plans its own, and the ranks agree before each step (lockstep.py).
         self._plans = None
-        if self.parallel.replica.size > 1:
+        if self.parallel.shares_plans:
             self._plans = PlanChannel(self.parallel.replica_host, self.model.pool, self.model.sliding_pool,
                                       self.config.sliding_window)
+        self._lockstep = Lockstep(self.parallel.replica_host) if self.parallel.steps_together else None
         start = time.perf_counter()
         if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
             self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
@@ -390,20 +406,32 @@ class LLM:
         follows at once (planned already, so the GPU does not wait for the host's planning)."""
         in_flight: _Launched | None = None
         planned: ScheduledStep | None = None  # the next step, planned ahead by a constrained one
-        while self.scheduler.has_unfinished() or in_flight or planned:
-            if should_stop is not None and should_stop():
+        while True:
+            busy = bool(self.scheduler.has_unfinished() or in_flight or planned)
+            stop = should_stop is not None and should_stop()
+            step = planned or self._schedule(finish) if busy and not stop else None
+            planned, agreed = None, None
+            if self._lockstep is not None:  # attention_dp: every rank takes the same decision
+                chunks = step.plan.chunks if step is not None else []
+                graphable = self._graphs is not None and self._graphs.fits(chunks)
+                agreed = self._lockstep.agree(busy, stop, len(chunks), graphable)
+                busy, stop = agreed.busy, agreed.stop
+            if stop:
                 if in_flight is not None:  # its finished requests are kept
                     self._land(in_flight, finish)
                 break
-            step, planned = planned or self._schedule(finish), None
+            if not busy:
+                break
             launched = None
-            if step.plan.chunks:
-                logits, greedy = self._start(step)
+            if step is not None and step.plan.chunks:
+                logits, greedy = self._start(step, agreed)
                 if in_flight is not None and any(seq.constraint for seq, _ in step.samples):
                     self._land(in_flight, finish)
                     in_flight = None
                     planned = self._schedule(finish)
                 launched = self._sample(step, logits, greedy)
+            elif agreed is not None and agreed.forward:  # other ranks' rows need this rank's experts
+                self._idle_forward(agreed)
             if in_flight is not None:
                 self._land(in_flight, finish)
             in_flight = launched
@@ -429,11 +457,12 @@ class LLM:
                 tokens = torch.empty(samples, dtype=self._sampled.dtype, device=self.device)
                 self._sampled[:samples].copy_(broadcast(tokens, self.parallel.replica))
 
-    def _start(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _start(self, step: ScheduledStep,
+               agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Send the plan to the replica's other ranks and launch the step's forward (_forward)."""
         if self._plans is not None:
             self._plans.send(step.plan, len(step.samples))
-        return self._forward(step.plan)
+        return self._forward(step.plan, agreed)
 
     def _sample(self, step: ScheduledStep, logits: torch.Tensor, greedy: torch.Tensor | None) -> _Launched:
         """Sample the step's wanted rows on the GPU; the tokens start their way to the host (the
@@ -451,7 +480,7 @@ class LLM:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs], allowed)
             self._sampled[:len(seqs)].copy_(tokens)
             pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
-        if self.parallel.replica.size > 1:  # for the other ranks' next decode rows (see _follow)
+        if self.parallel.shares_plans:  # for the other ranks' next decode rows (see _follow)
             broadcast(tokens, self.parallel.replica)
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
@@ -502,13 +531,19 @@ class LLM:
         for seq in self.scheduler.land(step.samples, step.host.tolist(), top):
             finish(seq.index, self._result(seq))
 
-    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, plan: StepPlan,
+                 agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
-        graphs, anything else runs the model eagerly. Where a graph ran and every row is wanted,
+        graphs, anything else runs the model eagerly (under attention_dp as the ranks `agreed`, a graph
+        padded to their largest step). Where a graph ran and every row is wanted,
         also its greedy samples ([rows, 2] (token, logprob); the tokens already in `_sampled`)."""
         dev = self.device
-        if self._graphs is not None and self._graphs.fits(plan.chunks):
-            logits = self._graphs.run(plan.chunks, plan.ids, plan.pending)
+        graph = self._graphs is not None and self._graphs.fits(plan.chunks)
+        if agreed is not None:
+            graph = agreed.graph_rows is not None
+        if graph:
+            logits = self._graphs.run(plan.chunks, plan.ids, plan.pending,
+                                      None if agreed is None else agreed.graph_rows)
             if len(plan.logits_rows) == len(plan.chunks):
                 return logits, self._graphs.greedy_samples(len(plan.chunks))
             return logits[to_device(plan.logits_rows, torch.int64, dev)], None
@@ -518,6 +553,24 @@ class LLM:
                 self._sampled[to_device(list(plan.pending.values()), torch.int64, dev)]
         return self.model(Step(ids, to_device(plan.positions, torch.int64, dev), plan.chunks,
                                to_device(plan.logits_rows, torch.int64, dev))), None
+
+    def _idle_forward(self, agreed: Agreement) -> None:
+        """A forward for a rank with no rows of its own while others have some (attention_dp): its
+        experts still serve their tokens. A graph of the agreed size with every row padding, or
+        eagerly one token at position 0 of a page taken for the step and given back (never cached:
+        the next sequence to get the page writes it before reading it)."""
+        if agreed.graph_rows is not None:
+            self._graphs.run([], [], {}, agreed.graph_rows)
+            return
+        cache = self.model.new_cache()
+        try:
+            cache.reserve(0, 1)
+            dev = self.device
+            self.model(Step(torch.zeros(1, dtype=torch.int64, device=dev),
+                            torch.zeros(1, dtype=torch.int64, device=dev), [SequenceChunk(0, 1, cache)],
+                            torch.zeros(0, dtype=torch.int64, device=dev)))
+        finally:
+            cache.release()
 
     def _result(self, seq: Sequence) -> Result:
         req, params = seq.request, seq.request.params

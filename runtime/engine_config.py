@@ -51,6 +51,7 @@ class ParallelConfig:
     ep: int = 1  # experts partitioned over ep groups of tp ranks
     dp: int | None = None  # independent replicas; None: world / (tp x ep)
     expert_tp: int | None = None  # ways each expert is split; None: tp
+    attention_dp: bool = False  # each of a replica's ranks attends over its own requests (tp=1, ep=N)
     timeout_s: float = 600  # a collective waiting longer than this fails the job instead of hanging
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class ParallelConfig:
         for name in ("dp", "expert_tp"):  # None: derived from the world size and tp
             if getattr(self, name) is not None:
                 _check_at_least_one(f"parallel.{name}", getattr(self, name))
+        if not isinstance(self.attention_dp, bool):
+            raise ValueError(f"parallel.attention_dp must be true or false, got {self.attention_dp!r}")
         if not (_is_number(self.timeout_s) and 0 < self.timeout_s < math.inf):
             raise ValueError(f"parallel.timeout_s must be a positive number of seconds, "
                              f"got {self.timeout_s!r}")

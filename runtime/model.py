@@ -91,6 +91,9 @@ class MoE(Sharded):
         super().__init__(parallel.device)
         self.cfg, dev = cfg, parallel.device
         self.split, self.partition = parallel.experts_split, parallel.experts_partition
+        # Attention replicated over the partition: every rank holds the same tokens and sends a slice
+        # of them. Under attention_dp each rank's tokens are its own: it sends them all.
+        self.tokens_shared = not parallel.layout.attention_dp
         E, d, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.exchange = AllToAllExchange(self.partition, E)
         experts = [(self.exchange.first_expert, self.exchange.first_expert + self.exchange.per_rank)]
@@ -134,12 +137,18 @@ class MoE(Sharded):
             return ops.local_experts(r, self.experts, reduce, first=self.split.rank == 0, next_norm=norm)
         # Each rank of the partition takes a slice of the tokens, sends each row to its experts' owner,
         # and gets the weighted sums back; the slices are gathered again.
-        lo, hi = token_slice(x.shape[0], self.partition)
-        widest = -(-x.shape[0] // self.partition.size)  # the largest slice, what every rank sizes for
+        n = x.shape[0]
+        if self.tokens_shared:
+            lo, hi = token_slice(n, self.partition)
+            widest = -(-n // self.partition.size)  # the largest slice, what every rank sizes for
+        else:  # attention_dp: in a graph every rank's step has the agreed size (runtime/lockstep.py)
+            lo, hi, widest = 0, n, n
         routed = self.exchange.dispatch(r.h[lo:hi], r.expert_ids[lo:hi], widest if fixed_shapes else None)
         y = ops.expert_rows(routed.rows, routed.local_expert, self.experts, reduce)
         out = self.exchange.combine(y, r.weights[lo:hi], routed)
-        return r.residual + gather_token_slices(out, x.shape[0], self.partition).to(x.dtype), None
+        if self.tokens_shared:
+            out = gather_token_slices(out, n, self.partition)
+        return r.residual + out.to(x.dtype), None
 
 
 class Block(nn.Module):

@@ -242,6 +242,7 @@ def test_engine_config_checks_name_the_setting(settings, message):
     ("parallel.expert_tp=-1", "parallel.expert_tp must be at least 1, got -1"),
     ("parallel.tp=1.5", "parallel.tp must be an integer, got 1.5"),
     ("parallel.timeout_s=0", "parallel.timeout_s must be a positive number of seconds, got 0"),
+    ("parallel.attention_dp=yes please", "parallel.attention_dp must be true or false, got 'yes please'"),
 ])
 def test_parallel_settings_below_their_minimum_name_the_override(override, message):
     """Checked where the settings are read, so tp=0 is this error rather than a division by zero when

@@ -57,6 +57,11 @@ def single_rank(tiny_checkpoints, tmp_path_factory):
     (2, ["parallel.dp=2"]),                         # two replicas sharing the input
     (4, ["parallel.ep=4"]),
     (4, ["parallel.tp=2", "parallel.ep=2"]),
+    # attention data parallel: each rank schedules its own requests (2, 2, 2 and 1 of the 7 on four
+    # ranks, so some ranks run idle steps while others finish) and serves every rank's tokens' experts
+    (2, ["parallel.ep=2", "parallel.attention_dp=true"]),
+    (4, ["parallel.ep=4", "parallel.attention_dp=true"]),
+    (4, ["parallel.ep=2", "parallel.dp=2", "parallel.attention_dp=true"]),
 ])
 def test_layouts_match_one_rank(tiny_checkpoints, single_rank, tmp_path, nproc, layout):
     inp, expected = single_rank
@@ -76,6 +81,20 @@ def test_tensor_parallel_under_preemption_and_chunked_prefill_matches_one_rank(t
     got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
                     "kv_cache_tokens=64", "max_batch_size=4", "max_batch_tokens=8",
                     "schedule_conservativeness=0")
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+
+
+def test_attention_data_parallel_under_preemption_and_chunked_prefill_matches_one_rank(tiny_checkpoints,
+                                                                                       single_rank, tmp_path):
+    """attention_dp on two ranks with small KV pools and a small token budget: each rank preempts and
+    chunks its own prompts, so one rank's step mixes prompt chunks while the other's decodes or idles;
+    the ranks agree on every step and every request gets the single-rank answer."""
+    inp, expected = single_rank
+    got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.ep=2",
+                    "parallel.attention_dp=true", "kv_cache_tokens=48", "max_batch_size=3",
+                    "max_batch_tokens=8")
     for rid, want in expected.items():
         assert got[rid]["token_ids"] == want["token_ids"], rid
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
@@ -135,6 +154,19 @@ def _long_job(tiny_checkpoints, tmp_path, *overrides):
             proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.2)
     return proc
+
+
+def test_ranks_on_a_fresh_machine_share_the_embedded_checkpoint(single_rank, tmp_path):
+    """No checkpoint= and an empty cache: every rank finds the embedded tiny checkpoint missing and
+    makes it at once. Each writes its own copy aside and renames it into place, so none reads another's
+    half-written files (they failed with 'Directory not empty' before)."""
+    inp, _ = single_rank
+    command = batch_command(2, "x", inp, tmp_path / "out.jsonl", "parallel.ep=2")
+    command = [arg for arg in command if not arg.startswith("checkpoint=")]
+    done = subprocess.run(command, env=job_env(GPT_OSS_CACHE=str(tmp_path / "cache")), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "cache" / "checkpoints").iterdir()] == ["tiny-original-seed0"]
 
 
 def test_a_killed_rank_ends_the_job_and_is_named(tiny_checkpoints, tmp_path):
@@ -199,6 +231,10 @@ def test_layouts_that_do_not_fit_are_named():
         Layout(tp=2, ep=2).validate(world_size=2)
     with pytest.raises(LayoutError, match="expert_tp"):
         Layout(tp=2, ep=1, expert_tp=3).validate(world_size=2)
+    with pytest.raises(LayoutError, match=r"attention_dp .* needs parallel.tp=1 \(got 2\)"):
+        Layout(tp=2, ep=2, attention_dp=True).validate(world_size=4)
+    assert Layout(ep=4, dp=2, attention_dp=True).validate(world_size=8).schedulers == 8
+    assert Layout(tp=2, ep=2, dp=2).validate(world_size=8).schedulers == 2
     tiny = preset("tiny")  # 4 KV heads, 8 experts, intermediate 128 (4 MXFP4 blocks)
     with pytest.raises(LayoutError, match="parallel.tp \\(8\\) must divide the 4 KV heads"):
         GptOss(tiny, torch.float32, parallel=_parallel(tp=8))
