@@ -144,8 +144,9 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     output_tokens = sum(len(r.token_ids) for r in results)
     cached_tokens = sum(r.cached_tokens for r in results)
-    # Per GPU of rank 0's replica: data-parallel replicas each run the whole workload side by side.
-    gpus = llm.parallel.replica.size
+    # Per GPU of rank 0's replica (or rank 0 alone under attention_dp): data-parallel replicas (and
+    # attention-dp ranks) each run the whole workload side by side.
+    gpus = llm.parallel.gpus_per_scheduler
     report = {
         "mode": "throughput", "workload": dataclasses.asdict(work), "model": model_name,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",

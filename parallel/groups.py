@@ -120,6 +120,12 @@ class Parallel:
         return self.replica.size > 1 and self.layout.attention_dp
 
     @property
+    def gpus_per_scheduler(self) -> int:
+        """GPUs whose time one scheduler's requests take: its replica's, or under attention_dp its own
+        (its experts serve the other ranks' tokens as theirs serve its)."""
+        return 1 if self.layout.attention_dp else self.replica.size
+
+    @property
     def scheduler_index(self) -> int:
         """This writer's place among the layout's `schedulers` (which requests it takes)."""
         return self.dp_rank * self.replica.size + self.replica.rank if self.layout.attention_dp \
