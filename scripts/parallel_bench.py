@@ -6,7 +6,8 @@
 
 Dummy weights, greedy decoding with ignore_eos (scripts/baseline_bench.py's timing: warm-up, GPU
 synchronised, median of --repeat). With --a2a it also times one MoE layer's dispatch + combine
-through the all-to-all exchange, and NCCL's own all_to_all_single on a large buffer as the ceiling.
+through the all-to-all exchange (host-sized and fixed-capacity), and NCCL's own all_to_all_single
+on a large buffer as the ceiling.
 """
 
 from __future__ import annotations
@@ -47,24 +48,26 @@ def cuda_time(fn, repeat: int = 20) -> float:
 
 
 def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
-    """One MoE layer's exchange (dispatch + combine of bf16 rows, fp32 outputs back), per token count."""
+    """One MoE layer's exchange (dispatch + combine of bf16 rows, fp32 outputs back), per token count,
+    both ways: sized on the host (eager steps) and fixed-capacity (CUDA graphs: every rank sends
+    every rank the most its tokens could need). GB/s counts the rows that had to travel."""
     g = parallel.experts_partition
     exchange = AllToAllExchange(g, cfg.num_experts)
     rows = []
-    for tokens in (1, 32, 2048):  # per rank: a batch-2, batch-64 and 4096-token step split over 2 ranks
+    for tokens in (1, 32, 256, 2048):  # per rank: decode batches of 2, 64 and 512, a 4096-token prefill
         x = torch.randn(tokens, cfg.hidden_size, dtype=torch.bfloat16, device=parallel.device)
         ids = torch.stack([torch.randperm(cfg.num_experts, device=parallel.device)[:cfg.experts_per_token]
                            for _ in range(tokens)])
         weights = torch.full(ids.shape, 0.25, device=parallel.device)
+        for capacity in (None, tokens):
+            def layer(x=x, ids=ids, weights=weights, capacity=capacity):
+                routed = exchange.dispatch(x, ids, capacity)
+                return exchange.combine(routed.rows.float(), weights, routed)
 
-        def layer(x=x, ids=ids, weights=weights):
-            routed = exchange.dispatch(x, ids)
-            return exchange.combine(routed.rows.float(), weights, routed)
-
-        seconds = cuda_time(layer)
-        sent = tokens * cfg.experts_per_token * cfg.hidden_size * (2 + 4)  # bf16 out, fp32 back
-        rows.append({"tokens_per_rank": tokens, "ms": seconds * 1e3, "bytes_per_rank": sent,
-                     "GBps": sent / seconds / 1e9})
+            seconds = cuda_time(layer)
+            sent = tokens * cfg.experts_per_token * cfg.hidden_size * (2 + 4)  # bf16 out, fp32 back
+            rows.append({"tokens_per_rank": tokens, "path": "host-sized" if capacity is None else "fixed",
+                         "ms": seconds * 1e3, "bytes_per_rank": sent, "GBps": sent / seconds / 1e9})
     big = torch.randn(64 << 20, device=parallel.device)  # 256 MB per rank
     out = torch.empty_like(big)
     seconds = cuda_time(lambda: dist.all_to_all_single(out, big, group=g.group), repeat=10)
