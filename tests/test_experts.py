@@ -1,4 +1,5 @@
-"""parallel/experts.py: the expert-parallel exchange, host-sized and fixed-capacity, on gloo ranks.
+"""parallel/experts.py: the expert-parallel exchange, host-sized and fixed-capacity, on gloo ranks;
+and attention data parallelism's graph steps (runtime/lockstep.py) through it.
 
 Both paths must hand each rank exactly the (row, expert) pairs it owns and bring every output back to
 its token, summed in the same order, so that a CUDA graph's step (fixed capacity, no host sync) gives
@@ -19,10 +20,15 @@ from runtime.config import preset
 
 
 def _spawn(worker, world: int, *args) -> list:
+    return _spawn_layout(worker, world, dict(ep=world), *args)
+
+
+def _spawn_layout(worker, world: int, layout: dict, *args) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = 22000 + os.getpid() % 20000 + world
-    procs = [ctx.Process(target=_run, args=(worker, r, world, port, results, *args)) for r in range(world)]
+    port = 22000 + os.getpid() % 20000 + world + 7 * len(layout)
+    procs = [ctx.Process(target=_run, args=(worker, r, world, port, layout, results, *args))
+             for r in range(world)]
     for p in procs:
         p.start()
     got = [results.get(timeout=300) for _ in procs]
@@ -33,12 +39,12 @@ def _spawn(worker, world: int, *args) -> list:
     return sorted(got, key=lambda g: g[0])
 
 
-def _run(worker, rank, world, port, results, *args):
+def _run(worker, rank, world, port, layout, results, *args):
     try:
         torch.set_num_threads(1)
         from parallel import groups
 
-        parallel = groups.init(groups.Layout(ep=world), rank=rank, world_size=world, master_addr="127.0.0.1",
+        parallel = groups.init(groups.Layout(**layout), rank=rank, world_size=world, master_addr="127.0.0.1",
                                master_port=port, device_type="cpu", timeout_s=120)
         results.put((rank, worker(parallel, *args)))
         groups.shutdown()
@@ -123,3 +129,50 @@ def test_moe_layer_under_expert_parallelism_gives_one_ranks_answer_both_ways(ker
     for rank, (host, fixed) in _spawn(_moe_worker, 2, kernels, 5):
         torch.testing.assert_close(host, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(fixed, host), rank  # the same rows through the same experts, summed alike
+
+
+def _attention_dp_engine_worker(parallel, checkpoint, requests, settings):
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.engine import LLM
+    from runtime.options import options
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    mine = requests[parallel.replica.rank::parallel.replica.size]
+    with options.override(kernels_on_cpu=True):
+        llm = LLM(checkpoint, parallel=parallel, **settings)
+        # The decode graphs' static-buffer forward (run without capture on CPU): the ranks agree on
+        # one padded size, the fixed-capacity exchange runs, and an idle rank replays padding only.
+        llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled,
+                                   replay=False)
+        got = llm.generate([Request(i, ids, SamplingParams(max_tokens=tokens, temperature=0, logprobs=True),
+                                    stop_token_ids=()) for i, ids, tokens in mine])
+    return {r.id: (r.token_ids, r.logprobs) for r in got}, dict(llm._graphs.replays)
+
+
+def test_attention_data_parallel_graph_steps_give_one_ranks_tokens(tiny_checkpoints):
+    """Two ranks under attention_dp, each with its own requests (3 and 2, of different lengths, so one
+    rank runs idle steps at the end), decoding through the graphs' static buffers (Triton's
+    interpreter): the tokens of one rank running all five, logprobs within 1e-4."""
+    from runtime.engine import LLM
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(8)
+    requests = [(i, torch.randint(0, 199998, (n,), generator=gen).tolist(), tokens)
+                for i, (n, tokens) in enumerate(((7, 6), (12, 2), (3, 4), (9, 2), (5, 5)))]
+    settings = dict(dtype="float32", device="cpu", max_batch_size=4, max_batch_tokens=64, kv_cache_tokens=256,
+                    max_model_len=512)
+    want = {r.id: (r.token_ids, r.logprobs) for r in LLM(tiny_checkpoints["original"], **settings).generate(
+        [Request(i, ids, SamplingParams(max_tokens=tokens, temperature=0, logprobs=True), stop_token_ids=())
+         for i, ids, tokens in requests])}
+    ranks = _spawn_layout(_attention_dp_engine_worker, 2, dict(ep=2, attention_dp=True),
+                          tiny_checkpoints["original"], requests, settings)
+    got = {}
+    for rank, (results, replays) in ranks:
+        assert sum(replays.values()) > 0, rank  # decode steps went through the static buffers
+        got.update(results)
+    assert sorted(got) == sorted(want)
+    for i, (tokens, logprobs) in want.items():
+        assert got[i][0] == tokens, i
+        assert max(abs(a - b) for a, b in zip(got[i][1], logprobs)) < 1e-4, i
