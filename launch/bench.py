@@ -115,6 +115,8 @@ def run(cfg: DictConfig) -> dict:
         if cfg.mode not in MODES:
             raise ValueError(f"mode={cfg.mode} is not one of {', '.join(MODES)}")
         work = throughput.Workload.from_config(cfg) if cfg.mode == "throughput" else None  # before loading
+        if work is not None:  # its report says how the rows spread over the experts (and ranks)
+            cfg.count_expert_load = True
         llm = build_llm(cfg)
         if cfg.hf and llm.parallel.world_size > 1:
             raise ValueError("hf=true times transformers on one GPU: run the bench without torchrun for it")

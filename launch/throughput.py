@@ -135,6 +135,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     warmup_seconds, results = _generate(llm, warm)
     _check(results, warm)
     llm.reset_prefix_cache()  # the timed run computes its prompts from a cold cache
+    llm.reset_expert_load()
     limits = ceilings(llm.device)
     stats, preemptions, replays = dataclasses.replace(llm.step_stats), llm.preemptions, llm.graph_replays
     seconds, results = _generate(llm, requests)
@@ -166,6 +167,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "mean_running_batch": (after.running - stats.running) / steps if steps else 0.0,
         "mean_decode_rows": (after.decode_tokens - stats.decode_tokens) / steps if steps else 0.0,
         "preemptions": llm.preemptions - preemptions, "ceilings": limits,
+        "expert_load": llm.expert_load(),
         "peak_GiB": (torch.cuda.max_memory_allocated(llm.device) / 2**30
                      if llm.device.type == "cuda" else None),
     }
@@ -214,4 +216,18 @@ def table(report: dict) -> str:
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
     if report["peak_GiB"] is not None:
         lines.append(f"| peak GPU memory | {report['peak_GiB']:.1f} GiB | | |")
+    if report.get("expert_load"):
+        lines.append(load_line(report["expert_load"]))
     return "\n".join(lines)
+
+
+def load_line(load: dict) -> str:
+    """The load's imbalance as busiest / mean in the worst layer: over the ranks holding different
+    experts (expert parallelism), else over the experts."""
+    ranks = load["rows_per_rank"]
+    per, what = (ranks, "rank") if len(ranks[0]) > 1 else (load["tokens_per_expert"], "expert")
+    worst = max(range(len(per)), key=lambda i: max(per[i]) / max(1e-9, sum(per[i]) / len(per[i])))
+    row = per[worst]
+    mean = sum(row) / len(row)
+    return (f"| expert load: busiest {what} / mean, worst layer ({worst}) | "
+            f"{max(row) / max(mean, 1e-9):.2f} ({max(row):,} / {mean:,.0f} rows) | | |")

@@ -74,10 +74,11 @@ class DecodeGraphs:
         if model.sliding_pool is not None:
             self.pools[True] = model.sliding_pool
         width = pages_for(max_model_len)
-        # Per row: token id, position, full-layer slot, sliding-layer slot, and the row of `sampled`
-        # holding the token when the host does not have it (else -1): one host-to-device copy.
-        self._host_ints = torch.zeros((rows, 5), dtype=torch.int64, pin_memory=pinned)
-        self._ints = torch.zeros((rows, 5), dtype=torch.int64, device=dev)
+        # Per row: token id, position, full-layer slot, sliding-layer slot, the row of `sampled`
+        # holding the token when the host does not have it (else -1), and 1 for a real row (0 for
+        # padding): one host-to-device copy.
+        self._host_ints = torch.zeros((rows, 6), dtype=torch.int64, pin_memory=pinned)
+        self._ints = torch.zeros((rows, 6), dtype=torch.int64, device=dev)
         self._host_tables = {kind: torch.full((rows, width), pool.scratch, dtype=torch.int32,
                                               pin_memory=pinned)
                              for kind, pool in self.pools.items()}
@@ -137,13 +138,13 @@ class DecodeGraphs:
         ints = self._host_ints.numpy()
         for row, (chunk, token) in enumerate(zip(chunks, token_ids)):
             position = chunk.start
-            ints[row, 0], ints[row, 1], ints[row, 4] = token, position, sources.get(row, -1)
+            ints[row, 0], ints[row, 1], ints[row, 4], ints[row, 5] = token, position, sources.get(row, -1), 1
             for kind in self.pools:
                 pages = chunk.cache.table(kind)
                 ints[row, 2 + kind] = pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
                 self._stage_table(kind, row, chunk.cache.serial, pages)
         for row in range(len(chunks), size):  # padding: position 0 of the scratch page
-            ints[row, :2], ints[row, 4] = 0, -1
+            ints[row, :2], ints[row, 4], ints[row, 5] = 0, -1, 0
             for kind, pool in self.pools.items():
                 ints[row, 2 + kind] = pool.scratch * PAGE_SIZE
                 self._host_tables_np[kind][row, 0] = pool.scratch
@@ -174,7 +175,7 @@ class DecodeGraphs:
         layers = {kind: PagedLayers(pool, ints[:, 2 + kind], self._tables[kind][:size])
                   for kind, pool in self.pools.items()}
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
-                          max_q_len=1, max_k_len=self.max_model_len, fixed_shapes=True)
+                          max_q_len=1, max_k_len=self.max_model_len, fixed_shapes=True, real_rows=ints[:, 5])
         self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
         ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 

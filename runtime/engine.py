@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from parallel.groups import Parallel, single
-from parallel.layers import broadcast
+from parallel.layers import all_reduce, broadcast
 from runtime import cuda_graphs, openai_batch, ops
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
@@ -233,6 +233,8 @@ class LLM:
             self._plans = PlanChannel(self.parallel.replica_host, self.model.pool, self.model.sliding_pool,
                                       self.config.sliding_window)
         self._lockstep = Lockstep(self.parallel.replica_host) if self.parallel.steps_together else None
+        if config.count_expert_load:  # before the graphs are captured, so that they count too
+            self.model.count_expert_load()
         start = time.perf_counter()
         if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
             self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
@@ -380,6 +382,26 @@ class LLM:
                     for index, (conversation, params)
                     in enumerate(_with_params(conversations, sampling_params))]
         return self.generate(requests, on_result=on_result, should_stop=should_stop)
+
+    def expert_load(self) -> dict | None:
+        """Rows routed to each expert of each layer since the engine started or `reset_expert_load`
+        (count_expert_load): `tokens_per_expert` [layers][experts] over every request of the replica
+        (summed over the ranks under attention_dp: a collective there), `rows_per_rank` [layers][ranks
+        holding different experts], what each rank's experts computed; None when not counted."""
+        load = self.model.expert_load()
+        if load is None:
+            return None
+        if self.parallel.steps_together:  # each rank counted its own requests' rows
+            all_reduce(load, self.parallel.replica)
+        ranks = self.parallel.experts_partition.size
+        layers, experts = load.shape
+        return {"tokens_per_expert": load.tolist(),
+                "rows_per_rank": load.view(layers, ranks, experts // ranks).sum(-1).tolist()}
+
+    def reset_expert_load(self) -> None:
+        """Start the expert counts again from zero (between a warm-up and a timed run)."""
+        if self.model.expert_load() is not None:
+            self.model.count_expert_load()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (between generate calls, as vLLM's LLM.reset_prefix_cache):

@@ -81,6 +81,8 @@ class EngineConfig:
     growth a fixed KV cache keeps room for when admitting (SGLang's name; runtime/scheduler.py; 0:
     admit while the prompt fits, preempting when the batch outgrows the cache). seed: dummy weights;
     and a request without a seed samples with runtime.sampling.default_seed(seed, its id).
+    count_expert_load: count the rows each expert gets in each layer (`LLM.expert_load`; one more
+    small launch a layer, so only the throughput benchmark turns it on).
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"
@@ -96,6 +98,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     schedule_conservativeness: float = 0.0
     seed: int = 0
+    count_expert_load: bool = False
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def __post_init__(self):

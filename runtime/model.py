@@ -115,6 +115,7 @@ class MoE(Sharded):
         self.mlp2_weight.add("scales", (E, d, I // g), torch.uint8, {0: experts, 2: [(lo // g, hi // g)]})
         self.add("mlp1_bias", (E, 2 * I), dtype, {0: experts, 1: [(2 * lo, 2 * hi)]})
         self.add("mlp2_bias", (E, d), dtype, {0: experts})
+        self.load: torch.Tensor | None = None  # [E] rows routed to each expert, where counted
 
     @property
     def experts(self) -> ops.ExpertWeights:
@@ -123,15 +124,22 @@ class MoE(Sharded):
                                  self.cfg.swiglu_limit)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor, next_norm: torch.Tensor | None = None,
-                fixed_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                fixed_shapes: bool = False,
+                real_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(r + MoE(h), and that sum's RMSNorm under next_norm (the next block's attention norm scale)
         where the kernels compute it in their last launch, else None), where r = x + delta is the
         residual after attention (delta: the attention block's output) and h is r's RMSNorm under
-        this MoE's norm. fixed_shapes: exchange fixed-capacity buffers (a CUDA graph's step)."""
+        this MoE's norm. fixed_shapes: exchange fixed-capacity buffers (a CUDA graph's step);
+        real_rows: which rows count for the load (PagedStep.real_rows)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         reduce = (lambda t: all_reduce(t, self.split)) if self.split.size > 1 else None
         r = ops.route(x, delta, self.norm.scale, eps, self.gate.weight, self.gate.bias, cfg.experts_per_token,
                       all_experts_here=self.partition.size == 1)
+        if self.load is not None:  # on the device, no sync: inside the graphs too
+            k = r.expert_ids.shape[1]
+            counts = torch.ones_like(r.expert_ids, dtype=torch.int64) if real_rows is None \
+                else real_rows[:, None].expand(-1, k)
+            self.load.scatter_add_(0, r.expert_ids.reshape(-1).long(), counts.reshape(-1))
         if r.plan is not None:  # the kernels took the rows sorted by expert: the rest is one call
             norm = (next_norm, eps) if next_norm is not None else None
             return ops.local_experts(r, self.experts, reduce, first=self.split.rank == 0, next_norm=norm)
@@ -169,7 +177,7 @@ class Block(nn.Module):
         both residuals (x + delta in its first launch, fused with its norm; r + the experts' sum in
         its last), and where the kernels can it also returns the next block's attention input
         rms_norm(y), which that block then takes as `h` instead of computing it."""
-        return self.mlp(x, self.attn(x, ctx, h), next_norm, ctx.paged.fixed_shapes)
+        return self.mlp(x, self.attn(x, ctx, h), next_norm, ctx.paged.fixed_shapes, ctx.paged.real_rows)
 
 
 def in_memory_order(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -250,6 +258,21 @@ class GptOss(nn.Module):
         return self.unembedding(x)
 
     # ------------------------------------------------------------------------------- weights
+    def count_expert_load(self) -> None:
+        """Count from now on the rows each layer's router sends each expert (zeroed in place, so CUDA
+        graphs captured while counting keep counting into the same tensors)."""
+        for block in self.block:
+            if block.mlp.load is None:
+                block.mlp.load = torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=self.device)
+            else:
+                block.mlp.load.zero_()
+
+    def expert_load(self) -> torch.Tensor | None:
+        """[layers, experts] rows this rank's router sent each expert since counting began, or None."""
+        if self.block[0].mlp.load is None:
+            return None
+        return torch.stack([block.mlp.load for block in self.block])
+
     def shards(self):
         """(checkpoint name, local tensor, slices of the full tensor it holds) for every weight."""
         for module_name, module in self.named_modules():

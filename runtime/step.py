@@ -63,6 +63,9 @@ class PagedStep:
     # The same shapes every step, nothing sized on the host (a CUDA graph's step): expert parallelism
     # then exchanges fixed-capacity buffers (parallel/experts.py).
     fixed_shapes: bool = False
+    # [N] 1 for a real row, 0 for a CUDA graph's padding (None: every row is real), for the experts'
+    # load counts (GptOss.count_expert_load).
+    real_rows: torch.Tensor | None = None
 
     @classmethod
     def of(cls, chunks: list[SequenceChunk], device) -> "PagedStep":

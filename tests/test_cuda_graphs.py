@@ -169,3 +169,4 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
     assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
     assert len(sampled_by_torch) == fast._steps - sum(fast._graphs.replays.values())
+

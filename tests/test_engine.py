@@ -259,3 +259,34 @@ def test_batch_llm_on_cuda_bf16(tiny_checkpoints):
                              "temperature": 0, "ignore_eos": True} for i in range(4)])
     assert [len(r.token_ids) for r in results] == [6] * 4
     assert json.dumps([r.to_json() for r in results])
+
+
+def test_expert_load_counts_every_row_the_model_ran(tiny_checkpoints):
+    """count_expert_load: each layer counts k rows per token the model ran (each prompt once, then
+    each fed-back token), none for a CUDA graph's padding rows (PagedStep.real_rows 0);
+    reset_expert_load starts again from zero; without the setting there is no count."""
+    import dataclasses
+
+    from runtime.config import preset
+    from runtime.model import GptOss
+
+    gen = torch.Generator().manual_seed(9)
+    lengths, max_tokens = (6, 11, 3), 5
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True} for i, n in enumerate(lengths)]
+    llm = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", count_expert_load=True)
+    llm.generate(reqs)
+    load, cfg = llm.expert_load(), llm.config
+    rows = cfg.experts_per_token * (sum(lengths) + len(lengths) * (max_tokens - 1))
+    assert [sum(layer) for layer in load["tokens_per_expert"]] == [rows] * cfg.num_hidden_layers
+    assert load["rows_per_rank"] == [[rows]] * cfg.num_hidden_layers
+    llm.reset_expert_load()
+    assert all(count == 0 for layer in llm.expert_load()["tokens_per_expert"] for count in layer)
+    assert LLM(tiny_checkpoints["original"], dtype="float32", device="cpu").expert_load() is None
+
+    model = GptOss(dataclasses.replace(preset("tiny"), num_hidden_layers=1), torch.float32).randomize(1)
+    model.count_expert_load()
+    x, delta = torch.randn(2, 3, cfg.hidden_size, generator=gen)
+    with torch.inference_mode():
+        model.block[0].mlp(x, delta, real_rows=torch.tensor([1, 0, 1]))
+    assert int(model.expert_load().sum()) == 2 * cfg.experts_per_token
