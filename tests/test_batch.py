@@ -123,7 +123,8 @@ def test_both_jobs_share_one_parse_and_write_core(tmp_path, monkeypatch):
                       '{"id": "broken", "prompt": ', {"prompt_token_ids": [4]},
                       {"id": "bad-field", "prompt_token_ids": [5], "max_tokns": 2},
                       {"id": 7, "prompt_token_ids": [6, 7, 8, 9, 10]}])
-    single = SimpleNamespace(rank=0, world_size=1, is_writer=True, dp_rank=0, layout=SimpleNamespace(dp=1))
+    single = SimpleNamespace(rank=0, world_size=1, is_writer=True, scheduler_index=0,
+                             layout=SimpleNamespace(schedulers=1))
     monkeypatch.setattr(batch, "init_parallel", lambda cfg: single)
     monkeypatch.setattr(batch, "build_llm", lambda cfg, parallel: EchoLLM())
     stats = batch.run(config("batch", input=inp, output=tmp_path / "out.jsonl", progress=False))

@@ -115,8 +115,8 @@ def test_each_replica_writes_its_own_part_and_the_last_one_merges(tmp_path, monk
     monkeypatch.setattr(batch, "build_llm", lambda cfg, parallel: EchoLLM())
     monkeypatch.setattr(batch, "share_done", lambda done, parallel: set())  # both start with nothing done
     for dp_rank, merged in ((1, False), (0, True)):
-        replica = SimpleNamespace(rank=0, world_size=1, is_writer=True, dp_rank=dp_rank,
-                                  layout=SimpleNamespace(dp=2))
+        replica = SimpleNamespace(rank=0, world_size=1, is_writer=True, scheduler_index=dp_rank,
+                                  layout=SimpleNamespace(schedulers=2))
         monkeypatch.setattr(batch, "init_parallel", lambda cfg: replica)
         stats = batch.run(config("batch", input=inp, output=out, progress=False))
         assert stats["merged"] == merged and out.exists() == merged

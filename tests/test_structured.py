@@ -390,8 +390,8 @@ def favouring_end(llm, bonus=30.0):
     come (inside the JSON, <|end|> is never allowed)."""
     forward = llm._forward
 
-    def biased(plan):
-        logits, _ = forward(plan)
+    def biased(plan, agreed=None):
+        logits, _ = forward(plan, agreed)
         logits = logits.clone()
         logits[:, END] += bonus
         return logits, None  # no graph-sampled tokens: they would not see the bonus
