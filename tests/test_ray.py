@@ -102,3 +102,19 @@ def test_parquet_in_parquet_out_with_two_replicas(tiny_checkpoints, tmp_path):
     table.remove(openai)
     assert sorted(r["id"] for r in table) == [str(i) for i in range(6)]
     assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 3 for r in table)
+
+
+def test_attention_data_parallelism_is_refused_before_ray_starts(tmp_path, capsys):
+    """The Ray job schedules a replica's requests on its first actor: parallel.attention_dp (each rank
+    its own requests) is for launch.batch, and says so before any actor starts."""
+    from launch import ray_batch
+    from batch_jobs import config
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 0, "prompt": "x"}\n')
+    cfg = config("ray_batch", input=inp, output=tmp_path / "out.jsonl", **{"parallel.ep": 2,
+                                                                          "parallel.attention_dp": True})
+    with pytest.raises(SystemExit) as e:
+        ray_batch.run(cfg)
+    assert e.value.code == 2
+    assert "parallel.attention_dp is for launch.batch" in capsys.readouterr().err
