@@ -42,6 +42,13 @@ def batch_job(nproc, checkpoint, inp, out, *overrides, extra_env=None):
     return {r["id"]: r for r in map(json.loads, Path(out).read_text().splitlines())}
 
 
+def assert_one_ranks_answer(got: dict, expected: dict) -> None:
+    """Every request's greedy (or seeded) tokens exactly, its logprobs within 1e-4 (float32)."""
+    for rid, want in expected.items():
+        assert got[rid]["token_ids"] == want["token_ids"], rid
+        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def single_rank(tiny_checkpoints, tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
@@ -67,9 +74,7 @@ def test_layouts_match_one_rank(tiny_checkpoints, single_rank, tmp_path, nproc, 
     inp, expected = single_rank
     got = batch_job(nproc, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", *layout)
     assert sorted(got, key=str) == sorted(expected, key=str)
-    for rid, want in expected.items():
-        assert got[rid]["token_ids"] == want["token_ids"], rid
-        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert_one_ranks_answer(got, expected)
 
 
 def test_tensor_parallel_under_preemption_and_chunked_prefill_matches_one_rank(tiny_checkpoints, single_rank,
@@ -81,9 +86,7 @@ def test_tensor_parallel_under_preemption_and_chunked_prefill_matches_one_rank(t
     got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
                     "kv_cache_tokens=64", "max_batch_size=4", "max_batch_tokens=8",
                     "schedule_conservativeness=0")
-    for rid, want in expected.items():
-        assert got[rid]["token_ids"] == want["token_ids"], rid
-        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert_one_ranks_answer(got, expected)
 
 
 def test_attention_data_parallel_under_preemption_and_chunked_prefill_matches_one_rank(tiny_checkpoints,
@@ -95,9 +98,7 @@ def test_attention_data_parallel_under_preemption_and_chunked_prefill_matches_on
     got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.ep=2",
                     "parallel.attention_dp=true", "kv_cache_tokens=48", "max_batch_size=3",
                     "max_batch_tokens=8")
-    for rid, want in expected.items():
-        assert got[rid]["token_ids"] == want["token_ids"], rid
-        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert_one_ranks_answer(got, expected)
 
 
 def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_rank, tmp_path):
@@ -107,9 +108,7 @@ def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_r
     inp, expected = single_rank
     got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
                     extra_env={"GPT_OSS_TRITON": "1", "TRITON_INTERPRET": "1"})
-    for rid, want in expected.items():
-        assert got[rid]["token_ids"] == want["token_ids"], rid
-        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert_one_ranks_answer(got, expected)
 
 
 def shared_prefix_lines() -> list[dict]:
