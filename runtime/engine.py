@@ -425,7 +425,10 @@ class LLM:
         A step with constrained rows samples only once the step before has landed (their masks need
         its tokens): its forward is launched, the step before lands, the next step is planned and the
         masks are computed, all while the forward runs; then it samples, and the next step's forward
-        follows at once (planned already, so the GPU does not wait for the host's planning)."""
+        follows at once (planned already, so the GPU does not wait for the host's planning).
+
+        Under attention_dp the ranks agree before each step (runtime/lockstep.py): they stop together,
+        go on while any has work, and a rank without rows of its own runs an idle forward."""
         in_flight: _Launched | None = None
         planned: ScheduledStep | None = None  # the next step, planned ahead by a constrained one
         while True:
