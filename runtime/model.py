@@ -143,8 +143,8 @@ class MoE(Sharded):
         if r.plan is not None:  # the kernels took the rows sorted by expert: the rest is one call
             norm = (next_norm, eps) if next_norm is not None else None
             return ops.local_experts(r, self.experts, reduce, first=self.split.rank == 0, next_norm=norm)
-        # Each rank of the partition takes a slice of the tokens, sends each row to its experts' owner,
-        # and gets the weighted sums back; the slices are gathered again.
+        # Each rank sends each of its rows to its experts' owner and gets the weighted sums back: with
+        # the tokens shared, a slice of them, the slices gathered again after.
         n = x.shape[0]
         if self.tokens_shared:
             lo, hi = token_slice(n, self.partition)
