@@ -119,12 +119,14 @@ def shared_prefix_lines() -> list[dict]:
              "temperature": 0, "logprobs": True} for i, cut in enumerate(cuts)]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"],
+                                    ["parallel.ep=2", "parallel.attention_dp=true"]])
 def test_prefix_caching_under_tensor_and_expert_parallelism_matches_one_rank(tiny_checkpoints, tmp_path,
                                                                              layout):
     """Shared prefixes with caching on (the default), a small budget so prompts are chunked and
     sharers wait for each other's pages: the other rank reads the shared pages through the page
-    tables in the step plans, so its answer is one rank's."""
+    tables in the step plans, so its answer is one rank's. Under attention_dp each rank caches its
+    own share's prefixes (fewer sharers each: fewer hits, the same answers)."""
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in shared_prefix_lines()))
     small = ["max_batch_size=4", "max_batch_tokens=24"]
@@ -132,11 +134,13 @@ def test_prefix_caching_under_tensor_and_expert_parallelism_matches_one_rank(tin
                     f"stats={tmp_path / 'one.json'}")
     got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "two.jsonl", *small, *layout,
                     f"stats={tmp_path / 'two.json'}")
-    for rid, want in one.items():
-        assert got[rid]["token_ids"] == want["token_ids"], rid
-        assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
+    assert_one_ranks_answer(got, one)
     stats = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json")]
-    assert stats[0]["cached_prompt_tokens"] == stats[1]["cached_prompt_tokens"] >= 6 * 16
+    assert stats[0]["cached_prompt_tokens"] >= 6 * 16
+    if "parallel.attention_dp=true" in layout:
+        assert 0 < stats[1]["cached_prompt_tokens"] < stats[0]["cached_prompt_tokens"]
+    else:
+        assert stats[1]["cached_prompt_tokens"] == stats[0]["cached_prompt_tokens"]
 
 
 def _long_job(tiny_checkpoints, tmp_path, *overrides):
