@@ -224,6 +224,7 @@ class LLM:
                               for _ in range(2)]
         self._bitmasks = None  # likewise for the token masks of constrained rows (made at first use)
         self._steps = 0
+        self._idle_replays = 0  # graphs replayed with padding only (attention_dp), not decode steps
         # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
         self._graphs = None
         # The replica's first rank plans every step and sends the plan to the others (step_plan.py);
@@ -298,8 +299,9 @@ class LLM:
 
     @property
     def graph_replays(self) -> int:
-        """Decode steps replayed from CUDA graphs so far (0 when eager)."""
-        return 0 if self._graphs is None else sum(self._graphs.replays.values())
+        """Decode steps replayed from CUDA graphs so far (0 when eager; a rank's idle steps under
+        attention_dp are not counted)."""
+        return 0 if self._graphs is None else sum(self._graphs.replays.values()) - self._idle_replays
 
     @property
     def harmony(self):
@@ -586,6 +588,7 @@ class LLM:
         the next sequence to get the page writes it before reading it)."""
         if agreed.graph_rows is not None:
             self._graphs.run([], [], {}, agreed.graph_rows)
+            self._idle_replays += 1
             return
         cache = self.model.new_cache()
         try:
