@@ -5,8 +5,9 @@ The exchange has two calls, `dispatch` (token rows out to the expert owners) and
 replace this one without touching the model. This one is `all_to_all_single`, which NCCL and gloo
 both provide: with uneven splits sized on the host, or with fixed-capacity buffers for CUDA graphs.
 
-Every rank of the group holds the same tokens (attention is replicated across it), so each rank
-first takes its own slice of them; the slices' outputs are gathered again at the end.
+Where every rank of the group holds the same tokens (attention replicated across it), each rank
+first takes its own slice of them (`token_slice`) and the slices' outputs are gathered again at the
+end (`gather_token_slices`); under attention_dp each rank sends its own tokens whole.
 """
 
 from __future__ import annotations
@@ -115,20 +116,22 @@ class AllToAllExchange:
             earlier = (torch.cumsum(to_rank, 0) - to_rank).gather(1, destination[:, None]).squeeze(1)
             slot = destination * capacity + earlier
             buffer_rows = self.group.size * capacity
-        payload, expert_of_row = self._payload(buffer_rows, tokens)
+        payload, expert_of_row = self._payload(buffer_rows, tokens, empty_slots=buffer_rows > n * k)
         payload[slot, : tokens.shape[1]] = tokens.repeat_interleave(k, dim=0)
         expert_of_row[slot] = local.to(expert_of_row.dtype)
         received = self._all_to_all(payload, send, recv)
         d = tokens.shape[1]
         return Routed(received[:, :d], self._header(received, d).long(), slot, send, recv, (n, k))
 
-    def _payload(self, rows: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A send buffer of `rows` token rows plus headers, and the headers' expert ids (a view), every
-        id first set to the sentinel (no expert here): slots left empty name no expert."""
+    def _payload(self, rows: int, tokens: torch.Tensor,
+                 empty_slots: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A send buffer of `rows` token rows plus headers, and the headers' expert ids (a view). Where
+        some slots stay empty, every id is first set to the sentinel (no expert here)."""
         d, extra = tokens.shape[1], HEADER_BYTES // tokens.element_size()
         payload = torch.empty((rows, d + extra), dtype=tokens.dtype, device=tokens.device)
         expert_of_row = self._header(payload, d)
-        expert_of_row.fill_(self.per_rank)
+        if empty_slots:
+            expert_of_row.fill_(self.per_rank)
         return payload, expert_of_row
 
     @staticmethod

@@ -402,7 +402,7 @@ class LLM:
 
     def reset_expert_load(self) -> None:
         """Start the expert counts again from zero (between a warm-up and a timed run)."""
-        if self.model.expert_load() is not None:
+        if self.engine_config.count_expert_load:
             self.model.count_expert_load()
 
     def reset_prefix_cache(self) -> None:
@@ -565,9 +565,8 @@ class LLM:
         padded to their largest step). Where a graph ran and every row is wanted,
         also its greedy samples ([rows, 2] (token, logprob); the tokens already in `_sampled`)."""
         dev = self.device
-        graph = self._graphs is not None and self._graphs.fits(plan.chunks)
-        if agreed is not None:
-            graph = agreed.graph_rows is not None
+        graph = self._graphs is not None and self._graphs.fits(plan.chunks) if agreed is None \
+            else agreed.graph_rows is not None
         if graph:
             logits = self._graphs.run(plan.chunks, plan.ids, plan.pending,
                                       None if agreed is None else agreed.graph_rows)

@@ -230,9 +230,10 @@ class Constraint:
         if self._matcher is None:
             if self._compiling is None:
                 raise RuntimeError("the constraint was released")
-            self._matcher = self._compiling.result()
-            if self._matcher.is_error():
-                raise StructureError(f"grammar: {self._matcher.get_error()}")
+            matcher = self._compiling.result()
+            if matcher.is_error():  # kept out of _matcher: every use raises, not only the first
+                raise StructureError(f"grammar: {matcher.get_error()}")
+            self._matcher = matcher
         return self._matcher
 
     def release(self) -> None:
