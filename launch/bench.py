@@ -156,7 +156,8 @@ def run(cfg: DictConfig) -> dict:
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(llm.dtype), "gpus_per_replica": gpus,
               "layout": {k: getattr(llm.parallel.layout, k) for k in ("tp", "ep", "dp")},
-              "kv_cache_tokens": llm.kv_cache_tokens, "preemptions": llm.preemptions, "peak_GiB": peak,
+              "kv_cache_tokens": llm.kv_cache_tokens, "kv_cache_dtype": str(llm.model.kv_dtype),
+              "preemptions": llm.preemptions, "peak_GiB": peak,
               "cuda_graphs": None if llm._graphs is None else sorted(llm._graphs.replays),
               "ceilings": limits, "rows": rows}
     if cfg.hf:
@@ -174,6 +175,7 @@ def run(cfg: DictConfig) -> dict:
 def table(report: dict) -> str:
     peak = "" if report["peak_GiB"] is None else f", peak GPU memory {report['peak_GiB']:.1f} GiB"
     kv = "growing" if report["kv_cache_tokens"] is None else f"{report['kv_cache_tokens']:,} tokens"
+    kv += f" ({report.get('kv_cache_dtype', report['dtype']).removeprefix('torch.')})"
     gpus = report.get("gpus_per_replica", 1)
     where = report["device"] if gpus == 1 else f"{gpus}x {report['device']} ({report['layout']})"
     lines = [f"{report['model']} on {where} ({report['dtype']}), KV cache {kv}{peak} per GPU",

@@ -153,7 +153,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
         "dtype": str(llm.dtype), "gpus": gpus,
         "settings": {"max_batch_size": llm.max_batch_size, "max_batch_tokens": llm.max_batch_tokens,
-                     "kv_cache_tokens": llm.kv_cache_tokens,
+                     "kv_cache_tokens": llm.kv_cache_tokens, "kv_cache_dtype": str(llm.model.kv_dtype),
                      "enable_prefix_caching": llm.scheduler.prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
                     "graph_sizes": len(llm.graph_sizes), "warmup_s": warmup_seconds,
@@ -212,6 +212,7 @@ def table(report: dict) -> str:
               f"| prompt tokens from the prefix cache | {report['cached_prompt_tokens']:,} "
               f"({100 * report['prefix_hit_rate']:.1f}%) | | |",
               f"| preemptions | {report['preemptions']:,} | | |",
+              f"| KV cache | {kv_positions(report['settings'])} | | |",
               f"| start-up: load / graph capture ({s['graph_sizes']} sizes) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
     if report["peak_GiB"] is not None:
@@ -219,6 +220,11 @@ def table(report: dict) -> str:
     if report.get("expert_load"):
         lines.append(load_line(report["expert_load"]))
     return "\n".join(lines)
+
+
+def kv_positions(settings: dict) -> str:
+    tokens, dtype = settings["kv_cache_tokens"], settings.get("kv_cache_dtype", "")
+    return f"{'growing' if tokens is None else f'{tokens:,} positions'}, {dtype.removeprefix('torch.')}"
 
 
 def load_line(load: dict) -> str:

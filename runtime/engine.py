@@ -30,7 +30,7 @@ from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
-from runtime.kv_cache import PAGE_SIZE, pages_for, sliding_pages_bound
+from runtime.kv_cache import PAGE_SIZE, pages_for, resolve_kv_cache_dtype, sliding_pages_bound
 from runtime.lockstep import Agreement, Lockstep
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
@@ -187,13 +187,15 @@ class LLM:
         self.device = self.parallel.device
         self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.perf_counter()
+        kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         if config.checkpoint == "dummy":
-            model = GptOss(config.model_config, self.dtype, parallel=self.parallel)
+            model = GptOss(config.model_config, self.dtype, parallel=self.parallel, kv_dtype=kv_dtype)
             self.model = model.randomize(config.seed)
         else:
             path = config.checkpoint if config.checkpoint is not None else default_checkpoint()
             reader = CheckpointReader(path)
-            self.model = GptOss(reader.config, self.dtype, parallel=self.parallel).load(reader)
+            model = GptOss(reader.config, self.dtype, parallel=self.parallel, kv_dtype=kv_dtype)
+            self.model = model.load(reader)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies and random draws are asynchronous
         self.load_seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from runtime.config import ModelConfig, from_mapping as model_from_mapping, preset, preset_names
+from runtime.kv_cache import KV_CACHE_DTYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,7 +83,8 @@ class EngineConfig:
     admit while the prompt fits, preempting when the batch outgrows the cache). seed: dummy weights;
     and a request without a seed samples with runtime.sampling.default_seed(seed, its id).
     count_expert_load: count the rows each expert gets in each layer (`LLM.expert_load`; one more
-    small launch a layer, so only the throughput benchmark turns it on).
+    small launch a layer, so only the throughput benchmark turns it on). kv_cache_dtype: "auto" (the
+    model's dtype) or "fp8" / "fp8_e4m3" (float8 e4m3, scale 1: half the KV bytes, runtime/kv_cache.py).
     """
     checkpoint: str | Path | None = None
     model: str | ModelConfig = "tiny"
@@ -93,6 +95,7 @@ class EngineConfig:
     max_batch_tokens: int = 8192
     default_max_tokens: int = 256
     kv_cache_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
@@ -117,6 +120,9 @@ class EngineConfig:
                              f"got {self.schedule_conservativeness!r}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
         if self.checkpoint is None and self.model_config != preset("tiny"):

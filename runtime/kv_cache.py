@@ -20,6 +20,13 @@ Pages are reference-counted so that sequences can share them (prefix caching, ru
 a complete page can be registered under the digest of its tokens and every token before them; when
 its last holder lets go it is kept, still registered, on a least-recently-used list, and handed out
 again only when no free page is left (its digest forgotten first, so no one finds stale content).
+
+Storage dtype (`kv_cache_dtype`, vLLM's name and values): "auto" keeps keys and values in the
+model's dtype; "fp8" (or "fp8_e4m3") stores them as float8 e4m3 with a scale of 1, as vLLM does for
+a checkpoint without KV scales: half the bytes a decode step reads and twice the positions a GPU
+holds, for a rounding of each stored value to 3 mantissa bits (values past +-448 saturate). Every
+writer rounds through `to_cache_dtype` (kernels: kernels/kv_store_triton.py, the same rounding) and
+every reader widens the values back before its dot products.
 """
 
 from __future__ import annotations
@@ -33,6 +40,21 @@ from runtime.transfer import to_device
 
 PAGE_SIZE = 16
 RELEASED = -1  # a sliding page list's entry for a page given back
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+FP8_E4M3_MAX = 448.0  # the largest finite float8 e4m3fn value: stored values saturate there
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pools' dtype for a `kv_cache_dtype` name (one EngineConfig has checked)."""
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` stores it: float8 e4m3 rounds to nearest (ties to even) after
+    saturating at +-448, where a plain cast would give NaN."""
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return x.to(dtype)
 
 
 class OutOfPages(RuntimeError):
@@ -85,6 +107,10 @@ class PagePool:
     @property
     def num_pages(self) -> int:
         return self._num_pages
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
     @property
     def free_pages(self) -> int:
@@ -242,8 +268,8 @@ class PageTables:
         sliding = self._kind(layer)
         pool = self.sliding_pool if sliding else self.pool
         slots = self.slots(sliding, start, start + k.shape[0])
-        pool.keys[layer].flatten(0, 1)[slots] = k
-        pool.values[layer].flatten(0, 1)[slots] = v
+        pool.keys[layer].flatten(0, 1)[slots] = to_cache_dtype(k, pool.dtype)
+        pool.values[layer].flatten(0, 1)[slots] = to_cache_dtype(v, pool.dtype)
 
     def read(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [end - start, KVH, D] of positions start..end-1 (a gathered copy)."""

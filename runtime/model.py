@@ -189,10 +189,12 @@ def in_memory_order(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 class GptOss(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", parallel: Parallel | None = None):
+                 device: torch.device | str = "cpu", parallel: Parallel | None = None,
+                 kv_dtype: torch.dtype | None = None):
         super().__init__()
         parallel = parallel or single(device)
         self.cfg, self.dtype, self.parallel = cfg, dtype, parallel
+        self.kv_dtype = kv_dtype or dtype  # the KV pages' (kv_cache.resolve_kv_cache_dtype)
         dev, tp = parallel.device, parallel.tp
         self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, dev)
         self.block = nn.ModuleList(Block(cfg, n, dtype, parallel) for n in range(cfg.num_hidden_layers))
@@ -217,9 +219,9 @@ class GptOss(nn.Module):
         cfg, heads = self.cfg, self.block[0].attn.kv_heads
         full = [n for n in range(cfg.num_hidden_layers) if not cfg.is_sliding(n)]
         sliding = [n for n in range(cfg.num_hidden_layers) if cfg.is_sliding(n)]
-        self.pool = PagePool(full, heads, cfg.head_dim, self.dtype, self.device,
+        self.pool = PagePool(full, heads, cfg.head_dim, self.kv_dtype, self.device,
                              num_pages=num_pages or 64, growable=num_pages is None)
-        self.sliding_pool = PagePool(sliding, heads, cfg.head_dim, self.dtype, self.device,
+        self.sliding_pool = PagePool(sliding, heads, cfg.head_dim, self.kv_dtype, self.device,
                                      num_pages=sliding_pages or 16, growable=sliding_pages is None) \
             if sliding else None
         return self.pool
@@ -229,7 +231,7 @@ class GptOss(nn.Module):
         rank's KV heads in every layer of that kind."""
         cfg = self.cfg
         layers = sum(cfg.is_sliding(n) == sliding for n in range(cfg.num_hidden_layers))
-        return page_bytes(layers, self.block[0].attn.kv_heads, cfg.head_dim, self.dtype)
+        return page_bytes(layers, self.block[0].attn.kv_heads, cfg.head_dim, self.kv_dtype)
 
     def new_cache(self) -> SequenceKV:
         """A KV cache for one sequence (pages of this rank's KV heads in the model's pools)."""

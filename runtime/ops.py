@@ -45,6 +45,7 @@ from runtime.kernels.greedy import greedy, logprobs_of
 from runtime.kernels.moe import expert_rows as expert_rows_reference
 from runtime.kernels.rope import rope_qk
 from runtime.kernels.router import route as route_reference
+from runtime.kv_cache import to_cache_dtype
 from runtime.options import options
 from runtime.sampling import SamplingParams, SeededNoise, sample_on_device
 from runtime.step import PagedLayers, PagedStep
@@ -122,8 +123,8 @@ def qkv_rope_store(h: torch.Tensor, qkv: ColumnParallelLinear, heads: int, kv_he
         return q
     q, k, v = rope_qk(qkv(h), rotary.positions, rotary.inv_freq, rotary.concentration,
                       heads, kv_heads, head_dim)
-    keys.flatten(0, 1)[kv.slots] = k
-    values.flatten(0, 1)[kv.slots] = v
+    keys.flatten(0, 1)[kv.slots] = to_cache_dtype(k, keys.dtype)
+    values.flatten(0, 1)[kv.slots] = to_cache_dtype(v, values.dtype)
     return q
 
 

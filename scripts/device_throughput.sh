@@ -5,6 +5,8 @@
 #   profile: scripts/profile_throughput.py, a throughput run's steps classed and its kernels ranked
 #   ab:      launch.bench mode=throughput on two trees alternately, `.base/` (main before a change,
 #            carried: git archive REV | tar -x -C .base) and this one; `ab ROUNDS key=value ...`
+#   kv-ab:   launch.bench mode=throughput on this tree, kv_cache_dtype=auto and fp8 alternately;
+#            `kv-ab ROUNDS key=value ...`
 #   latency-ab: launch.bench (batch-1 decode, time to first token of a 32k prompt) on .carry/base
 #            (git archive REV | tar -x -C .carry/base) and this tree alternately; `latency-ab ROUNDS key=value ...`
 # Logs under $OUT, tables on stdout.
@@ -43,6 +45,17 @@ print("| output tokens/s per GPU | base (runs) | new (runs) | new / base (median
 ratio = statistics.median(new) / statistics.median(base) if base and new else float("nan")
 print(f"| | {', '.join(f'{v:,.0f}' for v in base)} | {', '.join(f'{v:,.0f}' for v in new)} | {ratio:.4f} |")
 PY
+    ;;
+  kv-ab)
+    rounds=${1:-2}; shift || true
+    for round in $(seq "$rounds"); do
+      for kv in auto fp8; do
+        timeout 280 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda kv_cache_dtype=$kv \
+          json=$OUT/kv_${kv}_$round.json "$@" > $OUT/kv_${kv}_$round.log 2>&1
+        echo "round $round kv_cache_dtype=$kv: $(grep -hE 'output tokens/s per GPU|KV cache' $OUT/kv_${kv}_$round.log \
+          | tr -s ' ' | paste -sd';')"
+      done
+    done
     ;;
   latency-ab)
     rounds=${1:-2}; shift || true

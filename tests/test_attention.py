@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 from runtime.kernels.attention import attention, paged_attention  # noqa: E402
+from runtime.kv_cache import to_cache_dtype  # noqa: E402
 from runtime.kernels.attention_triton import (  # noqa: E402
     H100_SMS,
     choose_num_splits,
@@ -127,6 +128,27 @@ def test_default_tiles_at_the_tiny_model_shape(window):
     decode = paged_batch([(0, 1), (200, 1), (63, 1), (131, 1)], kv_heads=4, group=4, head_dim=32,
                          page_size=32, window=window)
     assert_close(triton_poisoned(decode, num_splits=1), reference(decode))
+
+
+def to_float8(b):
+    """The batch with its pages as a float8 cache stores them (kv_cache_dtype=fp8); NaN poison stays NaN."""
+    return SimpleNamespace(**{**vars(b), "k_pages": to_cache_dtype(b.k_pages, torch.float8_e4m3fn),
+                              "v_pages": to_cache_dtype(b.v_pages, torch.float8_e4m3fn)})
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_float8_cache(window):
+    """A float8 cache read by the kernels as the reference reads it (both widen each value exactly):
+    prefill and decode tiles, split and not."""
+    b = to_float8(paged_batch(MIXED + [(150, 40)], kv_heads=2, group=4, head_dim=32, page_size=16,
+                              window=window))
+    assert b.k_pages.dtype == torch.float8_e4m3fn
+    want = reference(b)
+    assert_close(triton_poisoned(b, num_splits=1), want)
+    assert_close(triton_poisoned(b, block_m=32, block_n=16, num_splits=3), want)
+    decode = to_float8(paged_batch([(0, 1), (200, 1), (63, 1)], kv_heads=2, group=4, head_dim=32,
+                                   page_size=16, window=window))
+    assert_close(triton_poisoned(decode, num_splits=2), reference(decode))
 
 
 # A mixed step as the scheduler plans it: decodes first (fewest tokens to compute), then prompt chunks.
@@ -343,3 +365,16 @@ def test_attention_mask_visibility(window):
         expected[[j - k_start for j in visible]] = 1 / (len(visible) + 1)
         for h in range(2):
             torch.testing.assert_close(out[i, h], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_float8_cache_real_shapes(window):
+    """bf16 queries over a float8 cache (kv_cache_dtype=fp8): decodes beside prompt chunks, split and
+    not, against the fp32 reference over the same float8 pages (widened exactly)."""
+    seqs = [(1535, 1)] * 40 + [(9000, 1), (0, 1)] + [(0, 300), (2000, 129), (130, 64)]
+    b = to_float8(paged_batch(seqs, kv_heads=8, group=8, head_dim=64, page_size=16, window=window,
+                              dtype=torch.bfloat16, device="cuda"))
+    want = fp32_reference(b)
+    assert_bf16_close(triton_poisoned(b, decodes=42), want)
+    assert_bf16_close(triton_poisoned(b, num_splits=4), want)

@@ -18,11 +18,13 @@ from runtime.options import options
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_replays_the_static_forward_exactly():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cuda_graph_decode_replays_the_static_forward_exactly(kv_cache_dtype):
     """Decode steps replayed from CUDA graphs (the engine's default on CUDA) give bit for bit the
     tokens and logprobs of the same static-buffer forward run without graphs, over several padded
-    sizes, preemption and sampled requests. (That forward equals the reference engine's tokens:
-    tests/test_kernel_path.py checks it on CPU.)"""
+    sizes, preemption and sampled requests, on a cache of the model's dtype and a float8 one. (That
+    forward equals the reference engine's tokens: tests/test_kernel_path.py and tests/test_kv_fp8.py
+    check it on CPU.)"""
     import dataclasses
 
     from runtime.cuda_graphs import DecodeGraphs
@@ -38,7 +40,8 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly():
     results = {}
     for replay in (True, False):
         llm = LLM("dummy", model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
-                  max_model_len=4096, schedule_conservativeness=0)  # admit while prompts fit: preempts
+                  max_model_len=4096, schedule_conservativeness=0,  # admit while prompts fit: preempts
+                  kv_cache_dtype=kv_cache_dtype)
         if replay:
             assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
         else:

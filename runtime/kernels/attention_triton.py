@@ -21,6 +21,8 @@ Design
   masks; only the tiles on the diagonal, at the window's edge and at the ragged end are masked.
 - Online softmax in fp32 and base 2 (sm_scale * log2(e) applied in the exponent); the sink is one
   more term of the denominator, exp2(sink * log2(e) - m), added at the end. It has no value.
+- The cache may be float8 e4m3 (kv_cache_dtype=fp8): K and V tiles are loaded as stored, half the
+  bytes, and widened to q's dtype before the dots.
 - Split-K (flash-decoding): when tiles x KV heads are fewer than the SMs (decode of a few long
   sequences), every tile's key range is cut into num_splits slices, each a program writing its
   (max, sum, unnormalised accumulator) in fp32; `_merge_splits_kernel` merges the slices and adds the sink.
@@ -93,10 +95,11 @@ def _attend_tile(q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_
     else:
         k = tl.load(k_rows + d[None, :])
         v = tl.load(v_rows + d[None, :])
+    # K and V are widened to q's dtype (a float8 cache: exactly; a cache of q's dtype: nothing to do).
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if MASKED:
         visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING:
@@ -112,7 +115,7 @@ def _attend_tile(q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_
     if DOT_FP32:
         acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
     return acc, l_i, m_new
 
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.kv_store_triton import to_cache
 from runtime.kernels.rope_triton import rope_cos_sin, rope_rotate
 from runtime.options import options
 
@@ -137,10 +138,10 @@ def _store_rope_row(y_row_ptr, y, n, m, pos_ptr, inv_freq_ptr, concentration, k_
         row = slot * stride_slot + kv_head * HEAD_DIM + col
         is_k = rotated & (head >= Q_HEADS)
         is_v = ok & (head >= Q_HEADS + KV_HEADS)
-        tl.store(k_ptr + row, first, mask=is_k)
-        tl.store(k_ptr + row + HEAD_DIM // 2, second, mask=is_k)
-        tl.store(v_ptr + row, first, mask=is_v)
-        tl.store(v_ptr + row + HEAD_DIM // 2, second, mask=is_v)
+        tl.store(k_ptr + row, to_cache(first, k_ptr), mask=is_k)
+        tl.store(k_ptr + row + HEAD_DIM // 2, to_cache(second, k_ptr), mask=is_k)
+        tl.store(v_ptr + row, to_cache(first, v_ptr), mask=is_v)
+        tl.store(v_ptr + row + HEAD_DIM // 2, to_cache(second, v_ptr), mask=is_v)
 
 
 @triton.jit
@@ -286,11 +287,13 @@ def _rope_fits(x: torch.Tensor, weight: torch.Tensor, rope: Rope) -> bool:
 
 
 def _check_cache(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor, rope: Rope) -> None:
-    """KV pages [num_pages, page_size, Hkv, D] (contiguous, x's dtype) and one flat slot per row of x."""
+    """KV pages [num_pages, page_size, Hkv, D] (contiguous; x's dtype or float8 e4m3) and one flat slot
+    per row of x."""
     k_pages, v_pages, slots = cache
     assert k_pages.is_contiguous() and v_pages.is_contiguous() and k_pages.shape == v_pages.shape
     assert k_pages.shape[2:] == (rope.num_kv_heads, rope.head_dim), k_pages.shape
-    assert k_pages.dtype == v_pages.dtype == x.dtype and k_pages.device == v_pages.device == x.device
+    assert k_pages.dtype == v_pages.dtype and k_pages.dtype in (x.dtype, torch.float8_e4m3fn), k_pages.dtype
+    assert k_pages.device == v_pages.device == x.device
     assert slots.shape == (x.shape[0],) and not slots.dtype.is_floating_point and slots.device == x.device
 
 

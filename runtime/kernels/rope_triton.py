@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from runtime.kernels import pdl
+from runtime.kernels.kv_store_triton import to_cache
 from runtime.options import options
 
 # The interpreter (CPU) runs tl.cos/tl.sin as numpy; it has no libdevice (calls return None there).
@@ -82,10 +83,10 @@ def _rope_qk_kernel(
         at = slot[:, None, None] * stride_slot + kv_head[None, :, None] * (2 * HALF) + i[None, None, :]
         k_mask = mask & is_k[None, :, None]
         v_mask = mask & is_v[None, :, None]
-        tl.store(k_cache_ptr + at, out_first, mask=k_mask)
-        tl.store(k_cache_ptr + at + HALF, out_second, mask=k_mask)
-        tl.store(v_cache_ptr + at, out_first, mask=v_mask)
-        tl.store(v_cache_ptr + at + HALF, out_second, mask=v_mask)
+        tl.store(k_cache_ptr + at, to_cache(out_first, k_cache_ptr), mask=k_mask)
+        tl.store(k_cache_ptr + at + HALF, to_cache(out_second, k_cache_ptr), mask=k_mask)
+        tl.store(v_cache_ptr + at, to_cache(out_first, v_cache_ptr), mask=v_mask)
+        tl.store(v_cache_ptr + at + HALF, to_cache(out_second, v_cache_ptr), mask=v_mask)
 
 
 def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
@@ -100,7 +101,8 @@ def rope_qk_triton(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
     stride = qkv's), not contiguous like the reference's q and k.
 
     cache = (k_pages, v_pages, slots): also store each token's rotated k and its v at flat row
-    slots[n] of the pages ([num_pages, page_size, Hkv, D], contiguous), in the same launch.
+    slots[n] of the pages ([num_pages, page_size, Hkv, D], contiguous; the model's dtype or float8
+    e4m3, rounded as kv_cache.to_cache_dtype does), in the same launch.
 
     cos/sin and the rotation stay in fp32 and each output is rounded once, while the reference
     rounds cos, sin, both products and the result to the activation dtype: in bf16 the two differ
