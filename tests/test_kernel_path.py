@@ -107,7 +107,11 @@ def test_first_route_change_finds_the_earliest_flip_and_its_gap():
 
 def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints, monkeypatch):
     """The whole engine (fixed KV pool, preemption, sliding pages given back mid-sequence) on the
-    Triton kernels, interpreted, gives the reference engine's tokens."""
+    Triton kernels, interpreted, gives the reference engine's tokens, on a float8 KV cache
+    (kv_cache_dtype=fp8: its stores round alike on both paths, tests/test_kv_fp8.py; a cache of the
+    model's dtype runs the same kernels in tests/test_cuda_graphs.py's engine test). Against the exact
+    cache, the first token (before any sampled token feeds back) moves only by the rounding of the
+    prompt's keys and values."""
     from runtime.engine import LLM
     from runtime.kv_cache import RELEASED
     from runtime.requests import Request
@@ -115,14 +119,16 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
 
     gen = torch.Generator().manual_seed(3)
     reqs = [Request(i, torch.randint(0, 199998, (n,), generator=gen).tolist(),
-                    SamplingParams(max_tokens=10, temperature=0, logprobs=True), stop_token_ids=())
+                    SamplingParams(max_tokens=6, temperature=0, logprobs=True), stop_token_ids=())
             for i, n in enumerate((26, 19, 30))]
-    ref = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
-              max_batch_tokens=32, kv_cache_tokens=64, schedule_conservativeness=0)
+    settings = dict(dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32, kv_cache_tokens=64,
+                    schedule_conservativeness=0)
+    exact = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    ref = LLM(tiny_checkpoints["original"], kv_cache_dtype="fp8", **settings)
+    assert ref.model.pool.dtype == torch.float8_e4m3fn
     want = ref.generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
-               max_batch_tokens=32, kv_cache_tokens=64, schedule_conservativeness=0)
+    fast = LLM(tiny_checkpoints["original"], kv_cache_dtype="fp8", **settings)
     released = []
     forward = fast.model.forward
 
@@ -132,7 +138,10 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
 
     fast.model.forward = watched
     got = fast.generate(reqs)
-    for g, w in zip(got, want):
+    for g, w, e in zip(got, want, exact):
         assert g.error is None and g.token_ids == w.token_ids
-        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+        # fp32 sums in another order can put a key or value on the other side of a float8 rounding
+        # boundary (one step of 2^-3 relative): logprobs within 5e-3 (measured up to 8e-4), not 1e-4.
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 5e-3
+        assert 0 < abs(w.logprobs[0] - e.logprobs[0]) < 0.5
     assert max(released) > 0 and fast.preemptions > 0  # both paths really ran

@@ -1,9 +1,8 @@
 """A float8 e4m3 KV cache (kv_cache_dtype=fp8): every writer rounds as kv_cache.to_cache_dtype does,
 bit for bit (the reference's torch cast, Triton's interpreter with integer rounding, the GPU's cvt),
-and the engine runs on it on both paths.
-
-The attention kernels' reads of a float8 cache are checked against the reference in
-tests/test_attention.py (`test_float8_cache*`).
+and the pools hold it. The engine on a float8 cache, kernels against the reference:
+tests/test_kernel_path.py (CPU) and tests/test_cuda_graphs.py (GPU); the attention kernels' reads
+of a float8 cache: tests/test_attention.py (`test_float8_cache*`).
 """
 
 import dataclasses
@@ -151,38 +150,3 @@ def test_kv_cache_dtype_is_checked():
         EngineConfig(kv_cache_dtype=name)
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' is not supported; use one of auto, fp8"):
         EngineConfig(kv_cache_dtype="int8")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the interpreter; on a GPU "
-                    "tests/test_cuda_graphs.py runs the engine on a float8 cache")
-def test_engine_on_a_float8_cache(tiny_checkpoints, monkeypatch):
-    """The engine on a float8 cache (fixed pool, preemption, sliding pages given back): the Triton
-    kernels (interpreted) give the reference path's tokens, and the cache changes the log-probs only
-    by what rounding keys and values to 3 mantissa bits does."""
-    from runtime.engine import LLM
-    from runtime.options import options
-    from runtime.requests import Request
-    from runtime.sampling import SamplingParams
-
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 199998, (n,), generator=gen).tolist() for n in (21, 12, 17)]
-
-    def run(kv_cache_dtype, kernels):
-        monkeypatch.setattr(options, "kernels_on_cpu", kernels)
-        llm = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=3,
-                  max_batch_tokens=24, kv_cache_tokens=64, kv_cache_dtype=kv_cache_dtype)
-        assert llm.model.pool.dtype == (FP8 if kv_cache_dtype == "fp8" else torch.float32)
-        reqs = [Request(i, p, SamplingParams(max_tokens=6, temperature=0, logprobs=True), stop_token_ids=())
-                for i, p in enumerate(prompts)]
-        results = llm.generate(reqs)
-        assert all(r.error is None for r in results)
-        return results, llm.preemptions
-
-    (ref, preempted), (fast, _), (exact, _) = run("fp8", False), run("fp8", True), run("auto", False)
-    assert preempted > 0  # the small fixed pool really ran out
-    for f, r, e in zip(fast, ref, exact):
-        assert f.token_ids == r.token_ids
-        assert max(abs(a - b) for a, b in zip(f.logprobs, r.logprobs)) < 1e-4
-        # Against the exact cache, the first token (before any sampled token feeds back) sees the
-        # rounding of the prompt's keys and values alone.
-        assert abs(r.logprobs[0] - e.logprobs[0]) < 0.5
