@@ -12,10 +12,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from runtime import kv_cache
 from runtime.options import options
 
 _INTERPRET = tl.constexpr(options.interpret)  # fixed for the process: Triton reads it when compiling
-FP8_E4M3_MAX = tl.constexpr(448.0)  # kv_cache.FP8_E4M3_MAX
+FP8_E4M3_MAX = tl.constexpr(kv_cache.FP8_E4M3_MAX)
 SMALLEST_NORMAL = tl.constexpr(2.0 ** -6)  # e4m3: below it, multiples of 2^-9
 
 
