@@ -151,6 +151,21 @@ def test_float8_cache(window):
     assert_close(triton_poisoned(decode, num_splits=2), reference(decode))
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_float8_cache_with_bf16_queries_takes_fp16_dots(window):
+    """bf16 queries over a float8 cache: the GPU's route (dots on fp16 operands, which the interpreter
+    computes right), decodes beside prompt chunks, split and not. Against the fp32 reference over the
+    same pages: p rounded to fp16 (2^-11) and the output to bf16 (2^-9) are the differences."""
+    b = to_float8(paged_batch(DECODES_FIRST + [(150, 40)], kv_heads=2, group=4, head_dim=32, page_size=16,
+                              window=window, dtype=torch.bfloat16))
+    want = reference(b).float()
+    scale = want.abs().max().item()
+    for kw in ({"num_splits": 1, "decodes": 3}, {"block_m": 32, "block_n": 16, "num_splits": 3}):
+        got = triton_poisoned(b, **kw)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert (got.float() - want).abs().max().item() < 1e-2 * scale, kw
+
+
 # A mixed step as the scheduler plans it: decodes first (fewest tokens to compute), then prompt chunks.
 DECODES_FIRST = [(37, 1), (0, 1), (70, 1), (0, 5), (20, 11), (9, 23), (3, 1)]
 

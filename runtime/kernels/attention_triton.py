@@ -22,7 +22,7 @@ Design
 - Online softmax in fp32 and base 2 (sm_scale * log2(e) applied in the exponent); the sink is one
   more term of the denominator, exp2(sink * log2(e) - m), added at the end. It has no value.
 - The cache may be float8 e4m3 (kv_cache_dtype=fp8): K and V tiles are loaded as stored, half the
-  bytes, and widened to q's dtype before the dots.
+  bytes, and widened exactly before the dots, which then take fp16 operands (q rounded once a program).
 - Split-K (flash-decoding): when tiles x KV heads are fewer than the SMs (decode of a few long
   sequences), every tile's key range is cut into num_splits slices, each a program writing its
   (max, sum, unnormalised accumulator) in fp32; `_merge_splits_kernel` merges the slices and adds the sink.
@@ -38,8 +38,11 @@ import triton.language as tl
 from runtime.kernels import pdl
 from runtime.options import options
 
-# The interpreter computes bf16 dots wrongly (docs/environment.md); it gets fp32 operands instead.
+# The interpreter computes bf16 dots wrongly (docs/environment.md); it gets fp32 operands instead,
+# except over a float8 cache, whose dots take fp16 operands (right in the interpreter too), so that
+# the CPU tests run the GPU's route there.
 INTERPRET = options.interpret  # fixed for the process: Triton reads it when a kernel is defined
+FP16_MAX = tl.constexpr(65504.0)
 
 # Split-K sizing: aim for SPLIT_PROGRAMS_PER_SM programs per SM, so each SM has several streams of
 # loads in flight, but never slice a key range thinner than MIN_KEYS_PER_SPLIT (two 128-key tiles),
@@ -158,6 +161,12 @@ def _paged_attention_kernel(
                 mask=row_ok[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
+    elif k_ptr.dtype.element_ty == tl.float8e4nv:
+        # A float8 cache: the dots in fp16, where one packed conversion widens two e4m3 values exactly
+        # (bf16 would take one more scalar conversion a value, as many as the tile's exponentials: see
+        # docs/performance.md, "A float8 KV cache"). q rounds to fp16 exactly within its range (bf16's
+        # 8 mantissa bits fit fp16's 10), clamped at its largest value; p in fp16 is finer than bf16.
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(tl.float16)
 
     # Keys [lo, hi) are visible to some query of the tile; this split takes whole BLOCK_N tiles of it.
     hi = pos0 + n_tok
@@ -340,7 +349,7 @@ def paged_attention_triton(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_P=group_p, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim,
         PAGE=page_size, SLIDING=window is not None, SPLIT=num_splits > 1,
-        DOT_FP32=INTERPRET or q.dtype == torch.float32,
+        DOT_FP32=q.dtype == torch.float32 or (INTERPRET and k_pages.dtype != torch.float8_e4m3fn),
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device),
     )
     if num_splits > 1:
