@@ -165,7 +165,7 @@ def _paged_attention_kernel(
         # A float8 cache: the dots in fp16, where one packed conversion widens two e4m3 values exactly
         # (bf16 would take one more scalar conversion a value, as many as the tile's exponentials: see
         # docs/performance.md, "A float8 KV cache"). q rounds to fp16 exactly within its range (bf16's
-        # 8 mantissa bits fit fp16's 10), clamped at its largest value; p in fp16 is finer than bf16.
+        # 8 significant bits fit fp16's 11), clamped at its largest value; p in fp16 is finer than bf16.
         q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(tl.float16)
 
     # Keys [lo, hi) are visible to some query of the tile; this split takes whole BLOCK_N tiles of it.

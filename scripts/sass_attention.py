@@ -1,0 +1,86 @@
+"""The attention kernel's machine code for Hopper, without a GPU: compiles `_paged_attention_kernel` for
+sm_90 (Triton's bundled ptxas), disassembles it (nvdisasm) and counts the instructions by kind.
+
+    python scripts/sass_attention.py [--tree DIR]
+
+For a cache of bf16 and of float8 e4m3, a prefill tile (128 rows: 16 tokens x 8 heads, 128 keys, 2
+stages) and a decode tile (16 rows, 128 keys, 3 stages), gpt-oss's head shapes. Pointers and strides
+are marked 16-divisible, as the launches specialise them (without that the loads compile to scalar
+2-byte accesses). `--tree` compiles another checkout's kernel (git archive REV | tar -x -C DIR), to
+compare two versions. The counts are static (each loop body once), not timings: they say what a tile
+asks of each pipe (MUFU: exponentials; F2F / F2FP: conversions; HGMMA / HMMA: tensor cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU even where there is none
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS")
+TILES = {"prefill": dict(rows=128, block_t=16, num_stages=2),
+         "decode": dict(rows=16, block_t=1, num_stages=3)}
+INT_POINTERS = ("block_table_ptr", "cu_q_ptr", "q_start_ptr")
+FP32_POINTERS = ("sinks_ptr", "part_m_ptr", "part_l_ptr", "part_acc_ptr")
+
+
+def signature(names: list[str], cache: str) -> dict:
+    def kind(name: str) -> str:
+        if name in ("k_ptr", "v_ptr"):
+            return cache
+        if name.endswith("_ptr"):
+            return "*i32" if name in INT_POINTERS else "*fp32" if name in FP32_POINTERS else "*bf16"
+        return "constexpr" if name.isupper() else "fp32" if name == "qk_scale" else "i32"
+    return {name: kind(name) for name in names}
+
+
+def counts(kernel, cache: str, rows: int, block_t: int, num_stages: int) -> collections.Counter:
+    names = kernel.arg_names
+    aligned = [i for i, n in enumerate(names)
+               if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_bt")]
+    constants = dict(GROUP=8, GROUP_P=8, BLOCK_T=block_t, ROWS=rows, BLOCK_N=128, HEAD_DIM=64, PAGE=16,
+                     SLIDING=False, SPLIT=False, DOT_FP32=False, PDL=False)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature(names, cache), constexprs=constants,
+                                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=num_stages))
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    return collections.Counter(ops)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]),
+                    help="the checkout to compile")
+    args = ap.parse_args()
+    sys.path.insert(0, args.tree)
+    from runtime.kernels.attention_triton import _paged_attention_kernel
+
+    print(f"_paged_attention_kernel of {args.tree}, sm_90, Triton {triton.__version__}")
+    print("| cache | tile | " + " | ".join(KINDS) + " | all |")
+    print("|---|---|" + "---:|" * (len(KINDS) + 1))
+    for cache, label in (("*bf16", "bf16"), ("*fp8e4nv", "float8 e4m3")):
+        for tile, shape in TILES.items():
+            ops = counts(_paged_attention_kernel, cache, **shape)
+            print(f"| {label} | {tile} | " + " | ".join(str(ops.get(k, 0)) for k in KINDS)
+                  + f" | {sum(ops.values())} |")
+
+
+if __name__ == "__main__":
+    main()
