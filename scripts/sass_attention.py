@@ -8,7 +8,8 @@ stages) and a decode tile (16 rows, 128 keys, 3 stages), gpt-oss's head shapes. 
 are marked 16-divisible, as the launches specialise them (without that the loads compile to scalar
 2-byte accesses). `--tree` compiles another checkout's kernel (git archive REV | tar -x -C DIR), to
 compare two versions. The counts are static (each loop body once), not timings: they say what a tile
-asks of each pipe (MUFU: exponentials; F2F / F2FP: conversions; HGMMA / HMMA: tensor cores).
+asks of each pipe (MUFU: exponentials; F2F / F2FP: conversions; HGMMA / HMMA: tensor cores; STL:
+registers spilled).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU even where there
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS")
+KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS", "STL")
 TILES = {"prefill": dict(rows=128, block_t=16, num_stages=2),
          "decode": dict(rows=16, block_t=1, num_stages=3)}
 INT_POINTERS = ("block_table_ptr", "cu_q_ptr", "q_start_ptr")
