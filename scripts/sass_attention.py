@@ -6,9 +6,11 @@ sm_90 (Triton's bundled ptxas), disassembles it (nvdisasm) and counts the instru
 For a cache of bf16 and of float8 e4m3, a prefill tile (128 rows: 16 tokens x 8 heads, 128 keys, 2
 stages) and a decode tile (16 rows, 128 keys, 3 stages), gpt-oss's head shapes. Pointers and strides
 are marked 16-divisible, as the launches specialise them (without that the loads compile to scalar
-2-byte accesses). `--tree` compiles another checkout's kernel (git archive REV | tar -x -C DIR), to
-compare two versions. The counts are static (each loop body once), not timings: they say what a tile
-asks of each pipe (MUFU: exponentials; F2F / F2FP: conversions; HGMMA / HMMA: tensor cores; STL:
+2-byte accesses). Register allocation differs between Triton versions: run it with the device's
+(3.6: a virtual environment with `triton==3.6.0` and a CPU torch) for counts that match the GPU's
+code. `--tree` compiles another checkout's kernel (git archive REV | tar -x -C DIR), to compare two
+versions. The counts are static (each loop body once), not timings: they say what a tile asks of
+each pipe (MUFU: exponentials; F2F / F2FP: conversions; HGMMA / HMMA: tensor cores; STL:
 registers spilled).
 """
 
@@ -16,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU even where there is none
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
 
 KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS", "STL")
 TILES = {"prefill": dict(rows=128, block_t=16, num_stages=2),
@@ -71,6 +70,9 @@ def main() -> None:
                     help="the checkout to compile")
     args = ap.parse_args()
     sys.path.insert(0, args.tree)
+    from runtime.options import options
+    if options.interpret:  # the interpreter's kernels do not compile
+        raise SystemExit("unset TRITON_INTERPRET: this compiles the kernel for the GPU")
     from runtime.kernels.attention_triton import _paged_attention_kernel
 
     print(f"_paged_attention_kernel of {args.tree}, sm_90, Triton {triton.__version__}")
