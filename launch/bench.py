@@ -174,8 +174,7 @@ def run(cfg: DictConfig) -> dict:
 
 def table(report: dict) -> str:
     peak = "" if report["peak_GiB"] is None else f", peak GPU memory {report['peak_GiB']:.1f} GiB"
-    kv = "growing" if report["kv_cache_tokens"] is None else f"{report['kv_cache_tokens']:,} tokens"
-    kv += f" ({report.get('kv_cache_dtype', report['dtype']).removeprefix('torch.')})"
+    kv = throughput.kv_positions(report["kv_cache_tokens"], report.get("kv_cache_dtype", report["dtype"]))
     gpus = report.get("gpus_per_replica", 1)
     where = report["device"] if gpus == 1 else f"{gpus}x {report['device']} ({report['layout']})"
     lines = [f"{report['model']} on {where} ({report['dtype']}), KV cache {kv}{peak} per GPU",

@@ -184,7 +184,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
 
 
 def table(report: dict) -> str:
-    w, s = report["workload"], report["startup"]
+    w, s, settings = report["workload"], report["startup"], report["settings"]
     name = f"preset {w['preset']}, " if w["preset"] else ""
     lines = [f"{report['model']} on {report['gpus']}x {report['device']} ({report['dtype']}): {w['kind']} "
              f"workload, {name}ISL {w['isl']:,} / OSL {w['osl']:,}"
@@ -212,7 +212,7 @@ def table(report: dict) -> str:
               f"| prompt tokens from the prefix cache | {report['cached_prompt_tokens']:,} "
               f"({100 * report['prefix_hit_rate']:.1f}%) | | |",
               f"| preemptions | {report['preemptions']:,} | | |",
-              f"| KV cache | {kv_positions(report['settings'])} | | |",
+              f"| KV cache | {kv_positions(settings['kv_cache_tokens'], settings['kv_cache_dtype'])} | | |",
               f"| start-up: load / graph capture ({s['graph_sizes']} sizes) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
     if report["peak_GiB"] is not None:
@@ -222,8 +222,8 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def kv_positions(settings: dict) -> str:
-    tokens, dtype = settings["kv_cache_tokens"], settings.get("kv_cache_dtype", "")
+def kv_positions(tokens: int | None, dtype: str) -> str:
+    """The KV cache's size and storage dtype, as the benchmarks' tables print it."""
     return f"{'growing' if tokens is None else f'{tokens:,} positions'}, {dtype.removeprefix('torch.')}"
 
 
