@@ -17,12 +17,12 @@ assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernel_inputs import DEVICE, randn  # noqa: E402
+from kernel_inputs import DEVICE, gpt_oss_yarn, randn  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.engine_config import EngineConfig  # noqa: E402
 from runtime.kernels.kv_store_triton import to_cache  # noqa: E402
 from runtime.kernels.linear_triton import Rope, linear_gemv  # noqa: E402
-from runtime.kernels.rope import rope_qk, yarn_frequencies  # noqa: E402
+from runtime.kernels.rope import rope_qk  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 from runtime.kv_cache import FP8_E4M3_MAX, to_cache_dtype  # noqa: E402
 from runtime.model import GptOss  # noqa: E402
@@ -92,20 +92,13 @@ def assert_stored(pages, slots, rows):
     assert (flat[untouched] == POISON).all()
 
 
-def yarn(head_dim):
-    cfg = preset("gpt-oss-20b")
-    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
-                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
-    return inv_freq.to(DEVICE), c
-
-
 @pytest.mark.parametrize("rows", [1, 9, 40])
 def test_rope_stores_float8_keys_and_values(gen, rows):
     heads, kv_heads, head_dim = 16, 4, 32
     # Scaled so that some values pass 448 and some fall under the smallest normal.
     qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, gen=gen, scale=200.0)
     positions = torch.randint(0, 131072, (rows,), generator=gen, device=DEVICE)
-    inv_freq, c = yarn(head_dim)
+    inv_freq, c = gpt_oss_yarn(head_dim)
     k_pages, v_pages = fp8_pages(6, kv_heads, head_dim), fp8_pages(6, kv_heads, head_dim)
     slots = torch.randperm(96, generator=gen, device=DEVICE)[:rows]
     _, k, v = rope_qk_triton(qkv, positions, inv_freq, c, heads, kv_heads, head_dim,
@@ -120,7 +113,7 @@ def test_fused_qkv_epilogue_stores_float8_keys_and_values(gen):
     x = randn(1, k_in, gen=gen)
     weight = randn((heads + 2 * kv_heads) * head_dim, k_in, gen=gen, scale=30.0)
     positions = torch.randint(0, 131072, (1,), generator=gen, device=DEVICE)
-    inv_freq, c = yarn(head_dim)
+    inv_freq, c = gpt_oss_yarn(head_dim)
     rope = Rope(positions, inv_freq, c, head_dim, heads, kv_heads)
     k_pages, v_pages = fp8_pages(2, kv_heads, head_dim), fp8_pages(2, kv_heads, head_dim)
     slots = torch.randperm(32, generator=gen, device=DEVICE)[:1]

@@ -21,9 +21,9 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
-from runtime.config import preset  # noqa: E402
+from kernel_inputs import gpt_oss_yarn  # noqa: E402
 from runtime.kernels.linear_triton import FEW_ROWS, Rope, fits, gemv_config, linear_gemv  # noqa: E402
-from runtime.kernels.rope import rope_qk, yarn_frequencies  # noqa: E402
+from runtime.kernels.rope import rope_qk  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,11 +131,9 @@ def rope_problem(gen, m, head_dim, q_heads, kv_heads, k, dtype):
     x, weight, bias = problem(gen, m, (q_heads + 2 * kv_heads) * head_dim, k, dtype)
     positions = torch.randint(0, 131072, (m,), generator=gen, device=DEVICE)
     positions[: min(m, 3)] = torch.tensor([100000, 131071, 0][: min(m, 3)], device=DEVICE)
-    cfg = preset("gpt-oss-20b")
-    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
-                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
+    inv_freq, c = gpt_oss_yarn(head_dim)
     slots = torch.randperm(64, generator=gen, device=DEVICE)[:m]
-    rope = Rope(positions, inv_freq.to(DEVICE), c, head_dim, q_heads, kv_heads)
+    rope = Rope(positions, inv_freq, c, head_dim, q_heads, kv_heads)
     return SimpleNamespace(x=x, weight=weight, bias=bias, rope=rope, slots=slots, dtype=dtype)
 
 

@@ -16,17 +16,9 @@ import torch
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
-from kernel_inputs import BF16_U, DEVICE, randn  # noqa: E402
-from runtime.config import preset  # noqa: E402
+from kernel_inputs import BF16_U, DEVICE, gpt_oss_yarn, randn  # noqa: E402
 from runtime.kernels.rope import apply_rope, cos_sin, rope_qk, yarn_frequencies  # noqa: E402
 from runtime.kernels.rope_triton import rope_qk_triton  # noqa: E402
-
-
-def yarn(head_dim):
-    cfg = preset("gpt-oss-20b")
-    inv_freq, c = yarn_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
-                                   cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta)
-    return inv_freq.to(DEVICE), c
 
 
 def random_positions(n, gen):
@@ -47,7 +39,7 @@ def run_rope(gen, n, heads, kv_heads, head_dim, dtype, pos_dtype=torch.int64):
     before = buf.clone()
     qkv = buf[:, lo:hi]
     positions = random_positions(n, gen).to(pos_dtype)
-    inv_freq, c = yarn(head_dim)
+    inv_freq, c = gpt_oss_yarn(head_dim)
     want = rope_qk(qkv.clone(), positions, inv_freq, c, heads, kv_heads, head_dim)
     got = rope_qk_triton(qkv, positions, inv_freq, c, heads, kv_heads, head_dim)
     return SimpleNamespace(got=got, want=want, buf=buf, before=before, lo=lo, hi=hi, positions=positions,
@@ -80,7 +72,7 @@ def test_rope_qk_writes_k_and_v_into_the_cache(gen, heads, kv_heads, head_dim, r
     """With a cache, every token's rotated k and its v land at its slot, and nothing else changes."""
     qkv = randn(rows, (heads + 2 * kv_heads) * head_dim, gen=gen)
     positions = random_positions(rows, gen)
-    inv_freq, c = yarn(head_dim)
+    inv_freq, c = gpt_oss_yarn(head_dim)
     pages = 2 * (rows // 16 + 1)
     k_pages = torch.full((pages, 16, kv_heads, head_dim), float("nan"), device=DEVICE)
     v_pages = torch.full_like(k_pages, float("nan"))
@@ -105,7 +97,7 @@ def test_rope_qk_takes_int32_positions(gen):
 
 
 def test_rope_qk_empty_batch():
-    inv_freq, c = yarn(32)
+    inv_freq, c = gpt_oss_yarn(32)
     q, k, v = rope_qk_triton(torch.empty(0, 24 * 32, device=DEVICE),
                              torch.empty(0, dtype=torch.int64, device=DEVICE), inv_freq, c, 16, 4, 32)
     assert q.shape == (0, 16, 32) and k.shape == v.shape == (0, 4, 32)
