@@ -138,12 +138,13 @@ def keys_read(start: int, n: int, window: int | None) -> int:
     return start + n - first
 
 
-def make_inputs(seqs, device="cuda", dtype=torch.bfloat16):
-    """Random q and a paged pool holding every sequence's keys, pages assigned in shuffled order."""
+def make_inputs(seqs, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16):
+    """Random q and a paged pool holding every sequence's keys (stored as kv_dtype), pages assigned in
+    shuffled order."""
     pages_per_seq = [-(-(start + n) // PAGE) for start, n in seqs]
     num_pages = sum(pages_per_seq)
-    k_pages = torch.randn(num_pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype)
-    v_pages = torch.randn_like(k_pages)
+    k_pages = torch.randn(num_pages, PAGE, KV_HEADS, HEAD_DIM, device=device, dtype=dtype).to(kv_dtype)
+    v_pages = torch.randn_like(k_pages, dtype=dtype).to(kv_dtype)
     order = torch.randperm(num_pages, device=device, dtype=torch.int32)
     block_table = torch.zeros(len(seqs), max(pages_per_seq), dtype=torch.int32, device=device)
     used = 0
@@ -159,9 +160,9 @@ def make_inputs(seqs, device="cuda", dtype=torch.bfloat16):
     return q, k_pages, v_pages, block_table, cu_q.to(device), q_start, sinks
 
 
-def input_copies(seqs) -> int:
+def input_copies(seqs, kv_bytes: int) -> int:
     """Copies of the inputs that together hold twice the L2 cache, at most MAX_COPIES."""
-    pool_bytes = sum(-(-(start + n) // PAGE) for start, n in seqs) * PAGE * KV_HEADS * HEAD_DIM * 2 * 2
+    pool_bytes = sum(-(-(start + n) // PAGE) for start, n in seqs) * PAGE * KV_HEADS * HEAD_DIM * 2 * kv_bytes
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(1, min(MAX_COPIES, -(-2 * l2 // pool_bytes)))
 
@@ -197,14 +198,16 @@ def time_settings(timer, call, decode: bool, auto_splits: int) -> list[tuple[flo
     return sorted(timed, key=lambda x: x[0])
 
 
-def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False, extra=None) -> list[dict]:
+def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False, extra=None,
+        kv_dtype=torch.bfloat16) -> list[dict]:
     """One row per case: time, and achieved TB/s (decode) or TFLOP/s (prefill) with their % of the
-    ceilings. `extra`: keyword arguments of every call (over the engine's hints)."""
+    ceilings. `extra`: keyword arguments of every call (over the engine's hints); kv_dtype: the
+    cache's (torch.float8_e4m3fn: kv_cache_dtype=fp8)."""
     timer = time_eager if eager else time_graph
     rows = []
     for name, seqs, sliding in cases:
         window = WINDOW if sliding else None
-        copies = [make_inputs(seqs) for _ in range(input_copies(seqs))]
+        copies = [make_inputs(seqs, kv_dtype=kv_dtype) for _ in range(input_copies(seqs, kv_dtype.itemsize))]
         out = torch.empty_like(copies[0][0])
         max_q_len = max(n for _, n in seqs)
         max_k_len = max(start + n for start, n in seqs)
@@ -221,7 +224,8 @@ def run(ceilings: dict, sweep: bool = False, cases=CASES, eager: bool = False, e
                   flush=True)
         seconds = timer(call())
         pairs = visible_pairs(seqs, window)
-        kv_bytes = sum(keys_read(start, n, window) for start, n in seqs) * KV_HEADS * HEAD_DIM * 2 * 2
+        keys = sum(keys_read(start, n, window) for start, n in seqs)
+        kv_bytes = keys * KV_HEADS * HEAD_DIM * 2 * kv_dtype.itemsize
         flops = 4 * HEAD_DIM * HEADS * pairs
         row = {"case": name, "layer": layer_name(sliding), "us": seconds * 1e6,
                "TB/s": kv_bytes / seconds / 1e12,
@@ -266,6 +270,10 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="time single eager calls, not CUDA-graph replays")
     p.add_argument("--one-launch", action="store_true",
                    help="time every case with a mixed step's decodes in the prefill launch too (decodes=0)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="the cache's dtype: bf16, or fp8 (float8 e4m3, the engine's kv_cache_dtype=fp8)")
+    p.add_argument("--block-n", type=int, nargs="+", default=[], metavar="KEYS",
+                   help="also time every case with KEYS keys per tile (e.g. --cases prefill --block-n 64)")
     args = p.parse_args()
     cases = select(CASES, args.cases)
     if not cases:
@@ -275,10 +283,11 @@ def main() -> None:
     print(f"copy {limits['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {limits['matmul_flops'] / 1e12:.0f} TFLOP/s",
           flush=True)
-    variants = [{}] + [{"decodes": 0}] * args.one_launch
+    variants = [{}] + [{"decodes": 0}] * args.one_launch + [{"block_n": n} for n in args.block_n]
+    kv_dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[args.kv_dtype]
     for extra in variants:
-        rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager, extra=extra)
-        print(f"\n{extra or 'defaults'}:")
+        rows = run(limits, sweep=args.sweep, cases=cases, eager=args.eager, extra=extra, kv_dtype=kv_dtype)
+        print(f"\n{extra or 'defaults'}, {args.kv_dtype} cache:")
         print(markdown(rows, limits))
 
 
