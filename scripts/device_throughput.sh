@@ -5,8 +5,9 @@
 #   profile: scripts/profile_throughput.py, a throughput run's steps classed and its kernels ranked
 #   ab:      launch.bench mode=throughput on two trees alternately, `.base/` (main before a change,
 #            carried: git archive REV | tar -x -C .base) and this one; `ab ROUNDS key=value ...`
-#   kv-ab:   launch.bench mode=throughput on this tree, kv_cache_dtype=auto and fp8 alternately;
-#            `kv-ab ROUNDS key=value ...`
+#   settings: launch.bench mode=throughput on this tree under each setting alternately, medians;
+#            `settings ROUNDS "key=value ... (every run)" "key=value ... (setting 1)" "... (setting 2)" ...`
+#   kv-ab:   settings with kv_cache_dtype=auto and fp8; `kv-ab ROUNDS key=value ...`
 #   latency-ab: launch.bench (batch-1 decode, time to first token of a 32k prompt) on .carry/base
 #            (git archive REV | tar -x -C .carry/base) and this tree alternately; `latency-ab ROUNDS key=value ...`
 # Logs under $OUT, tables on stdout.
@@ -46,16 +47,38 @@ ratio = statistics.median(new) / statistics.median(base) if base and new else fl
 print(f"| | {', '.join(f'{v:,.0f}' for v in base)} | {', '.join(f'{v:,.0f}' for v in new)} | {ratio:.4f} |")
 PY
     ;;
-  kv-ab)
+  kv-ab)  # settings ROUNDS "key=value ..." kv_cache_dtype=auto kv_cache_dtype=fp8
     rounds=${1:-2}; shift || true
+    bash "$0" settings "$rounds" "$*" kv_cache_dtype=auto kv_cache_dtype=fp8
+    ;;
+  settings)
+    rounds=${1:-2}; common=${2:-}; shift 2 || true
     for round in $(seq "$rounds"); do
-      for kv in auto fp8; do
-        timeout 280 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda kv_cache_dtype=$kv \
-          json=$OUT/kv_${kv}_$round.json "$@" > $OUT/kv_${kv}_$round.log 2>&1
-        echo "round $round kv_cache_dtype=$kv: $(grep -hE 'output tokens/s per GPU|KV cache' $OUT/kv_${kv}_$round.log \
-          | tr -s ' ' | paste -sd';')"
+      for variant in "$@"; do
+        name=$(echo "$variant" | tr -c 'A-Za-z0-9_.\n' '_')
+        # shellcheck disable=SC2086  # common and variant are lists of key=value words
+        timeout 280 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda $common $variant \
+          json=$OUT/setting_${name}_$round.json > $OUT/setting_${name}_$round.log 2>&1
+        echo "round $round $variant: $(grep -hE 'output tokens/s per GPU|KV cache|mean running' \
+          $OUT/setting_${name}_$round.log | tr -s ' ' | paste -sd';')"
       done
     done
+    python3 - "$OUT" "$@" <<'PY'
+import glob, json, re, statistics, sys
+out, variants = sys.argv[1], sys.argv[2:]
+print("| setting | output tokens/s per GPU (runs) | median | / first setting |\n|---|---|---:|---:|")
+first = None
+for variant in variants:
+    name = re.sub(r"[^A-Za-z0-9_.]", "_", variant)
+    runs = [json.load(open(p))["output_tokens_per_s_per_gpu"]
+            for p in sorted(glob.glob(f"{out}/setting_{name}_*.json"))]
+    if not runs:
+        print(f"| {variant} | (no run finished) | | |")
+        continue
+    median = statistics.median(runs)
+    first = first or median
+    print(f"| {variant} | {', '.join(f'{v:,.0f}' for v in runs)} | {median:,.0f} | {median / first:.3f} |")
+PY
     ;;
   latency-ab)
     rounds=${1:-2}; shift || true
