@@ -47,8 +47,10 @@ def build_llm(cfg: DictConfig, parallel: groups.Parallel | None = None) -> LLM:
                  f"({sliding.nbytes() / 2**20:,.0f} MiB)"
                  if sliding is not None else ""), file=sys.stderr, flush=True)
     if llm.graph_sizes and parallel.rank == 0:
-        print(f"CUDA graphs: {len(llm.graph_sizes)} decode batch sizes up to {llm.graph_sizes[-1]} captured "
-              f"in {llm.capture_seconds:.1f} s", file=sys.stderr, flush=True)
+        mixed = llm.mixed_graph_buckets
+        print(f"CUDA graphs: {len(llm.graph_sizes)} decode batch sizes up to {llm.graph_sizes[-1]}"
+              + (f", {len(mixed)} mixed-step token counts up to {mixed[-1]}" if mixed else "")
+              + f" captured in {llm.capture_seconds:.1f} s", file=sys.stderr, flush=True)
     if parallel.world_size > 1:
         mem = llm.load_memory
         print(f"rank {parallel.rank}: loaded in {llm.load_seconds:.1f} s, peak host memory "

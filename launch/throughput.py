@@ -138,6 +138,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     llm.reset_expert_load()
     limits = ceilings(llm.device)
     stats, preemptions, replays = dataclasses.replace(llm.step_stats), llm.preemptions, llm.graph_replays
+    mixed_replays = llm.mixed_graph_replays
     seconds, results = _generate(llm, requests)
     _check(results, requests)
     after = llm.step_stats
@@ -156,7 +157,8 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
                      "kv_cache_tokens": llm.kv_cache_tokens, "kv_cache_dtype": str(llm.model.kv_dtype),
                      "enable_prefix_caching": llm.scheduler.prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
-                    "graph_sizes": len(llm.graph_sizes), "warmup_s": warmup_seconds,
+                    "graph_sizes": len(llm.graph_sizes), "mixed_graph_buckets": len(llm.mixed_graph_buckets),
+                    "warmup_s": warmup_seconds,
                     "warmup_requests": count},
         "seconds": seconds, "requests": len(requests), "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens, "cached_prompt_tokens": cached_tokens,
@@ -164,6 +166,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "output_tokens_per_s_per_gpu": output_tokens / seconds / gpus,
         "total_tokens_per_s_per_gpu": (prompt_tokens + output_tokens) / seconds / gpus,
         "steps": steps, "graph_steps": llm.graph_replays - replays,
+        "mixed_graph_steps": llm.mixed_graph_replays - mixed_replays,
         "mean_running_batch": (after.running - stats.running) / steps if steps else 0.0,
         "mean_decode_rows": (after.decode_tokens - stats.decode_tokens) / steps if steps else 0.0,
         "preemptions": llm.preemptions - preemptions, "ceilings": limits,
@@ -206,14 +209,16 @@ def table(report: dict) -> str:
     lines += [f"| prompt / output tokens a request (mean) | {report['prompt_tokens'] / n:,.0f} / "
               f"{report['output_tokens'] / n:,.0f} | | |",
               f"| timed run | {report['seconds']:.1f} s, {report['steps']:,} steps "
-              f"({report['graph_steps']:,} from CUDA graphs) | | |",
+              f"({report['graph_steps']:,} from CUDA graphs, {report['mixed_graph_steps']:,} of them mixed) "
+              f"| | |",
               f"| mean running batch / decode rows a step | {report['mean_running_batch']:.1f} / "
               f"{report['mean_decode_rows']:.1f} | | |",
               f"| prompt tokens from the prefix cache | {report['cached_prompt_tokens']:,} "
               f"({100 * report['prefix_hit_rate']:.1f}%) | | |",
               f"| preemptions | {report['preemptions']:,} | | |",
               f"| KV cache | {kv_positions(settings['kv_cache_tokens'], settings['kv_cache_dtype'])} | | |",
-              f"| start-up: load / graph capture ({s['graph_sizes']} sizes) / warm-up | "
+              f"| start-up: load / graph capture ({s['graph_sizes']} decode sizes, "
+              f"{s['mixed_graph_buckets']} mixed token counts) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
     if report["peak_GiB"] is not None:
         lines.append(f"| peak GPU memory | {report['peak_GiB']:.1f} GiB | | |")

@@ -24,7 +24,7 @@ import torch
 
 from parallel.groups import Parallel, single
 from parallel.layers import all_reduce, broadcast
-from runtime import cuda_graphs, openai_batch, ops
+from runtime import cuda_graphs, mixed_graphs, openai_batch, ops
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
@@ -227,8 +227,10 @@ class LLM:
         self._bitmasks = None  # likewise for the token masks of constrained rows (made at first use)
         self._steps = 0
         self._idle_replays = 0  # graphs replayed with padding only (attention_dp), not decode steps
-        # Decode steps replay CUDA graphs where possible (vLLM's enforce_eager turns them off too).
+        # Decode steps replay CUDA graphs where possible, and mixed steps of up to mixed_graph_tokens
+        # their pieces between the attentions (vLLM's enforce_eager turns both off too).
         self._graphs = None
+        self._mixed_graphs = None
         # The replica's first rank plans every step and sends the plan to the others (step_plan.py);
         # under attention_dp each rank plans its own, and the ranks agree before each step (lockstep.py).
         self._plans = None
@@ -242,6 +244,10 @@ class LLM:
         if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
             self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
             self._graphs.capture_all()
+            mixed_tokens = min(config.mixed_graph_tokens, config.max_batch_tokens)
+            if mixed_tokens and mixed_graphs.supported(self.model) is None:
+                self._mixed_graphs = mixed_graphs.MixedGraphs(self.model, mixed_tokens, self._sampled)
+                self._mixed_graphs.capture_all()
             torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start  # start-up beside load_seconds, for reports
 
@@ -295,15 +301,26 @@ class LLM:
         return [] if self._graphs is None else list(self._graphs.sizes)
 
     @property
+    def mixed_graph_buckets(self) -> list[int]:
+        """The token counts of mixed steps with CUDA graphs between the attentions (none when eager)."""
+        return [] if self._mixed_graphs is None else list(self._mixed_graphs.buckets)
+
+    @property
     def step_stats(self):
         """Counts over the steps planned so far (runtime/scheduler.py StepStats)."""
         return self.scheduler.stats
 
     @property
     def graph_replays(self) -> int:
-        """Decode steps replayed from CUDA graphs so far (0 when eager; a rank's idle steps under
-        attention_dp are not counted)."""
-        return 0 if self._graphs is None else sum(self._graphs.replays.values()) - self._idle_replays
+        """Steps replayed from CUDA graphs so far, decode and mixed (0 when eager; a rank's idle steps
+        under attention_dp are not counted)."""
+        decode = 0 if self._graphs is None else sum(self._graphs.replays.values()) - self._idle_replays
+        return decode + self.mixed_graph_replays
+
+    @property
+    def mixed_graph_replays(self) -> int:
+        """Mixed steps (prompt chunks beside decodes) replayed from their pieces' graphs so far."""
+        return 0 if self._mixed_graphs is None else sum(self._mixed_graphs.replays.values())
 
     @property
     def harmony(self):
@@ -563,8 +580,9 @@ class LLM:
     def _forward(self, plan: StepPlan,
                  agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the plan's wanted rows: a decode-only step replays a CUDA graph where there are
-        graphs, anything else runs the model eagerly (under attention_dp as the ranks `agreed`, a graph
-        padded to their largest step). Where a graph ran and every row is wanted,
+        graphs, a mixed one of up to mixed_graph_tokens its pieces' graphs (runtime/mixed_graphs.py),
+        anything else runs the model eagerly (under attention_dp as the ranks `agreed`, a graph
+        padded to their largest step). Where a decode graph ran and every row is wanted,
         also its greedy samples ([rows, 2] (token, logprob); the tokens already in `_sampled`)."""
         dev = self.device
         graph = self._graphs is not None and self._graphs.fits(plan.chunks) if agreed is None \
@@ -575,6 +593,8 @@ class LLM:
             if len(plan.logits_rows) == len(plan.chunks):
                 return logits, self._graphs.greedy_samples(len(plan.chunks))
             return logits[to_device(plan.logits_rows, torch.int64, dev)], None
+        if self._mixed_graphs is not None and self._mixed_graphs.fits(plan):
+            return self._mixed_graphs.run(plan, to_device(plan.logits_rows, torch.int64, dev)), None
         ids = to_device(plan.ids, torch.int64, dev)
         if plan.pending:  # tokens the step in flight samples: from the GPU buffer, not the host
             ids[to_device(list(plan.pending), torch.int64, dev)] = \

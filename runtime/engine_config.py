@@ -76,9 +76,11 @@ class EngineConfig:
     checkpoint: a folder (either public layout), "dummy" (random weights of `model`), or None (the
     embedded tiny synthetic checkpoint, so `model` must be tiny). max_model_len None: the model's
     limit. kv_cache_tokens None: on CUDA what gpu_memory_fraction of the GPU leaves after the
-    weights, on CPU a pool that grows on demand. enforce_eager: never replay decode steps from CUDA
-    graphs. enable_prefix_caching: reuse the KV pages of prompt prefixes computed before (vLLM's
-    name; runtime/prefix_cache.py). schedule_conservativeness: how much of the running sequences'
+    weights, on CPU a pool that grows on demand. enforce_eager: never replay steps from CUDA graphs.
+    mixed_graph_tokens: mixed steps (prompt chunks beside decodes) of up to this many tokens replay
+    CUDA graphs of the forward between their attentions (runtime/mixed_graphs.py; 0: eager).
+    enable_prefix_caching: reuse the KV pages of prompt prefixes computed before (vLLM's name;
+    runtime/prefix_cache.py). schedule_conservativeness: how much of the running sequences'
     growth a fixed KV cache keeps room for when admitting (SGLang's name; runtime/scheduler.py; 0:
     admit while the prompt fits, preempting when the batch outgrows the cache). seed: dummy weights;
     and a request without a seed samples with runtime.sampling.default_seed(seed, its id).
@@ -98,6 +100,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
+    mixed_graph_tokens: int = 2048
     enable_prefix_caching: bool = True
     schedule_conservativeness: float = 0.0
     seed: int = 0
@@ -112,6 +115,9 @@ class EngineConfig:
         if self.max_batch_tokens < self.max_batch_size:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
                              f"({self.max_batch_size}): every running sequence decodes one token per step")
+        if not _is_int(self.mixed_graph_tokens) or self.mixed_graph_tokens < 0:
+            raise ValueError(f"mixed_graph_tokens must be an integer of at least 0 (0: mixed steps run "
+                             f"eagerly), got {self.mixed_graph_tokens!r}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError(f"kv_cache_tokens must be positive, got {self.kv_cache_tokens}")
         conservativeness = self.schedule_conservativeness

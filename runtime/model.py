@@ -69,18 +69,19 @@ class Attention(Sharded):
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None) -> torch.Tensor:
-        """The attention block's output projection (this rank's partial sum, all-reduced), without
-        the residual: the caller adds it, fused with the MoE's norm. h: x's RMSNorm under this
-        block's norm, where the block before computed it (fused with its MoE combine)."""
+    def project(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None) -> torch.Tensor:
+        """q [N, heads, head_dim]: the QKV projection of x's RMSNorm, rotated, with k and v stored in
+        the cache. h: that norm, where the block before computed it (fused with its MoE combine)."""
         cfg = self.cfg
         if h is None:
             _, h = ops.add_rms_norm(x, None, self.norm.scale, cfg.rms_norm_eps)
-        kv = ctx.paged.layers(self.window is not None)
-        q = ops.qkv_rope_store(h, self.qkv, self.heads, self.kv_heads, cfg.head_dim, ctx.rotary, kv,
-                               self.layer)
-        out = ops.attention(q, ctx.paged, kv, self.layer, self.sinks, self.sm_scale, self.window)
-        return self.out(out.flatten(-2))
+        return ops.qkv_rope_store(h, self.qkv, self.heads, self.kv_heads, cfg.head_dim, ctx.rotary,
+                                  ctx.paged.layers(self.window is not None), self.layer)
+
+    def attend(self, q: torch.Tensor, paged: PagedStep, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, heads, head_dim]: q's attention over the cache (into `out` where given)."""
+        return ops.attention(q, paged, paged.layers(self.window is not None), self.layer, self.sinks,
+                             self.sm_scale, self.window, out)
 
 
 class MoE(Sharded):
@@ -173,11 +174,21 @@ class Block(nn.Module):
             y = r + moe(rms_norm(r))
             returns (y, rms_norm(y) under next_norm, or None)
 
-        The fusion contract: the attention returns its output without the residual; the MoE adds
-        both residuals (x + delta in its first launch, fused with its norm; r + the experts' sum in
-        its last), and where the kernels can it also returns the next block's attention input
-        rms_norm(y), which that block then takes as `h` instead of computing it."""
-        return self.mlp(x, self.attn(x, ctx, h), next_norm, ctx.paged.fixed_shapes, ctx.paged.real_rows)
+        in two halves around the attention itself (`before_attention`, `after_attention`), which
+        GptOss.pieces runs apart. The fusion contract: the attention returns its output without the
+        residual; the MoE adds both residuals (x + delta in its first launch, fused with its norm; r +
+        the experts' sum in its last), and where the kernels can it also returns the next block's
+        attention input rms_norm(y), which that block then takes as `h` instead of computing it."""
+        out = self.attn.attend(self.before_attention(x, ctx, h), ctx.paged)
+        return self.after_attention(x, out, ctx, next_norm)
+
+    def before_attention(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None) -> torch.Tensor:
+        return self.attn.project(x, ctx, h)
+
+    def after_attention(self, x: torch.Tensor, out: torch.Tensor, ctx: StepContext,
+                        next_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = self.attn.out(out.flatten(-2))  # this rank's partial sum, all-reduced
+        return self.mlp(x, delta, next_norm, ctx.paged.fixed_shapes, ctx.paged.real_rows)
 
 
 def in_memory_order(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -250,14 +261,31 @@ class GptOss(nn.Module):
                       logits_indices: torch.Tensor) -> torch.Tensor:
         """The forward from device tensors alone (no host work, no sync on the kernel path), so that
         runtime/cuda_graphs.py can capture it."""
+        pieces = self.pieces(token_ids, positions, paged)
+        attention, q = next(pieces)
+        while True:
+            try:
+                attention, q = pieces.send(attention.attend(q, paged))
+            except StopIteration as end:
+                return self.logits(end.value, logits_indices)
+
+    def pieces(self, token_ids: torch.Tensor, positions: torch.Tensor, paged: PagedStep):
+        """The forward without its attentions and its logits: a generator that yields (the layer's
+        Attention, q) where each layer's attention would run, takes that attention's output back
+        (`send`), and returns the last block's output x [N, hidden]. forward_paged runs each attention
+        in place; runtime/mixed_graphs.py captures the pieces between them as CUDA graphs."""
         ctx = StepContext(ops.Rotary(positions, self.inv_freq, self.concentration), paged)
         x, h = self.embedding(token_ids), None
         for n, block in enumerate(self.block):
             # Where the kernels can, this block's last launch also computes the next block's attention norm.
             following = self.block[n + 1].attn.norm.scale if n + 1 < len(self.block) else None
-            x, h = block(x, ctx, h, following)
-        x = ops.rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
-        return self.unembedding(x)
+            out = yield block.attn, block.before_attention(x, ctx, h)
+            x, h = block.after_attention(x, out, ctx, following)
+        return x
+
+    def logits(self, x: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [M, vocab] in fp32 of x's rows at logits_indices (on every rank)."""
+        return self.unembedding(ops.rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps))
 
     # ------------------------------------------------------------------------------- weights
     def count_expert_load(self) -> None:

@@ -129,18 +129,20 @@ def qkv_rope_store(h: torch.Tensor, qkv: ColumnParallelLinear, heads: int, kv_he
 
 
 def attention(q: torch.Tensor, step: PagedStep, kv: PagedLayers, layer: int, sinks: torch.Tensor,
-              sm_scale: float, window: int | None) -> torch.Tensor:
+              sm_scale: float, window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """[N, heads, head_dim]: each token's attention over its sequence's keys in the paged cache
-    (causal, or the last `window` keys), with one learned sink logit per head."""
+    (causal, or the last `window` keys), with one learned sink logit per head; written into `out`
+    where given (a CUDA graph's fixed buffer)."""
     keys, values = kv.pool.keys[layer], kv.pool.values[layer]
     if use_kernels(q):
         from runtime.kernels.attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, keys, values, kv.block_table, step.cu_q, step.q_start, sinks,
                                       sm_scale=sm_scale, window=window, max_q_len=step.max_q_len,
-                                      max_k_len=step.max_k_len, decodes=step.decodes)
-    return paged_attention(q, keys, values, kv.block_table, step.cu_q, step.q_start, sinks, sm_scale=sm_scale,
-                           window=window)
+                                      max_k_len=step.max_k_len, decodes=step.decodes, out=out)
+    result = paged_attention(q, keys, values, kv.block_table, step.cu_q, step.q_start, sinks,
+                             sm_scale=sm_scale, window=window)
+    return result if out is None else out.copy_(result)
 
 
 # --------------------------------------------------------------------------- mixture of experts

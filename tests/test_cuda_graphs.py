@@ -1,4 +1,5 @@
-"""runtime/cuda_graphs.py: decode steps replayed from CUDA graphs give the eager engine's tokens.
+"""runtime/cuda_graphs.py and runtime/mixed_graphs.py: steps replayed from CUDA graphs give the eager
+engine's tokens.
 
 On CPU the same static-buffer forward runs without capture (replay=False) through Triton's
 interpreter; on a GPU the captured graphs replay it, bit for bit, with and without programmatic
@@ -174,3 +175,77 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
     assert len(sampled_by_torch) == fast._steps - sum(fast._graphs.replays.values())
 
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the mixed graphs' inputs through Triton's interpreter: CPU only")
+def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
+    """Mixed steps through runtime/mixed_graphs.py's fixed buffers (run here without capture): the
+    pieces between the attentions over token counts padded to a bucket (padding stored into the
+    scratch page), each attention over the real rows between them, decode rows whose token the step
+    in flight samples read from the GPU buffer, under preemption: the reference engine's tokens."""
+    from runtime.mixed_graphs import MixedGraphs
+
+    gen = torch.Generator().manual_seed(6)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+             "max_tokens": 7, "temperature": 0, "logprobs": True, "ignore_eos": True}
+            for i, n in enumerate((26, 5, 30, 9, 17))]
+    settings = dict(dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=24, kv_cache_tokens=80,
+                    max_model_len=512, schedule_conservativeness=0)
+    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
+    fast = LLM(tiny_checkpoints["original"], **settings)
+    poison(fast.model)
+    fast._mixed_graphs = MixedGraphs(fast.model, 24, fast._sampled, replay=False)
+    assert fast._mixed_graphs.buckets == [16, 24]
+    got = fast.generate(reqs)
+    for g, w in zip(got, want):
+        assert g.error is None and g.token_ids == w.token_ids
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+    # Mixed steps of both buckets ran, padded ones among them; the run preempted.
+    replays = fast._mixed_graphs.replays
+    assert replays.get(16, 0) > 0 and replays.get(24, 0) > 0 and fast.preemptions > 0, replays
+
+
+def test_token_buckets():
+    from runtime.mixed_graphs import token_buckets
+
+    assert token_buckets(0) == []
+    assert token_buckets(100) == [16, 32, 64, 100]
+    assert token_buckets(2048) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+                                   2048]
+
+
+@pytest.mark.gpu
+def test_mixed_graphs_replay_the_pieces_without_graphs_exactly():
+    """Mixed steps replayed from the pieces' CUDA graphs (the engine's default on CUDA) give bit for
+    bit the tokens and logprobs of the same pieces run without capture, over several buckets, under
+    preemption, with sampled requests; and the replays follow the eager engine (float32: same
+    greedy tokens, logprobs within 1e-3, as the decode graphs' test)."""
+    import dataclasses
+
+    from runtime.mixed_graphs import MixedGraphs
+
+    cfg = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(14)
+    reqs = [{"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
+             "max_tokens": 12 + 5 * i, "temperature": 0.8 if i % 3 == 2 else 0, "seed": i, "logprobs": True,
+             "ignore_eos": True} for i, n in enumerate((40, 300, 7, 1200, 90, 33, 500))]
+    settings = dict(model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
+                    max_model_len=4096, schedule_conservativeness=0)
+    results = {}
+    for replay in (True, False):
+        llm = LLM("dummy", **settings)
+        assert llm._mixed_graphs is not None and llm._mixed_graphs.replay  # on by default on CUDA
+        if not replay:
+            llm._mixed_graphs = MixedGraphs(llm.model, 512, llm._sampled, replay=False)
+        results[replay] = llm.generate(reqs)
+        assert llm.preemptions > 0 and len(llm._mixed_graphs.replays) >= 3, llm._mixed_graphs.replays
+    for a, b in zip(results[True], results[False]):
+        assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    greedy = [dict(r, temperature=0, max_tokens=6) for r in reqs]
+    out = [LLM("dummy", dtype="float32", **dict(settings, kv_cache_tokens=4096), enforce_eager=eager
+               ).generate(greedy) for eager in (False, True)]
+    for graph, eager in zip(*out):
+        assert graph.token_ids == eager.token_ids
+        assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3
