@@ -218,7 +218,7 @@ def test_token_buckets():
 
 @pytest.mark.gpu
 def test_mixed_graphs_replay_the_pieces_without_graphs_exactly():
-    """Mixed steps replayed from the pieces' CUDA graphs (the engine's default on CUDA) give bit for
+    """Mixed steps replayed from the pieces' CUDA graphs (mixed_graph_tokens) give bit for
     bit the tokens and logprobs of the same pieces run without capture, over several buckets, under
     preemption, with sampled requests; and the replays follow the eager engine (float32: same
     greedy tokens, logprobs within 1e-3, as the decode graphs' test)."""
@@ -232,11 +232,11 @@ def test_mixed_graphs_replay_the_pieces_without_graphs_exactly():
              "max_tokens": 12 + 5 * i, "temperature": 0.8 if i % 3 == 2 else 0, "seed": i, "logprobs": True,
              "ignore_eos": True} for i, n in enumerate((40, 300, 7, 1200, 90, 33, 500))]
     settings = dict(model=cfg, max_batch_size=6, max_batch_tokens=512, kv_cache_tokens=1536,
-                    max_model_len=4096, schedule_conservativeness=0)
+                    max_model_len=4096, schedule_conservativeness=0, mixed_graph_tokens=512)
     results = {}
     for replay in (True, False):
         llm = LLM("dummy", **settings)
-        assert llm._mixed_graphs is not None and llm._mixed_graphs.replay  # on by default on CUDA
+        assert llm._mixed_graphs is not None and llm._mixed_graphs.replay
         if not replay:
             llm._mixed_graphs = MixedGraphs(llm.model, 512, llm._sampled, replay=False)
         results[replay] = llm.generate(reqs)
