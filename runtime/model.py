@@ -18,7 +18,7 @@ What each launch fuses on the kernel path, per block (decode, every expert on th
 - `ops.local_experts`: mlp1 + SwiGLU, mlp2, then the weighted combine, the residual add and the
   NEXT block's attention RMSNorm in the last launch, so the next block starts from its normed input.
 The reference path (and expert parallelism, which exchanges rows between these steps) runs each
-step on its own; `Block.forward` states the contract both keep.
+step on its own; `Block` states the contract both keep.
 """
 
 from __future__ import annotations
@@ -161,32 +161,30 @@ class MoE(Sharded):
 
 
 class Block(nn.Module):
+    """The block's math, with its residual adds:
+
+        r = x + attention(rms_norm(x))          # h = rms_norm(x), when the block before gave it
+        y = r + moe(rms_norm(r))
+        returns (y, rms_norm(y) under next_norm, or None)
+
+    in two halves around the attention itself, which GptOss.pieces runs apart: `before_attention`
+    (the norm, the QKV projection with RoPE, k and v into the cache: q) and `after_attention` (the
+    output projection and the MoE). The fusion contract: the attention returns its output without
+    the residual; the MoE adds both residuals (x + delta in its first launch, fused with its norm; r +
+    the experts' sum in its last), and where the kernels can it also returns the next block's
+    attention input rms_norm(y), which that block then takes as `h` instead of computing it."""
+
     def __init__(self, cfg: ModelConfig, layer: int, dtype, parallel: Parallel):
         super().__init__()
         self.attn = Attention(cfg, layer, dtype, parallel)
         self.mlp = MoE(cfg, layer, dtype, parallel)
-
-    def forward(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None = None,
-                next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's math, with its residual adds:
-
-            r = x + attention(rms_norm(x))          # h = rms_norm(x), when the block before gave it
-            y = r + moe(rms_norm(r))
-            returns (y, rms_norm(y) under next_norm, or None)
-
-        in two halves around the attention itself (`before_attention`, `after_attention`), which
-        GptOss.pieces runs apart. The fusion contract: the attention returns its output without the
-        residual; the MoE adds both residuals (x + delta in its first launch, fused with its norm; r +
-        the experts' sum in its last), and where the kernels can it also returns the next block's
-        attention input rms_norm(y), which that block then takes as `h` instead of computing it."""
-        out = self.attn.attend(self.before_attention(x, ctx, h), ctx.paged)
-        return self.after_attention(x, out, ctx, next_norm)
 
     def before_attention(self, x: torch.Tensor, ctx: StepContext, h: torch.Tensor | None) -> torch.Tensor:
         return self.attn.project(x, ctx, h)
 
     def after_attention(self, x: torch.Tensor, out: torch.Tensor, ctx: StepContext,
                         next_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, rms_norm(y) or None) from x and the attention's output `out`."""
         delta = self.attn.out(out.flatten(-2))  # this rank's partial sum, all-reduced
         return self.mlp(x, delta, next_norm, ctx.paged.fixed_shapes, ctx.paged.real_rows)
 
