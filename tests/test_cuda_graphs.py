@@ -140,6 +140,22 @@ def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout):
         assert max(abs(a - b) for a, b in zip(graph["logprobs"], eager["logprobs"])) < 1e-3
 
 
+def kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs, install) -> LLM:
+    """The tiny model's engine on the Triton kernels (interpreted, pools poisoned), with `install(engine)`
+    run before its generate, against the reference engine: the same tokens, logprobs within 1e-4.
+    Returns the kernel engine for the caller's checks of what ran."""
+    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
+    fast = LLM(tiny_checkpoints["original"], **settings)
+    poison(fast.model)
+    install(fast)
+    got = fast.generate(reqs)
+    for g, w in zip(got, want):
+        assert g.error is None and g.token_ids == w.token_ids
+        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+    return fast
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the graphs' inputs through Triton's interpreter: CPU only")
 def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
@@ -158,18 +174,15 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     # max_model_len 512: decode attention split in two for it (choose_num_splits), most slices empty
     settings = dict(dtype="float32", device="cpu", max_batch_size=5, max_batch_tokens=40, kv_cache_tokens=96,
                     max_model_len=512, schedule_conservativeness=0)
-    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
-    monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], **settings)
-    poison(fast.model)
-    fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled,
-                                replay=False)
     sampled_by_torch = []
-    monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
-    got = fast.generate(reqs)
-    for g, w in zip(got, want):
-        assert g.error is None and g.token_ids == w.token_ids
-        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+
+    def static_decode_graphs(fast):
+        fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled,
+                                    replay=False)
+        monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
+
+    fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
+                                                    static_decode_graphs)
     # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too,
     # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
     assert fast._graphs.replays.get(4, 0) > 0 and fast.preemptions > 0
@@ -192,16 +205,13 @@ def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, m
             for i, n in enumerate((26, 5, 30, 9))]
     settings = dict(dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=24, kv_cache_tokens=80,
                     max_model_len=512, schedule_conservativeness=0)
-    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
-    monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], **settings)
-    poison(fast.model)
-    fast._mixed_graphs = MixedGraphs(fast.model, 24, fast._sampled, replay=False)
-    assert fast._mixed_graphs.buckets == [16, 24]
-    got = fast.generate(reqs)
-    for g, w in zip(got, want):
-        assert g.error is None and g.token_ids == w.token_ids
-        assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+
+    def static_mixed_graphs(fast):
+        fast._mixed_graphs = MixedGraphs(fast.model, 24, fast._sampled, replay=False)
+        assert fast._mixed_graphs.buckets == [16, 24]
+
+    fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
+                                                    static_mixed_graphs)
     # Mixed steps of both buckets ran, padded ones among them; the run preempted.
     replays = fast._mixed_graphs.replays
     assert replays.get(16, 0) > 0 and replays.get(24, 0) > 0 and fast.preemptions > 0, replays
