@@ -70,8 +70,8 @@ class MixedGraphs:
         # have it (else -1), and 1 for a real row (0 for padding): one host-to-device copy.
         self._host_ints = torch.zeros((rows, 4), dtype=torch.int64, pin_memory=pinned)
         self._ints = torch.zeros((rows, 4), dtype=torch.int64, device=dev)
-        self._slots = {kind: torch.full((rows,), pool.scratch * PAGE_SIZE, dtype=torch.int64, device=dev)
-                       for kind, pool in self.pools.items()}
+        self._slots = {kind: torch.empty(rows, dtype=torch.int64, device=dev) for kind in self.pools}
+        self._pad_slots(0, rows)
         attn = model.block[0].attn
         # The attentions' inputs and outputs, shared by every bucket and layer (replays never overlap).
         self._q = torch.zeros((rows, attn.heads, cfg.head_dim), dtype=model.dtype, device=dev)
@@ -127,14 +127,18 @@ class MixedGraphs:
         if self.model.device.type == "cuda":
             self._inputs_read = torch.cuda.Event()
             self._inputs_read.record()
-        for kind, pool in self.pools.items():
+        for kind in self.pools:
             self._slots[kind][:tokens].copy_(paged.layers(kind).slots)
-            self._slots[kind][tokens:size].fill_(pool.scratch * PAGE_SIZE)
+        self._pad_slots(tokens, size)
 
     def _stage_padding(self, size: int) -> None:
         self._ints[:size] = torch.tensor((0, 0, -1, 0), dtype=torch.int64)
+        self._pad_slots(0, size)
+
+    def _pad_slots(self, start: int, end: int) -> None:
+        """Rows start..end-1 store their keys and values into the scratch page."""
         for kind, pool in self.pools.items():
-            self._slots[kind][:size].fill_(pool.scratch * PAGE_SIZE)
+            self._slots[kind][start:end].fill_(pool.scratch * PAGE_SIZE)
 
     # ------------------------------------------------------------------------------ pieces
     def _pieces_of(self, size: int):
