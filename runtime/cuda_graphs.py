@@ -54,6 +54,30 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
     return None
 
 
+_capture_stream: torch.cuda.Stream | None = None
+
+
+def capture(body, pool) -> torch.cuda.CUDAGraph:
+    """`body()` captured as a CUDA graph whose temporaries live in memory pool `pool` (None: a new
+    pool; `graph.pool()` names it for the next capture). Unlike the `torch.cuda.graph` context, this
+    does not empty the allocator's caches before every capture: the mixed steps' graphs are hundreds
+    of captures (a model's layers + 1 per token bucket), and each emptying makes the next warm-up
+    allocate its memory again from the driver."""
+    global _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    _capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_capture_stream):
+        graph.capture_begin(pool=pool)
+        try:
+            body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(_capture_stream)
+    return graph
+
+
 class DecodeGraphs:
     """replay=False runs the same static-buffer forward without capturing it: how the CPU tests check
     the staging, the padding and the fixed-width tables through Triton's interpreter."""
@@ -191,8 +215,6 @@ class DecodeGraphs:
             self._forward(size)
             self._sampled.copy_(step_before)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory):
-            self._forward(size)
+        graph = capture(lambda: self._forward(size), self._memory)
         self._memory = graph.pool()
         self._graphs[size] = graph

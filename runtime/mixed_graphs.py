@@ -187,9 +187,7 @@ class MixedGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graphs, pieces = [], self._pieces_of(size)
         for _ in range(len(self.model.block) + 1):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._memory):
-                next(pieces, None)
+            graph = cuda_graphs.capture(lambda: next(pieces, None), self._memory)
             self._memory = graph.pool()
             graphs.append(graph)
         self._pieces[size] = graphs
