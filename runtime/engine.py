@@ -49,7 +49,7 @@ class Result:
     text: str = ""
     finish_reason: str = "error"  # "stop" | "length" | "error"
     error: str | None = None
-    chat: dict | None = None  # for Harmony chats: {"messages": [...], "channels": {...}, "tool_calls"?}
+    chat: dict | None = None  # Harmony chats: {"messages", "channels", "token_channels", "tool_calls"?}
     # per token, the most likely [token, logprob] pairs (a request's top_logprobs)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     openai: dict | None = None  # an OpenAI Batch line's reply settings (runtime/openai_batch.py)
@@ -65,8 +65,8 @@ class Result:
             out["logprobs"] = self.logprobs
         if self.top_logprobs is not None:
             out["top_logprobs"] = [[list(pair) for pair in pairs] for pairs in self.top_logprobs]
-        if self.chat is not None:
-            out.update(self.chat)
+        if self.chat is not None:  # its per-token channels serve the OpenAI format's logprobs only
+            out.update({key: value for key, value in self.chat.items() if key != "token_channels"})
         if self.error is not None:
             out["error"] = self.error
         return out

@@ -232,7 +232,7 @@ class Harmony:
 
     def parse_completion(self, token_ids: list[int]) -> dict:
         """Generated assistant tokens -> {"messages": [{channel, recipient, content}],
-        "channels": {channel: text}}.
+        "channels": {channel: text}, "token_channels": [channel or None per token]}.
 
         Never raises: a reply cut short keeps its partial last message, and on garbage the messages
         parsed so far are kept and `parse_error` says what went wrong.
@@ -253,7 +253,8 @@ class Harmony:
         partial, header_error = self._unfinished(parser, consumed)
         if partial is not None:
             messages.append(partial)
-        out = {"messages": messages, "channels": by_channel(messages)}
+        out = {"messages": messages, "channels": by_channel(messages),
+               "token_channels": _token_channels(consumed, messages, len(token_ids))}
         if error or header_error:
             out["parse_error"] = error or header_error
         return out
@@ -273,6 +274,23 @@ class Harmony:
         if state.get("state") == "Header" and any(t in MESSAGE_ENDS for t in header):
             return None, f"a message ended before <|message|>; its header reads {self.decode(header)!r}"
         return None, None
+
+
+def _token_channels(consumed: list[int], messages: list[dict], count: int) -> list[str | None]:
+    """Per generated token, the channel whose message body holds it (None for headers, message ends
+    and tokens after a parse error): the k-th <|message|> opens the k-th parsed message's body."""
+    owners, channel, opened = [], None, 0
+    for token in consumed:
+        if token == MESSAGE:
+            owners.append(None)
+            channel = messages[opened]["channel"] if opened < len(messages) else None
+            opened += 1
+        elif token in MESSAGE_ENDS:
+            owners.append(None)
+            channel = None
+        else:
+            owners.append(channel)
+    return owners + [None] * (count - len(owners))
 
 
 def _message_dict(channel, recipient, content: str) -> dict:

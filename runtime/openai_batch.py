@@ -184,10 +184,14 @@ def _token_text(token: int) -> tuple[str, list[int]]:
 
 
 def _chat_logprobs(result) -> list[dict]:
-    """OpenAI's chat `logprobs.content`: per generated token its text, bytes, logprob and the most
-    likely alternatives (for every generated token: Harmony's channel headers included)."""
+    """OpenAI's chat `logprobs.content`: per token of `message.content` (the final channel's body;
+    every generated token where Harmony read no message) its text, bytes, logprob and the most likely
+    alternatives. Harmony's headers, message ends and the analysis channel are not content."""
     entries = []
+    owners = (result.chat or {}).get("token_channels")
     for i, (token, logprob) in enumerate(zip(result.token_ids, result.logprobs)):
+        if result.chat and result.chat["messages"] and owners[i] != "final":
+            continue
         text, raw = _token_text(token)
         entry = {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": []}
         for alt, alt_logprob in (result.top_logprobs[i] if result.top_logprobs else []):

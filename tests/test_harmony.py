@@ -183,13 +183,21 @@ def test_parse_completion_channels():
     h = get_harmony()
     reply = ("<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>"
              "Hi there<|return|>")
-    parsed = h.parse_completion(encode_with_specials(reply))
+    tokens = encode_with_specials(reply)
+    parsed = h.parse_completion(tokens)
+    owners = parsed.pop("token_channels")
     assert parsed == {"messages": [{"channel": "analysis", "recipient": None, "content": "think"},
                                    {"channel": "final", "recipient": None, "content": "Hi there"}],
                       "channels": {"analysis": "think", "final": "Hi there"}}
-    tokens = encode_with_specials(reply)
-    assert h.parse_completion(tokens[:-1]) == parsed  # no stop token: same messages
-    assert h.parse_completion(tokens[:-1] + [199999]) == parsed  # <|endoftext|> ends it too
+    # each message body's tokens, and only those, carry its channel (headers and ends: None)
+    assert len(owners) == len(tokens)
+    for channel, text in parsed["channels"].items():
+        assert h.decode([t for t, c in zip(tokens, owners) if c == channel]) == text
+    assert h.decode([t for t, c in zip(tokens, owners) if c is None]) == reply.replace("think", "").replace(
+        "Hi there", "")
+    assert h.parse_completion(tokens[:-1]) == dict(parsed, token_channels=owners[:-1])  # no stop token
+    # <|endoftext|> ends it too
+    assert h.parse_completion(tokens[:-1] + [199999]) == dict(parsed, token_channels=owners[:-1] + [None])
 
 
 def test_parse_completion_tool_call():
@@ -226,7 +234,8 @@ def test_parse_garbage_never_raises():
         ids = [rng.choice(specials) if rng.random() < 0.4 else rng.randrange(201088)
                for _ in range(rng.randrange(40))]
         parsed = h.parse_completion(ids)
-        assert set(parsed) <= {"messages", "channels", "parse_error"}
+        assert set(parsed) <= {"messages", "channels", "token_channels", "parse_error"}
+        assert len(parsed["token_channels"]) == len(ids)
     assert h.parse_completion([10**7, 200008, 5])["messages"] == []  # ids out of any table: no crash
     assert "parse_error" in h.parse_completion([-1])
 

@@ -186,3 +186,28 @@ def test_to_native_maps_the_body():
     with pytest.raises(RequestError, match="body.frequency_penalty"):
         openai_batch.to_native(chat_line("x", frequency_penalty=0.5), 256)
     assert not openai_batch.is_openai({"id": 1, "prompt": "x"}) and openai_batch.is_openai({"body": {}})
+
+
+def test_chat_logprobs_cover_the_message_content_only():
+    """`logprobs.content` lists the tokens of `message.content` (the final channel's body), as OpenAI's
+    chat completions do: not Harmony's headers, message ends or the analysis channel."""
+    from runtime.engine import Result
+    from runtime.harmony import get_harmony
+
+    h = get_harmony()
+    reply = ("<|channel|>analysis<|message|>let me think<|end|><|start|>assistant<|channel|>final"
+             "<|message|>Hi there<|return|>")
+    tokens = h.encoding.encode(reply, allowed_special="all")
+    result = Result("r", tokens, [-0.5 - i for i in range(len(tokens))], finish_reason="stop",
+                    chat=h.parse_completion(tokens), openai={"custom_id": "r", "url": CHAT_URL, "model": "m"})
+    choice = openai_batch.output_record(result)["response"]["body"]["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"] == "Hi there"
+    first = tokens.index(200008, tokens.index(200008) + 1) + 1  # the final message's first body token
+    assert [e["logprob"] for e in content] == [-0.5 - i for i in range(first, first + len(content))]
+    # where Harmony read no message, every generated token is content, as the text is
+    text = [24912, 2375]
+    garbage = Result("g", text, [-1.0, -2.0], finish_reason="length", chat=h.parse_completion(text),
+                     openai={"custom_id": "g", "url": CHAT_URL, "model": "m"})
+    choice = openai_batch.output_record(garbage)["response"]["body"]["choices"][0]
+    assert len(choice["logprobs"]["content"]) == 2
