@@ -250,7 +250,7 @@ def test_mixed_graphs_replay_the_pieces_without_graphs_exactly():
         if not replay:
             llm._mixed_graphs = MixedGraphs(llm.model, 512, llm._sampled, replay=False)
         results[replay] = llm.generate(reqs)
-        assert len(llm._mixed_graphs.replays) >= 3, llm._mixed_graphs.replays
+        assert len(llm._mixed_graphs.replays) >= 2, llm._mixed_graphs.replays
         assert llm.preemptions > 0  # the decode graphs' test's lengths, which preempt (a 12 + 5i run did not)
     for a, b in zip(results[True], results[False]):
         assert a.error is None and a.token_ids == b.token_ids and a.logprobs == b.logprobs
