@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> dict:
         llm.generate(requests, on_result=write, should_stop=stop)
         progress.close()
     stats = {"requests": len(todo), **write.counts, "skipped": skipped, "stopped_by": stop.received,
-             "graph_replays": llm.graph_replays, "preemptions": llm.preemptions - preemptions,
+             "graph_replays": llm.graph_replays, "mixed_graph_replays": llm.mixed_graph_replays,
+             "preemptions": llm.preemptions - preemptions,
              "seconds": time.perf_counter() - start}
     stats = over_replicas(stats, parallel)  # a collective: past it, every replica has written its results
     stats["generated_tokens"] = stats["tokens"]
@@ -119,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
 # Counts that add up over replicas (each runs every dp-th request); the others are the first replica's,
 # but seconds, which is the slowest replica's.
 SUMMED = ("requests", "written", "errors", "tokens", "prompt_tokens", "cached_prompt_tokens", "graph_replays",
-          "preemptions")
+          "mixed_graph_replays", "preemptions")
 
 
 def over_replicas(stats: dict, parallel: Parallel) -> dict:
@@ -140,12 +141,14 @@ def summary(stats: dict) -> str:
             f"{stats['prompt_tokens']} prompt tokens ({stats['cached_prompt_tokens']} from the prefix cache, "
             f"{100 * cached:.1f}%), {stats['generated_tokens']} generated in {stats['seconds']:.1f} s, "
             f"{stats['tokens_per_s']:.1f} tokens/s, {stats['preemptions']} preemptions, "
-            f"{stats['graph_replays']} decode steps replayed from CUDA graphs")
+            f"{stats['graph_replays']} steps replayed from CUDA graphs "
+            f"({stats['mixed_graph_replays']} of them mixed)")
 
 
 def write_stats(path: str, stats: dict) -> None:
     keys = ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "seconds", "preemptions",
-            "errors", "skipped", "written", "tokens_per_s", "graph_replays", "stopped_by", "merged")
+            "errors", "skipped", "written", "tokens_per_s", "graph_replays", "mixed_graph_replays",
+            "stopped_by", "merged")
     with open(path, "w") as f:
         json.dump({key: stats[key] for key in keys}, f, indent=2)
         f.write("\n")
