@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sass import count, disassemble  # noqa: E402
 
 KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS", "STL")
 TILES = {"prefill": dict(rows=128, block_t=16, num_stages=2),  # keys: --prefill-keys
@@ -50,18 +50,8 @@ def counts(kernel, cache: str, rows: int, block_t: int, num_stages: int, block_n
                if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_bt")]
     constants = dict(GROUP=8, GROUP_P=8, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=64, PAGE=16,
                      SLIDING=False, SPLIT=False, DOT_FP32=False, PDL=False)
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature(names, cache), constexprs=constants,
-                                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=num_stages))
-    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
-    return collections.Counter(ops)
+    return count(disassemble(kernel, signature(names, cache), constants, aligned, num_warps=4,
+                             num_stages=num_stages))
 
 
 def main() -> None:
