@@ -188,9 +188,9 @@ def _chat_logprobs(result) -> list[dict]:
     every generated token where Harmony read no message) its text, bytes, logprob and the most likely
     alternatives. Harmony's headers, message ends and the analysis channel are not content."""
     entries = []
-    owners = (result.chat or {}).get("token_channels")
+    owners = result.chat["token_channels"] if result.chat and result.chat["messages"] else None
     for i, (token, logprob) in enumerate(zip(result.token_ids, result.logprobs)):
-        if result.chat and result.chat["messages"] and owners[i] != "final":
+        if owners is not None and owners[i] != "final":
             continue
         text, raw = _token_text(token)
         entry = {"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": []}

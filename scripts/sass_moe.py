@@ -12,6 +12,7 @@ reference kernel's decode near 2 instructions a value. See scripts/sass.py for w
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 from pathlib import Path
 
@@ -24,21 +25,21 @@ POINTERS = {"x_ptr": "*bf16", "source_ptr": "*i32", "blocks_ptr": "*u8", "scales
             "bias_ptr": "*bf16", "out_ptr": "*bf16", "counts_ptr": "*i32", "offsets_ptr": "*i32"}
 
 
-def main_loop_counts(kernel, tiles, swiglu: bool, experts: int):
+def main_loop_counts(kernel, tiles, swiglu: bool, experts: int, k_bytes: int) -> collections.Counter:
+    """The main loop's instructions by opcode, for a GEMM of K = 2 * k_bytes values."""
     names = kernel.arg_names
     aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n.startswith("stride")]
-    # mlp1 gathers its rows (4 a token) and ends in the SwiGLU; K is 2,880 values (1,440 bytes) for both
+    # mlp1 gathers its rows (4 a token) and ends in the SwiGLU
     constexprs = dict(GATHER=swiglu, SOURCE_DIV=4 if swiglu else 1, SWIGLU=swiglu, DOT_FP32=False, PTX=True,
                       FOLD=True, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
                       E_POW2=1 << (experts - 1).bit_length(), PDL=False,
-                      EVEN_K=1440 % (tiles.block_k // 2) == 0)
+                      EVEN_K=k_bytes % (tiles.block_k // 2) == 0)
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "limit" else "i32")
                  for n in names}
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.maxnreg is not None:
         options["maxnreg"] = tiles.maxnreg
-    sass = disassemble(kernel, signature, constexprs, aligned, **options)
-    return count(hottest_loop(sass, "HGMMA")), count(sass)
+    return count(hottest_loop(disassemble(kernel, signature, constexprs, aligned, **options), "HGMMA"))
 
 
 def main() -> None:
@@ -67,7 +68,8 @@ def main() -> None:
         rows = tokens * cfg.experts_per_token
         for swiglu, name in ((True, "mlp1"), (False, "mlp2")):
             tiles = gemm_tiles(rows, cfg.num_experts, swiglu)
-            loop, _ = main_loop_counts(_moe_gemm_kernel, tiles, swiglu, cfg.num_experts)
+            k = cfg.hidden_size if swiglu else cfg.intermediate_size  # mlp1 reads x, mlp2 the activations
+            loop = main_loop_counts(_moe_gemm_kernel, tiles, swiglu, cfg.num_experts, k // 2)
             # a thread's share of the tile's weight values decoded in one iteration
             values = tiles.block_n * tiles.block_k / (32 * tiles.num_warps)
             total = sum(loop.values())
