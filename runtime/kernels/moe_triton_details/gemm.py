@@ -59,6 +59,41 @@ def _decode(packed, scale, PTX: tl.constexpr, FOLD: tl.constexpr):
     return lo, hi
 
 @triton.jit
+def _k_step(acc, next_scale, w_ptrs, s_ptrs, x_ptrs, k0, K_BYTES, col_ok, row_ok, kb, kx, kg,
+            MASK_K: tl.constexpr, PTX: tl.constexpr, FOLD: tl.constexpr, DOT_FP32: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K step of the GEMM: decode the packed weights of bytes k0.. with the scales loaded a
+    step ahead, multiply with x, and load the next step's scales. MASK_K: bytes from K_BYTES on are
+    past the end of K (the last step of a K that is no multiple of BLOCK_K)."""
+    BYTES: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BYTES // 16
+    w_mask = col_ok[:, None] & ((k0 + kb) < K_BYTES)[None, :] if MASK_K else col_ok[:, None]
+    packed = tl.load(w_ptrs + k0, mask=w_mask, other=0)
+    scale = next_scale
+    next_group = (k0 + BYTES) // 16 + kg
+    next_scale = tl.load(s_ptrs + (k0 + BYTES) // 16,
+                         mask=col_ok[:, None] & (next_group < K_BYTES // 16)[None, :], other=127)
+    scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, GROUPS, 1)), (BLOCK_N, GROUPS, 16)),
+                       (BLOCK_N, BYTES))
+    lo, hi = _decode(packed, scale, PTX, FOLD)
+    # Back into K order: byte 4q + i of a block (kernel order, mxfp4.quad_transpose) is its byte
+    # q + 4i, and byte j holds elements 2j (low nibble) and 2j + 1 (high). The compiler then loads
+    # the packed bytes straight into the MMA operand's register layout (each thread's bytes decode
+    # to its own k pairs, lane q of a quad's 4 bytes of a block one word: one ldmatrix for a
+    # thread's 16 bytes), with no round trip of the decoded tile through shared memory, and x
+    # reaches the MMA from where the pipeliner put it.
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 4, 4, 2))
+    w = tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+    x_mask = row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :] if MASK_K else row_ok[:, None]
+    x = tl.load(x_ptrs + 2 * k0, mask=x_mask, other=0.0)
+    if DOT_FP32:
+        acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
+    return acc, next_scale
+
+
+@triton.jit
 def _moe_gemm_kernel(
     x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
@@ -98,33 +133,17 @@ def _moe_gemm_kernel(
     # (they reach the MMA only through the decode): load them one iteration ahead by hand, so their
     # latency hides behind a whole iteration instead of stalling each one.
     next_scale = tl.load(s_ptrs, mask=col_ok[:, None] & (kg < K_BYTES // 16)[None, :], other=127)
-    for k0 in range(0, K_BYTES, BYTES):
-        # K (2880 in gpt-oss) need not be a multiple of BLOCK_K; it is one of 32 (16 bytes), which
-        # keeps the masks constant over 16-byte vectors. Where it is one of BLOCK_K (EVEN_K), only
-        # the feature and row masks remain.
-        w_mask = col_ok[:, None] if EVEN_K else col_ok[:, None] & ((k0 + kb) < K_BYTES)[None, :]
-        packed = tl.load(w_ptrs + k0, mask=w_mask, other=0)
-        scale = next_scale
-        next_group = (k0 + BYTES) // 16 + kg
-        next_scale = tl.load(s_ptrs + (k0 + BYTES) // 16,
-                             mask=col_ok[:, None] & (next_group < K_BYTES // 16)[None, :], other=127)
-        scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, GROUPS, 1)), (BLOCK_N, GROUPS, 16)),
-                           (BLOCK_N, BYTES))
-        lo, hi = _decode(packed, scale, PTX, FOLD)
-        # Back into K order: byte 4q + i of a block (kernel order, mxfp4.quad_transpose) is its byte
-        # q + 4i, and byte j holds elements 2j (low nibble) and 2j + 1 (high). The compiler then loads
-        # the packed bytes straight into the MMA operand's register layout (each thread's bytes decode
-        # to its own k pairs, lane q of a quad's 4 bytes of a block one word: one ldmatrix for a
-        # thread's 16 bytes), with no round trip of the decoded tile through shared memory, and x
-        # reaches the MMA from where the pipeliner put it.
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // 32, 4, 4, 2))
-        w = tl.reshape(tl.permute(w, (0, 1, 3, 2, 4)), (BLOCK_N, BLOCK_K))
-        x_mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & ((2 * k0 + kx) < 2 * K_BYTES)[None, :]
-        x = tl.load(x_ptrs + 2 * k0, mask=x_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
+    # K (2880 in gpt-oss) need not be a multiple of BLOCK_K; it is one of 32 (16 bytes). The loop
+    # runs the whole steps without K masks (masked loads of the packed bytes cost byte loads and
+    # selects: 4x the loop's instructions at BLOCK_K 128) and a last, masked step takes the rest.
+    k_whole = K_BYTES if EVEN_K else K_BYTES // BYTES * BYTES
+    for k0 in range(0, k_whole, BYTES):
+        acc, next_scale = _k_step(acc, next_scale, w_ptrs, s_ptrs, x_ptrs, k0, K_BYTES, col_ok, row_ok, kb,
+                                  kx, kg, False, PTX, FOLD, DOT_FP32, BLOCK_N, BLOCK_K)
+    if not EVEN_K:
+        if k_whole < K_BYTES:
+            acc, next_scale = _k_step(acc, next_scale, w_ptrs, s_ptrs, x_ptrs, k_whole, K_BYTES, col_ok,
+                                      row_ok, kb, kx, kg, True, PTX, FOLD, DOT_FP32, BLOCK_N, BLOCK_K)
     if bias_ptr is not None:
         bias = tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[:, None]

@@ -72,13 +72,13 @@ def gemv(block_t: int, block_n: int, block_k: int, decode: str, unroll: bool = T
 
 ROW, ROWS = TENSOR_CORE_ROW, TENSOR_CORE_ROWS
 
-GEMM_RULES = (  # the wgmma GEMM; mlp1 with 8 warps and 256-row tiles once an expert has more than 128
-    # rows; mlp2 from 65 rows per expert with 128 x 128 tiles on 8 warps (blocks in kernel order); up
-    # to 64 rows, 64-row tiles (mlp2's capped at 128 registers a thread: four programs an SM)
+GEMM_RULES = (  # the wgmma GEMM; from 65 rows per expert 128 x 128 tiles on 8 warps (blocks in kernel
+    # order), mlp1's 256 rows a tile once an expert has more than 128; up to 64 rows, 64-row tiles
+    # (mlp2's capped at 128 registers a thread: four programs an SM)
     Rule(lambda b: b.per_expert <= 2, Tiles(8, 64, 128, 4, 4), Tiles(8, 32, 128, 2, 4)),
     Rule(lambda b: b.per_expert <= 16, Tiles(32, 128, 64, 8, 3), Tiles(32, 128, 64, 8, 3)),
     Rule(lambda b: b.per_expert <= 64, Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 64, 4, 3, maxnreg=128)),
-    Rule(lambda b: b.per_expert <= 128, Tiles(128, 64, 64, 4, 3), Tiles(128, 128, 64, 8, 3)),
+    Rule(lambda b: b.per_expert <= 128, Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 64, 8, 3)),
     Rule(lambda b: True, Tiles(256, 128, 64, 8, 4), Tiles(128, 128, 64, 8, 3)),
 )
 
