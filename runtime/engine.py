@@ -30,7 +30,8 @@ from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
-from runtime.kv_cache import PAGE_SIZE, pages_for, resolve_kv_cache_dtype, sliding_pages_bound
+from runtime.kv_cache import (PAGE_SIZE, full_pages_within, pages_for, resolve_kv_cache_dtype,
+                              sliding_pool_pages)
 from runtime.lockstep import Agreement, Lockstep
 from runtime.model import GptOss
 from runtime.requests import Request, RequestError, parse_request, request_id
@@ -206,16 +207,15 @@ class LLM:
         max_batch_size = config.max_batch_size
         self.default_max_tokens = config.default_max_tokens
         self._harmony = None
-        # The sliding layers keep only each running sequence's window: a bound, not a budget.
-        sliding = sliding_pages_bound(self.config.sliding_window, max_batch_size, config.max_batch_tokens)
-        pages = self._kv_pages(config.kv_cache_tokens, config.gpu_memory_fraction, sliding)
-        self.pool = self.model.make_pool(pages, None if pages is None else sliding)
+        pages, sliding = self._kv_pages(config.kv_cache_tokens, config.gpu_memory_fraction, max_batch_size)
+        self.pool = self.model.make_pool(pages, sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
                                    max_batch_tokens=config.max_batch_tokens, max_model_len=max_model_len,
                                    new_generator=self._new_generator, new_constraint=_new_constraint,
                                    prefix_caching=config.enable_prefix_caching,
-                                   conservativeness=config.schedule_conservativeness)
+                                   conservativeness=config.schedule_conservativeness,
+                                   sliding_pool=self.model.sliding_pool, window=self.config.sliding_window)
         # Each step's sampled tokens on the GPU (the next step's decode rows read theirs here), and
         # two pinned host buffers their copies alternate between (one per step in flight or landing).
         self._sampled = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
@@ -251,23 +251,29 @@ class LLM:
             torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start  # start-up beside load_seconds, for reports
 
-    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, sliding_pages: int) -> int | None:
-        """Pages of the full layers' KV pool: from `tokens`, else on CUDA what gpu_memory_fraction of
-        the GPU leaves after the weights, the sliding layers' pool and an allowance for a step's
-        activations; else None (grows)."""
+    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float,
+                  max_batch_size: int) -> tuple[int | None, int | None]:
+        """Pages of the full and the sliding layers' KV pools: the full pool from `tokens`, else on
+        CUDA the most that gpu_memory_fraction of the GPU holds beside the weights, an allowance for a
+        step's activations and the sliding pool that goes with it (kv_cache.sliding_pool_pages); else
+        (None, None): both grow."""
+        window, step_tokens = self.config.sliding_window, self.engine_config.max_batch_tokens
+
+        def sliding_for(full_pages: int) -> int:
+            return sliding_pool_pages(full_pages, window, max_batch_size, step_tokens)
+
         if tokens is not None:
-            return pages_for(tokens)
+            return pages_for(tokens), sliding_for(pages_for(tokens))
         if self.device.type != "cuda":
-            return None
+            return None, None
         _, total = torch.cuda.mem_get_info(self.device)
         # Activations of the largest step (fp32 MoE rows, attention and norm temporaries) and the
         # logits of the sampled rows; an estimate with a margin, not a measurement.
-        settings = self.engine_config
-        activations = (settings.max_batch_tokens * (64 << 10)
-                       + settings.max_batch_size * self.config.vocab_size * 8 + (1 << 30))
-        budget = (total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
-                  - sliding_pages * self.model.kv_page_bytes(sliding=True))
-        pages = torch.tensor([max(0, int(budget // self.model.kv_page_bytes()))], device=self.device)
+        activations = step_tokens * (64 << 10) + max_batch_size * self.config.vocab_size * 8 + (1 << 30)
+        budget = total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
+        page_bytes = self.model.kv_page_bytes(), self.model.kv_page_bytes(sliding=True)
+        fitting = full_pages_within(budget, *page_bytes, sliding_for)
+        pages = torch.tensor([fitting], device=self.device)
         if torch.distributed.is_initialized():  # the first rank's page ids index every rank's pool:
             torch.distributed.all_reduce(pages, op=torch.distributed.ReduceOp.MIN)  # the smallest
         if int(pages) < 1:
@@ -275,7 +281,7 @@ class LLM:
                              f"gpu_memory_fraction={gpu_memory_fraction} "
                              f"(weights {torch.cuda.memory_allocated(self.device) / 2**30:.1f} GiB of "
                              f"{total / 2**30:.1f} GiB); raise it or lower max_batch_tokens")
-        return int(pages)
+        return int(pages), sliding_for(int(pages))
 
     @property
     def max_model_len(self) -> int:

@@ -11,7 +11,10 @@ whatever the context length.
 The full pool is either fixed (sized by the engine from free GPU memory, or by `kv_cache_tokens`):
 the scheduler reserves a step's pages before the step and preempts sequences when they run out; or
 growable (the default without a size): it doubles when it runs out (page ids stay valid, so block
-tables do too). The sliding pool is sized so that it cannot run out (see `sliding_pages_bound`).
+tables do too). The sliding pool is fixed too: as large as the running batch can ever use
+(`sliding_pages_bound`), or, where that is more than the sequences the full pool holds can use, that
+much (`sliding_pool_pages`: a GPU whose memory is short does not set aside window pages for sequences
+that will never run); the scheduler then admits sequences by the sliding pages they may hold too.
 
 A fixed pool has one page more than it hands out, `scratch` (zeros): the padding rows of a CUDA
 graph's batch write their keys there and read them back, so they never touch a sequence's pages.
@@ -71,11 +74,45 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype.itemsize
 
 
+def sliding_pages_per_sequence(window: int, page_size: int = PAGE_SIZE) -> int:
+    """Sliding-layer pages one sequence holds at most between steps: its window, with a partial page
+    at each end (a step's chunk adds to it, see sliding_pages_bound)."""
+    return pages_for(window - 1, page_size) + 2
+
+
 def sliding_pages_bound(window: int, max_batch_size: int, max_batch_tokens: int,
                         page_size: int = PAGE_SIZE) -> int:
     """Sliding-layer pages that running sequences can hold at once: each keeps its window plus this
     step's chunk (a partial page at each end), and the chunks of a step total max_batch_tokens."""
-    return max_batch_size * (pages_for(window - 1, page_size) + 2) + pages_for(max_batch_tokens, page_size)
+    return (max_batch_size * sliding_pages_per_sequence(window, page_size)
+            + pages_for(max_batch_tokens, page_size))
+
+
+def sliding_pool_pages(full_pages: int, window: int, max_batch_size: int, max_batch_tokens: int,
+                       page_size: int = PAGE_SIZE) -> int:
+    """The sliding pool's size beside a full pool of `full_pages`: the batch's bound, or, if fewer, the
+    pages the sequences that fit in the full pool can hold. A sequence holds as many pages of each
+    kind until its context passes the window, and from then on at least pages_for(window + 1) full
+    ones against at most sliding_pages_per_sequence sliding ones; so, unless sequences share full
+    pages (prefix caching), the full pool runs out first. Where they share, the scheduler's
+    admission keeps the sliding pages within the pool (Scheduler._sliding_room)."""
+    per_sequence = sliding_pages_per_sequence(window, page_size)
+    fitting = -(-full_pages * per_sequence // pages_for(window + 1, page_size))
+    return min(sliding_pages_bound(window, max_batch_size, max_batch_tokens, page_size),
+               fitting + pages_for(max_batch_tokens, page_size))
+
+
+def full_pages_within(budget: float, full_bytes: int, sliding_bytes: int, sliding_for) -> int:
+    """The most full-pool pages whose bytes, with those of the sliding_for(pages) sliding pages that
+    go with them (a function that grows with its argument), fit in `budget` bytes."""
+    low, high = 0, max(0, int(budget // full_bytes))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if mid * full_bytes + sliding_for(mid) * sliding_bytes <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 class PagePool:
@@ -290,27 +327,45 @@ class SequenceKV(PageTables):
     def reserve(self, start: int, end: int) -> None:
         """Pages for writing positions start..end-1 (and reading the window before start): releases
         sliding pages that no query from `start` on can see, then allocates. OutOfPages when the
-        fixed full pool has too few (nothing is allocated then)."""
+        full or sliding pool has too few (nothing is allocated then)."""
         if not self.pool.growable and self.pages_missing(end) > self.pool.free_pages:
             raise OutOfPages(f"{self.pages_missing(end)} more KV pages needed, {self.pool.free_pages} free")
+        if self.sliding_pool is not None:
+            self._release_out_of_window(start)
+            missing = self._sliding_pages_missing(start, end)
+            if not self.sliding_pool.growable and missing > self.sliding_pool.free_pages:
+                raise OutOfPages(f"{missing} more sliding-window KV pages needed, "
+                                 f"{self.sliding_pool.free_pages} free")
         while len(self.pages) * self.pool.page_size < end:
             self.pages.append(self.pool.allocate())
         if self.sliding_pool is None:
             return
         ps = self.sliding_pool.page_size
         oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
-        # Entries before released_upto are all released already: a long sequence's step visits only
-        # the pages that just left the window, not every page of its history.
-        for i in range(self.released_upto, min(oldest_visible // ps, len(self.sliding_pages))):
-            if self.sliding_pages[i] != RELEASED:
-                self.sliding_pool.release([self.sliding_pages[i]])
-                self.sliding_pages[i] = RELEASED
-            self.released_upto = i + 1
         while len(self.sliding_pages) * ps < end:
             index = len(self.sliding_pages)
             # A page wholly before the window is never written: keep its entry released.
             live = (index + 1) * ps > oldest_visible
             self.sliding_pages.append(self.sliding_pool.allocate() if live else RELEASED)
+
+    def _release_out_of_window(self, start: int) -> None:
+        """Give back the sliding pages no query from `start` on can see. Entries before released_upto
+        are all released already: a long sequence's step visits only the pages that just left the
+        window, not every page of its history."""
+        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
+        for i in range(self.released_upto, min(oldest_visible // self.sliding_pool.page_size,
+                                               len(self.sliding_pages))):
+            if self.sliding_pages[i] != RELEASED:
+                self.sliding_pool.release([self.sliding_pages[i]])
+                self.sliding_pages[i] = RELEASED
+            self.released_upto = i + 1
+
+    def _sliding_pages_missing(self, start: int, end: int) -> int:
+        """Sliding pages reserve(start, end) would allocate: the new entries inside the window."""
+        ps = self.sliding_pool.page_size
+        oldest_visible = max(0, start - self.window + 1)
+        first_live = max(len(self.sliding_pages), oldest_visible // ps)
+        return max(0, pages_for(end, ps) - first_live)
 
     def release(self) -> None:
         """Give every page back (the sequence is finished, or preempted)."""

@@ -44,7 +44,7 @@ import math
 from typing import TYPE_CHECKING, Callable
 
 from runtime import prefix_cache
-from runtime.kv_cache import OutOfPages, PagePool, SequenceKV
+from runtime.kv_cache import OutOfPages, PagePool, SequenceKV, sliding_pages_bound, sliding_pages_per_sequence
 from runtime.requests import Request
 from runtime.sampling import SeededNoise
 from runtime.step import SequenceChunk
@@ -124,15 +124,24 @@ class Scheduler:
     sampler state, made at its first admission and kept across preemption; new_constraint: likewise
     its grammar's state (None: unconstrained). prefix_caching: reuse cached pages of earlier
     sequences' prefixes (vLLM's enable_prefix_caching). conservativeness: scales the growth reserve
-    admission keeps in a fixed pool (0: none).
+    admission keeps in a fixed pool (0: none). sliding_pool, window: the sliding layers' pool, which
+    admission also keeps within where it is smaller than the batch could use (kv_cache.sliding_pool_pages).
     """
 
     def __init__(self, pool: PagePool, new_cache: Callable[[], SequenceKV], *, max_batch_size: int,
                  max_batch_tokens: int, max_model_len: int,
                  new_generator: Callable[[Request], SeededNoise | None] = lambda request: None,
                  new_constraint: Callable[[Request], Constraint | None] = lambda request: None,
-                 prefix_caching: bool = False, conservativeness: float):
+                 prefix_caching: bool = False, conservativeness: float,
+                 sliding_pool: PagePool | None = None, window: int | None = None):
         self.pool, self.new_cache, self.new_generator = pool, new_cache, new_generator
+        # Sliding pages admission may promise running sequences (None: the pool holds the batch's
+        # bound, so it cannot run out): all but a step's chunks' share.
+        self._sliding_room = None
+        if (sliding_pool is not None and not sliding_pool.growable
+                and sliding_pool.num_pages < sliding_pages_bound(window, max_batch_size, max_batch_tokens)):
+            self._sliding_room = sliding_pool.num_pages - sliding_pool.pages_for(max_batch_tokens)
+            self._sliding_per_sequence = sliding_pages_per_sequence(window, sliding_pool.page_size)
         self.conservativeness = conservativeness
         self.growth_ratio = GROWTH_RATIO_START
         self.new_constraint = new_constraint
@@ -237,6 +246,9 @@ class Scheduler:
         if not self.pool.growable and self.waiting:
             growth = sum(self._growth(seq.request, len(seq.generated) + seq.pending, len(seq.tokens))
                          for seq in self.running.values())
+        sliding = 0  # sliding pages the running sequences may hold
+        if self._sliding_room is not None and self.waiting:
+            sliding = sum(self._sliding_need(seq.request) for seq in self.running.values())
         while self.waiting and len(self.running) < self.max_batch_size:
             index, item = self.waiting[0]
             seq = item if isinstance(item, Sequence) else None
@@ -258,9 +270,18 @@ class Scheduler:
                 if need + reserve > self.pool.free_pages:
                     break  # wait for running sequences to finish
                 growth += own
+            if self._sliding_room is not None:
+                if self.running and sliding + self._sliding_need(req) > self._sliding_room:
+                    break
+                sliding += self._sliding_need(req)
             self.waiting.popleft()
             self.running[index] = seq if seq else self._new_sequence(index, req)
         return rejected
+
+    def _sliding_need(self, req: Request) -> int:
+        """Sliding pages a request's sequence may hold between steps: its window's, or fewer if it
+        never grows that long."""
+        return min(self.pool.pages_for(self.longest(req)), self._sliding_per_sequence)
 
     def _growth(self, req: Request, generated: int, length: int) -> int:
         """Tokens a sequence of `length` tokens, `generated` of them its own, may still generate, as

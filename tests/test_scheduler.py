@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from runtime.engine import LLM
-from runtime.kv_cache import RELEASED, PagePool, SequenceKV, sliding_pages_bound
+from runtime.kv_cache import (RELEASED, PagePool, SequenceKV, full_pages_within, sliding_pages_bound,
+                              sliding_pool_pages)
 from runtime.requests import Request
 from runtime.sampling import SamplingParams
 from runtime.scheduler import PENDING, Scheduler
@@ -31,18 +32,21 @@ def fake_token(request_id: int, position: int) -> int:
 
 def make_scheduler(pages: int | None, batch: int, budget: int, max_model_len: int = 10_000,
                    window: int | None = WINDOW, prefix_caching: bool = False,
-                   conservativeness: float = 0.0) -> Scheduler:
+                   conservativeness: float = 0.0, sliding_pages: int | None = None) -> Scheduler:
     """A scheduler over a full pool of `pages` pages (None: growable) and, with a window, a sliding
-    pool sized as the engine sizes it. Admission by prompt pages alone (conservativeness 0) unless
-    asked: most tests here are of preemption, which the growth reserve makes rare."""
+    pool of `sliding_pages`, or as the engine sizes it. Admission by prompt pages alone
+    (conservativeness 0) unless asked: most tests here are of preemption, which the growth reserve
+    makes rare."""
     full = PagePool([1], 1, 2, torch.float32, "cpu", num_pages=pages or 4, growable=pages is None)
     sliding = None
     if window is not None:
-        bound = sliding_pages_bound(window, batch, budget)
-        sliding = PagePool([0], 1, 2, torch.float32, "cpu", num_pages=bound, growable=False)
+        if sliding_pages is None:
+            sliding_pages = (sliding_pages_bound(window, batch, budget, PAGE) if pages is None
+                             else sliding_pool_pages(pages, window, batch, budget, PAGE))
+        sliding = PagePool([0], 1, 2, torch.float32, "cpu", num_pages=sliding_pages, growable=False)
     return Scheduler(full, lambda: SequenceKV(full, sliding, window), max_batch_size=batch,
                      max_batch_tokens=budget, max_model_len=max_model_len, prefix_caching=prefix_caching,
-                     conservativeness=conservativeness)
+                     conservativeness=conservativeness, sliding_pool=sliding, window=window)
 
 
 def request(i: int, prompt: int, max_tokens: int, stop: tuple[int, ...] = ()) -> Request:
@@ -118,7 +122,8 @@ class Driver:
             seen |= pages
             assert len(chunk.cache.pages) * PAGE >= chunk.start + chunk.length
             live = [p for p in chunk.cache.sliding_pages if p != RELEASED]
-            assert len(live) <= -(-WINDOW // PAGE) + 2 + -(-chunk.length // PAGE)
+            if chunk.cache.sliding_pool is not None:
+                assert len(live) <= -(-chunk.cache.window // PAGE) + 2 + -(-chunk.length // PAGE)
             uncomputed.append(len(seq.tokens) - (id(seq) in sampled) - chunk.start)
             for offset in range(chunk.length):
                 position = chunk.start + offset
@@ -407,6 +412,79 @@ def test_random_mixes_finish_as_alone_without_leaking_pages(seed):
     assert set(driver.rejected) == never_fit
     driver.assert_done_as_alone(reqs)
     driver.assert_no_page_held()
+
+
+def test_the_sliding_pool_is_the_batch_bound_or_what_the_full_pool_can_use():
+    # gpt-oss: a window of 128 is 8 pages, a sequence past it holds at most 10 sliding pages against
+    # at least 9 full ones; a step of 8,192 tokens adds 512 pages of chunks
+    bound = sliding_pages_bound(128, 1024, 8192)
+    assert sliding_pool_pages(10**6, 128, 1024, 8192) == bound == 1024 * 10 + 512
+    assert sliding_pool_pages(2750, 128, 1024, 8192) == 3056 + 512  # 44,000 positions: ceil(2750 * 10 / 9)
+    assert sliding_pool_pages(0, 128, 1024, 8192) == 512
+    for full in range(0, 400, 7):  # never more than the bound, and growing with the full pool
+        assert sliding_pool_pages(full, 40, 6, 48) <= sliding_pages_bound(40, 6, 48)
+        assert sliding_pool_pages(full, 40, 6, 48) <= sliding_pool_pages(full + 1, 40, 6, 48)
+
+
+@pytest.mark.parametrize("budget", [0.5 * 2**30, 2 * 2**30, 9.3 * 2**30, 60 * 2**30])
+def test_the_memory_split_takes_the_most_full_pages_that_fit_beside_their_sliding_ones(budget):
+    page = 16 * 36 * 1024  # gpt-oss-120b: 18 layers a kind, 8 KV heads of 64, keys and values in bf16
+
+    def sliding_for(full):
+        return sliding_pool_pages(full, 128, 1024, 8192)
+    full = full_pages_within(budget, page, page, sliding_for)
+    assert full * page + sliding_for(full) * page <= budget
+    assert (full + 1) * page + sliding_for(full + 1) * page > budget
+    if budget == 9.3 * 2**30:  # about an H100's room beside 120b: more full pages than the bound leaves
+        assert full > 1.2 * (budget - sliding_pages_bound(128, 1024, 8192) * page) // page
+    assert full_pages_within(511 * page, page, page, sliding_for) == 0  # not even a step's chunks fit
+
+
+def test_sequences_that_fit_the_full_pool_fit_the_sliding_pool_sized_for_it():
+    """Without shared pages, a sliding pool sized for the full pool never runs out first: every
+    running sequence's sliding pages, counted after each step, stay within it, and admission never
+    waits for it (it only would with pages shared by prefix caching)."""
+    rng = random.Random(0)
+    for _ in range(30):
+        window, pages = rng.choice([20, 40, 70]), rng.randint(3, 30)
+        driver = Driver(make_scheduler(pages, rng.randint(2, 12), rng.randint(16, 64), window=window))
+        assert driver.s._sliding_room is not None or driver.s.new_cache().sliding_pool.num_pages \
+            == sliding_pages_bound(window, driver.s.max_batch_size, driver.s.max_batch_tokens, PAGE)
+        reqs = [request(i, rng.randint(1, 90), rng.randint(1, 60)) for i in range(rng.randint(1, 10))]
+        driver.add(reqs)
+        driver.run()
+        driver.assert_done_as_alone(reqs)
+        driver.assert_no_page_held()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_sliding_pool_smaller_than_the_batch_needs_admits_fewer_and_finishes_as_alone(seed):
+    """A sliding pool below what the running batch could hold (as a short GPU's is beside a small full
+    pool, or tighter still): admission keeps the sequences' windows within it, a reservation that
+    finds it empty preempts like one that finds the full pool empty, and every request finishes
+    with the tokens it makes alone, with no page left held."""
+    rng = random.Random(seed)
+    window, batch, budget = 40, rng.randint(3, 8), rng.randint(16, 64)
+    per_sequence = -(-(window - 1) // PAGE) + 2
+    chunk_pages = -(-budget // PAGE)
+    sliding = rng.randint(per_sequence + chunk_pages, sliding_pages_bound(window, batch, budget, PAGE) - 1)
+    driver = Driver(make_scheduler(rng.choice([None, 40]), batch, budget, window=window,
+                                   sliding_pages=sliding))
+    assert driver.s._sliding_room is not None
+    room, promised = sliding - chunk_pages, []
+    step = driver.step
+
+    def checked():  # what admission promised the running sequences' windows fits the room
+        step()
+        promised.append(sum(driver.s._sliding_need(seq.request) for seq in driver.s.running.values()))
+        assert promised[-1] <= room or len(driver.s.running) == 1
+    driver.step = checked
+    reqs = [request(i, rng.randint(1, 120), rng.randint(1, 40)) for i in range(12)]
+    driver.add(reqs)
+    driver.run()
+    driver.assert_done_as_alone(reqs)
+    driver.assert_no_page_held()
+    assert max(promised) > room - per_sequence  # admission filled the room to within one window
 
 
 # --------------------------------------------------------------------------- the engine over a fixed pool
