@@ -139,7 +139,8 @@ class Scheduler:
         # bound, so it cannot run out): all but a step's chunks' share.
         self._sliding_room = None
         if (sliding_pool is not None and not sliding_pool.growable
-                and sliding_pool.num_pages < sliding_pages_bound(window, max_batch_size, max_batch_tokens)):
+                and sliding_pool.num_pages < sliding_pages_bound(window, max_batch_size, max_batch_tokens,
+                                                                 sliding_pool.page_size)):
             self._sliding_room = sliding_pool.num_pages - sliding_pool.pages_for(max_batch_tokens)
             self._sliding_per_sequence = sliding_pages_per_sequence(window, sliding_pool.page_size)
         self.conservativeness = conservativeness

@@ -9,6 +9,7 @@ alone.
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -603,3 +604,23 @@ def test_cache_size_is_reported_and_checked(tiny_checkpoints):
     assert llm.kv_cache_tokens == 112 and llm.pool.num_pages == 7 and not llm.pool.growable
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         tight(tiny_checkpoints, 0, 2, 16)
+
+
+def test_the_scheduler_simulation_finishes_every_request_and_counts_preemptions():
+    """scripts/simulate_scheduler.py (the scheduler and pools without a model, for choosing admission
+    settings on a CPU; in session 21 it made the very steps and preemptions of a GPU run) on a small
+    workload: everything finishes; a roomy pool preempts nothing, a small one does."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_scheduler.py"
+    spec = importlib.util.spec_from_file_location("simulate_scheduler", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    requests, stops = sim.workload(12, 40, 30, shared=16, stop_share=0.5, seed=1)
+    roomy = sim.simulate(10_000, requests, 8, 64, window=20, conservativeness=0.0, prefix_caching=True,
+                         stops=stops)
+    assert roomy["finished"] == 12 and roomy["preemptions"] == 0 and roomy["cached_tokens"] > 0
+    requests, stops = sim.workload(12, 40, 30, shared=16, stop_share=0.5, seed=1)
+    small = sim.simulate(160, requests, 8, 64, window=20, conservativeness=0.0, prefix_caching=False,
+                         stops=stops)
+    assert small["finished"] == 12 and small["preemptions"] > 0
+    assert small["generated"] == roomy["generated"]  # the same tokens, preempted or not
