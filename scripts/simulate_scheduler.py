@@ -33,12 +33,15 @@ STOP = 7  # the fake model's stop token, sampled where a request is drawn to sto
 
 
 def simulate(positions: int, requests: list[Request], max_batch_size: int, max_batch_tokens: int,
-             window: int, conservativeness: float, prefix_caching: bool, stops: dict) -> dict:
-    """Run the workload to the end; stops: request id -> the generated count at which it samples STOP."""
+             window: int, conservativeness: float, prefix_caching: bool, stops: dict,
+             sliding_pages: int | None = None) -> dict:
+    """Run the workload to the end; stops: request id -> the generated count at which it samples STOP;
+    sliding_pages: the sliding pool's size (None: as the engine sizes it)."""
     full_pages = pages_for(positions)
     full = PagePool([0], 1, 1, torch.float32, "cpu", num_pages=full_pages, growable=False)
-    sliding = PagePool([1], 1, 1, torch.float32, "cpu", growable=False,
-                       num_pages=sliding_pool_pages(full_pages, window, max_batch_size, max_batch_tokens))
+    if sliding_pages is None:
+        sliding_pages = sliding_pool_pages(full_pages, window, max_batch_size, max_batch_tokens)
+    sliding = PagePool([1], 1, 1, torch.float32, "cpu", num_pages=sliding_pages, growable=False)
     scheduler = Scheduler(full, lambda: SequenceKV(full, sliding, window), max_batch_size=max_batch_size,
                           max_batch_tokens=max_batch_tokens, max_model_len=10**9,
                           prefix_caching=prefix_caching, conservativeness=conservativeness,
@@ -97,14 +100,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--conservativeness", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--sliding-pages", type=int, help="the sliding pool's size (default: the engine's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    print("| conservativeness | steps | preemptions | mean running | prompt tokens computed (own) | "
+    print("| conservativeness | steps | preemptions | mean running | prompt tokens computed (of the prompts) | "
           "from the cache | decode rows |\n|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.conservativeness:
         requests, stops = workload(args.requests, args.isl, args.osl, args.shared, args.stop_share, args.seed)
         r = simulate(args.positions, requests, args.max_batch_size, args.max_batch_tokens, args.window, c,
-                     not args.no_prefix_caching, stops)
+                     not args.no_prefix_caching, stops, args.sliding_pages)
         own = args.requests * args.isl
         print(f"| {c:g} | {r['steps']:,} | {r['preemptions']:,} | {r['mean_running']:.1f} | "
               f"{r['prompt_tokens_computed']:,} ({own:,}) | {r['cached_tokens']:,} | {r['decode_rows']:,} |",
