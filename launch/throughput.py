@@ -138,6 +138,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     llm.reset_expert_load()
     limits = ceilings(llm.device)
     stats, preemptions, replays = dataclasses.replace(llm.step_stats), llm.preemptions, llm.graph_replays
+    preempted_tokens = llm.preempted_tokens
     mixed_replays = llm.mixed_graph_replays
     seconds, results = _generate(llm, requests)
     _check(results, requests)
@@ -169,7 +170,8 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "mixed_graph_steps": llm.mixed_graph_replays - mixed_replays,
         "mean_running_batch": (after.running - stats.running) / steps if steps else 0.0,
         "mean_decode_rows": (after.decode_tokens - stats.decode_tokens) / steps if steps else 0.0,
-        "preemptions": llm.preemptions - preemptions, "ceilings": limits,
+        "preemptions": llm.preemptions - preemptions,
+        "preempted_tokens": llm.preempted_tokens - preempted_tokens, "ceilings": limits,
         "expert_load": llm.expert_load(),
         "peak_GiB": (torch.cuda.max_memory_allocated(llm.device) / 2**30
                      if llm.device.type == "cuda" else None),
@@ -215,7 +217,8 @@ def table(report: dict) -> str:
               f"{report['mean_decode_rows']:.1f} | | |",
               f"| prompt tokens from the prefix cache | {report['cached_prompt_tokens']:,} "
               f"({100 * report['prefix_hit_rate']:.1f}%) | | |",
-              f"| preemptions | {report['preemptions']:,} | | |",
+              f"| preemptions (computed KV positions they threw away) | {report['preemptions']:,} "
+              f"({report['preempted_tokens']:,}) | | |",
               f"| KV cache | {kv_positions(settings['kv_cache_tokens'], settings['kv_cache_dtype'])} | | |",
               f"| start-up: load / graph capture ({s['graph_sizes']} decode sizes, "
               f"{s['mixed_graph_buckets']} mixed token counts) / warm-up | "

@@ -302,6 +302,11 @@ class LLM:
         return self.scheduler.preemptions
 
     @property
+    def preempted_tokens(self) -> int:
+        """Positions of computed KV that preemptions threw away (to compute again), for reports."""
+        return self.scheduler.preempted_tokens
+
+    @property
     def graph_sizes(self) -> list[int]:
         """The decode batch sizes with a CUDA graph (none when eager)."""
         return [] if self._graphs is None else list(self._graphs.sizes)

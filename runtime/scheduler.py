@@ -153,6 +153,9 @@ class Scheduler:
         self.waiting: collections.deque[tuple[int, Request | Sequence]] = collections.deque()
         self.running: dict[int, Sequence] = {}  # in admission order
         self.preemptions = 0  # sequences sent back to wait (their KV recomputed later), for reports
+        # positions of computed KV those preemptions threw away: most preempted sequences were admitted
+        # in the same step and computed nothing, so this, not the count, is what they cost
+        self.preempted_tokens = 0
         self.stats = StepStats()
 
     def add(self, index: int, request: Request) -> None:
@@ -418,6 +421,7 @@ class Scheduler:
         returns (prompt and generated tokens as one prefill), its sampler state kept."""
         seq = self.running.pop(index)
         self._release(seq)
+        self.preempted_tokens += seq.computed
         seq.computed, seq.preempted = 0, True
         self.waiting.appendleft((index, seq))
         self.preemptions += 1

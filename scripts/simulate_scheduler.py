@@ -64,7 +64,8 @@ def simulate(positions: int, requests: list[Request], max_batch_size: int, max_b
             generated += sum(len(seq.generated) for seq in done)
         in_flight = launched
     stats = scheduler.stats
-    return {"steps": stats.steps, "preemptions": scheduler.preemptions, "mean_running": stats.mean_running,
+    return {"steps": stats.steps, "preemptions": scheduler.preemptions,
+            "preempted_tokens": scheduler.preempted_tokens, "mean_running": stats.mean_running,
             "prompt_tokens_computed": stats.prompt_tokens, "decode_rows": stats.decode_tokens,
             "cached_tokens": stats.cached_tokens, "finished": finished, "generated": generated,
             "full_pages": full_pages, "sliding_pages": sliding.num_pages,
@@ -103,14 +104,16 @@ def main() -> None:
     ap.add_argument("--sliding-pages", type=int, help="the sliding pool's size (default: the engine's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    print("| conservativeness | steps | preemptions | mean running | prompt tokens computed (of the prompts) | "
-          "from the cache | decode rows |\n|---:|---:|---:|---:|---:|---:|---:|")
+    print("| conservativeness | steps | preemptions (computed positions thrown away) | mean running | "
+          "prompt tokens computed (of the prompts) | from the cache | decode rows |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.conservativeness:
         requests, stops = workload(args.requests, args.isl, args.osl, args.shared, args.stop_share, args.seed)
         r = simulate(args.positions, requests, args.max_batch_size, args.max_batch_tokens, args.window, c,
                      not args.no_prefix_caching, stops, args.sliding_pages)
         own = args.requests * args.isl
-        print(f"| {c:g} | {r['steps']:,} | {r['preemptions']:,} | {r['mean_running']:.1f} | "
+        print(f"| {c:g} | {r['steps']:,} | {r['preemptions']:,} ({r['preempted_tokens']:,}) | "
+              f"{r['mean_running']:.1f} | "
               f"{r['prompt_tokens_computed']:,} ({own:,}) | {r['cached_tokens']:,} | {r['decode_rows']:,} |",
               flush=True)
     print(f"(full pool {r['full_pages']:,} pages of {PAGE_SIZE}, sliding pool {r['sliding_pages']:,}; "

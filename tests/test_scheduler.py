@@ -226,10 +226,12 @@ def test_the_latest_admitted_is_preempted_and_recomputed_later():
     reqs = [request(i, 10, 40) for i in range(3)]
     driver.add(reqs)
     while driver.s.preemptions == 0:
+        computed = driver.s.running[2].computed if 2 in driver.s.running else 0
         driver.step()
     assert list(driver.s.running) == [0, 1]
     (index, victim), = driver.s.waiting
     assert index == 2 and victim.computed == 0 and victim.cache.pages == []
+    assert driver.s.preempted_tokens == computed > 10  # the positions it had computed, thrown away
     generated_before = len(victim.tokens)
     driver.run().assert_done_as_alone(reqs)
     # It came back with its prompt and generated tokens recomputed as one prefill.
