@@ -11,7 +11,8 @@ the others go on; retry_errors=true runs such requests again.
 
 At the end (finished or stopped) a summary of this run goes to stderr and, with stats=FILE, to FILE
 as JSON: requests, prompt_tokens, cached_prompt_tokens (served by the prefix cache),
-generated_tokens, seconds, preemptions, ..., over every replica.
+generated_tokens, seconds, preemptions, preempted_tokens (computed KV positions the preemptions
+threw away, to compute again), ..., over every replica.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
     progress = Progress(len(todo), enabled=cfg.progress and parallel.rank == 0,
                         interval_s=cfg.progress_interval_s)
     stop = StopSignal()
-    preemptions = llm.preemptions
+    preemptions, preempted_tokens = llm.preemptions, llm.preempted_tokens
     start = time.perf_counter()
     with open_part(store, parallel, todo) as out:
         write = ResultWriter(out, on_write=lambda result: progress.update(len(result.token_ids)))
@@ -106,6 +107,7 @@ def run(cfg: DictConfig) -> dict:
     stats = {"requests": len(todo), **write.counts, "skipped": skipped, "stopped_by": stop.received,
              "graph_replays": llm.graph_replays, "mixed_graph_replays": llm.mixed_graph_replays,
              "preemptions": llm.preemptions - preemptions,
+             "preempted_tokens": llm.preempted_tokens - preempted_tokens,
              "seconds": time.perf_counter() - start}
     stats = over_replicas(stats, parallel)  # a collective: past it, every replica has written its results
     stats["generated_tokens"] = stats["tokens"]
@@ -120,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
 # Counts that add up over replicas (each runs every dp-th request); the others are the first replica's,
 # but seconds, which is the slowest replica's.
 SUMMED = ("requests", "written", "errors", "tokens", "prompt_tokens", "cached_prompt_tokens", "graph_replays",
-          "mixed_graph_replays", "preemptions")
+          "mixed_graph_replays", "preemptions", "preempted_tokens")
 
 
 def over_replicas(stats: dict, parallel: Parallel) -> dict:
@@ -140,15 +142,16 @@ def summary(stats: dict) -> str:
     return (f"{stats['requests']} requests ({stats['errors']} failed, {stats['skipped']} already done), "
             f"{stats['prompt_tokens']} prompt tokens ({stats['cached_prompt_tokens']} from the prefix cache, "
             f"{100 * cached:.1f}%), {stats['generated_tokens']} generated in {stats['seconds']:.1f} s, "
-            f"{stats['tokens_per_s']:.1f} tokens/s, {stats['preemptions']} preemptions, "
+            f"{stats['tokens_per_s']:.1f} tokens/s, {stats['preemptions']} preemptions "
+            f"({stats['preempted_tokens']} computed positions thrown away), "
             f"{stats['graph_replays']} steps replayed from CUDA graphs "
             f"({stats['mixed_graph_replays']} of them mixed)")
 
 
 def write_stats(path: str, stats: dict) -> None:
     keys = ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "seconds", "preemptions",
-            "errors", "skipped", "written", "tokens_per_s", "graph_replays", "mixed_graph_replays",
-            "stopped_by", "merged")
+            "preempted_tokens", "errors", "skipped", "written", "tokens_per_s", "graph_replays",
+            "mixed_graph_replays", "stopped_by", "merged")
     with open(path, "w") as f:
         json.dump({key: stats[key] for key in keys}, f, indent=2)
         f.write("\n")

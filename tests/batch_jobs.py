@@ -25,7 +25,7 @@ def config(name, **overrides):
 class EchoLLM:
     """An engine stand-in: the real request checks, and each request's prompt echoed as its output."""
 
-    graph_replays = mixed_graph_replays = preemptions = 0
+    graph_replays = mixed_graph_replays = preemptions = preempted_tokens = 0
 
     def make_request(self, obj):
         return parse_request(obj, max_model_len=64, vocab_size=1000, default_max_tokens=4)

@@ -218,7 +218,7 @@ def test_stats_file_counts_the_prefix_cache_and_caching_changes_no_output(tiny_c
         runs[on] = read_output(out), json.loads(stats_file.read_text())
     (cached_rows, cached), (plain_rows, plain) = runs[True], runs[False]
     for key in ("requests", "prompt_tokens", "cached_prompt_tokens", "generated_tokens", "seconds",
-                "preemptions"):
+                "preemptions", "preempted_tokens"):
         assert key in cached and key in plain
     assert cached["requests"] == 6 and cached["prompt_tokens"] == plain["prompt_tokens"] > 6 * 16
     assert plain["cached_prompt_tokens"] == 0 and cached["cached_prompt_tokens"] >= 5 * 16
