@@ -74,6 +74,11 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     return 2 * num_layers * page_size * num_kv_heads * head_dim * dtype.itemsize
 
 
+def first_visible_page(position: int, window: int | None, page_size: int) -> int:
+    """The sliding layers' first page that a query at `position` reads (its oldest key's)."""
+    return max(0, position - window + 1) // page_size if window else 0
+
+
 def sliding_pages_per_sequence(window: int, page_size: int = PAGE_SIZE) -> int:
     """Sliding-layer pages one sequence holds at most between steps: its window, with a partial page
     at each end (a step's chunk adds to it, see sliding_pages_bound)."""
@@ -340,21 +345,18 @@ class SequenceKV(PageTables):
             self.pages.append(self.pool.allocate())
         if self.sliding_pool is None:
             return
-        ps = self.sliding_pool.page_size
-        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
-        while len(self.sliding_pages) * ps < end:
-            index = len(self.sliding_pages)
+        first_visible = first_visible_page(start, self.window, self.sliding_pool.page_size)
+        while len(self.sliding_pages) * self.sliding_pool.page_size < end:
             # A page wholly before the window is never written: keep its entry released.
-            live = (index + 1) * ps > oldest_visible
+            live = len(self.sliding_pages) >= first_visible
             self.sliding_pages.append(self.sliding_pool.allocate() if live else RELEASED)
 
     def _release_out_of_window(self, start: int) -> None:
         """Give back the sliding pages no query from `start` on can see. Entries before released_upto
         are all released already: a long sequence's step visits only the pages that just left the
         window, not every page of its history."""
-        oldest_visible = max(0, start - self.window + 1)  # the first query's oldest key
-        for i in range(self.released_upto, min(oldest_visible // self.sliding_pool.page_size,
-                                               len(self.sliding_pages))):
+        first_visible = first_visible_page(start, self.window, self.sliding_pool.page_size)
+        for i in range(self.released_upto, min(first_visible, len(self.sliding_pages))):
             if self.sliding_pages[i] != RELEASED:
                 self.sliding_pool.release([self.sliding_pages[i]])
                 self.sliding_pages[i] = RELEASED
@@ -362,10 +364,9 @@ class SequenceKV(PageTables):
 
     def _sliding_pages_missing(self, start: int, end: int) -> int:
         """Sliding pages reserve(start, end) would allocate: the new entries inside the window."""
-        ps = self.sliding_pool.page_size
-        oldest_visible = max(0, start - self.window + 1)
-        first_live = max(len(self.sliding_pages), oldest_visible // ps)
-        return max(0, pages_for(end, ps) - first_live)
+        first_live = max(len(self.sliding_pages),
+                         first_visible_page(start, self.window, self.sliding_pool.page_size))
+        return max(0, pages_for(end, self.sliding_pool.page_size) - first_live)
 
     def release(self) -> None:
         """Give every page back (the sequence is finished, or preempted)."""

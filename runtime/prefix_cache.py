@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from runtime.kv_cache import RELEASED, PagePool, SequenceKV
+from runtime.kv_cache import RELEASED, PagePool, SequenceKV, first_visible_page
 
 ROOT = b""  # the parent digest of a sequence's first page
 
@@ -39,11 +39,6 @@ def chain_digests(tokens: list[int], page_size: int, digests: list[bytes]) -> No
             return
         parent = digests[j - 1] if j else ROOT
         digests.append(hashlib.blake2b(parent + array("q", page).tobytes(), digest_size=16).digest())
-
-
-def first_visible_page(position: int, window: int | None, page_size: int) -> int:
-    """The sliding layers' first page that a query at `position` reads (its oldest key's)."""
-    return max(0, position - window + 1) // page_size if window else 0
 
 
 def longest_hit(full: PagePool, sliding: PagePool | None, window: int | None, digests: list[bytes],

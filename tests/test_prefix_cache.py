@@ -16,8 +16,8 @@ import torch
 
 from runtime.config import preset
 from runtime.engine import LLM
-from runtime.kv_cache import RELEASED, OutOfPages, PagePool
-from runtime.prefix_cache import chain_digests, first_visible_page
+from runtime.kv_cache import RELEASED, OutOfPages, PagePool, first_visible_page
+from runtime.prefix_cache import chain_digests
 from runtime.requests import Request
 from runtime.sampling import SamplingParams
 from runtime.scheduler import PENDING, Scheduler
