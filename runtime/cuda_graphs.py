@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime import ops
+from runtime import ops, warm_up
 from runtime.kv_cache import PAGE_SIZE, pages_for
 from runtime.model import GptOss
 from runtime.step import PagedLayers, PagedStep, SequenceChunk
@@ -143,7 +143,13 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every size now, largest first (the shared memory pool is sized by the first), with
         every row staged as padding: what the engine does at start-up, as vLLM does, so that no
-        capture falls inside a timed run."""
+        capture falls inside a timed run. The sizes run once side by side first (runtime/warm_up.py),
+        so that their kernels compile at the same time."""
+        self._stage([], [], {}, self.sizes[-1])  # every row padding, for every size's warm-up
+        step_before = self._sampled.clone()  # the warm-ups sample into the buffer; put back after
+        warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
+                                  for size in self.sizes if size not in self._graphs}, self.model.device)
+        self._sampled.copy_(step_before)
         for size in reversed(self.sizes):
             if size not in self._graphs:
                 self._stage([], [], {}, size)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime import cuda_graphs
+from runtime import cuda_graphs, warm_up
 from runtime.kv_cache import PAGE_SIZE
 from runtime.model import GptOss
 from runtime.step import PagedLayers, PagedStep
@@ -104,7 +104,12 @@ class MixedGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every bucket now, largest first (the shared memory pool is sized by the first)."""
+        """Capture every bucket now, largest first (the shared memory pool is sized by the first),
+        after running them once side by side (runtime/warm_up.py), so that their kernels compile at
+        the same time."""
+        self._stage_padding(self.buckets[-1])
+        warm_up.run_side_by_side({size: lambda size=size: all(True for _ in self._pieces_of(size))
+                                  for size in self.buckets if size not in self._pieces}, self.model.device)
         for size in reversed(self.buckets):
             if size not in self._pieces:
                 self._stage_padding(size)

@@ -262,3 +262,42 @@ def test_mixed_graphs_replay_the_pieces_without_graphs_exactly():
     for graph, eager in zip(*out):
         assert graph.token_ids == eager.token_ids
         assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 1e-3
+
+
+def test_warm_ups_run_side_by_side_within_the_largest_rows():
+    """Every size's warm-up runs once, several at a time, never more rows at once than the largest
+    size; a failing one raises after all have stopped."""
+    import threading
+    import time
+
+    from runtime import cuda_graphs, warm_up
+
+    lock, in_flight, seen, peak, threads = threading.Lock(), [0, 0], [], [0, 0], set()
+
+    def body(rows):
+        def run():
+            assert torch.is_inference_mode_enabled()
+            with lock:
+                in_flight[0] += rows
+                in_flight[1] += 1
+                peak[:] = max(peak[0], in_flight[0]), max(peak[1], in_flight[1])
+                seen.append(rows)
+                threads.add(threading.get_ident())
+            time.sleep(0.02)
+            with lock:
+                in_flight[0] -= rows
+                in_flight[1] -= 1
+        return run
+
+    sizes = cuda_graphs.capture_sizes(256)
+    warm_up.run_side_by_side({s: body(s) for s in sizes}, torch.device("cpu"), threads=4)
+    assert sorted(seen) == sorted(sizes) and peak[0] <= 256
+    assert peak[1] > 1 and len(threads) > 1  # the small sizes did run together
+
+    def fails():
+        raise RuntimeError("compile failed")
+    ran = []
+    with pytest.raises(RuntimeError, match="compile failed"):
+        warm_up.run_side_by_side({8: fails, 4: lambda: ran.append(4), 2: lambda: ran.append(2)},
+                                 torch.device("cpu"), threads=2)
+    assert sorted(ran) == [2, 4]

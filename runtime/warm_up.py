@@ -1,0 +1,95 @@
+"""The warm-up runs before the CUDA graphs are captured, side by side, so that Triton compiles at once.
+
+Each padded size a graph is captured for runs once outside the graph first: its Triton kernels
+compile there (a kernel compiles once per specialisation: its tile constants, which follow the row
+count, and which integer arguments are 1 or multiples of 16). On a machine whose Triton cache is
+empty that compiling is most of the start-up (on an H100 at max_batch_size 1,024: 46-55 s to
+capture with the cache empty, 5-9 s with it warm), and one size after another it uses one CPU core.
+Triton's compiler passes and ptxas release the GIL, so `run_side_by_side` runs the sizes' warm-ups
+on threads: the compiles of different sizes overlap, and threads that reach the same uncompiled
+kernel wait for one compile of it (Triton's AsyncCompileMode, where this Triton has it) instead of
+each compiling it again. Measured (docs/performance.md, session 22): 20b 54.7 -> 42.0 s, 120b 46.0
+-> 45.9 s; within one size the kernels still compile one after another, as its forward meets them.
+
+All threads launch on the caller's stream: the GPU runs their kernels one after another, and the
+caching allocator hands memory freed by one warm-up to the next (it keeps freed blocks per stream).
+The sizes running at once never add up to more rows than the largest of them, so the activations
+in flight stay within what the KV sizing left for one step (engine._kv_pages). The warm-ups write
+only into buffers the captures write again, and every row is padding, so their interleaving does
+not matter; the captures that follow run each size again, from Triton's in-memory cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import os
+import threading
+from typing import Callable
+
+import torch
+
+try:  # Triton 3.4 and later: concurrent launches of one uncompiled kernel share its compile
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # an older Triton: each thread compiles what it meets (correct, more CPU)
+    AsyncCompileMode = None
+
+MAX_THREADS = 8  # beyond this the threads mostly wait for the same kernels' compiles
+
+
+class RowBudget:
+    """At most `rows` rows' warm-ups at once; one larger than the budget runs alone."""
+
+    def __init__(self, rows: int):
+        self.rows, self.in_flight = rows, 0
+        self._changed = threading.Condition()
+
+    def take(self, rows: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_flight == 0 or self.in_flight + rows <= self.rows)
+            self.in_flight += rows
+
+    def give(self, rows: int) -> None:
+        with self._changed:
+            self.in_flight -= rows
+            self._changed.notify_all()
+
+
+def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.device,
+                     threads: int | None = None) -> None:
+    """Run `bodies[rows]()` once for every entry, several at a time on threads (at most `threads`,
+    default the CPU count up to MAX_THREADS), their rows at once within the largest entry's; the
+    first error is raised once all have stopped. Every thread launches on the caller's current
+    stream and device, under inference mode."""
+    if not bodies:
+        return
+    threads = max(1, min(threads or os.cpu_count() or 1, MAX_THREADS, len(bodies)))
+    budget = RowBudget(max(bodies))
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    index = None if stream is None else stream.device_index  # a thread starts on device 0
+    # Largest first: the largest sizes take the budget alone, and the small ones then share it.
+    order = sorted(bodies, reverse=True)
+
+    def warm(rows: int) -> None:
+        budget.take(rows)
+        try:
+            if stream is not None:  # a thread starts on device 0's default stream
+                torch.cuda.set_device(index)
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    bodies[rows]()
+            else:
+                with torch.inference_mode():
+                    bodies[rows]()
+        finally:
+            budget.give(rows)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
+            concurrent.futures.ThreadPoolExecutor(threads) as compilers:
+        shared_compiles = AsyncCompileMode is not None and stream is not None  # no compiles on CPU
+        with AsyncCompileMode(compilers) if shared_compiles else contextlib.nullcontext():
+            # each thread runs in a copy of this context, where the mode (a context variable) is set
+            futures = [pool.submit(contextvars.copy_context().run, warm, rows) for rows in order]
+            concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
