@@ -159,6 +159,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
                      "enable_prefix_caching": llm.scheduler.prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
                     "graph_sizes": len(llm.graph_sizes), "mixed_graph_buckets": len(llm.mixed_graph_buckets),
+                    "graph_warm_ups": llm.capture_warm_ups,
                     "warmup_s": warmup_seconds,
                     "warmup_requests": count},
         "seconds": seconds, "requests": len(requests), "prompt_tokens": prompt_tokens,

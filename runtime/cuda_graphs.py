@@ -120,6 +120,7 @@ class DecodeGraphs:
         self._greedy = torch.empty((rows, 2), dtype=torch.float64, device=dev)  # (token, logprob) per row
         self._memory = None  # the graphs' shared memory pool
         self._inputs_read = None  # event: the last replay's host-to-device copies are done
+        self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
 
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
@@ -143,17 +144,24 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every size now, largest first (the shared memory pool is sized by the first), with
         every row staged as padding: what the engine does at start-up, as vLLM does, so that no
-        capture falls inside a timed run. The sizes run once side by side first (runtime/warm_up.py),
-        so that their kernels compile at the same time."""
-        self._stage([], [], {}, self.sizes[-1])  # every row padding, for every size's warm-up
-        step_before = self._sampled.clone()  # the warm-ups sample into the buffer; put back after
-        warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
-                                  for size in self.sizes if size not in self._graphs}, self.model.device)
-        self._sampled.copy_(step_before)
+        capture falls inside a timed run. The sizes run once side by side first (warm_all), so
+        that their kernels compile at the same time."""
+        self.warm_all()
         for size in reversed(self.sizes):
             if size not in self._graphs:
                 self._stage([], [], {}, size)
                 self._capture(size)
+
+    def warm_all(self, threads: int | None = None) -> None:
+        """Every size's forward once, side by side on threads (runtime/warm_up.py), every row padding:
+        their kernels compile at the same time, before the captures. They sample into the engine's
+        buffer of sampled tokens, which is put back."""
+        self._stage([], [], {}, self.sizes[-1])
+        step_before = self._sampled.clone()
+        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
+                                                 for size in self.sizes if size not in self._graphs},
+                                                self.model.device, threads)
+        self._sampled.copy_(step_before)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:
         """[rows, 2] float64 (token, logprob) of the last step's first rows, sampled greedily; their

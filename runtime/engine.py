@@ -307,6 +307,13 @@ class LLM:
         return self.scheduler.preempted_tokens
 
     @property
+    def capture_warm_ups(self) -> dict:
+        """The graphs' warm-ups at start-up (runtime/warm_up.py), per kind: wall seconds and the slowest
+        size; empty when eager."""
+        graphs = {"decode": self._graphs, "mixed": self._mixed_graphs}
+        return {kind: g.warm_up.summary() for kind, g in graphs.items() if g is not None and g.warm_up}
+
+    @property
     def graph_sizes(self) -> list[int]:
         """The decode batch sizes with a CUDA graph (none when eager)."""
         return [] if self._graphs is None else list(self._graphs.sizes)

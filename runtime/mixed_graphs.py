@@ -84,6 +84,7 @@ class MixedGraphs:
         self._memory = None  # the graphs' shared memory pool
         self._inputs_read = None  # event: the last step's host-to-device copies are done
         self.replays: dict[int, int] = {}  # steps run per bucket, for reports and tests
+        self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
 
     def fits(self, plan: StepPlan) -> bool:
         """A mixed step (a prompt chunk among its chunks) of at most the largest bucket's tokens."""
@@ -105,15 +106,24 @@ class MixedGraphs:
     @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (the shared memory pool is sized by the first),
-        after running them once side by side (runtime/warm_up.py), so that their kernels compile at
-        the same time."""
-        self._stage_padding(self.buckets[-1])
-        warm_up.run_side_by_side({size: lambda size=size: all(True for _ in self._pieces_of(size))
-                                  for size in self.buckets if size not in self._pieces}, self.model.device)
+        after running them once side by side (warm_all), so that their kernels compile at the same
+        time."""
+        self.warm_all()
         for size in reversed(self.buckets):
             if size not in self._pieces:
                 self._stage_padding(size)
                 self._capture(size)
+
+    def warm_all(self, threads: int | None = None) -> None:
+        """Every bucket's pieces once, side by side on threads (runtime/warm_up.py), every row padding:
+        their kernels compile at the same time, before the captures."""
+        self._stage_padding(self.buckets[-1])
+        def pieces(size: int) -> None:
+            for _ in self._pieces_of(size):
+                pass
+        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size)
+                                                 for size in self.buckets if size not in self._pieces},
+                                                self.model.device, threads)
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, plan: StepPlan, paged: PagedStep, size: int) -> None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import os
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -36,6 +38,18 @@ except ImportError:  # an older Triton: each thread compiles what it meets (corr
     AsyncCompileMode = None
 
 MAX_THREADS = 8  # beyond this the threads mostly wait for the same kernels' compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """One `run_side_by_side`, timed: its wall seconds and each entry's (see there)."""
+    wall_s: float
+    seconds: dict[int, float]
+
+    def summary(self) -> dict:
+        """For start-up reports: the wall time and the slowest entry."""
+        rows = max(self.seconds, key=self.seconds.get) if self.seconds else None
+        return {"wall_s": self.wall_s, "slowest": rows, "slowest_s": self.seconds.get(rows, 0.0)}
 
 
 class RowBudget:
@@ -57,13 +71,16 @@ class RowBudget:
 
 
 def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.device,
-                     threads: int | None = None) -> None:
+                     threads: int | None = None) -> Report:
     """Run `bodies[rows]()` once for every entry, several at a time on threads (at most `threads`,
     default the CPU count up to MAX_THREADS), their rows at once within the largest entry's; the
     first error is raised once all have stopped. Every thread launches on the caller's current
-    stream and device, under inference mode."""
+    stream and device, under inference mode. Returns the wall time and each entry's seconds (its
+    compiles, and its waits for compiles another thread started; not its wait for the row budget),
+    for start-up reports: where one entry's seconds come near the wall time, that entry set it."""
+    start, seconds = time.perf_counter(), {}
     if not bodies:
-        return
+        return Report(0.0, seconds)
     threads = max(1, min(threads or os.cpu_count() or 1, MAX_THREADS, len(bodies)))
     budget = RowBudget(max(bodies))
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -73,6 +90,7 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
 
     def warm(rows: int) -> None:
         budget.take(rows)
+        start = time.perf_counter()
         try:
             if stream is not None:  # a thread starts on device 0's default stream
                 torch.cuda.set_device(index)
@@ -82,6 +100,7 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
                 with torch.inference_mode():
                     bodies[rows]()
         finally:
+            seconds[rows] = time.perf_counter() - start
             budget.give(rows)
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
@@ -93,3 +112,4 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
             concurrent.futures.wait(futures)
     for future in futures:
         future.result()
+    return Report(time.perf_counter() - start, seconds)

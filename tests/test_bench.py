@@ -42,6 +42,7 @@ def test_throughput_mode_counts_every_token_of_the_batch(tiny_checkpoints, tmp_p
     # the 40 decodes after the first tokens >= 10 more; the batch is full most of the time.
     assert r["steps"] >= 18 and 2 < r["mean_running_batch"] <= 4 and r["graph_steps"] == 0
     assert r["startup"]["warmup_requests"] == 3  # 32 // 24 + 2: one step's budget of prompts
+    assert r["startup"]["graph_warm_ups"] == {}  # no graphs on a CPU
     assert "output tokens/s per GPU" in proc.stdout and "mean running batch" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "launch.bench", "mode=throughput", "preset=2k2k"],
                          capture_output=True, text=True, timeout=120)

@@ -181,6 +181,9 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
     def static_decode_graphs(fast):
         fast._graphs = DecodeGraphs(fast.model, fast.max_batch_size, fast.max_model_len, fast._sampled,
                                     replay=False)
+        # the start-up warm-ups (one thread: the interpreter is not thread-safe) disturb nothing after
+        fast._graphs.warm_all(threads=1)
+        assert sorted(fast._graphs.warm_up.seconds) == fast._graphs.sizes
         monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
 
     fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
@@ -211,6 +214,8 @@ def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, m
     def static_mixed_graphs(fast):
         fast._mixed_graphs = MixedGraphs(fast.model, 24, fast._sampled, replay=False)
         assert fast._mixed_graphs.buckets == [16, 24]
+        fast._mixed_graphs.warm_all(threads=1)  # the start-up warm-ups disturb nothing after
+        assert sorted(fast._mixed_graphs.warm_up.seconds) == [16, 24]
 
     fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
                                                     static_mixed_graphs)
@@ -290,8 +295,12 @@ def test_warm_ups_run_side_by_side_within_the_largest_rows():
         return run
 
     sizes = cuda_graphs.capture_sizes(256)
-    warm_up.run_side_by_side({s: body(s) for s in sizes}, torch.device("cpu"), threads=4)
+    report = warm_up.run_side_by_side({s: body(s) for s in sizes}, torch.device("cpu"), threads=4)
     assert sorted(seen) == sorted(sizes) and peak[0] <= 256
+    assert sorted(report.seconds) == sorted(sizes) and all(0.02 <= s < 1 for s in report.seconds.values())
+    assert report.wall_s < sum(report.seconds.values())  # side by side
+    summary = warm_up.Report(0.5, {8: 0.1, 64: 0.3}).summary()
+    assert summary == {"wall_s": 0.5, "slowest": 64, "slowest_s": 0.3}
     assert peak[1] > 1 and len(threads) > 1  # the small sizes did run together
 
     def fails():
