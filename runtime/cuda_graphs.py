@@ -54,6 +54,13 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
     return None
 
 
+def warm_up_threads(model: GptOss, threads: int | None = None) -> int | None:
+    """Threads for the warm-ups before the captures (runtime/warm_up.py): one where the forward holds
+    collectives (tensor or expert parallelism inside the replica), since every rank must launch
+    those in the same order and threads side by side keep none; else `threads` (None: the default)."""
+    return 1 if model.parallel.replica.size > 1 else threads
+
+
 _capture_stream: torch.cuda.Stream | None = None
 
 
@@ -160,7 +167,7 @@ class DecodeGraphs:
         step_before = self._sampled.clone()
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
                                                  for size in self.sizes if size not in self._graphs},
-                                                self.model.device, threads)
+                                                self.model.device, warm_up_threads(self.model, threads))
         self._sampled.copy_(step_before)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:

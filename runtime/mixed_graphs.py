@@ -123,7 +123,8 @@ class MixedGraphs:
                 pass
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size)
                                                  for size in self.buckets if size not in self._pieces},
-                                                self.model.device, threads)
+                                                self.model.device,
+                                                cuda_graphs.warm_up_threads(self.model, threads))
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, plan: StepPlan, paged: PagedStep, size: int) -> None:

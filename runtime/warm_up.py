@@ -16,7 +16,9 @@ caching allocator hands memory freed by one warm-up to the next (it keeps freed 
 The sizes running at once never add up to more rows than the largest of them, so the activations
 in flight stay within what the KV sizing left for one step (engine._kv_pages). The warm-ups write
 only into buffers the captures write again, and every row is padding, so their interleaving does
-not matter; the captures that follow run each size again, from Triton's in-memory cache.
+not matter; the captures that follow run each size again, from Triton's in-memory cache. Where the
+forward holds collectives (tensor or expert parallelism) the ranks must launch them in the same
+order, so there one thread runs the sizes, largest first, on every rank (cuda_graphs.warm_up_threads).
 """
 
 from __future__ import annotations
