@@ -86,23 +86,21 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
     threads = max(1, min(threads or os.cpu_count() or 1, MAX_THREADS, len(bodies)))
     budget = RowBudget(max(bodies))
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    index = None if stream is None else stream.device_index  # a thread starts on device 0
     # Largest first: the largest sizes take the budget alone, and the small ones then share it.
     order = sorted(bodies, reverse=True)
 
     def warm(rows: int) -> None:
         budget.take(rows)
-        start = time.perf_counter()
+        began = time.perf_counter()
         try:
-            if stream is not None:  # a thread starts on device 0's default stream
-                torch.cuda.set_device(index)
-                with torch.cuda.stream(stream), torch.inference_mode():
-                    bodies[rows]()
-            else:
-                with torch.inference_mode():
-                    bodies[rows]()
+            with contextlib.ExitStack() as scope:
+                if stream is not None:  # a new thread starts on device 0's default stream
+                    torch.cuda.set_device(stream.device_index)
+                    scope.enter_context(torch.cuda.stream(stream))
+                scope.enter_context(torch.inference_mode())  # thread-local, as the forward runs it
+                bodies[rows]()
         finally:
-            seconds[rows] = time.perf_counter() - start
+            seconds[rows] = time.perf_counter() - began
             budget.give(rows)
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
