@@ -72,18 +72,27 @@ class RowBudget:
             self._changed.notify_all()
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (Slurm and taskset bind ranks to a few), else the count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.device,
                      threads: int | None = None) -> Report:
     """Run `bodies[rows]()` once for every entry, several at a time on threads (at most `threads`,
-    default the CPU count up to MAX_THREADS), their rows at once within the largest entry's; the
-    first error is raised once all have stopped. Every thread launches on the caller's current
-    stream and device, under inference mode. Returns the wall time and each entry's seconds (its
-    compiles, and its waits for compiles another thread started; not its wait for the row budget),
-    for start-up reports: where one entry's seconds come near the wall time, that entry set it."""
+    default the CPUs this process may use, up to MAX_THREADS), their rows at once within the
+    largest entry's; the first error is raised once all have stopped. Every thread launches on the
+    caller's current stream and device, under inference mode. Returns the wall time and each
+    entry's seconds (its compiles, and its waits for compiles another thread started; not its wait
+    for the row budget), for start-up reports: where one entry's seconds come near the wall time,
+    that entry set it."""
     start, seconds = time.perf_counter(), {}
     if not bodies:
         return Report(0.0, seconds)
-    threads = max(1, min(threads or os.cpu_count() or 1, MAX_THREADS, len(bodies)))
+    threads = max(1, min(threads or _cpus(), MAX_THREADS, len(bodies)))
     budget = RowBudget(max(bodies))
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     # Largest first: the largest sizes take the budget alone, and the small ones then share it.
