@@ -266,8 +266,9 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
                 gemv.sort(key=lambda x: x[0])
                 for kind, timed in (("gemm", gemm), ("gemv", gemv)):
                     if timed:
+                        shown = timed if tiles else timed[:3]  # every given candidate, else the fastest 3
                         print(f"  tokens {tokens} {name} best {kind}: " + "; ".join(
-                            f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {t}" for s, t in timed[:3]),
+                            f"{s * 1e6:.1f} us ({100 * nbytes / s / bw:.0f}%) {short(t)}" for s, t in shown),
                               flush=True)
                 best = min(gemm[:1] + gemv[:1], key=lambda x: x[0], default=None)
                 row[f"{name}_best"] = best
@@ -309,13 +310,21 @@ def compare_table(rows: list[dict], bw: float) -> str:
     return "\n".join(out)
 
 
+def short(t: Tiles) -> str:
+    """Tiles as --tiles spells them: T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R][,tail_t=T]."""
+    words = [str(v) for v in (t.block_t, t.block_n, t.block_k, t.num_warps, t.num_stages)]
+    if t.kernel != "gemm":
+        words += [t.kernel, t.decode]
+    return ",".join(words + [f"{k}={v}" for k, v in (("maxnreg", t.maxnreg), ("tail_t", t.tail_t)) if v])
+
+
 def parse_tiles(text: str) -> Tiles:
-    """T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R] -> Tiles, the old words mma and mma_rows read as
-    before."""
+    """T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R][,tail_t=T] -> Tiles, the old words mma and
+    mma_rows read as before."""
     values = [v for v in text.split(",") if "=" not in v]
     settings = dict(v.split("=", 1) for v in text.split(",") if "=" in v)
-    if set(settings) - {"maxnreg"}:
-        raise SystemExit(f"--tiles {text}: only maxnreg=R may follow as a setting")
+    if set(settings) - {"maxnreg", "tail_t"}:
+        raise SystemExit(f"--tiles {text}: only maxnreg=R and tail_t=T may follow as settings")
     words = values[5:]
     if words:
         words[0] = KERNEL_ALIASES.get(words[0], words[0])
@@ -336,7 +345,7 @@ def main() -> None:
                     help="the sweep's candidates: gemm (the wgmma GEMM), gemv (all GEMV routes), "
                          "or GEMV decode names (tensor_core_row, tensor_core_rows, fp16, e4m3)")
     ap.add_argument("--tiles", nargs="+", default=None,
-                    metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R]",
+                    metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R][,tail_t=T]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
                          "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
     args = ap.parse_args()

@@ -33,7 +33,7 @@ def main_loop_counts(kernel, tiles, swiglu: bool, experts: int, k_bytes: int) ->
     constexprs = dict(GATHER=swiglu, SOURCE_DIV=4 if swiglu else 1, SWIGLU=swiglu, DOT_FP32=False, PTX=True,
                       FOLD=True, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
                       E_POW2=1 << (experts - 1).bit_length(), PDL=False,
-                      EVEN_K=k_bytes % (tiles.block_k // 2) == 0)
+                      EVEN_K=k_bytes % (tiles.block_k // 2) == 0, TAIL_T=tiles.tail_t)
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "limit" else "i32")
                  for n in names}
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)

@@ -78,6 +78,31 @@ def test_grouped_gemm_matches_decode_then_matmul(rows_per_expert, K, tiles):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+# per expert: full tiles only, a tail of 1 and of tail_t rows, one more than tail_t (a partial full
+# tile), none; tails of several experts side by side
+@pytest.mark.parametrize("rows_per_expert", [[32, 17, 20, 0], [33, 48, 0, 16], [5, 0, 31, 64]])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_grouped_gemm_tail_tiles_match_whole_tiles(rows_per_expert, swiglu):
+    """An expert's last rows in a narrow tail tile (`Tiles.tail_t`) give what whole tiles give, every
+    output row written once (the output is poisoned first)."""
+    E, N, K = 4, 64, 160
+    blocks, scales, bias = random_experts(E, N, K)
+    stored = mxfp4.quad_transpose(blocks)
+    experts = torch.repeat_interleave(torch.arange(E), torch.tensor(rows_per_expert))
+    experts = experts[torch.randperm(len(experts))]
+    x = torch.randn(len(experts), K)
+    p = plan(experts, E)
+    limit = 7.0 if swiglu else None
+    width = N // 2 if swiglu else N
+    whole = grouped_mxfp4(x, p.order, 1, p, stored, scales, bias, torch.float32, swiglu_limit=limit,
+                          tiles=Tiles(16, 32, 64, 4, 1))
+    for tail_t in (8, 16):
+        poisoned = torch.full((len(experts), width), float("nan"))
+        got = grouped_mxfp4(x, p.order, 1, p, stored, scales, bias, torch.float32, swiglu_limit=limit,
+                            tiles=Tiles(32, 32, 64, 4, 1, tail_t=tail_t), out=poisoned)
+        assert torch.allclose(got, whole, rtol=1e-5, atol=1e-5), (tail_t, (got - whole).abs().max())
+
+
 def test_expert_rows_matches_the_reference_with_swiglu():
     E, d, inter = 4, 128, 128
     w1 = random_experts(E, 2 * inter, d)

@@ -163,21 +163,23 @@ def grouped_mxfp4(x: torch.Tensor, source: torch.Tensor | None, source_div: int,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch_args(x.device),
         )
         return out
-    assert row_tiles < 2 ** 16, \
+    # an expert's last rows, when at most tail_t are left over, take a tile of tail_t rows (one an expert)
+    tail_slots = min(E, p.num_rows) if tiles.tail_t else 0
+    assert row_tiles + tail_slots < 2 ** 16, \
         f"{p.num_rows} rows in tiles of {tiles.block_t}: too many for the grid's second axis"
     # The tiles are chosen for bf16 x; fp32 x (the fp32 model) doubles each pipeline stage's x tile,
     # so keep the stages that fit in shared memory.
     stage_bytes = tiles.block_t * tiles.block_k * x.element_size() + tiles.block_n * tiles.block_k // 2
     num_stages = max(1, min(tiles.num_stages, SHARED_MEMORY_BUDGET // stage_bytes))
-    _moe_gemm_kernel[(feature_tiles, row_tiles)](  # feature tiles fastest (see the kernel)
+    _moe_gemm_kernel[(feature_tiles, tail_slots + row_tiles)](  # feature tiles fastest (see the kernel)
         x, source, blocks, scales, bias, out, p.counts, p.offsets,
         E, N, groups * group_bytes, x.stride(0), out.stride(0),
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-        0 if bias is None else bias.stride(0), float(swiglu_limit or 0.0),
+        0 if bias is None else bias.stride(0), float(swiglu_limit or 0.0), tail_slots,
         GATHER=source is not None, SOURCE_DIV=source_div, SWIGLU=swiglu_limit is not None,
         DOT_FP32=INTERPRET or x.dtype == torch.float32, PTX=not INTERPRET, FOLD=scales_fold(scales),
         BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_POW2=triton.next_power_of_2(E),
-        EVEN_K=groups * group_bytes % (tiles.block_k // 2) == 0,
+        EVEN_K=groups * group_bytes % (tiles.block_k // 2) == 0, TAIL_T=tiles.tail_t,
         num_warps=tiles.num_warps, num_stages=num_stages,
         **({} if tiles.maxnreg is None or INTERPRET else {"maxnreg": tiles.maxnreg}),
         **pdl.launch_args(x.device),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
-from runtime.kernels.moe_triton_details.common import clamped_swiglu, find_tile
+from runtime.kernels.moe_triton_details.common import clamped_swiglu, find_tail_tile, find_tile
 from runtime.kernels.moe_triton_details.ptx import decode_ptx
 
 _DECODE_PTX = tl.constexpr(decode_ptx(fold=False))
@@ -97,20 +97,54 @@ def _k_step(acc, next_scale, w_ptrs, s_ptrs, x_ptrs, k0, K_BYTES, col_ok, row_ok
 def _moe_gemm_kernel(
     x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,
+    tail_slots,
     GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr, DOT_FP32: tl.constexpr,
     PTX: tl.constexpr, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, PDL: tl.constexpr, EVEN_K: tl.constexpr,
+    TAIL_T: tl.constexpr,
 ):
-    """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU)."""
+    """out[r] = W_e x[source[r] // SOURCE_DIV] + b_e for the rows r of one tile (then SwiGLU).
+
+    The grid's second axis: `tail_slots` short tiles first (TAIL_T > 0: an expert's last rows, when
+    at most TAIL_T are left after its full BLOCK_T tiles), then the BLOCK_T tiles. Every tile decodes
+    its expert's weights once, whatever its rows, but its MMAs cost in proportion to its width: a few
+    rows left over take a narrow tile, not a whole one, so they cost about the decode alone."""
     pdl.wait_for_previous_kernel(PDL)
     # Programs next to each other in launch order share a row tile and sweep its expert's output
     # features: the rows (up to 256 x 5.6 KB) stay in L2 for all of them. Row tiles fastest (the
     # other way round) re-read every row tile from memory for each feature tile once x outgrows the
     # L2, as mlp2's input does at prefill (64k rows of 2880 bf16: 380 MB).
     pid_n = tl.program_id(0)
-    expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tl.program_id(1), E, BLOCK_T, E_POW2)
-    if expert >= E:
-        return
+    tile = tl.program_id(1)
+    args = (x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr)
+    strides = (stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase)
+    if TAIL_T > 0:
+        if tile < tail_slots:
+            expert, row0, row_end = find_tail_tile(counts_ptr, offsets_ptr, tile, E, BLOCK_T, TAIL_T, E_POW2)
+            if expert < E:
+                _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
+                           SWIGLU, DOT_FP32, PTX, FOLD, TAIL_T, BLOCK_N, BLOCK_K, EVEN_K)
+        else:
+            expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tile - tail_slots, E, BLOCK_T, E_POW2,
+                                              TAIL_T)
+            if expert < E:
+                _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
+                           SWIGLU, DOT_FP32, PTX, FOLD, BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tile, E, BLOCK_T, E_POW2)
+        if expert < E:
+            _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
+                       SWIGLU, DOT_FP32, PTX, FOLD, BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit,
+               GATHER: tl.constexpr, SOURCE_DIV: tl.constexpr, SWIGLU: tl.constexpr,
+               DOT_FP32: tl.constexpr, PTX: tl.constexpr, FOLD: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Rows [row0, row_end) (at most BLOCK_T) of `expert`, output features pid_n * BLOCK_N.."""
+    x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr = args
+    stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase = strides
     expert = expert.to(tl.int64)
     rows = row0 + tl.arange(0, BLOCK_T)
     row_ok = rows < row_end

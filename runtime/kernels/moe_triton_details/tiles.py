@@ -34,6 +34,7 @@ class Tiles:
     decode: str = "fp16"  # the GEMV's route on the GPU: fp16, e4m3, tensor_core_row or tensor_core_rows
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
     maxnreg: int | None = None  # the GEMM's register cap a thread (more programs an SM), None: the compiler's
+    tail_t: int = 0  # the GEMM: an expert's last count % block_t rows, if at most tail_t, in a tile this wide
 
 
 TENSOR_CORE_ROW, TENSOR_CORE_ROWS = "tensor_core_row", "tensor_core_rows"
