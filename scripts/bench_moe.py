@@ -334,6 +334,27 @@ def parse_tiles(text: str) -> Tiles:
                  **{name: int(value) for name, value in settings.items()})
 
 
+def count_tiles(models, token_counts) -> None:
+    """The GEMMs' programs along rows under the rules' tiles, with and without tail tiles (no GPU:
+    random router logits as the timings use, the tile arithmetic of common.find_tile)."""
+    print("| model | tokens | GEMM | tiles (rows, tail) | rows per expert (min-max) | "
+          "row tiles without tails | with: full + tail |\n|---|---:|---|---|---|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for model in models:
+        cfg = preset(model)
+        for tokens in token_counts:
+            ids, _ = route(torch.randn(tokens, cfg.num_experts, generator=gen), cfg.experts_per_token)
+            counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
+            for swiglu_, name in ((True, "mlp1"), (False, "mlp2")):
+                t = gemm_tiles(ids.numel(), cfg.num_experts, swiglu_)
+                rem = counts % t.block_t
+                tails = (rem > 0) & (rem <= t.tail_t)
+                full = (counts - torch.where(rem <= t.tail_t, rem, 0) + t.block_t - 1) // t.block_t
+                print(f"| {model} | {tokens:,} | {name} | {t.block_t}, {t.tail_t} | {int(counts.min())}-"
+                      f"{int(counts.max())} | {int(((counts + t.block_t - 1) // t.block_t).sum())} | "
+                      f"{int(full.sum())} + {int(tails.sum())} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", nargs="+", default=["gpt-oss-20b"])
@@ -348,7 +369,11 @@ def main() -> None:
                     metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R][,tail_t=T]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
                          "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
+    ap.add_argument("--count-tiles", action="store_true",
+                    help="only count the GEMMs' row tiles with and without tail tiles (no GPU needed)")
     args = ap.parse_args()
+    if args.count_tiles:
+        return count_tiles(args.model, args.tokens)
     tiles = [parse_tiles(t) for t in args.tiles] if args.tiles else None
     global REP_MS
     REP_MS = args.rep

@@ -34,7 +34,10 @@ class Tiles:
     decode: str = "fp16"  # the GEMV's route on the GPU: fp16, e4m3, tensor_core_row or tensor_core_rows
     unroll: bool = True  # the GEMV's K loop: unrolled (loads can run ahead) or a loop (fewer registers)
     maxnreg: int | None = None  # the GEMM's register cap a thread (more programs an SM), None: the compiler's
-    tail_t: int = 0  # the GEMM: an expert's last count % block_t rows, if at most tail_t, in a tile this wide
+    # the GEMM: an expert's last count % block_t rows, if at most tail_t, in a tile this wide (0: none).
+    # Not in the rules: the GEMMs alone gain 1-10% with it, but the engine's 1k/1k ran slower in session
+    # 23 (docs/performance.md, "Tail tiles"); it stays a sweep candidate until a profile says why.
+    tail_t: int = 0
 
 
 TENSOR_CORE_ROW, TENSOR_CORE_ROWS = "tensor_core_row", "tensor_core_rows"
