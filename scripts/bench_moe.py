@@ -185,9 +185,25 @@ def time_candidates(fn, check, tiles_list: list[Tiles]) -> list[tuple[float, Til
     return timed
 
 
+def router_logits(tokens: int, num_experts: int, skew: float, device="cpu", generator=None) -> torch.Tensor:
+    """Random router logits, [tokens, E]; skew > 0 adds a fixed per-expert offset of that standard
+    deviation (the same for every token), so that some experts are busier than others, as in a real
+    model's layers (the engine's report gives the busiest expert against the mean)."""
+    logits = torch.randn(tokens, num_experts, device=device, generator=generator)
+    if skew:
+        offsets = torch.randn(num_experts, generator=torch.Generator().manual_seed(1)).to(device)
+        logits += skew * offsets
+    return logits
+
+
+def busiest_over_mean(expert_ids: torch.Tensor, num_experts: int) -> float:
+    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).float()
+    return (counts.max() / counts.mean()).item()
+
+
 def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64, 512, 4096, 16384),
         sweep: bool = False, routes: tuple[str, ...] = ("gemm", "gemv"),
-        tiles: list[Tiles] | None = None) -> list[dict]:
+        tiles: list[Tiles] | None = None, skew: float = 0.0) -> list[dict]:
     """routes: which candidates the sweep times: "gemm" (the wgmma GEMM), "gemv" (every GEMV route),
     or one GEMV route by its decode name ("tensor_core_rows", "tensor_core_row", "fp16", "e4m3"); the
     old words "mma" (the GEMM and the one-row route) and "mma_rows" still work (`ROUTE_ALIASES`);
@@ -202,7 +218,10 @@ def run(bw: float, mm: float, model: str = "gpt-oss-20b", token_counts=(1, 8, 64
     E = cfg.num_experts
     results = []
     for tokens in token_counts:
-        expert_ids, weights = route(torch.randn(tokens, E, device="cuda"), cfg.experts_per_token)
+        expert_ids, weights = route(router_logits(tokens, E, skew, "cuda"), cfg.experts_per_token)
+        if skew:
+            print(f"  tokens {tokens}: busiest expert / mean {busiest_over_mean(expert_ids, E):.2f}",
+                  flush=True)
         h = torch.randn(tokens, cfg.hidden_size, device="cuda").to(torch.bfloat16)
         touched_ids = torch.unique(expert_ids).to(torch.int32)
         experts = touched_ids.numel()
@@ -334,24 +353,27 @@ def parse_tiles(text: str) -> Tiles:
                  **{name: int(value) for name, value in settings.items()})
 
 
-def count_tiles(models, token_counts) -> None:
-    """The GEMMs' programs along rows under the rules' tiles, with and without tail tiles (no GPU:
-    random router logits as the timings use, the tile arithmetic of common.find_tile)."""
-    print("| model | tokens | GEMM | tiles (rows, tail) | rows per expert (min-max) | "
-          "row tiles without tails | with: full + tail |\n|---|---:|---|---|---|---:|---:|")
+def count_tiles(models, token_counts, skew: float = 0.0) -> None:
+    """The GEMMs' programs along rows under the rules' tiles, without tail tiles and with them (the
+    tiles' tail_t, else a quarter of a tile from 64 rows), no GPU: random router logits as the timings
+    use, the tile arithmetic of common.find_tile."""
+    print("| model | tokens | GEMM | tiles (rows, tail) | rows per expert (min-max) | busiest / mean | "
+          "row tiles without tails | with: full + tail |\n|---|---:|---|---|---|---:|---:|---:|")
     gen = torch.Generator().manual_seed(0)
     for model in models:
         cfg = preset(model)
         for tokens in token_counts:
-            ids, _ = route(torch.randn(tokens, cfg.num_experts, generator=gen), cfg.experts_per_token)
+            ids, _ = route(router_logits(tokens, cfg.num_experts, skew, generator=gen), cfg.experts_per_token)
             counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
             for swiglu_, name in ((True, "mlp1"), (False, "mlp2")):
                 t = gemm_tiles(ids.numel(), cfg.num_experts, swiglu_)
+                tail_t = t.tail_t or (t.block_t // 4 if t.block_t >= 64 else 0)
                 rem = counts % t.block_t
-                tails = (rem > 0) & (rem <= t.tail_t)
-                full = (counts - torch.where(rem <= t.tail_t, rem, 0) + t.block_t - 1) // t.block_t
-                print(f"| {model} | {tokens:,} | {name} | {t.block_t}, {t.tail_t} | {int(counts.min())}-"
-                      f"{int(counts.max())} | {int(((counts + t.block_t - 1) // t.block_t).sum())} | "
+                tails = (rem > 0) & (rem <= tail_t)
+                full = (counts - torch.where(rem <= tail_t, rem, 0) + t.block_t - 1) // t.block_t
+                print(f"| {model} | {tokens:,} | {name} | {t.block_t}, {tail_t} | {int(counts.min())}-"
+                      f"{int(counts.max())} | {busiest_over_mean(ids, cfg.num_experts):.2f} | "
+                      f"{int(((counts + t.block_t - 1) // t.block_t).sum())} | "
                       f"{int(full.sum())} + {int(tails.sum())} |")
 
 
@@ -369,11 +391,15 @@ def main() -> None:
                     metavar="T,N,K,WARPS,STAGES[,KERNEL,DECODE][,maxnreg=R][,tail_t=T]",
                     help="the sweep's candidates instead of those by rows per expert, e.g. 128,128,64,8,3 "
                          "(the wgmma GEMM) or 32,64,128,4,1,gemv,tensor_core_rows (a GEMV route)")
+    ap.add_argument("--expert-skew", type=float, default=0.0,
+                    help="a fixed per-expert offset of this standard deviation on the random router logits "
+                         "(0: every expert equally likely; 0.2 gives 20b a busiest expert near 1.9x the "
+                         "mean, as the engine reports for its dummy 20b's worst layer)")
     ap.add_argument("--count-tiles", action="store_true",
                     help="only count the GEMMs' row tiles with and without tail tiles (no GPU needed)")
     args = ap.parse_args()
     if args.count_tiles:
-        return count_tiles(args.model, args.tokens)
+        return count_tiles(args.model, args.tokens, args.expert_skew)
     tiles = [parse_tiles(t) for t in args.tiles] if args.tiles else None
     global REP_MS
     REP_MS = args.rep
@@ -381,7 +407,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     rows = []
     for model in args.model:
-        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes), tiles)
+        rows += run(bw, mm, model, args.tokens, args.sweep, tuple(args.routes), tiles, args.expert_skew)
     print(HEADER)
     for r in rows:
         print(format_row(r, bw, mm))
