@@ -18,7 +18,7 @@ in flight stay within what the KV sizing left for one step (engine._kv_pages). T
 only into buffers the captures write again, and every row is padding, so their interleaving does
 not matter; the captures that follow run each size again, from Triton's in-memory cache. Where the
 forward holds collectives (tensor or expert parallelism) the ranks must launch them in the same
-order, so there one thread runs the sizes, largest first, on every rank (cuda_graphs.warm_up_threads).
+order, so there one thread runs the sizes, smallest first, on every rank (cuda_graphs.warm_up_threads).
 """
 
 from __future__ import annotations
@@ -95,8 +95,12 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
     threads = max(1, min(threads or _cpus(), MAX_THREADS, len(bodies)))
     budget = RowBudget(max(bodies))
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    # Largest first: the largest sizes take the budget alone, and the small ones then share it.
-    order = sorted(bodies, reverse=True)
+    # Smallest first: on a machine's first run the small sizes, whose kernels (the MoE's GEMVs and
+    # their probes) are the slowest to compile, start at once side by side; the large ones, which
+    # need the row budget nearly alone, come last, when most of their kernels are compiled. Largest
+    # first, 20b's decode warm-ups took 35.3 s cold on an H100, 17.3 s of it size 64 alone, which
+    # started only once the large sizes had run one by one (docs/performance.md, session 23).
+    order = sorted(bodies)
 
     def warm(rows: int) -> None:
         budget.take(rows)

@@ -303,14 +303,16 @@ def test_warm_ups_run_side_by_side_within_the_largest_rows():
     summary = warm_up.Report(0.5, {8: 0.1, 64: 0.3}).summary()
     assert summary == {"wall_s": 0.5, "slowest": 64, "slowest_s": 0.3}
     assert peak[1] > 1 and len(threads) > 1  # the small sizes did run together
+    # smallest first: the few smallest start at once, the largest (the budget alone) only after them
+    assert all(seen.index(s) < seen.index(max(sizes)) for s in sorted(sizes)[:4])
 
-    # ranks of one replica launch their collectives in the same order: one thread, largest size first
+    # ranks of one replica launch their collectives in the same order: one thread, smallest size first
     replica = types.SimpleNamespace(parallel=types.SimpleNamespace(replica=types.SimpleNamespace(size=2)))
     alone = types.SimpleNamespace(parallel=types.SimpleNamespace(replica=types.SimpleNamespace(size=1)))
     assert cuda_graphs.warm_up_threads(replica, 8) == 1 and cuda_graphs.warm_up_threads(alone, 8) == 8
     order = []
     warm_up.run_side_by_side({s: lambda s=s: order.append(s) for s in sizes}, torch.device("cpu"), threads=1)
-    assert order == sorted(sizes, reverse=True)
+    assert order == sorted(sizes)
 
     def fails():
         raise RuntimeError("compile failed")
