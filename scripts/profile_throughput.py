@@ -30,10 +30,10 @@ def step_classes(llm: LLM, requests) -> tuple[dict, float, float]:
     records = []
     forward = llm._forward
 
-    def timed(plan):
+    def timed(plan, *rest):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = forward(plan)
+        out = forward(plan, *rest)
         end.record()
         decodes = sum(c.length == 1 for c in plan.chunks)
         if llm._graphs is not None and llm._graphs.fits(plan.chunks):
