@@ -10,6 +10,9 @@
 #   kv-ab:   settings with kv_cache_dtype=auto and fp8; `kv-ab ROUNDS key=value ...`
 #   latency-ab: launch.bench (batch-1 decode, time to first token of a 32k prompt) on .carry/base
 #            (git archive REV | tar -x -C .carry/base) and this tree alternately; `latency-ab ROUNDS key=value ...`
+#   profile-ab: scripts/profile_throughput.py (this tree's) on .carry/base's runtime and this one;
+#            `profile-ab SECONDS --requests 1024 --osl 256 --profile-osl 1 --decode-window 160 30`
+#   cold:    start-up with Triton's cache empty, the JSON's startup block; `cold model=gpt-oss-20b`
 # Logs under $OUT, tables on stdout.
 set -uo pipefail
 source scripts/device_env.sh
@@ -95,5 +98,21 @@ PY
     ;;
   profile)
     timeout 560 python3 scripts/profile_throughput.py "$@" 2>&1 | tee $OUT/profile.log
+    ;;
+  profile-ab)  # scripts/profile_throughput.py on .carry/base and this tree; `profile-ab SECONDS args ...`
+    limit=${1:-250}; shift || true
+    for tree in .carry/base .; do
+      name=$([ "$tree" = . ] && echo new || echo base)
+      # the script of this tree (it may be newer than the base's) on each tree's runtime
+      PYTHONPATH=/tmp/site:$PWD/$tree timeout "$limit" python3 scripts/profile_throughput.py "$@" \
+        > $OUT/profile_$name.log 2>&1
+      echo "== $name (rc $?)"; grep -v "^$" $OUT/profile_$name.log | grep -E "^\||output tok/s" | head -40
+    done
+    ;;
+  cold)  # graph capture with Triton's cache empty (a machine's first run); `cold model=... [key=value ...]`
+    cache=$(mktemp -d)
+    TRITON_CACHE_DIR=$cache timeout 400 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda \
+      isl=64 osl=4 requests=8 json=$OUT/cold.json "$@" > $OUT/cold.log 2>&1
+    echo "cold start rc=$?: $(python3 -c "import json; print(json.load(open('$OUT/cold.json'))['startup'])")"
     ;;
 esac
