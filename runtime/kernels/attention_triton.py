@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.step_kernel import step_kernel
 from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (docs/environment.md); it gets fp32 operands instead,
@@ -122,7 +123,7 @@ def _attend_tile(q, q_pos, acc, l_i, m_i, start, k_end, window, qk_scale, pages_
     return acc, l_i, m_new
 
 
-@triton.jit
+@step_kernel("num_seqs", "num_splits")
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, cu_q_ptr, q_start_ptr, sinks_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -235,7 +236,7 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@step_kernel("num_splits")
 def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, out_ptr, num_heads, num_splits,
                     stride_on, stride_oh, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """One (query row, head): merge the split partials and add the sink to the denominator."""

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.step_kernel import step_kernel
 
 MAX_WIDTH = 8192  # one row lives in registers: 8192 fp32 values over 16 warps is 16 per thread
 _TILE = 4096  # elements per program: 8 KB of bf16 per tensor, enough in flight to stream at HBM speed
@@ -27,7 +28,7 @@ def rms_norm_rows(rf, gain, n, eps):
     return rf * inv_rms[:, None] * gain[None, :]
 
 
-@triton.jit
+@step_kernel("M")
 def _add_rms_norm_kernel(
     x_ptr, delta_ptr, gain_ptr, res_ptr, out_ptr,
     M, N, stride_x, stride_d, stride_r, stride_o, eps,

@@ -17,6 +17,7 @@ from triton.language.extra import libdevice
 
 from runtime.kernels import pdl
 from runtime.kernels.kv_store_triton import to_cache
+from runtime.kernels.step_kernel import step_kernel
 from runtime.options import options
 
 # The interpreter (CPU) runs tl.cos/tl.sin as numpy; it has no libdevice (calls return None there).
@@ -44,7 +45,7 @@ def rope_rotate(first, second, cos, sin):
     return first * cos - second * sin, second * cos + first * sin
 
 
-@triton.jit
+@step_kernel("N")
 def _rope_qk_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, N, stride_t, stride_slot,
     concentration, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,

@@ -28,6 +28,7 @@ import triton.language as tl
 from runtime.kernels import pdl
 from runtime.kernels.rmsnorm_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
 from runtime.kernels.moe_triton_details.routing import Plan, count_sort, count_sort_sizes, empty_plan, plan
+from runtime.kernels.step_kernel import step_kernel
 from runtime.options import options
 
 # The interpreter computes bf16 dots wrongly (docs/environment.md): fp32 operands there.
@@ -55,7 +56,7 @@ def _top_k_softmax(logits, t, t_ok, e, e_ok, ids_ptr, weights_ptr, K: tl.constex
     tl.store(weights_ptr + t[:, None] * K + kk[None, :], p, mask=t_ok[:, None] & (kk < K)[None, :])
 
 
-@triton.jit
+@step_kernel("T")
 def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride_w,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Logits [T, E] (rounded to h's dtype, stored fp32) for few tokens: a program per (BLOCK_T
@@ -77,7 +78,7 @@ def _gate_gemv_kernel(h_ptr, w_ptr, b_ptr, logits_ptr, T, D, E, stride_h, stride
     tl.store(logits_ptr + t * E + expert, logit, mask=t_ok)
 
 
-@triton.jit
+@step_kernel("T")
 def _top_k_kernel(logits_ptr, ids_ptr, weights_ptr, T, E, K: tl.constexpr, K_POW2: tl.constexpr,
                   E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -108,7 +109,7 @@ def _plan_from_logits(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr,
     count_sort(ids_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, T * K, E, M_POW2, E_POW2, CHUNK)
 
 
-@triton.jit
+@step_kernel("T")
 def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
                        T, E, K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
                        BLOCK_T: tl.constexpr, M_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
@@ -118,7 +119,7 @@ def _top_k_plan_kernel(logits_ptr, ids_ptr, weights_ptr, order_ptr, position_ptr
                       E, K, K_POW2, E_POW2, BLOCK_T, M_POW2, CHUNK)
 
 
-@triton.jit
+@step_kernel("T")
 def _norm_route_plan_kernel(x_ptr, delta_ptr, gain_ptr, w_ptr, b_ptr, res_ptr, h_ptr, logits_ptr, counter_ptr,
                             ids_ptr, weights_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr,
                             T, D, E, stride_x, stride_d, stride_r, stride_h, stride_w, eps,
@@ -179,7 +180,7 @@ def _last_to_finish(counter_ptr, num_programs):
     return last
 
 
-@triton.jit
+@step_kernel("T")
 def _router_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, T, D, E, stride_h, stride_w,
                    K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):

@@ -25,6 +25,7 @@ import triton.language as tl
 from runtime.kernels import pdl
 from runtime.kernels.moe_triton_details.common import clamped_swiglu, find_tail_tile, find_tile
 from runtime.kernels.moe_triton_details.ptx import decode_ptx
+from runtime.kernels.step_kernel import step_kernel
 
 _DECODE_PTX = tl.constexpr(decode_ptx(fold=False))
 _DECODE_PTX_FOLDED = tl.constexpr(decode_ptx(fold=True))
@@ -93,7 +94,7 @@ def _k_step(acc, next_scale, w_ptrs, s_ptrs, x_ptrs, k0, K_BYTES, col_ok, row_ok
     return acc, next_scale
 
 
-@triton.jit
+@step_kernel("tail_slots")
 def _moe_gemm_kernel(
     x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr, counts_ptr, offsets_ptr,
     E, N, K_BYTES, stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase, limit,

@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 
 from runtime.kernels import pdl
+from runtime.kernels.step_kernel import step_kernel
 
 
-@triton.jit
+@step_kernel("M")
 def _plan_kernel(experts_ptr, order_ptr, position_ptr, counts_ptr, offsets_ptr, M, E,
                  M_POW2: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """The decode-sized plan in one program (see count_sort)."""
