@@ -17,9 +17,12 @@ served (`cached_prompt_tokens`, and their share of all prompt tokens).
 
 Start-up is kept apart from the timed work: loading, capturing every CUDA graph (runtime/engine.py
 does it when it starts), and a warm-up generate of the first requests shortened to a few tokens
-(Triton compiles the prefill kernels there). Each rate is reported per GPU and as a ratio to the
-compute limit: the matmul rate measured in this run over the FLOPs the run's tokens need
-(launch/limits.py sequence_flops: linear layers, attention scores at each position, the LM head).
+(Triton compiles the prefill kernels there). Kernels Triton still compiles inside the timed run
+(a specialisation start-up never met) are counted and timed in the report (`timed_run_compiles`,
+runtime/kernels/compile_watch.py): a run that paid for its compiler says so. Each rate is reported
+per GPU and as a ratio to the compute limit: the matmul rate measured in this run over the FLOPs the
+run's tokens need (launch/limits.py sequence_flops: linear layers, attention scores at each
+position, the LM head).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from launch.limits import ceilings, sequence_flops, synchronize
 from runtime.engine import LLM
+from runtime.kernels.compile_watch import CompileWatch
 
 # (ISL, OSL, requests, shared prefix) per case: TensorRT-LLM's perf-overview table, and a batch job
 # that runs one long instruction over many documents (the prefix caching issue's case).
@@ -140,7 +144,8 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
     stats, preemptions, replays = dataclasses.replace(llm.step_stats), llm.preemptions, llm.graph_replays
     preempted_tokens = llm.preempted_tokens
     mixed_replays = llm.mixed_graph_replays
-    seconds, results = _generate(llm, requests)
+    with CompileWatch() as compiles:  # what start-up missed compiles inside the timed run: reported
+        seconds, results = _generate(llm, requests)
     _check(results, requests)
     after = llm.step_stats
     steps = after.steps - stats.steps
@@ -173,6 +178,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
         "mean_decode_rows": (after.decode_tokens - stats.decode_tokens) / steps if steps else 0.0,
         "preemptions": llm.preemptions - preemptions,
         "preempted_tokens": llm.preempted_tokens - preempted_tokens, "ceilings": limits,
+        "timed_run_compiles": compiles.summary(),
         "expert_load": llm.expert_load(),
         "peak_GiB": (torch.cuda.max_memory_allocated(llm.device) / 2**30
                      if llm.device.type == "cuda" else None),
@@ -224,11 +230,21 @@ def table(report: dict) -> str:
               f"| start-up: load / graph capture ({s['graph_sizes']} decode sizes, "
               f"{s['mixed_graph_buckets']} mixed token counts) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
+    lines.append(compiles_line(report.get("timed_run_compiles")))
     if report["peak_GiB"] is not None:
         lines.append(f"| peak GPU memory | {report['peak_GiB']:.1f} GiB | | |")
     if report.get("expert_load"):
         lines.append(load_line(report["expert_load"]))
     return "\n".join(lines)
+
+
+def compiles_line(compiles: dict | None) -> str:
+    """The Triton compiles inside the timed run (none, once start-up met every kernel the run needs)."""
+    if compiles is None:
+        return "| Triton compiles inside the timed run | not watched (a Triton without compile hooks) | | |"
+    kernels = ", ".join(f"{name} x{n}" for name, n in compiles["kernels"].items())
+    return (f"| Triton compiles inside the timed run | {compiles['count']} ({compiles['seconds']:.1f} s)"
+            f"{f': {kernels}' if kernels else ''} | | |")
 
 
 def kv_positions(tokens: int | None, dtype: str) -> str:
