@@ -21,7 +21,9 @@ into the engine's buffer of sampled tokens and the (token, logprob) pairs into `
 a step whose rows are all greedy launches nothing after the replay but the copy to the host (a
 step with other rows samples them as before and overwrites the buffer).
 Staging copies a sequence's page list into the pinned host block table only where it grew since
-the last step in the same row, so long contexts cost no more host work per step than short ones.
+the last step in the same row, so long contexts cost no more host work per step than short ones,
+and only the table columns the step's positions reach go to the GPU (the whole tables were 64 MB a
+step at 1,024 rows, 1.2 ms of each 1k/1k decode step's ~30 on an H100: docs/performance.md, session 24).
 """
 
 from __future__ import annotations
@@ -115,7 +117,13 @@ class DecodeGraphs:
                              for kind, pool in self.pools.items()}
         self._host_tables_np = {kind: t.numpy()
                                 for kind, t in self._host_tables.items()}  # same memory, for row writes
-        self._tables = {kind: t.to(dev) for kind, t in self._host_tables.items()}
+        # a copy on the CPU too (tests), so that what staging leaves out is missed there as on a GPU
+        self._tables = {kind: t.to(dev, copy=True) for kind, t in self._host_tables.items()}
+        # A step copies only the table columns its positions reach (a 1k/1k step at 1,024 rows: 1 MB
+        # of two 32 MB tables), packed on the host, then spread into the graph's table on the GPU.
+        self._host_packed = {kind: torch.empty(rows * width, dtype=torch.int32, pin_memory=pinned)
+                             for kind in self.pools}
+        self._packed = {kind: torch.empty(rows * width, dtype=torch.int32, device=dev) for kind in self.pools}
         self._staged = {kind: [None] * rows for kind in self.pools}  # (cache serial, entries) per table row
         self._cu_q = torch.arange(rows + 1, dtype=torch.int32, device=dev)
         self._all_rows = torch.arange(rows, device=dev)
@@ -181,8 +189,10 @@ class DecodeGraphs:
         if self._inputs_read is not None:
             self._inputs_read.synchronize()  # the host buffers are about to be overwritten
         ints = self._host_ints.numpy()
+        columns = 1  # table columns any row's attention reads: pages up to the last position's
         for row, (chunk, token) in enumerate(zip(chunks, token_ids)):
             position = chunk.start
+            columns = max(columns, position // PAGE_SIZE + 1)
             ints[row, 0], ints[row, 1], ints[row, 4], ints[row, 5] = token, position, sources.get(row, -1), 1
             for kind in self.pools:
                 pages = chunk.cache.table(kind)
@@ -196,10 +206,21 @@ class DecodeGraphs:
                 self._staged[kind][row] = None
         self._ints[:size].copy_(self._host_ints[:size], non_blocking=True)
         for kind in self.pools:
-            self._tables[kind][:size].copy_(self._host_tables[kind][:size], non_blocking=True)
+            self._copy_table(kind, size, columns)
         if self.model.device.type == "cuda":
             self._inputs_read = torch.cuda.Event()
             self._inputs_read.record()
+
+    def _copy_table(self, kind: bool, size: int, columns: int) -> None:
+        """The first `columns` entries of the host table's first `size` rows into the graph's table:
+        packed contiguous on the host (a strided pinned source would make torch copy through pageable
+        memory, synchronously), one asynchronous copy, then spread on the GPU. Columns past them keep
+        entries of earlier steps, beyond every position of this step: no query reads them."""
+        packed = self._host_packed[kind][:size * columns].view(size, columns)
+        packed.numpy()[:] = self._host_tables_np[kind][:size, :columns]
+        on_device = self._packed[kind][:size * columns].view(size, columns)
+        on_device.copy_(packed, non_blocking=True)
+        self._tables[kind][:size, :columns].copy_(on_device)
 
     def _stage_table(self, kind: bool, row: int, serial: int, pages: list[int]) -> None:
         """Row `row` of the host block table holds `pages`: copy only entries new since the last
