@@ -13,6 +13,8 @@
 #   profile-ab: scripts/profile_throughput.py (this tree's) on .carry/base's runtime and this one;
 #            `profile-ab SECONDS --requests 1024 --osl 256 --profile-osl 1 --decode-window 160 30`
 #   cold:    start-up with Triton's cache empty, the JSON's startup block; `cold model=gpt-oss-20b`
+#   cache-out: Triton's compiled kernels (binaries and metadata) as $OUT/tcache.tgz, to carry into the
+#            next calls as .carry/tcache.tgz (scripts/device_env.sh unpacks it); last in a call
 # Logs under $OUT, tables on stdout.
 set -uo pipefail
 source scripts/device_env.sh
@@ -108,6 +110,10 @@ PY
         > $OUT/profile_$name.log 2>&1
       echo "== $name (rc $?)"; grep -v "^$" $OUT/profile_$name.log | grep -E "^\||output tok/s" | head -40
     done
+    ;;
+  cache-out)
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.cubin' -o -name '*.json' \
+      | tar czf $OUT/tcache.tgz -T -) && ls -l $OUT/tcache.tgz
     ;;
   cold)  # graph capture with Triton's cache empty (a machine's first run); `cold model=... [key=value ...]`
     cache=$(mktemp -d)
