@@ -46,6 +46,16 @@ def capture_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def buffer_bytes(max_batch_size: int, max_model_len: int, vocab_size: int, pools: int) -> int:
+    """Device memory `DecodeGraphs` allocates outside its graphs' pool (the logits every size leaves,
+    the greedy samples, the staged inputs, and per KV pool the block table at max_model_len's width
+    and its staging copy): for the KV cache's sizing (engine._kv_pages), before the graphs exist."""
+    rows, width = capture_sizes(max_batch_size)[-1], pages_for(max_model_len)
+    logits, greedy, ints = rows * vocab_size * 4, rows * 2 * 8, rows * 6 * 8
+    row_ids = (rows + 1) * 4 + rows * 8  # cu_q (int32) and every row's index
+    return logits + greedy + ints + row_ids + pools * 2 * rows * width * 4
+
+
 def supported(model: GptOss, replay: bool = True) -> str | None:
     """Why decode steps of this model cannot run as CUDA graphs, or None when they can."""
     if not ops.use_kernels(model.inv_freq) or (replay and model.device.type != "cuda"):

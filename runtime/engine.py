@@ -207,7 +207,8 @@ class LLM:
         max_batch_size = config.max_batch_size
         self.default_max_tokens = config.default_max_tokens
         self._harmony = None
-        pages, sliding = self._kv_pages(config.kv_cache_tokens, config.gpu_memory_fraction, max_batch_size)
+        pages, sliding = self._kv_pages(config.kv_cache_tokens, config.gpu_memory_fraction, max_batch_size,
+                                        max_model_len)
         self.pool = self.model.make_pool(pages, sliding)
         self.kv_cache_tokens = None if pages is None else pages * PAGE_SIZE  # None: grows on demand
         self.scheduler = Scheduler(self.pool, self.model.new_cache, max_batch_size=max_batch_size,
@@ -251,12 +252,12 @@ class LLM:
             torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start  # start-up beside load_seconds, for reports
 
-    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float,
-                  max_batch_size: int) -> tuple[int | None, int | None]:
+    def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, max_batch_size: int,
+                  max_model_len: int) -> tuple[int | None, int | None]:
         """Pages of the full and the sliding layers' KV pools: the full pool from `tokens`, else on
         CUDA the most that gpu_memory_fraction of the GPU holds beside the weights, an allowance for a
-        step's activations and the sliding pool that goes with it (kv_cache.sliding_pool_pages); else
-        (None, None): both grow."""
+        step's activations, the decode graphs' own buffers and the sliding pool that goes with it
+        (kv_cache.sliding_pool_pages); else (None, None): both grow."""
         window, step_tokens = self.config.sliding_window, self.engine_config.max_batch_tokens
 
         def sliding_for(full_pages: int) -> int:
@@ -270,6 +271,10 @@ class LLM:
         # Activations of the largest step (fp32 MoE rows, attention and norm temporaries) and the
         # logits of the sampled rows; an estimate with a margin, not a measurement.
         activations = step_tokens * (64 << 10) + max_batch_size * self.config.vocab_size * 8 + (1 << 30)
+        if not self.engine_config.enforce_eager:  # made after the KV cache (logits: 0.8 GB at 1,024 rows)
+            pools = 1 + any(self.config.is_sliding(n) for n in range(self.config.num_hidden_layers))
+            activations += cuda_graphs.buffer_bytes(max_batch_size, max_model_len, self.config.vocab_size,
+                                                    pools)
         budget = total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
         page_bytes = self.model.kv_page_bytes(), self.model.kv_page_bytes(sliding=True)
         fitting = full_pages_within(budget, *page_bytes, sliding_for)

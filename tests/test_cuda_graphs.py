@@ -196,6 +196,29 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the graphs' buffers on the CPU, with the kernels through Triton's interpreter")
+def test_the_kv_sizing_leaves_room_for_every_buffer_of_the_decode_graphs(tiny_checkpoints, monkeypatch):
+    """cuda_graphs.buffer_bytes, what engine._kv_pages leaves for the decode graphs (made after the KV
+    cache), is every tensor DecodeGraphs allocates on the device: the logits alone are 0.8 GB at 1,024
+    rows, and a 2,048-row engine ran out of memory in its LM head before they were counted."""
+    from runtime.cuda_graphs import DecodeGraphs, buffer_bytes
+
+    monkeypatch.setattr(options, "kernels_on_cpu", True)
+    llm = LLM(tiny_checkpoints["original"], dtype="float32", device="cpu", max_batch_size=24,
+              max_batch_tokens=40, kv_cache_tokens=96, max_model_len=1000, enforce_eager=True)
+    graphs = DecodeGraphs(llm.model, 24, 1000, llm._sampled, replay=False)
+
+    def tensors(value):
+        values = value.values() if isinstance(value, dict) else [value]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+    # On the CPU the host buffers are CPU tensors too: they are the `_host` ones (pinned on a GPU machine).
+    own = sum(t.numel() * t.element_size() for name, value in vars(graphs).items()
+              if not name.startswith("_host") and name != "_sampled" for t in tensors(value))
+    assert len(graphs.pools) == 2 and own == buffer_bytes(24, 1000, llm.config.vocab_size, 2)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the mixed graphs' inputs through Triton's interpreter: CPU only")
 def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
     """Mixed steps through runtime/mixed_graphs.py's fixed buffers (run here without capture): the
