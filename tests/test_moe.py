@@ -44,13 +44,17 @@ def random_experts(E, N, K, device="cpu"):
     return blocks, scales, bias
 
 
-@pytest.mark.parametrize("rows", [1, 50, 300, 700])  # the one-program plan (<= 512 rows) and torch.sort
-def test_plan_sorts_rows_by_expert_and_counts_them(rows):
-    experts = torch.randint(0, 6, (rows,))
-    p = plan(experts, 8)
+# no rows; the one-program plan (<= 512 rows); the chunked one: 3 chunks of 256 (the last partial), 17
+# (a 1,024-token decode's 4,096 rows and 3 more), and 129 experts (expert_rows_triton's extra bucket)
+# over 128 chunks of 256 (an 8,192-token prefill's rows)
+@pytest.mark.parametrize("rows, experts", [(0, 8), (1, 8), (50, 8), (300, 8), (700, 8), (4099, 32),
+                                           (32768, 129)])
+def test_plan_sorts_rows_by_expert_and_counts_them(rows, experts):
+    experts, E = torch.randint(0, experts - 2, (rows,)), experts  # the last two experts get no row
+    p = plan(experts, E)
     assert torch.equal(p.order.long(), torch.argsort(experts, stable=True))
     assert torch.equal(p.position.long(), torch.argsort(p.order.long()))
-    assert p.counts.tolist() == torch.bincount(experts, minlength=8).tolist()
+    assert p.counts.tolist() == torch.bincount(experts, minlength=E).tolist()
     assert p.offsets.tolist() == (torch.cumsum(p.counts, 0) - p.counts).tolist()
     used = sum(-(-c // 16) for c in p.counts.tolist())
     assert used <= p.max_tiles(16)

@@ -1,6 +1,7 @@
 """The rows sorted by expert (`plan`), on the GPU and without a host sync: one program's counting sort
-(`count_sort`, also called inside router_triton's kernels) up to PLAN_KERNEL_ROWS rows, torch.sort
-beyond.
+(`count_sort`, also called inside router_triton's kernels) up to PLAN_KERNEL_ROWS rows; beyond, the
+same counting sort over chunks of rows in three launches (each chunk's counts, every chunk's first
+position per expert, each row's place), where torch.sort and its bookkeeping took about nine.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Plan:
         return (self.num_rows + (block_t - 1) * min(self.num_experts, self.num_rows)) // block_t
 
 
-PLAN_KERNEL_ROWS = 512  # up to here one program sorts (decode); beyond, torch.sort (prefill)
+PLAN_KERNEL_ROWS = 512  # up to here one program sorts (small decodes); beyond, one program a chunk
+MAX_PLAN_CHUNKS = 128  # chunks of the multi-program sort: its middle launch holds [chunks, experts]
 
 
 def empty_plan(rows: int, num_experts: int, device) -> Plan:
@@ -90,11 +92,77 @@ def plan(experts: torch.Tensor, num_experts: int) -> Plan:
                            E_POW2=triton.next_power_of_2(num_experts), **count_sort_sizes(m), num_warps=8,
                            **pdl.launch_args(dev))
         return p
-    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    offsets = torch.empty_like(counts)
-    _, order = torch.sort(flat, stable=True)
-    counts.zero_().scatter_add_(0, flat.long(), torch.ones_like(flat))
-    torch.sub(torch.cumsum(counts, 0, dtype=torch.int32), counts, out=offsets)
-    position = torch.empty_like(flat)
-    position[order] = torch.arange(m, dtype=torch.int32, device=dev)
-    return Plan(order.to(torch.int32), position, counts, offsets, m, num_experts)
+    p = empty_plan(m, num_experts, dev)
+    if m == 0:
+        p.counts.zero_()
+        p.offsets.zero_()
+        return p
+    # Chunks of at least 256 rows, at most MAX_PLAN_CHUNKS of them: 1,024 decode rows are 4 chunks of
+    # 256, an 8,192-token prefill's 32,768 rows 128 of 256.
+    chunk = max(256, triton.next_power_of_2(triton.cdiv(m, MAX_PLAN_CHUNKS)))
+    chunks, e_pow2 = triton.cdiv(m, chunk), triton.next_power_of_2(num_experts)
+    firsts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=dev)
+    launch = pdl.launch_args(dev)
+    _chunk_counts_kernel[(chunks,)](flat, firsts, m, E_POW2=e_pow2, CHUNK=chunk,
+                                    SUB=min(chunk, max(16, 8192 // e_pow2)), num_warps=4, **launch)
+    _chunk_firsts_kernel[(1,)](firsts, p.counts, p.offsets, num_experts, chunks, E_POW2=e_pow2,
+                               CHUNKS_POW2=triton.next_power_of_2(chunks), num_warps=8, **launch)
+    _chunk_place_kernel[(chunks,)](flat, firsts, p.order, p.position, m, E_POW2=e_pow2, CHUNK=chunk,
+                                   SUB=min(chunk, 8192 // chunk), num_warps=8, **launch)
+    return p
+
+
+# The multi-program counting sort: row i of chunk c goes to
+#   offsets[e_i] + (rows of expert e_i in chunks before c) + (rows of expert e_i before i in chunk c),
+# the first two summed per (chunk, expert) by the middle launch, the last counted pairwise in the chunk.
+
+@step_kernel("M")
+def _chunk_counts_kernel(experts_ptr, counts_ptr, M, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+                         SUB: tl.constexpr, PDL: tl.constexpr):
+    """counts[c, e]: the rows of expert e in chunk c (row c of a [chunks, E_POW2] buffer), compared
+    SUB rows at a time."""
+    c = tl.program_id(0)
+    ex = tl.arange(0, E_POW2)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    pdl.wait_for_previous_kernel(PDL)
+    for j0 in tl.static_range(0, CHUNK, SUB):
+        j = c * CHUNK + j0 + tl.arange(0, SUB)
+        e = tl.load(experts_ptr + j, mask=j < M, other=E_POW2)  # padding matches no expert
+        counts += tl.sum((e[None, :] == ex[:, None]).to(tl.int32), 1)
+    tl.store(counts_ptr + c * E_POW2 + ex, counts)
+
+
+@step_kernel("chunks")
+def _chunk_firsts_kernel(firsts_ptr, counts_ptr, offsets_ptr, E, chunks, E_POW2: tl.constexpr,
+                         CHUNKS_POW2: tl.constexpr, PDL: tl.constexpr):
+    """In place, each chunk's counts [chunks, E_POW2] become the sorted position of its first row of
+    each expert; and the plan's counts and offsets per expert."""
+    c = tl.arange(0, CHUNKS_POW2)
+    ex = tl.arange(0, E_POW2)
+    at = firsts_ptr + c[:, None] * E_POW2 + ex[None, :]
+    pdl.wait_for_previous_kernel(PDL)
+    per_chunk = tl.load(at, mask=(c < chunks)[:, None], other=0)
+    counts = tl.sum(per_chunk, 0)
+    offsets = tl.cumsum(counts, 0) - counts
+    tl.store(at, offsets[None, :] + tl.cumsum(per_chunk, 0) - per_chunk, mask=(c < chunks)[:, None])
+    tl.store(counts_ptr + ex, counts, mask=ex < E)
+    tl.store(offsets_ptr + ex, offsets, mask=ex < E)
+
+
+@step_kernel("M")
+def _chunk_place_kernel(experts_ptr, firsts_ptr, order_ptr, position_ptr, M, E_POW2: tl.constexpr,
+                        CHUNK: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr):
+    """Each row of chunk c at its chunk's first position for its expert plus its rank among the
+    chunk's earlier rows of that expert (stable), compared SUB rows at a time."""
+    c = tl.program_id(0)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    pdl.wait_for_previous_kernel(PDL)
+    e = tl.load(experts_ptr + i, mask=i < M, other=E_POW2)
+    rank = tl.zeros((CHUNK,), dtype=tl.int32)
+    for j0 in tl.static_range(0, CHUNK, SUB):
+        j = c * CHUNK + j0 + tl.arange(0, SUB)
+        ej = tl.load(experts_ptr + j, mask=j < M, other=E_POW2)
+        rank += tl.sum(((ej[None, :] == e[:, None]) & (j[None, :] < i[:, None])).to(tl.int32), 1)
+    position = tl.load(firsts_ptr + c * E_POW2 + e, mask=i < M, other=0) + rank
+    tl.store(position_ptr + i, position, mask=i < M)
+    tl.store(order_ptr + position, i, mask=i < M)
