@@ -158,8 +158,11 @@ class VocabParallelHead(Sharded):
         self.group = g
         self.add("weight", (vocab, dim), dtype, {0: [shard(vocab, g, "vocabulary size")]})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather(linear(x, self.weight).float(), self.group, dim=-1)
+    def forward(self, x: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """[M, vocab] logits, fp32 (widen) or in the weight's dtype (the same values, gathered in half
+        the bytes)."""
+        logits = linear(x, self.weight)
+        return all_gather(logits.float() if widen else logits, self.group, dim=-1)
 
 
 class ReplicatedLinear(Sharded):

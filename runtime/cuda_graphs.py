@@ -252,7 +252,9 @@ class DecodeGraphs:
                   for kind, pool in self.pools.items()}
         paged = PagedStep(layers[False], layers.get(True), self._cu_q[:size + 1], positions.to(torch.int32),
                           max_q_len=1, max_k_len=self.max_model_len, fixed_shapes=True, real_rows=ints[:, 5])
-        self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size]))
+        # The head's bf16 logits widen to fp32 in this copy: one pass, where .float() and a copy took two
+        self._logits[:size].copy_(self.model.forward_paged(tokens, positions, paged, self._all_rows[:size],
+                                                           widen=False))
         ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 
     def _capture(self, size: int) -> None:

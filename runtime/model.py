@@ -256,16 +256,16 @@ class GptOss(nn.Module):
 
     @torch.inference_mode()
     def forward_paged(self, token_ids: torch.Tensor, positions: torch.Tensor, paged: PagedStep,
-                      logits_indices: torch.Tensor) -> torch.Tensor:
+                      logits_indices: torch.Tensor, widen: bool = True) -> torch.Tensor:
         """The forward from device tensors alone (no host work, no sync on the kernel path), so that
-        runtime/cuda_graphs.py can capture it."""
+        runtime/cuda_graphs.py can capture it. widen: see `logits`."""
         pieces = self.pieces(token_ids, positions, paged)
         attention, q = next(pieces)
         while True:
             try:
                 attention, q = pieces.send(attention.attend(q, paged))
             except StopIteration as end:
-                return self.logits(end.value, logits_indices)
+                return self.logits(end.value, logits_indices, widen)
 
     def pieces(self, token_ids: torch.Tensor, positions: torch.Tensor, paged: PagedStep):
         """The forward without its attentions and its logits: a generator that yields (the layer's
@@ -281,9 +281,12 @@ class GptOss(nn.Module):
             x, h = block.after_attention(x, out, ctx, following)
         return x
 
-    def logits(self, x: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [M, vocab] in fp32 of x's rows at logits_indices (on every rank)."""
-        return self.unembedding(ops.rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps))
+    def logits(self, x: torch.Tensor, logits_indices: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """Next-token logits [M, vocab] of x's rows at logits_indices (on every rank): in fp32, or with
+        widen=False in the head's own dtype (the same values: the caller widens them as it copies
+        them, as the decode graphs do into their fp32 buffer, without an fp32 temporary between)."""
+        normed = ops.rms_norm(x[logits_indices], self.norm.scale, self.cfg.rms_norm_eps)
+        return self.unembedding(normed, widen)
 
     # ------------------------------------------------------------------------------- weights
     def count_expert_load(self) -> None:
