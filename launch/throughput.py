@@ -164,7 +164,7 @@ def run(llm: LLM, work: Workload, model_name: str) -> dict:
                      "enable_prefix_caching": llm.scheduler.prefix_caching},
         "startup": {"load_s": llm.load_seconds, "graph_capture_s": llm.capture_seconds,
                     "graph_sizes": len(llm.graph_sizes), "mixed_graph_buckets": len(llm.mixed_graph_buckets),
-                    "graph_warm_ups": llm.capture_warm_ups,
+                    "graph_warm_ups": llm.capture_warm_ups, "graph_compiles": llm.capture_compiles,
                     "warmup_s": warmup_seconds,
                     "warmup_requests": count},
         "seconds": seconds, "requests": len(requests), "prompt_tokens": prompt_tokens,
@@ -230,7 +230,9 @@ def table(report: dict) -> str:
               f"| start-up: load / graph capture ({s['graph_sizes']} decode sizes, "
               f"{s['mixed_graph_buckets']} mixed token counts) / warm-up | "
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
-    lines.append(compiles_line(report.get("timed_run_compiles")))
+    if s.get("graph_compiles"):  # where a cold start's time went (the warm-ups' compiles overlap)
+        lines.append(compiles_line("in the graph capture", s["graph_compiles"]))
+    lines.append(compiles_line("inside the timed run", report.get("timed_run_compiles")))
     if report["peak_GiB"] is not None:
         lines.append(f"| peak GPU memory | {report['peak_GiB']:.1f} GiB | | |")
     if report.get("expert_load"):
@@ -238,12 +240,14 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def compiles_line(compiles: dict | None) -> str:
-    """The Triton compiles inside the timed run (none, once start-up met every kernel the run needs)."""
+def compiles_line(where: str, compiles: dict | None, top: int = 6) -> str:
+    """A table row of Triton's compiles `where` (CompileWatch.summary): how many, their seconds, and the
+    kernels that took the most (none inside the timed run, once start-up met every kernel it needs)."""
     if compiles is None:
-        return "| Triton compiles inside the timed run | not watched (a Triton without compile hooks) | | |"
-    kernels = ", ".join(f"{name} x{n}" for name, n in compiles["kernels"].items())
-    return (f"| Triton compiles inside the timed run | {compiles['count']} ({compiles['seconds']:.1f} s)"
+        return f"| Triton compiles {where} | not watched (a Triton without compile hooks) | | |"
+    kernels = ", ".join(f"{name} x{compiles['kernels'][name]} {seconds:.1f} s"
+                        for name, seconds in list(compiles["seconds_by_kernel"].items())[:top])
+    return (f"| Triton compiles {where} | {compiles['count']} ({compiles['seconds']:.1f} s)"
             f"{f': {kernels}' if kernels else ''} | | |")
 
 

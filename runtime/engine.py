@@ -30,6 +30,7 @@ from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
+from runtime.kernels.compile_watch import CompileWatch
 from runtime.kv_cache import (PAGE_SIZE, full_pages_within, pages_for, resolve_kv_cache_dtype,
                               sliding_pool_pages)
 from runtime.lockstep import Agreement, Lockstep
@@ -242,15 +243,21 @@ class LLM:
         if config.count_expert_load:  # before the graphs are captured, so that they count too
             self.model.count_expert_load()
         start = time.perf_counter()
-        if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
-            self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
-            self._graphs.capture_all()
-            mixed_tokens = min(config.mixed_graph_tokens, config.max_batch_tokens)
-            if mixed_tokens and mixed_graphs.supported(self.model) is None:
-                self._mixed_graphs = mixed_graphs.MixedGraphs(self.model, mixed_tokens, self._sampled)
-                self._mixed_graphs.capture_all()
-            torch.cuda.synchronize(self.device)
+        with CompileWatch() as compiles:  # what start-up compiled, by kernel: where a cold start goes
+            if not config.enforce_eager and cuda_graphs.supported(self.model) is None:
+                self._capture_graphs(config, max_batch_size, max_model_len)
         self.capture_seconds = time.perf_counter() - start  # start-up beside load_seconds, for reports
+        self.capture_compiles = compiles.summary()  # Triton's compiles in the captures (and their warm-ups)
+
+    def _capture_graphs(self, config: EngineConfig, max_batch_size: int, max_model_len: int) -> None:
+        """Every decode graph, and the mixed steps' pieces up to mixed_graph_tokens, captured now."""
+        self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
+        self._graphs.capture_all()
+        mixed_tokens = min(config.mixed_graph_tokens, config.max_batch_tokens)
+        if mixed_tokens and mixed_graphs.supported(self.model) is None:
+            self._mixed_graphs = mixed_graphs.MixedGraphs(self.model, mixed_tokens, self._sampled)
+            self._mixed_graphs.capture_all()
+        torch.cuda.synchronize(self.device)
 
     def _kv_pages(self, tokens: int | None, gpu_memory_fraction: float, max_batch_size: int,
                   max_model_len: int) -> tuple[int | None, int | None]:

@@ -64,10 +64,16 @@ class CompileWatch:
             knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._saved
 
     def summary(self) -> dict | None:
-        """For reports: how many compiles, their seconds, and the count by kernel (None: not watched)."""
+        """For reports: how many compiles, their seconds, the count by kernel and the seconds by kernel,
+        most first (None: not watched). Compiles on threads side by side (the graphs' warm-ups) each
+        count their own wait, so their seconds add up to more than the wall time."""
         if not self.available:
             return None
         with self._lock:
             events = list(self.events)
+        seconds = collections.Counter()
+        for name, s in events:
+            seconds[name] += s
         return {"count": len(events), "seconds": sum(s for _, s in events),
-                "kernels": dict(collections.Counter(name for name, _ in events).most_common())}
+                "kernels": dict(collections.Counter(name for name, _ in events).most_common()),
+                "seconds_by_kernel": {name: round(s, 3) for name, s in seconds.most_common()}}
