@@ -13,6 +13,8 @@
 #   profile-ab: scripts/profile_throughput.py (this tree's) on .carry/base's runtime and this one;
 #            `profile-ab SECONDS --requests 1024 --osl 256 --profile-osl 1 --decode-window 160 30`
 #   cold:    start-up with Triton's cache empty, the JSON's startup block; `cold model=gpt-oss-20b`
+#   twice:   launch.bench mode=throughput twice in a row on one machine (the first pays for whatever
+#            start-up left to compile: its compile rows say what); `twice key=value ...`
 #   cache-out: Triton's compiled kernels (binaries and metadata) as $OUT/tcache.tgz, to carry into the
 #            next calls as .carry/tcache.tgz (scripts/device_env.sh unpacks it); last in a call
 # Logs under $OUT, tables on stdout.
@@ -109,6 +111,14 @@ PY
       PYTHONPATH=/tmp/site:$PWD/$tree timeout "$limit" python3 scripts/profile_throughput.py "$@" \
         > $OUT/profile_$name.log 2>&1
       echo "== $name (rc $?)"; grep -v "^$" $OUT/profile_$name.log | grep -E "^\||output tok/s" | head -40
+    done
+    ;;
+  twice)
+    for run in 1 2; do
+      timeout 280 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda \
+        json=$OUT/twice_$run.json "$@" > $OUT/twice_$run.log 2>&1
+      echo "run $run (rc $?): $(grep -hE 'output tokens/s per GPU|timed run|Triton compiles|graph capture' \
+        $OUT/twice_$run.log | tr -s ' ' | cut -c1-400 | paste -sd';')"
     done
     ;;
   cache-out)
