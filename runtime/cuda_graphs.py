@@ -22,8 +22,9 @@ a step whose rows are all greedy launches nothing after the replay but the copy 
 step with other rows samples them as before and overwrites the buffer).
 Staging copies a sequence's page list into the pinned host block table only where it grew since
 the last step in the same row, so long contexts cost no more host work per step than short ones,
-and only the table columns the step's positions reach go to the GPU (the whole tables were 64 MB a
-step at 1,024 rows, 1.2 ms of each 1k/1k decode step's ~30 on an H100: docs/performance.md, session 24).
+and, past a small batch, only the table columns the step's positions reach go to the GPU (the whole
+tables were 64 MB a step at 1,024 rows, 1.2 ms of each 1k/1k decode step's ~30 on an H100:
+docs/performance.md, session 24).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def capture_sizes(max_batch_size: int) -> list[int]:
         sizes.append(size)
         size = size * 2 if size < 16 else size + (16 if size < 64 else 32 if size < 256 else 64)
     return sizes + [max_batch_size]
+
+
+# Up to this many table entries (a 32-row step at 131,072 positions: 1 MB) a step copies its rows whole,
+# in one copy: packing would add host work and a spreading launch to small, latency-bound steps.
+WHOLE_ROWS_ENTRIES = 1 << 18
 
 
 def buffer_bytes(max_batch_size: int, max_model_len: int, vocab_size: int, pools: int) -> int:
@@ -223,9 +229,13 @@ class DecodeGraphs:
 
     def _copy_table(self, kind: bool, size: int, columns: int) -> None:
         """The first `columns` entries of the host table's first `size` rows into the graph's table:
-        packed contiguous on the host (a strided pinned source would make torch copy through pageable
-        memory, synchronously), one asynchronous copy, then spread on the GPU. Columns past them keep
-        entries of earlier steps, beyond every position of this step: no query reads them."""
+        small tables whole (WHOLE_ROWS_ENTRIES); else packed contiguous on the host (a strided pinned
+        source would make torch copy through pageable memory, synchronously), one asynchronous copy,
+        then spread on the GPU. Columns past them keep entries of earlier steps, beyond every position
+        of this step: no query reads them."""
+        if size * self._tables[kind].shape[1] <= WHOLE_ROWS_ENTRIES:
+            self._tables[kind][:size].copy_(self._host_tables[kind][:size], non_blocking=True)
+            return
         packed = self._host_packed[kind][:size * columns].view(size, columns)
         packed.numpy()[:] = self._host_tables_np[kind][:size, :columns]
         on_device = self._packed[kind][:size * columns].view(size, columns)
