@@ -97,8 +97,8 @@ def plan(experts: torch.Tensor, num_experts: int) -> Plan:
         p.counts.zero_()
         p.offsets.zero_()
         return p
-    # Chunks of at least 256 rows, at most MAX_PLAN_CHUNKS of them: 1,024 decode rows are 4 chunks of
-    # 256, an 8,192-token prefill's 32,768 rows 128 of 256.
+    # Chunks of at least 256 rows, at most MAX_PLAN_CHUNKS of them: a 1,024-token decode's 4,096 rows
+    # are 16 chunks of 256, an 8,192-token prefill's 32,768 rows 128 of 256.
     chunk = max(256, triton.next_power_of_2(triton.cdiv(m, MAX_PLAN_CHUNKS)))
     chunks, e_pow2 = triton.cdiv(m, chunk), triton.next_power_of_2(num_experts)
     firsts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=dev)
