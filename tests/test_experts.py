@@ -9,6 +9,7 @@ path (Triton's interpreter) against one rank holding every expert.
 """
 
 import dataclasses
+import io
 import multiprocessing as mp
 import os
 import traceback
@@ -36,7 +37,7 @@ def _spawn_layout(worker, world: int, layout: dict, *args) -> list:
         p.join(timeout=60)
     errors = [g for g in got if isinstance(g, str)]
     assert not errors, errors[0]
-    return sorted(got, key=lambda g: g[0])
+    return sorted((torch.load(io.BytesIO(g), weights_only=False) for g in got), key=lambda g: g[0])
 
 
 def _run(worker, rank, world, port, layout, results, *args):
@@ -46,7 +47,11 @@ def _run(worker, rank, world, port, layout, results, *args):
 
         parallel = groups.init(groups.Layout(**layout), rank=rank, world_size=world, master_addr="127.0.0.1",
                                master_port=port, device_type="cpu", timeout_s=120)
-        results.put((rank, worker(parallel, *args)))
+        # Bytes, not tensors: a queued tensor travels as a shared-memory file descriptor that the
+        # parent fetches from this process later, which fails (EOFError) once this process has exited.
+        payload = io.BytesIO()
+        torch.save((rank, worker(parallel, *args)), payload)
+        results.put(payload.getvalue())
         groups.shutdown()
     except Exception:
         results.put(f"rank {rank}: {traceback.format_exc()}")
