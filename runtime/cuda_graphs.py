@@ -72,11 +72,22 @@ def supported(model: GptOss, replay: bool = True) -> str | None:
     return None
 
 
+def _collectives(model: GptOss) -> bool:
+    """Whether the forward holds collectives (tensor or expert parallelism inside the replica)."""
+    return model.parallel.replica.size > 1
+
+
 def warm_up_threads(model: GptOss, threads: int | None = None) -> int | None:
     """Threads for the warm-ups before the captures (runtime/warm_up.py): one where the forward holds
-    collectives (tensor or expert parallelism inside the replica), since every rank must launch
-    those in the same order and threads side by side keep none; else `threads` (None: the default)."""
-    return 1 if model.parallel.replica.size > 1 else threads
+    collectives, since every rank must launch those in the same order and threads side by side keep
+    none; else `threads` (None: the default)."""
+    return 1 if _collectives(model) else threads
+
+
+def compile_ahead_allowed(model: GptOss) -> bool:
+    """Whether the warm-ups may compile ahead in a dry pass (runtime/kernels/compile_ahead.py): not
+    where the forward holds collectives, whose communicators the dry pass's capture would use first."""
+    return not _collectives(model)
 
 
 _capture_stream: torch.cuda.Stream | None = None
@@ -191,7 +202,8 @@ class DecodeGraphs:
         step_before = self._sampled.clone()
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
                                                  for size in self.sizes if size not in self._graphs},
-                                                self.model.device, warm_up_threads(self.model, threads))
+                                                self.model.device, warm_up_threads(self.model, threads),
+                                                compile_ahead_allowed(self.model))
         self._sampled.copy_(step_before)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:

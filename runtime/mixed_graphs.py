@@ -124,7 +124,8 @@ class MixedGraphs:
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size)
                                                  for size in self.buckets if size not in self._pieces},
                                                 self.model.device,
-                                                cuda_graphs.warm_up_threads(self.model, threads))
+                                                cuda_graphs.warm_up_threads(self.model, threads),
+                                                cuda_graphs.compile_ahead_allowed(self.model))
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, plan: StepPlan, paged: PagedStep, size: int) -> None:

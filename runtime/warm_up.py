@@ -9,7 +9,10 @@ Triton's compiler passes and ptxas release the GIL, so `run_side_by_side` runs t
 on threads: the compiles of different sizes overlap, and threads that reach the same uncompiled
 kernel wait for one compile of it (Triton's AsyncCompileMode, where this Triton has it) instead of
 each compiling it again. Measured (docs/performance.md, session 22): 20b 54.7 -> 42.0 s, 120b 46.0
--> 45.9 s; within one size the kernels still compile one after another, as its forward meets them.
+-> 45.9 s; within one size the kernels still compiled one after another, as its forward met them.
+So on a GPU every size first runs once in a dry pass that executes nothing and only learns which
+kernels the forwards launch, and all of those compile at once on threads
+(runtime/kernels/compile_ahead.py); the warm-ups then find them compiled.
 
 All threads launch on the caller's stream: the GPU runs their kernels one after another, and the
 caching allocator hands memory freed by one warm-up to the next (it keeps freed blocks per stream).
@@ -18,7 +21,8 @@ in flight stay within what the KV sizing left for one step (engine._kv_pages). T
 only into buffers the captures write again, and every row is padding, so their interleaving does
 not matter; the captures that follow run each size again, from Triton's in-memory cache. Where the
 forward holds collectives (tensor or expert parallelism) the ranks must launch them in the same
-order, so there one thread runs the sizes, smallest first, on every rank (cuda_graphs.warm_up_threads).
+order, so there one thread runs the sizes, smallest first, on every rank, with no dry pass (it would
+capture the communicators' first use) (cuda_graphs.warm_up_threads, cuda_graphs.compile_ahead_allowed).
 """
 
 from __future__ import annotations
@@ -34,24 +38,32 @@ from typing import Callable
 
 import torch
 
+from runtime.kernels import compile_ahead
+
 try:  # Triton 3.4 and later: concurrent launches of one uncompiled kernel share its compile
     from triton.runtime._async_compile import AsyncCompileMode
 except ImportError:  # an older Triton: each thread compiles what it meets (correct, more CPU)
     AsyncCompileMode = None
 
 MAX_THREADS = 8  # beyond this the threads mostly wait for the same kernels' compiles
+MAX_COMPILE_THREADS = 32  # compiles side by side: a core each, up to this many
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """One `run_side_by_side`, timed: its wall seconds and each entry's (see there)."""
+    """One `run_side_by_side`, timed: its wall seconds and each entry's (see there), and its
+    compiling ahead (None: not done)."""
     wall_s: float
     seconds: dict[int, float]
+    ahead: compile_ahead.Ahead | None = None
 
     def summary(self) -> dict:
-        """For start-up reports: the wall time and the slowest entry."""
+        """For start-up reports: the wall time, the slowest entry, and the compiling ahead."""
         rows = max(self.seconds, key=self.seconds.get) if self.seconds else None
-        return {"wall_s": self.wall_s, "slowest": rows, "slowest_s": self.seconds.get(rows, 0.0)}
+        summary = {"wall_s": self.wall_s, "slowest": rows, "slowest_s": self.seconds.get(rows, 0.0)}
+        if self.ahead is not None:
+            summary["ahead"] = self.ahead.summary()
+        return summary
 
 
 class RowBudget:
@@ -81,14 +93,15 @@ def _cpus() -> int:
 
 
 def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.device,
-                     threads: int | None = None) -> Report:
+                     threads: int | None = None, ahead: bool = True) -> Report:
     """Run `bodies[rows]()` once for every entry, several at a time on threads (at most `threads`,
     default the CPUs this process may use, up to MAX_THREADS), their rows at once within the
     largest entry's; the first error is raised once all have stopped. Every thread launches on the
-    caller's current stream and device, under inference mode. Returns the wall time and each
-    entry's seconds (its compiles, and its waits for compiles another thread started; not its wait
-    for the row budget), for start-up reports: where one entry's seconds come near the wall time,
-    that entry set it."""
+    caller's current stream and device, under inference mode. On a GPU, and where `ahead`, the
+    bodies' kernels compile first, all at once (compile_ahead). Returns the wall time (with the
+    compiling ahead) and each entry's seconds (its compiles, and its waits for compiles another
+    thread started; not its wait for the row budget), for start-up reports: where one entry's
+    seconds come near the wall time, that entry set it."""
     start, seconds = time.perf_counter(), {}
     if not bodies:
         return Report(0.0, seconds)
@@ -116,13 +129,19 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
             seconds[rows] = time.perf_counter() - began
             budget.give(rows)
 
+    on_gpu = stream is not None  # nothing compiles on a CPU
+    compile_threads = max(threads, min(_cpus(), MAX_COMPILE_THREADS))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
-            concurrent.futures.ThreadPoolExecutor(threads) as compilers:
-        shared_compiles = AsyncCompileMode is not None and stream is not None  # no compiles on CPU
+            concurrent.futures.ThreadPoolExecutor(compile_threads) as compilers:
+        early = None
+        if ahead and on_gpu and compile_ahead.available():
+            early = compile_ahead.compile_ahead([bodies[rows] for rows in order],
+                                                torch.device("cuda", stream.device_index), compilers)
+        shared_compiles = AsyncCompileMode is not None and on_gpu
         with AsyncCompileMode(compilers) if shared_compiles else contextlib.nullcontext():
             # each thread runs in a copy of this context, where the mode (a context variable) is set
             futures = [pool.submit(contextvars.copy_context().run, warm, rows) for rows in order]
             concurrent.futures.wait(futures)
     for future in futures:
         future.result()
-    return Report(time.perf_counter() - start, seconds)
+    return Report(time.perf_counter() - start, seconds, early)

@@ -32,7 +32,7 @@ import warnings
 import torch
 import triton
 
-from runtime.kernels import pdl
+from runtime.kernels import compile_ahead, pdl
 from runtime.kernels.moe_triton_details.combine import _combine_kernel
 from runtime.kernels.moe_triton_details.gemm import _moe_gemm_kernel
 from runtime.kernels.moe_triton_details.gemv import DECODE_INT, DECODE_ROUTES, _moe_gemv_kernel
@@ -99,9 +99,12 @@ def tensor_core_gemv_verified(device: torch.device, tiles: Tiles) -> bool:
     checked once per GPU and tiles: its diagonal trick needs the compiler to put four consecutive
     lanes on one weight row (see moe_triton_details/gemv_tensor_core.py), the multi-row route also the
     rows' order over the lanes, which a Triton version could lay out otherwise. Not during a CUDA graph
-    capture (the check syncs): there an unchecked route is not taken."""
+    capture (the check syncs): there an unchecked route is not taken, except in compile_ahead's dry
+    pass, which runs nothing and compiles the route the check almost always allows."""
     key = (device.index, tiles)
     if key not in _TENSOR_CORE_VERIFIED:
+        if compile_ahead.active():
+            return True
         if torch.cuda.is_current_stream_capturing():
             return False
         _TENSOR_CORE_VERIFIED[key] = True  # the probe's own calls take the route

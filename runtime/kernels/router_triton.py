@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels import pdl
+from runtime.kernels import compile_ahead, pdl
 from runtime.kernels.rmsnorm_triton import MAX_WIDTH, add_rms_norm_triton, rms_norm_rows
 from runtime.kernels.moe_triton_details.routing import Plan, count_sort, count_sort_sizes, empty_plan, plan
 from runtime.kernels.step_kernel import step_kernel
@@ -283,6 +283,8 @@ _DONE_COUNTERS: dict[torch.device, torch.Tensor] = {}
 def _done_counter(device: torch.device) -> torch.Tensor:
     counter = _DONE_COUNTERS.get(device)
     if counter is None:
+        if compile_ahead.active():  # a dry pass runs nothing: a stand-in, the warm-ups make the real one
+            return torch.zeros(1, dtype=torch.int32, device=device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # Made inside a capture, it would be zeroed only by the replays: run one step eagerly first.
             raise RuntimeError("norm_route_and_plan's counter must exist before CUDA graph capture")
