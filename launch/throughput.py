@@ -232,6 +232,8 @@ def table(report: dict) -> str:
               f"{s['load_s']:.1f} s / {s['graph_capture_s']:.1f} s / {s['warmup_s']:.1f} s | | |"]
     if s.get("graph_compiles"):  # where a cold start's time went (the warm-ups' compiles overlap)
         lines.append(compiles_line("in the graph capture", s["graph_compiles"]))
+    if any("ahead" in w for w in s["graph_warm_ups"].values()):
+        lines.append(ahead_line(s["graph_warm_ups"]))
     lines.append(compiles_line("inside the timed run", report.get("timed_run_compiles")))
     if report["peak_GiB"] is not None:
         lines.append(f"| peak GPU memory | {report['peak_GiB']:.1f} GiB | | |")
@@ -249,6 +251,20 @@ def compiles_line(where: str, compiles: dict | None, top: int = 6) -> str:
                         for name, seconds in list(compiles["seconds_by_kernel"].items())[:top])
     return (f"| Triton compiles {where} | {compiles['count']} ({compiles['seconds']:.1f} s)"
             f"{f': {kernels}' if kernels else ''} | | |")
+
+
+def ahead_line(warm_ups: dict) -> str:
+    """A table row of the graphs' compiling ahead (runtime/kernels/compile_ahead.py), per kind of
+    graph: the kernels its dry pass found, the seconds they took to compile side by side and the dry
+    pass's, and why a dry pass stopped early."""
+    parts = []
+    for kind, warm_up in warm_ups.items():
+        if (a := warm_up.get("ahead")) is not None:
+            failed = f", {a['failed']} failed" if a["failed"] else ""
+            stopped = f"; dry pass stopped: {a['error']}" if a["error"] else ""
+            parts.append(f"{kind}: {a['kernels']} kernels{failed} in {a['compile_s']:.1f} s after a "
+                         f"{a['dry_s']:.1f} s dry pass{stopped}")
+    return f"| start-up: Triton kernels compiled ahead | {'; '.join(parts)} | | |"
 
 
 def kv_positions(tokens: int | None, dtype: str) -> str:

@@ -53,6 +53,19 @@ def test_throughput_mode_counts_every_token_of_the_batch(tiny_checkpoints, tmp_p
     assert "Traceback" not in bad.stderr
 
 
+def test_the_compiling_ahead_row_names_each_kind_of_graph_and_a_dry_pass_that_stopped():
+    from launch.throughput import ahead_line
+
+    warm_ups = {"decode": {"wall_s": 9.0, "ahead": {"kernels": 61, "failed": 0, "dry_s": 0.52,
+                                                    "compile_s": 4.44, "error": None}},
+                "mixed": {"wall_s": 1.0, "ahead": {"kernels": 3, "failed": 1, "dry_s": 0.1, "compile_s": 0.9,
+                                                   "error": "RuntimeError: not capturable"}},
+                "eager": {"wall_s": 0.5}}
+    assert ahead_line(warm_ups) == ("| start-up: Triton kernels compiled ahead | decode: 61 kernels in 4.4 s "
+                                    "after a 0.5 s dry pass; mixed: 3 kernels, 1 failed in 0.9 s after a "
+                                    "0.1 s dry pass; dry pass stopped: RuntimeError: not capturable | | |")
+
+
 def test_the_compute_limit_counts_attention_at_each_position():
     """launch/limits.py's FLOPs against a count key by key, layer by layer (the sliding window and
     the positions past it included)."""

@@ -46,9 +46,9 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly(kv_cache_dtype):
         if replay:
             assert llm._graphs is not None and llm._graphs.replay  # on by default on CUDA
             # the warm-ups' dry pass captured every size's step and compiled what it found
-            for graphs in (llm._graphs, llm._mixed_graphs):
-                ahead = graphs.warm_up.ahead if graphs is not None else None
-                assert graphs is None or (ahead is not None and (ahead.error, ahead.failed) == (None, 0)), ahead
+            for graphs in filter(None, (llm._graphs, llm._mixed_graphs)):
+                ahead = graphs.warm_up.ahead
+                assert ahead is not None and (ahead.error, ahead.failed) == (None, 0), ahead
         else:
             llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled,
                                        replay=False)
