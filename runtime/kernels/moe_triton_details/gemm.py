@@ -119,20 +119,15 @@ def _moe_gemm_kernel(
     tile = tl.program_id(1)
     args = (x_ptr, source_ptr, blocks_ptr, scales_ptr, bias_ptr, out_ptr)
     strides = (stride_x, stride_out, stride_be, stride_bn, stride_se, stride_sn, stride_biase)
-    if TAIL_T > 0:
+    if TAIL_T > 0:  # the short tiles first: a narrower copy of the tile's code
         if tile < tail_slots:
             expert, row0, row_end = find_tail_tile(counts_ptr, offsets_ptr, tile, E, BLOCK_T, TAIL_T, E_POW2)
             if expert < E:
                 _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
                            SWIGLU, DOT_FP32, PTX, FOLD, TAIL_T, BLOCK_N, BLOCK_K, EVEN_K)
-        else:
-            expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tile - tail_slots, E, BLOCK_T, E_POW2,
-                                              TAIL_T)
-            if expert < E:
-                _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
-                           SWIGLU, DOT_FP32, PTX, FOLD, BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K)
-    else:
-        expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tile, E, BLOCK_T, E_POW2)
+        tile -= tail_slots  # negative for the short tiles' programs: they are done
+    if tile >= 0:
+        expert, row0, row_end = find_tile(counts_ptr, offsets_ptr, tile, E, BLOCK_T, E_POW2, TAIL_T)
         if expert < E:
             _gemm_tile(args, strides, expert, row0, row_end, pid_n, N, K_BYTES, limit, GATHER, SOURCE_DIV,
                        SWIGLU, DOT_FP32, PTX, FOLD, BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K)
