@@ -76,6 +76,7 @@ def capture_without_running(bodies: Iterable[Callable[[], object]], device: torc
         # This thread's cuBLAS handles and this stream's workspaces, made before the capture (as the
         # graphs' own captures find them made by the step run before each).
         a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+        torch.mm(a, a)  # the plain GEMM (the LM head) and the one with a bias (cuBLASLt: projections)
         torch.nn.functional.linear(a, a, a[0])
         # thread-local: other threads' CUDA calls (a module loaded elsewhere) do not end the capture
         graph.capture_begin(capture_error_mode="thread_local")
