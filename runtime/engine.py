@@ -24,12 +24,13 @@ import torch
 
 from parallel.groups import Parallel, single
 from parallel.layers import all_reduce, broadcast
-from runtime import cuda_graphs, mixed_graphs, openai_batch, ops
+from runtime import cuda_graphs, eager_steps, mixed_graphs, openai_batch, ops
 from runtime.cache import cache_dir
 from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
+from runtime.kernels import compile_ahead
 from runtime.kernels.compile_watch import CompileWatch
 from runtime.kv_cache import (PAGE_SIZE, full_pages_within, pages_for, resolve_kv_cache_dtype,
                               sliding_pool_pages)
@@ -233,6 +234,7 @@ class LLM:
         # their pieces between the attentions (vLLM's enforce_eager turns both off too).
         self._graphs = None
         self._mixed_graphs = None
+        self._eager_compiles = None  # the eager steps' kernels compiled at start-up (runtime/eager_steps.py)
         # The replica's first rank plans every step and sends the plan to the others (step_plan.py);
         # under attention_dp each rank plans its own, and the ranks agree before each step (lockstep.py).
         self._plans = None
@@ -250,7 +252,11 @@ class LLM:
         self.capture_compiles = compiles.summary()  # Triton's compiles in the captures (and their warm-ups)
 
     def _capture_graphs(self, config: EngineConfig, max_batch_size: int, max_model_len: int) -> None:
-        """Every decode graph, and the mixed steps' pieces up to mixed_graph_tokens, captured now."""
+        """Every decode graph, and the mixed steps' pieces up to mixed_graph_tokens, captured now; first,
+        the kernels of the eager steps compiled (where the graphs' warm-ups compile ahead too)."""
+        if cuda_graphs.compile_ahead_allowed(self.model) and compile_ahead.available():
+            self._eager_compiles = eager_steps.compile_kernels(self.model, config.max_batch_tokens,
+                                                               max_model_len)
         self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
         self._graphs.capture_all()
         mixed_tokens = min(config.mixed_graph_tokens, config.max_batch_tokens)
@@ -321,9 +327,12 @@ class LLM:
     @property
     def capture_warm_ups(self) -> dict:
         """The graphs' warm-ups at start-up (runtime/warm_up.py), per kind: wall seconds and the slowest
-        size; empty when eager."""
+        size, and the eager steps' kernels compiled ahead (runtime/eager_steps.py); empty when eager."""
         graphs = {"decode": self._graphs, "mixed": self._mixed_graphs}
-        return {kind: g.warm_up.summary() for kind, g in graphs.items() if g is not None and g.warm_up}
+        reports = {kind: g.warm_up.summary() for kind, g in graphs.items() if g is not None and g.warm_up}
+        if self._eager_compiles is not None:
+            reports["eager"] = self._eager_compiles.summary()
+        return reports
 
     @property
     def graph_sizes(self) -> list[int]:

@@ -92,6 +92,11 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def compile_threads() -> int:
+    """Threads for compiles side by side: one a CPU this process may use, up to MAX_COMPILE_THREADS."""
+    return min(_cpus(), MAX_COMPILE_THREADS)
+
+
 def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.device,
                      threads: int | None = None, ahead: bool = True) -> Report:
     """Run `bodies[rows]()` once for every entry, several at a time on threads (at most `threads`,
@@ -130,9 +135,8 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
             budget.give(rows)
 
     on_gpu = stream is not None  # nothing compiles on a CPU
-    compile_threads = max(threads, min(_cpus(), MAX_COMPILE_THREADS))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
-            concurrent.futures.ThreadPoolExecutor(compile_threads) as compilers:
+            concurrent.futures.ThreadPoolExecutor(max(threads, compile_threads())) as compilers:
         early = None
         if ahead and on_gpu and compile_ahead.available():
             early = compile_ahead.compile_ahead([bodies[rows] for rows in order],

@@ -147,3 +147,28 @@ def test_a_kernel_compiles_ahead_without_running_and_its_launch_then_compiles_no
         _ahead_kernel[(1,)](x, N=width)
     torch.cuda.synchronize()
     assert again.events == [] and torch.equal(x.cpu(), torch.arange(width) * 1000003)
+
+
+def test_the_eager_steps_span_the_kernels_choices_and_each_is_a_valid_step():
+    """runtime/eager_steps.py: its synthetic steps (a prompt of every power-of-two length, short chunks
+    beside decodes over a long context, a full mixed step) within max_model_len, and each a step the
+    forward takes (run here for real on a throwaway tiny model: on a GPU the dry pass runs none)."""
+    from runtime import eager_steps
+    from runtime.config import preset
+    from runtime.model import GptOss
+
+    assert eager_steps.step_shapes(8192, 131072) == (
+        [(0, 1 << n, 0) for n in range(4, 14)]
+        + [(8, q, 4096) for q in (1, 2, 4, 8)] + [(2048, 6144, 0)])
+    assert eager_steps.step_shapes(96, 80) == [(0, 16, 0), (0, 32, 0), (0, 64, 0),
+                                               (8, 1, 72), (8, 2, 72), (8, 4, 72), (8, 8, 72), (24, 72, 0)]
+    model = GptOss(preset("tiny"), dtype=torch.float32).randomize()
+    model.make_pool(num_pages=16, sliding_pages=16)
+    shapes = eager_steps.step_shapes(96, 80)
+    logits = [eager_steps.dry_step(model, *shape)() for shape in shapes]
+    vocab = model.cfg.vocab_size
+    assert [tuple(x.shape) for x in logits] == [(decodes + 1, vocab) for decodes, _, _ in shapes]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # on CPU nothing compiles: nothing recorded
+        ahead = compile_ahead.compile_ahead([eager_steps.dry_step(model, *shapes[0])], model.device, pool,
+                                            dry_run=_calls)
+    assert (ahead.kernels, ahead.error) == (0, None)

@@ -49,6 +49,8 @@ def test_cuda_graph_decode_replays_the_static_forward_exactly(kv_cache_dtype):
             for graphs in filter(None, (llm._graphs, llm._mixed_graphs)):
                 ahead = graphs.warm_up.ahead
                 assert ahead is not None and (ahead.error, ahead.failed) == (None, 0), ahead
+            eager = llm.capture_warm_ups["eager"]["ahead"]  # and the eager steps' (runtime/eager_steps.py)
+            assert (eager["error"], eager["failed"]) == (None, 0), eager
         else:
             llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled,
                                        replay=False)
