@@ -65,7 +65,7 @@ class Ahead:
 def capture_without_running(bodies: Iterable[Callable[[], object]], device: torch.device) -> None:
     """Each body once, in order, inside one CUDA graph capture that is dropped unlaunched (and, where
     torch can, never instantiated): the device runs none of it. Its temporaries come from the capture's
-    own memory pool, reused from one body to the next, and freed with it."""
+    own memory pool, reused from one body to the next, and given back to the device after it."""
     try:
         graph = torch.cuda.CUDAGraph(keep_graph=True)  # capture_end then skips instantiating it
     except TypeError:  # a torch without keep_graph
@@ -87,6 +87,7 @@ def capture_without_running(bodies: Iterable[Callable[[], object]], device: torc
             graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(stream)
     del graph
+    torch.cuda.empty_cache()  # the capture's pool, free now: back to the device for the warm-ups
 
 
 def compile_ahead(bodies: Iterable[Callable[[], object]], device: torch.device,
