@@ -76,6 +76,12 @@ def test_a_compile_finished_on_another_thread_counts_with_no_time():
     assert watch.events == [("_async", 0.0)]
 
 
+def test_a_kernel_defined_in_a_function_is_named_by_its_own_name():
+    with CompileWatch() as watch:  # Triton's hooks get the qualified name (__qualname__)
+        _compile("test_x.<locals>._local_kernel", "k")
+    assert [name for name, _ in watch.events] == ["_local_kernel"]
+
+
 @pytest.mark.gpu
 def test_a_new_specialisation_compiles_inside_the_watch_once():
     import triton

@@ -48,8 +48,8 @@ class CompileWatch:
         start = getattr(self._started, "times", {}).pop(str(key), None)
         # A compile finished on another thread (Triton's AsyncCompileMode) has no start here: counted, 0 s.
         seconds = time.perf_counter() - start if start is not None else 0.0
-        with self._lock:
-            self.events.append((fn.name, seconds))
+        with self._lock:  # the kernel's own name (Triton gives its qualified one: f.<locals>.kernel)
+            self.events.append((fn.name.rsplit(".", 1)[-1], seconds))
         previous = self._saved[1]
         return previous(key=key, fn=fn, **kwargs) if previous else None
 
