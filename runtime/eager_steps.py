@@ -71,7 +71,8 @@ def dry_step(model: GptOss, decodes: int, length: int, start: int):
 
 def compile_kernels(model: GptOss, max_batch_tokens: int, max_model_len: int) -> warm_up.Report:
     """Compile, on threads, the kernels of every synthetic step (step_shapes) this process has not
-    compiled yet; the Report's `ahead` says how many and how long (its wall time includes them)."""
+    compiled yet; the Report's `ahead` says how many and how long (its wall time includes them; None
+    where this Triton cannot compile ahead)."""
     began = time.perf_counter()
     bodies = [dry_step(model, *shape) for shape in step_shapes(max_batch_tokens, max_model_len)]
     with concurrent.futures.ThreadPoolExecutor(warm_up.compile_threads()) as pool:

@@ -30,7 +30,6 @@ from runtime.checkpoint import CheckpointReader, write_checkpoint
 from runtime.config import preset
 from runtime.engine_config import DTYPES, EngineConfig
 from runtime.harmony import by_channel
-from runtime.kernels import compile_ahead
 from runtime.kernels.compile_watch import CompileWatch
 from runtime.kv_cache import (PAGE_SIZE, full_pages_within, pages_for, resolve_kv_cache_dtype,
                               sliding_pool_pages)
@@ -254,7 +253,7 @@ class LLM:
     def _capture_graphs(self, config: EngineConfig, max_batch_size: int, max_model_len: int) -> None:
         """Every decode graph, and the mixed steps' pieces up to mixed_graph_tokens, captured now; first,
         the kernels of the eager steps compiled (where the graphs' warm-ups compile ahead too)."""
-        if cuda_graphs.compile_ahead_allowed(self.model) and compile_ahead.available():
+        if cuda_graphs.compile_ahead_allowed(self.model):
             self._eager_compiles = eager_steps.compile_kernels(self.model, config.max_batch_tokens,
                                                                max_model_len)
         self._graphs = cuda_graphs.DecodeGraphs(self.model, max_batch_size, max_model_len, self._sampled)
@@ -330,7 +329,7 @@ class LLM:
         size, and the eager steps' kernels compiled ahead (runtime/eager_steps.py); empty when eager."""
         graphs = {"decode": self._graphs, "mixed": self._mixed_graphs}
         reports = {kind: g.warm_up.summary() for kind, g in graphs.items() if g is not None and g.warm_up}
-        if self._eager_compiles is not None:
+        if self._eager_compiles is not None and self._eager_compiles.ahead is not None:
             reports["eager"] = self._eager_compiles.summary()
         return reports
 

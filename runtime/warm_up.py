@@ -138,7 +138,7 @@ def run_side_by_side(bodies: dict[int, Callable[[], object]], device: torch.devi
     with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
             concurrent.futures.ThreadPoolExecutor(max(threads, compile_threads())) as compilers:
         early = None
-        if ahead and on_gpu and compile_ahead.available():
+        if ahead and on_gpu:
             early = compile_ahead.compile_ahead([bodies[rows] for rows in order],
                                                 torch.device("cuda", stream.device_index), compilers)
         shared_compiles = AsyncCompileMode is not None and on_gpu

@@ -42,11 +42,6 @@ def active() -> bool:
     return _active.get()
 
 
-def available() -> bool:
-    """Whether this Triton has the hooks the dry pass needs."""
-    return knobs is not None
-
-
 @dataclasses.dataclass(frozen=True)
 class Ahead:
     """One compile_ahead: the specialisations its dry pass found (`failed` of them did not compile:
@@ -92,10 +87,13 @@ def capture_without_running(bodies: Iterable[Callable[[], object]], device: torc
 
 def compile_ahead(bodies: Iterable[Callable[[], object]], device: torch.device,
                   executor: concurrent.futures.Executor,
-                  dry_run: Callable = capture_without_running) -> Ahead:
+                  dry_run: Callable = capture_without_running) -> Ahead | None:
     """Compile every Triton kernel specialisation `bodies` would launch and this process has not
-    compiled yet, on `executor`'s threads, before any body runs; returns when all are done. `dry_run`
-    runs the bodies without their launches executing (tests replace the capture)."""
+    compiled yet, on `executor`'s threads, before any body runs; returns when all are done (None, at
+    once: this Triton has no compile hooks). `dry_run` runs the bodies without their launches
+    executing (tests replace the capture)."""
+    if knobs is None:
+        return None
     found: dict[tuple[int, str], tuple[object, str]] = {}
 
     def record(*, key, fn, compile, **_):
