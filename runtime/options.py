@@ -33,6 +33,7 @@ SWITCHES = (
     Switch("moe_tensor_core_gemv", "GPT_OSS_MOE_MMA_GEMV", True),
     Switch("moe_tensor_core_rows", "GPT_OSS_MOE_MMA_ROWS", True),
     Switch("gemv_unroll", "GPT_OSS_GEMV_UNROLL", True),
+    Switch("compile_ahead", "GPT_OSS_COMPILE_AHEAD", True),
 )
 _BY_VARIABLE = {s.variable: s for s in SWITCHES}
 
@@ -55,6 +56,7 @@ class Options:
     moe_tensor_core_gemv: bool
     moe_tensor_core_rows: bool
     gemv_unroll: bool
+    compile_ahead: bool
 
     def __init__(self):
         for switch in SWITCHES:

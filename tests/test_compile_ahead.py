@@ -86,6 +86,16 @@ def test_a_dry_pass_that_fails_still_compiles_what_it_found_and_says_why():
     assert ahead.error == "RuntimeError: operation not permitted when stream is capturing"
 
 
+def test_the_switch_turns_the_dry_pass_off():
+    from runtime.options import options
+
+    ran = []
+    with options.override(compile_ahead=False), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert compile_ahead.compile_ahead([lambda: ran.append(1)], torch.device("cpu"), pool,
+                                           dry_run=_calls) is None
+    assert ran == []
+
+
 def test_one_time_work_that_a_capture_cannot_hold_is_left_to_the_warm_ups():
     """The MoE router's counter (made once per device, zeroed outside any graph) and the tensor-core
     GEMV's probe (it syncs) are not made or run in the dry pass, and the route the probe guards is

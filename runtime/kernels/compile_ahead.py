@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 import torch
 
 from runtime.kernels.compile_watch import knobs  # None: a Triton before 3.4, without compile hooks
+from runtime.options import options
 
 _active = contextvars.ContextVar("compile_ahead_dry_pass", default=False)
 
@@ -90,9 +91,9 @@ def compile_ahead(bodies: Iterable[Callable[[], object]], device: torch.device,
                   dry_run: Callable = capture_without_running) -> Ahead | None:
     """Compile every Triton kernel specialisation `bodies` would launch and this process has not
     compiled yet, on `executor`'s threads, before any body runs; returns when all are done (None, at
-    once: this Triton has no compile hooks). `dry_run` runs the bodies without their launches
-    executing (tests replace the capture)."""
-    if knobs is None:
+    once: this Triton has no compile hooks, or the switch is off, GPT_OSS_COMPILE_AHEAD=0). `dry_run`
+    runs the bodies without their launches executing (tests replace the capture)."""
+    if knobs is None or not options.compile_ahead:
         return None
     found: dict[tuple[int, str], tuple[object, str]] = {}
 
