@@ -254,9 +254,9 @@ def compiles_line(where: str, compiles: dict | None, top: int = 6) -> str:
 
 
 def ahead_line(warm_ups: dict) -> str:
-    """A table row of the graphs' compiling ahead (runtime/kernels/compile_ahead.py), per kind of
-    graph: the kernels its dry pass found, the seconds they took to compile side by side and the dry
-    pass's, and why a dry pass stopped early."""
+    """A table row of start-up's compiling ahead (runtime/kernels/compile_ahead.py), per kind (decode
+    and mixed graphs, eager steps): the kernels its dry pass found, the seconds they took to compile
+    side by side and the dry pass's, and why a dry pass stopped early."""
     parts = []
     for kind, warm_up in warm_ups.items():
         if (a := warm_up.get("ahead")) is not None:

@@ -21,8 +21,8 @@ in flight stay within what the KV sizing left for one step (engine._kv_pages). T
 only into buffers the captures write again, and every row is padding, so their interleaving does
 not matter; the captures that follow run each size again, from Triton's in-memory cache. Where the
 forward holds collectives (tensor or expert parallelism) the ranks must launch them in the same
-order, so there one thread runs the sizes, smallest first, on every rank, with no dry pass (it would
-capture the communicators' first use) (cuda_graphs.warm_up_threads, cuda_graphs.compile_ahead_allowed).
+order, so there one thread runs the sizes, smallest first, on every rank, and no dry pass runs (its
+capture would be the communicators' first use): cuda_graphs.warm_up_threads and compile_ahead_allowed.
 """
 
 from __future__ import annotations
