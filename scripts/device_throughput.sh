@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The throughput issue's device runs (docs/performance.md, "Offline throughput"):
-#   tests:   the GPU tests of the paths this issue touches (graphs captured at start-up, sampling)
+#   tests:   the GPU tests of the paths this issue touches (graphs captured at start-up, compiling
+#            ahead, sampling), and any test files named after it
 #   bench:   launch.bench mode=throughput on dummy gpt-oss-20b (and 120b with `bench 120b`)
 #   profile: scripts/profile_throughput.py, a throughput run's steps classed and its kernels ranked
 #   ab:      launch.bench mode=throughput on two trees alternately, `.base/` (main before a change,
@@ -27,8 +28,9 @@ nvidia-smi -L
 what=${1:-tests}; shift || true
 case "$what" in
   tests)
-    timeout 300 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_cuda_graphs.py tests/test_sampling.py \
-      "$@" 2>&1 | tee $OUT/pytest.log | grep -E "PASSED|FAILED|SKIPPED|ERROR| passed| failed"
+    timeout 540 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_cuda_graphs.py tests/test_sampling.py \
+      tests/test_compile_ahead.py tests/test_compile_watch.py "$@" 2>&1 | tee $OUT/pytest.log \
+      | grep -E "PASSED|FAILED|SKIPPED|ERROR| passed| failed"
     ;;
   bench)
     model=${1:-gpt-oss-20b}; shift || true
