@@ -122,7 +122,7 @@ PY
     for run in 1 2; do
       timeout 280 python3 -m launch.bench mode=throughput checkpoint=dummy device=cuda \
         json=$OUT/twice_$run.json "$@" > $OUT/twice_$run.log 2>&1
-      echo "run $run (rc $?): $(grep -hE 'output tokens/s per GPU|timed run|Triton compiles|graph capture' \
+      echo "run $run (rc $?): $(grep -hE 'output tokens/s per GPU|timed run|Triton compiles|compiled ahead|graph capture' \
         $OUT/twice_$run.log | tr -s ' ' | cut -c1-400 | paste -sd';')"
     done
     ;;
