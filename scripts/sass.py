@@ -10,6 +10,7 @@ Counts are static (each loop body once), not timings.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import subprocess
 import tempfile
@@ -24,19 +25,51 @@ INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(
 LABEL = re.compile(r"^\s*(\.L_x_\d+):", re.M)
 
 
-def disassemble(kernel, signature: dict, constexprs: dict, aligned: list[int], **options) -> str:
-    """The SASS of `kernel` for sm_90: `signature` as triton.compile takes it, pointer and stride
+# What one Hopper SM holds (H100 and H200): 64K 32-bit registers, 228 KB of shared memory (1 KB of it
+# reserved per CTA), 64 warps.
+SM_REGISTERS, SM_SHARED_BYTES, SM_CTA_RESERVED_BYTES, SM_WARPS = 65536, 228 * 1024, 1024, 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """A kernel compiled for sm_90: its SASS and what a CTA takes of an SM."""
+    sass: str
+    registers: int  # per thread
+    stack: int  # bytes per thread: registers spilled to local memory (and call frames)
+    shared: int  # bytes per CTA
+    num_warps: int
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """CTAs of this kernel one SM runs at once, by registers, shared memory and warps."""
+        threads = 32 * self.num_warps
+        return min(SM_REGISTERS // (self.registers * threads),
+                   SM_SHARED_BYTES // (self.shared + SM_CTA_RESERVED_BYTES), SM_WARPS // self.num_warps)
+
+
+def build(kernel, signature: dict, constexprs: dict, aligned: list[int], **options) -> Build:
+    """`kernel` compiled for sm_90: `signature` as triton.compile takes it, pointer and stride
     arguments at the indices `aligned` marked 16-divisible (as launches specialise them; without that
-    the loads compile to narrow accesses), `options` num_warps, num_stages, maxnreg."""
+    the loads compile to narrow accesses), `options` num_warps, num_stages, maxnreg. Registers and
+    stack from cuobjdump's resource usage (Triton fills them in only when it loads the kernel on a GPU)."""
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        return subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True,
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", cubin.name], capture_output=True, text=True,
                               check=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    registers, stack = (int(re.search(rf"{what}:(\d+)", usage).group(1)) for what in ("REG", "STACK"))
+    return Build(sass, registers, stack, compiled.metadata.shared, compiled.metadata.num_warps)
+
+
+def disassemble(kernel, signature: dict, constexprs: dict, aligned: list[int], **options) -> str:
+    """The SASS of `kernel` for sm_90 (see build)."""
+    return build(kernel, signature, constexprs, aligned, **options).sass
 
 
 def count(sass: str) -> collections.Counter:

@@ -25,7 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sass import count, disassemble  # noqa: E402
+from sass import Build, build, count  # noqa: E402
 
 KINDS = ("MUFU", "F2F", "F2FP", "PRMT", "HGMMA", "HMMA", "LDGSTS", "LDS", "STS", "STL")
 TILES = {"prefill": dict(rows=128, block_t=16, num_stages=2),  # keys: --prefill-keys
@@ -44,14 +44,16 @@ def signature(names: list[str], cache: str) -> dict:
     return {name: kind(name) for name in names}
 
 
-def counts(kernel, cache: str, rows: int, block_t: int, num_stages: int, block_n: int) -> collections.Counter:
+def counts(kernel, cache: str, rows: int, block_t: int, num_stages: int,
+           block_n: int) -> tuple[collections.Counter, Build]:
+    """The whole kernel's instructions by opcode, and the build (registers, shared memory)."""
     names = kernel.arg_names
     aligned = [i for i, n in enumerate(names)
                if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_bt")]
     constants = dict(GROUP=8, GROUP_P=8, BLOCK_T=block_t, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=64, PAGE=16,
                      SLIDING=False, SPLIT=False, DOT_FP32=False, PDL=False)
-    return count(disassemble(kernel, signature(names, cache), constants, aligned, num_warps=4,
-                             num_stages=num_stages))
+    built = build(kernel, signature(names, cache), constants, aligned, num_warps=4, num_stages=num_stages)
+    return count(built.sass), built
 
 
 def main() -> None:
@@ -67,13 +69,14 @@ def main() -> None:
     from runtime.kernels.attention_triton import _paged_attention_kernel
 
     print(f"_paged_attention_kernel of {args.tree}, sm_90, Triton {triton.__version__}")
-    print("| cache | tile | " + " | ".join(KINDS) + " | all |")
-    print("|---|---|" + "---:|" * (len(KINDS) + 1))
+    print("| cache | tile | " + " | ".join(KINDS) + " | all | registers | stack | shared KB | CTAs an SM |")
+    print("|---|---|" + "---:|" * (len(KINDS) + 5))
     for cache, label in (("*bf16", "bf16"), ("*fp8e4nv", "float8 e4m3")):
         for tile, shape in TILES.items():
-            ops = counts(_paged_attention_kernel, cache, **{"block_n": args.prefill_keys, **shape})
+            ops, built = counts(_paged_attention_kernel, cache, **{"block_n": args.prefill_keys, **shape})
             print(f"| {label} | {tile} | " + " | ".join(str(ops.get(k, 0)) for k in KINDS)
-                  + f" | {sum(ops.values())} |")
+                  + f" | {sum(ops.values())} | {built.registers} | {built.stack} | "
+                  f"{built.shared / 1024:.0f} | {built.ctas_per_sm} |")
 
 
 if __name__ == "__main__":
