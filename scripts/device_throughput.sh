@@ -18,9 +18,9 @@
 #            start-up left to compile: its compile rows say what); `twice key=value ...`
 #   cache-out: Triton's compiled kernels (binaries and metadata) as $OUT/tcache.tgz, to carry into the
 #            next calls as .carry/tcache.tgz (scripts/device_env.sh unpacks it); last in a call
-#   ncu-moe: Nsight Compute on the MoE GEMM of scripts/bench_moe.py (20b; `ncu-moe TOKENS`, default
-#            1024): tensor-pipe and issue-slot use, L2 and DRAM throughput, and why warps stall, so the
-#            next GEMM change answers what holds it near 40% of the matmul rate
+#   ncu-moe: Nsight Compute on each MoE GEMM through scripts/kernel_probe.py (20b; `ncu-moe TOKENS`,
+#            default 1024): tensor-pipe and issue-slot use, L2 and DRAM throughput, and why warps stall,
+#            so the next GEMM change answers what holds it near 40% of the matmul rate
 # Logs under $OUT, tables on stdout.
 set -uo pipefail
 source scripts/device_env.sh
@@ -132,16 +132,17 @@ PY
     ;;
   ncu-moe)
     tokens=${1:-1024}
-    # the first two launches of each GEMM after bench_moe's warm-up (mlp1, then mlp2); clocks left alone
-    timeout 500 ncu --clock-control none --kernel-name regex:_moe_gemm_kernel --launch-skip 10 --launch-count 2 \
-      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-      --print-details all python3 scripts/bench_moe.py --model gpt-oss-20b --tokens "$tokens" --rep 5 \
-      > $OUT/ncu_moe.txt 2>&1
-    echo "ncu rc=$?"
-    grep -E "_moe_gemm_kernel|Duration|Compute \(SM\) Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots|\
+    for gemm in 1 2; do  # mlp1, mlp2; the third launch of _moe_gemm_kernel (the first two: compile, warm)
+      timeout 240 ncu --clock-control none --kernel-name regex:_moe_gemm_kernel --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+        --print-details all python3 scripts/kernel_probe.py moe --model gpt-oss-20b --tokens "$tokens" \
+        --gemm $gemm > $OUT/ncu_moe_$gemm.txt 2>&1
+      echo "== mlp$gemm at $tokens tokens: ncu rc=$?"
+      grep -E "Duration|Compute \(SM\) Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots|\
 Issued Warp|No Eligible|Active Warps Per|Warp Cycles Per Issued|Stall|Registers Per|Achieved Occupancy|Tensor" \
-      $OUT/ncu_moe.txt | head -90
+        $OUT/ncu_moe_$gemm.txt | head -45
+    done
     ;;
   cold)  # graph capture with Triton's cache empty (a machine's first run); `cold model=... [key=value ...]`
     cache=$(mktemp -d)
