@@ -47,14 +47,19 @@ class Build:
                    SM_SHARED_BYTES // (self.shared + SM_CTA_RESERVED_BYTES), SM_WARPS // self.num_warps)
 
 
+def compile_sm90(kernel, signature: dict, constexprs: dict, aligned: list[int], **options):
+    """`kernel` compiled for sm_90 (Triton's CompiledKernel; see build for the arguments)."""
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def build(kernel, signature: dict, constexprs: dict, aligned: list[int], **options) -> Build:
     """`kernel` compiled for sm_90: `signature` as triton.compile takes it, pointer and stride
     arguments at the indices `aligned` marked 16-divisible (as launches specialise them; without that
     the loads compile to narrow accesses), `options` num_warps, num_stages, maxnreg. Registers and
     stack from cuobjdump's resource usage (Triton fills them in only when it loads the kernel on a GPU)."""
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
-                                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = compile_sm90(kernel, signature, constexprs, aligned, **options)
     tools = Path(triton.__file__).parent / "backends/nvidia/bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
