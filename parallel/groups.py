@@ -26,7 +26,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallel import heartbeat
+from parallel import heartbeat, peer_memory
+from runtime.options import options
 
 
 class LayoutError(ValueError):
@@ -77,11 +78,13 @@ class Layout:
 
 @dataclasses.dataclass
 class Group:
-    """One communicator as seen from this rank (group None: a group of one, every collective a no-op)."""
+    """One communicator as seen from this rank (group None: a group of one, every collective a no-op).
+    peer: its one-shot all-reduce through GPU peer memory, where on (parallel/peer_memory.py)."""
     group: object
     rank: int
     size: int
     ranks: tuple[int, ...]
+    peer: peer_memory.PeerAllReduce | None = None
 
     @property
     def first(self) -> int:
@@ -176,6 +179,18 @@ def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
     return mine
 
 
+def _attach_peer_all_reduce(candidates: list[Group], device: torch.device) -> None:
+    """The groups that all-reduce activations (attention's and the split experts' partial sums) get a
+    peer-memory all-reduce, one per communicator (tp and experts_split are often the same ranks).
+    Every rank walks the same groups in the same order, so each group's ranks set it up together."""
+    made: dict[int, peer_memory.PeerAllReduce | None] = {}
+    for g in candidates:
+        if g.size > 1:
+            if id(g.group) not in made:
+                made[id(g.group)] = peer_memory.for_group(g.group, device)
+            g.peer = made[id(g.group)]
+
+
 def init(layout: Layout, *, rank: int | None = None, world_size: int | None = None,
          master_addr: str | None = None, master_port: int | None = None, device_type: str = "auto",
          timeout_s: float = 600.0) -> Parallel:
@@ -205,6 +220,8 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
     g = _groups(world_size, layout, rank, timeout)
+    if options.peer_all_reduce:
+        _attach_peer_all_reduce([g["tp"], g["experts_split"]], device)
     heartbeat.start(rank, world_size)
     return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
                     g["replica"], rank // layout.replica_size, g["replica_host"])

@@ -25,7 +25,11 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 # ----------------------------------------------------------------------------------- collectives
 def all_reduce(t: torch.Tensor, g: Group) -> torch.Tensor:
+    """t summed over the group, in place: through GPU peer memory where the group has it and t is
+    small enough (parallel/peer_memory.py), else torch.distributed's (NCCL, gloo)."""
     if g.size > 1:
+        if g.peer is not None and g.peer.fits(t):
+            return g.peer(t)
         dist.all_reduce(t, group=g.group)
     return t
 

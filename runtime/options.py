@@ -34,6 +34,7 @@ SWITCHES = (
     Switch("moe_tensor_core_rows", "GPT_OSS_MOE_MMA_ROWS", True),
     Switch("gemv_unroll", "GPT_OSS_GEMV_UNROLL", True),
     Switch("compile_ahead", "GPT_OSS_COMPILE_AHEAD", True),
+    Switch("peer_all_reduce", "GPT_OSS_PEER_ALL_REDUCE", False),
 )
 _BY_VARIABLE = {s.variable: s for s in SWITCHES}
 
@@ -57,6 +58,7 @@ class Options:
     moe_tensor_core_rows: bool
     gemv_unroll: bool
     compile_ahead: bool
+    peer_all_reduce: bool
 
     def __init__(self):
         for switch in SWITCHES:

@@ -2,11 +2,14 @@
 # The scaling issue's benchmark on one multi-GPU machine (docs/performance.md, "Scaling over GPUs"),
 # in parts that each fit a device call; logs and JSON under $OUT, a table at the end of each part:
 #   decode [MODEL]:     batch-1 decode at tp = 1, 2, 4, 8 (as many as the machine has; from tp=4 the
-#                       experts are partitioned whole, parallel.expert_tp=1: 2880 splits 2 ways, not 4)
+#                       experts are partitioned whole, parallel.expert_tp=1: 2880 splits 2 ways, not 4),
+#                       from tp=2 each also with the one-shot all-reduce (GPT_OSS_PEER_ALL_REDUCE=1)
 #   throughput [MODEL] [REQUESTS]: 1k/1k output tokens/s per GPU over all the machine's GPUs: dp
 #                       replicas, tp=2 replicas, and attention_dp with ep = 2, 4, 8
 #   a2a:                one MoE layer's exchange (host-sized and fixed-capacity) against NCCL's own
 #                       all_to_all_single, at ep = 2, 4, 8 (scripts/parallel_bench.py --a2a)
+#   all-reduce:         tp's all-reduce of 1-128 rows, NCCL against the one-shot through peer memory,
+#                       eager and in graphs, at tp = 2, 4, 8 (scripts/parallel_bench.py --all-reduce)
 #   table:              the table of every JSON under $OUT
 set -uo pipefail
 source scripts/device_env.sh
@@ -26,8 +29,10 @@ case "$what" in
     for tp in 1 2 4 8; do
       [ "$tp" -le "$gpus" ] || continue
       split=$([ "$tp" -ge 4 ] && echo "parallel.expert_tp=1" || echo "")
-      run "decode_${model}_tp$tp" "$tp" model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 \
-        max_batch_size=8 parallel.tp="$tp" $split
+      args=(model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 max_batch_size=8
+            parallel.tp="$tp" $split)
+      run "decode_${model}_tp$tp" "$tp" "${args[@]}"
+      [ "$tp" -gt 1 ] && GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_tp${tp}_peer" "$tp" "${args[@]}"
     done
     ;;
   throughput)
@@ -46,6 +51,14 @@ case "$what" in
       timeout 400 torchrun --nproc-per-node "$ep" scripts/parallel_bench.py --model gpt-oss-120b --ep "$ep" \
         --batch 1 --a2a --json "$OUT/a2a_ep$ep.json" > "$OUT/a2a_ep$ep.log" 2>&1 \
         || echo "a2a ep=$ep failed: $(tail -1 "$OUT/a2a_ep$ep.log")"
+    done
+    ;;
+  all-reduce)
+    for tp in 2 4 8; do
+      [ "$tp" -le "$gpus" ] || continue
+      timeout 300 torchrun --nproc-per-node "$tp" scripts/parallel_bench.py --tp "$tp" --all-reduce --no-model \
+        --json "$OUT/all_reduce_tp$tp.json" > "$OUT/all_reduce_tp$tp.log" 2>&1 \
+        || echo "all-reduce tp=$tp failed: $(tail -1 "$OUT/all_reduce_tp$tp.log")"
     done
     ;;
 esac
@@ -68,5 +81,9 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
             what = (f"{x['path']} {x['tokens_per_rank']} tokens a rank: {x['ms']:.3f} ms"
                     if "path" in x else f"NCCL all_to_all_single 256 MB: {x['nccl_all_to_all_256MB_ms']:.2f} ms")
             rows.append(f"| {name} | {r['layout']} | {what} | {x['GBps']:.1f} GB/s |")
+    for x in r.get("all_reduce", []):
+        rows.append(f"| {name} | {r['layout']} | all-reduce {x['dtype']} {x['rows']} rows, {x['path']}: "
+                    f"{x['eager_us']:.1f} us eager, {x['graph_us']:.1f} us in a graph | same on every rank "
+                    f"{x['same_on_every_rank']}, off NCCL by {x['max_abs_diff_vs_nccl']:.3g} |")
 print("| run | layout | measurement | |\n|---|---|---|---|\n" + "\n".join(rows))
 PY

@@ -2,12 +2,17 @@
 
     torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --tp 2
     torchrun --nproc-per-node 2 scripts/parallel_bench.py --model gpt-oss-120b --ep 2 --a2a
+    torchrun --nproc-per-node 2 scripts/parallel_bench.py --tp 2 --all-reduce --no-model
     python scripts/parallel_bench.py --model gpt-oss-120b            # one GPU, for comparison
 
 Dummy weights, greedy decoding with ignore_eos (scripts/baseline_bench.py's timing: warm-up, GPU
 synchronised, median of --repeat). With --a2a it also times one MoE layer's dispatch + combine
 through the all-to-all exchange (host-sized and fixed-capacity), and NCCL's own all_to_all_single
-on a large buffer as the ceiling.
+on a large buffer as the ceiling. With --all-reduce it times the tensor-parallel group's all-reduce
+of 1 to 128 rows of the hidden size, NCCL's and the one-shot through peer memory
+(parallel/peer_memory.py), each eager and replayed from a CUDA graph, and checks that the one-shot
+gives every rank the same bits and NCCL's sum. --no-model skips loading a model (the collectives
+alone).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel import groups  # noqa: E402
+from parallel import groups, peer_memory  # noqa: E402
 from parallel.experts import AllToAllExchange  # noqa: E402
 from runtime.config import preset  # noqa: E402
 from runtime.engine import LLM  # noqa: E402
@@ -75,6 +80,59 @@ def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
     return rows
 
 
+def graph_time(fn, calls: int = 16) -> float:
+    """Median seconds of one fn() inside a CUDA graph of `calls` of them (the launch costs a decode
+    graph pays, not the host's)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # NCCL's and symmetric memory's first use outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_time(graph.replay) / calls
+
+
+def all_reduce_rows(parallel: groups.Parallel, hidden: int) -> list[dict]:
+    """The tp group's all-reduce per size and dtype, NCCL's and the peer one-shot's (set up here when
+    the switch left the group without one), eager and from a graph; the one-shot's sum checked against
+    NCCL's and across ranks, also when replayed from a graph with new inputs."""
+    g = parallel.tp
+    peer = g.peer or peer_memory.for_group(g.group, parallel.device)
+    gen = torch.Generator(parallel.device).manual_seed(1234 + parallel.rank)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in (1, 8, 32, 64, 128):
+            x = torch.randn(n, hidden, dtype=dtype, device=parallel.device, generator=gen)
+            nccl = x.clone()
+            dist.all_reduce(nccl, group=g.group)
+            paths = {"nccl": lambda t: dist.all_reduce(t, group=g.group)}
+            if peer is not None and peer.fits(x):
+                paths["peer"] = peer
+            for name, fn in paths.items():
+                got = x.clone()
+                fn(got)
+                every = [torch.empty_like(got) for _ in range(g.size)]
+                dist.all_gather(every, got, group=g.group)
+                static = torch.zeros_like(x)
+                replayed = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(replayed):
+                    fn(static)
+                static.copy_(x)
+                replayed.replay()
+                scratch = torch.zeros_like(x)  # zeros: repeated in-place sums stay finite
+                rows.append({"dtype": str(dtype).split(".")[-1], "rows": n,
+                             "bytes": x.numel() * x.element_size(), "path": name,
+                             "eager_us": cuda_time(lambda: fn(scratch)) * 1e6,
+                             "graph_us": graph_time(lambda: fn(scratch)) * 1e6,
+                             "same_on_every_rank": all(torch.equal(every[0], t) for t in every),
+                             "max_abs_diff_vs_nccl": (got.float() - nccl.float()).abs().max().item(),
+                             "graph_equals_eager": torch.equal(static, got)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gpt-oss-120b")
@@ -88,30 +146,37 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=4)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--a2a", action="store_true")
+    p.add_argument("--all-reduce", action="store_true")
+    p.add_argument("--no-model", action="store_true", help="the collectives alone (with --a2a, --all-reduce)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     parallel = groups.init(groups.Layout(tp=args.tp, ep=args.ep, expert_tp=args.expert_tp),
                            device_type="cuda", timeout_s=900)
-    llm = LLM(args.checkpoint, model=args.model, dtype="bfloat16", max_batch_size=max(args.batch),
-              parallel=parallel)
-    memory = [llm.load_memory]
-    if parallel.world_size > 1:
-        memory = [None] * parallel.world_size
-        dist.all_gather_object(memory, llm.load_memory)
-    timed_generate(llm, 1, 8, 2, 1)  # warm-up
     result = {"model": args.model, "checkpoint": args.checkpoint,
               "layout": f"tp={args.tp} ep={args.ep} expert_tp={args.expert_tp or args.tp}",
               "gpus": parallel.world_size, "device": torch.cuda.get_device_name(parallel.device),
-              "load_s": llm.load_seconds, "memory_per_rank": memory, "decode": []}
-    for batch in args.batch:
-        prefill = timed_generate(llm, batch, args.prompt, 1, args.repeat)
-        full = timed_generate(llm, batch, args.prompt, args.decode + 1, args.repeat)
-        result["decode"].append({"batch": batch,
-                                 "decode_tokens_per_s": batch * args.decode / (full - prefill),
-                                 "prefill_tokens_per_s": batch * args.prompt / prefill})
+              "decode": []}
+    memory = []
+    if not args.no_model:
+        llm = LLM(args.checkpoint, model=args.model, dtype="bfloat16", max_batch_size=max(args.batch),
+                  parallel=parallel)
+        memory = [llm.load_memory]
+        if parallel.world_size > 1:
+            memory = [None] * parallel.world_size
+            dist.all_gather_object(memory, llm.load_memory)
+        timed_generate(llm, 1, 8, 2, 1)  # warm-up
+        result.update(load_s=llm.load_seconds, memory_per_rank=memory)
+        for batch in args.batch:
+            prefill = timed_generate(llm, batch, args.prompt, 1, args.repeat)
+            full = timed_generate(llm, batch, args.prompt, args.decode + 1, args.repeat)
+            result["decode"].append({"batch": batch,
+                                     "decode_tokens_per_s": batch * args.decode / (full - prefill),
+                                     "prefill_tokens_per_s": batch * args.prompt / prefill})
     if args.a2a and parallel.world_size > 1:
         result["all_to_all"] = a2a_rows(parallel, preset(args.model))
+    if args.all_reduce and parallel.tp.size > 1:
+        result["all_reduce"] = all_reduce_rows(parallel, preset(args.model).hidden_size)
     if parallel.rank == 0:
         print(json.dumps(result))
         if args.json:
@@ -123,12 +188,19 @@ def main() -> None:
                   f"batch {row['batch']:>3}: decode "
                   f"{row['decode_tokens_per_s']:8.2f} tok/s, "
                   f"prefill {row['prefill_tokens_per_s']:9.1f} tok/s, "
-                  f"load {llm.load_seconds:5.1f} s, GiB per GPU [{mem}], host GiB [{host}]")
+                  f"load {result['load_s']:5.1f} s, GiB per GPU [{mem}], host GiB [{host}]")
         for row in result.get("all_to_all", []):
             print("all-to-all", row)
+        for r in result.get("all_reduce", []):
+            print(f"all-reduce {r['dtype']:>8} {r['rows']:>4} rows ({r['bytes'] / 1024:7.1f} KiB) "
+                  f"{r['path']:<4}: "
+                  f"eager {r['eager_us']:7.1f} us, graph {r['graph_us']:6.1f} us; same on every rank "
+                  f"{r['same_on_every_rank']}, off NCCL by {r['max_abs_diff_vs_nccl']:.3g}, graph = eager "
+                  f"{r['graph_equals_eager']}")
     groups.shutdown()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # the lent machines forbid NVLink multicast
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     main()

@@ -106,15 +106,17 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2"])
-def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout):
+@pytest.mark.parametrize("layout,peer", [("parallel.tp=2", "0"), ("parallel.tp=2", "1"),
+                                         ("parallel.ep=2", "0")])
+def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout, peer):
     """tp=2 or ep=2 on two GPUs (NCCL): steps replayed from graphs (decode steps; under tp=2 the first,
     a prompt-only step under mixed_graph_tokens, from the mixed steps' pieces too), with the
     all-reduces, the logits' all-gather or expert parallelism's fixed-capacity all-to-alls captured
     inside them, give the eager engine's tokens (whose all-to-alls are sized on the host), and
     logprobs within 1e-3 (float32; the graph's attention splits the key range as for max_model_len,
     so sums differ in order). The graph run must have replayed graphs, or the test would compare
-    eager with eager."""
+    eager with eager. peer "1": the small all-reduces through peer memory (GPT_OSS_PEER_ALL_REDUCE),
+    captured too; the job must say it did not fall back to NCCL."""
     import os
     import subprocess
     import sys
@@ -127,7 +129,7 @@ def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout):
         json.dumps({"id": i, "prompt_token_ids": torch.randint(0, 199998, (n,), generator=gen).tolist(),
                     "max_tokens": 6, "temperature": 0, "logprobs": True, "ignore_eos": True}) + "\n"
         for i, n in enumerate((9, 130, 700))))
-    env = {**os.environ,
+    env = {**os.environ, "GPT_OSS_PEER_ALL_REDUCE": peer,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     out = {}
     for eager in (False, True):
@@ -139,6 +141,7 @@ def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout):
              "kv_cache_tokens=4096", "max_batch_size=4", f"enforce_eager={str(eager).lower()}"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "peer-memory all-reduce off" not in done.stderr, done.stderr[-3000:]
         replays = int(done.stderr.split(" steps replayed from CUDA graphs")[0].rsplit(" ", 1)[-1])
         assert (replays == 0) if eager else (replays > 0), done.stderr[-1000:]
         out[eager] = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}

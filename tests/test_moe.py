@@ -158,6 +158,36 @@ def test_moe_triton_with_experts_split_over_two_ranks_sums_to_the_whole(tokens):
     assert torch.allclose(partials[0] + partials[1], whole, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [1, 29])
+def test_moe_triton_split_over_two_ranks_with_the_next_norm_adds_the_residual_after_the_sum(tokens):
+    """With the next block's norm, every rank sums the partial rows without the residual, then adds
+    it in the norm's launch: each rank returns the whole MoE's output and its RMSNorm."""
+    E, d, inter, k = 8, 128, 128, 4
+    w1 = random_experts(E, 2 * inter, d)
+    w2 = random_experts(E, d, inter)
+    h, residual, gain = torch.randn(tokens, d), torch.randn(tokens, d), torch.rand(d) + 0.5
+    expert_ids, weights = route(torch.randn(tokens, E), k)
+    whole, whole_normed = moe_triton(h, expert_ids, weights, *w1, *w2, 7.0, residual=residual,
+                                     next_norm=(gain, 1e-5))
+    halves = [(0, inter // 2), (inter // 2, inter)]
+
+    def rank_output(rank, reduce):
+        lo, hi = halves[rank]
+        mlp1 = (w1[0][:, 2 * lo:2 * hi], w1[1][:, 2 * lo:2 * hi], w1[2][:, 2 * lo:2 * hi])
+        mlp2 = (w2[0][:, :, lo // 32:hi // 32].contiguous(), w2[1][:, :, lo // 32:hi // 32].contiguous(),
+                w2[2])
+        return moe_triton(h, expert_ids, weights, *mlp1, *mlp2, 7.0, residual=residual, reduce=reduce,
+                          first=rank == 0, next_norm=(gain, 1e-5))
+
+    partials = []
+    for rank in (0, 1):  # what each rank hands the all-reduce
+        rank_output(rank, lambda t: partials.append(t.clone()) or t)
+    for rank in (0, 1):  # and what it returns given the sum
+        out, normed = rank_output(rank, lambda t: partials[0] + partials[1])
+        assert torch.allclose(out, whole, rtol=1e-5, atol=1e-4), (out - whole).abs().max()
+        assert torch.allclose(normed, whole_normed, rtol=1e-4, atol=1e-4), (normed - whole_normed).abs().max()
+
+
 def test_combine_writes_every_element_in_k_order():
     y = torch.randn(12, 40)
     position = torch.randperm(12).to(torch.int32)

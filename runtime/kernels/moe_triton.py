@@ -219,8 +219,9 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
 
     h [T, d]; expert_ids, weights [T, k]. Rows are never copied out of h: the first GEMM gathers
     token order[i] // k for sorted pair i. With the experts split over ranks, `reduce` sums over
-    them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias and the
-    residual, and the combined rows (fp32, one per token, not one per token and expert) are summed.
+    them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias (and the
+    residual, without next_norm; with it every rank adds the residual to the sum in the norm's
+    launch), and the combined rows (fp32, one per token, not one per token and expert) are summed.
     `rows`: the (token, expert) pairs already sorted by expert (router_triton.route_and_plan).
     next_norm = (gain, eps): returns (output, its RMSNorm times gain), the next block's attention
     norm, computed in the combine's launch when there is nothing to reduce."""
@@ -232,12 +233,14 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     out_dtype = h.dtype if residual is None else residual.dtype
     if reduce is None:
         return combine(y, p.position, weights, residual, out_dtype, norm=next_norm)
-    out = reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
-    if next_norm is None:
-        return out
+    if next_norm is None or residual is None:
+        return reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
     from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
 
-    return add_rms_norm_triton(out, None, *next_norm)
+    # Every rank holds the residual: it is added after the sum, in the norm's launch (the fp32 sum
+    # rounded once), instead of by the first rank before it and a cast after.
+    summed = reduce(combine(y, p.position, weights, None, torch.float32))
+    return add_rms_norm_triton(residual, summed, *next_norm)
 
 
 def expert_rows_triton(x, experts, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,

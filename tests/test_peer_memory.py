@@ -1,0 +1,112 @@
+"""The one-shot all-reduce through GPU peer memory (parallel/peer_memory.py): which tensors and groups
+take it, on CPU; the sums themselves on two GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel import groups, peer_memory
+from parallel.groups import Group
+from parallel.layers import all_reduce
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_only_aligned_small_bf16_or_fp32_tensors_are_taken():
+    hidden = 2880  # a row of either model: 5,760 bytes in bf16, 11,520 in fp32
+    limit = 64 * hidden * 2
+    assert peer_memory.takes(torch.zeros(64, hidden, dtype=torch.bfloat16), limit)
+    assert peer_memory.takes(torch.zeros(32, hidden, dtype=torch.float32), limit)
+    assert not peer_memory.takes(torch.zeros(65, hidden, dtype=torch.bfloat16), limit)  # too large
+    assert not peer_memory.takes(torch.zeros(0, hidden, dtype=torch.bfloat16), limit)  # nothing to sum
+    assert not peer_memory.takes(torch.zeros(4, hidden, dtype=torch.float16), limit)  # not summed there
+    assert not peer_memory.takes(torch.zeros(4, hidden, dtype=torch.int64), limit)
+    assert not peer_memory.takes(torch.zeros(3, 5, dtype=torch.bfloat16), limit)  # 30 bytes
+    assert not peer_memory.takes(torch.zeros(hidden, 4, dtype=torch.bfloat16).t(), limit)  # strided
+    rows = torch.zeros(8, hidden + 8, dtype=torch.bfloat16)
+    assert peer_memory.takes(rows[1:].view(-1)[:hidden], limit)  # starts 5,776 bytes in: aligned
+    assert not peer_memory.takes(rows.view(-1)[1:1 + hidden], limit)  # starts 2 bytes in
+
+
+def test_a_group_off_the_gpu_or_of_one_rank_has_no_peer_memory():
+    assert "cpu" in peer_memory.unavailable_reason(object(), torch.device("cpu"))
+    with pytest.warns(UserWarning, match="peer-memory all-reduce off.*cpu"):
+        assert peer_memory.for_group(None, torch.device("cpu")) is None
+
+
+class RecordingPeer:
+    """Stands in for PeerAllReduce: takes tensors of at most `limit` bytes, doubles them (as two ranks
+    holding the same values would sum), and records what it was given."""
+
+    def __init__(self, limit: int):
+        self.limit, self.calls = limit, []
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return peer_memory.takes(t, self.limit)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(t.shape))
+        return t.mul_(2)
+
+
+def test_all_reduce_takes_the_peer_path_only_for_what_it_fits(tmp_path):
+    """Small tensors go to the group's peer all-reduce, in place; the others, and every tensor of a
+    group without one, to torch.distributed (here a gloo world of one, which leaves them as they are)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        peer = RecordingPeer(limit=4 * 2880 * 2)
+        g = Group(dist.group.WORLD, 0, 2, (0, 1), peer)
+        small = torch.ones(4, 2880, dtype=torch.bfloat16)
+        assert all_reduce(small, g) is small and bool((small == 2).all())
+        large = torch.ones(5, 2880, dtype=torch.bfloat16)
+        assert all_reduce(large, g) is large and bool((large == 1).all())
+        ids = torch.ones(16, dtype=torch.int64)  # the experts' load counts: never the peer path
+        assert bool((all_reduce(ids, g) == 1).all())
+        plain = torch.ones(4, 2880, dtype=torch.bfloat16)
+        assert bool((all_reduce(plain, Group(dist.group.WORLD, 0, 2, (0, 1))) == 1).all())
+        assert peer.calls == [(4, 2880)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_group_that_all_reduces_activations_asks_for_peer_memory_once_per_communicator(monkeypatch):
+    asked = []
+
+    def for_group(group, device):
+        asked.append(group)
+        return f"peer of {group}"
+
+    monkeypatch.setattr(peer_memory, "for_group", for_group)
+    shared, other = object(), object()
+    tp, split = Group(shared, 0, 2, (0, 1)), Group(shared, 0, 2, (0, 1))
+    groups._attach_peer_all_reduce([tp, split], torch.device("cuda", 0))
+    assert asked == [shared] and tp.peer == split.peer == f"peer of {shared}"
+    alone, partial = Group(None, 0, 1, (0,)), Group(other, 1, 2, (0, 1))
+    groups._attach_peer_all_reduce([alone, partial], torch.device("cuda", 0))
+    assert asked == [shared, other] and alone.peer is None and partial.peer == f"peer of {other}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_one_shot_all_reduce_on_two_gpus_equals_nccl(tmp_path):
+    """On two GPUs, eager and replayed from a CUDA graph, bf16 and fp32, 1 to 64 rows of 2,880: every
+    rank gets the same bits, equal to NCCL's sum (two terms: one rounding either way)."""
+    out = tmp_path / "all_reduce.json"
+    env = {**os.environ, "GPT_OSS_PEER_ALL_REDUCE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "scripts/parallel_bench.py",
+         "--all-reduce", "--no-model", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["all_reduce"]
+    peer = [r for r in rows if r["path"] == "peer"]
+    assert peer and all(r["same_on_every_rank"] and r["max_abs_diff_vs_nccl"] == 0 and r["graph_equals_eager"]
+                    for r in peer), rows
