@@ -8,6 +8,7 @@ running, inside a capture beside a torch op that would fault on the kernel's unw
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import types
 
@@ -182,3 +183,25 @@ def test_the_eager_steps_span_the_kernels_choices_and_each_is_a_valid_step():
         ahead = compile_ahead.compile_ahead([eager_steps.dry_step(model, *shapes[0])], model.device, pool,
                                             dry_run=_calls)
     assert (ahead.kernels, ahead.error) == (0, None)
+
+
+def test_compile_ahead_through_the_installed_triton_fills_the_cache_every_launch_reads(tmp_path):
+    """scripts/compile_ahead_cpu.py: the synthetic eager steps through the real Triton (not its
+    interpreter) for an sm_90 target on CPU. The dry pass records every specialisation through the
+    installed Triton's compile hook, each compiles (Triton's ptxas) from its serialised form, and the
+    same steps again launch every kernel from the cache, none missing it: what breaks here first when
+    Triton changes the internals compile_ahead uses."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "scripts/compile_ahead_cpu.py", "--max-batch-tokens", "32"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ahead"]["kernels"] >= 10 and result["ahead"]["failed"] == 0, result
+    assert {"_moe_gemm_kernel", "_paged_attention_kernel"} <= set(result["kernels_launched"]), result
+    assert result["missed_the_cache"] == [], result

@@ -234,7 +234,8 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     if reduce is None:
         return combine(y, p.position, weights, residual, out_dtype, norm=next_norm)
     if next_norm is None or residual is None:
-        return reduce(combine(y, p.position, weights, residual if first else None, torch.float32)).to(out_dtype)
+        summed = reduce(combine(y, p.position, weights, residual if first else None, torch.float32))
+        return summed.to(out_dtype)
     from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
 
     # Every rank holds the residual: it is added after the sum, in the norm's launch (the fp32 sum
