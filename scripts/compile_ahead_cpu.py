@@ -3,6 +3,8 @@ cache-hit cycle checked on CPU against whatever Triton is installed.
 
     python scripts/compile_ahead_cpu.py [--model gpt-oss-20b] [--layers 2] [--max-batch-tokens 64]
 
+with TRITON_INTERPRET unset.
+
 runtime/kernels/compile_ahead.py leans on Triton internals (`knobs.runtime.jit_cache_hook`'s
 arguments, the serialised specialisation, `JITFunction.preload`, the key a launch computes). This
 runs the engine's synthetic eager steps (runtime/eager_steps.py) on CPU tensors through the Triton
@@ -24,12 +26,10 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, before any kernel is defined
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -73,6 +73,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
+    from runtime.options import options
+
+    if options.interpret:
+        p.error("run with TRITON_INTERPRET unset: this checks the real compiler, not the interpreter")
     driver.set_active(Sm90WithoutDevice())
     torch.empty = torch.zeros  # see the module's docstring
     from runtime import eager_steps
@@ -80,7 +84,6 @@ def main() -> int:
     from runtime.kernels import compile_ahead
     from runtime.kernels.compile_watch import knobs
     from runtime.model import GptOss
-    from runtime.options import options
 
     if knobs is None:
         print(json.dumps({"error": "this Triton has no compile hooks"}))
