@@ -1,13 +1,15 @@
-"""Expert parallelism: tokens travel to the ranks that own their experts and come back.
+"""Expert parallelism: each rank holds some of the experts; a token's pairs reach them two ways.
 
-The exchange has two calls, `dispatch` (token rows out to the expert owners) and `combine`
-(expert outputs back, weighted and summed per token), so another transport (DeepEP, NVSHMEM) can
-replace this one without touching the model. This one is `all_to_all_single`, which NCCL and gloo
-both provide: with uneven splits sized on the host, or with fixed-capacity buffers for CUDA graphs.
-
-Where every rank of the group holds the same tokens (attention replicated across it), each rank
-first takes its own slice of them (`token_slice`) and the slices' outputs are gathered again at the
-end (`gather_token_slices`); under attention_dp each rank sends its own tokens whole.
+- Every rank of the replica holds the same tokens (attention replicated or tensor-parallel, the
+  default): no rows travel. Each rank runs the experts it holds on the (token, expert) pairs routed
+  to them (`held_here` masks the others) and one all-reduce over the replica sums the partial
+  outputs (vLLM's expert parallelism without data parallelism). At decode sizes that all-reduce is
+  one small collective a layer instead of two exchanges and a gather; at prefill sizes it moves no
+  more bytes than the exchange up to 4 ranks.
+- Each rank holds its own tokens (attention_dp): the rows travel to their experts' owners and back,
+  `dispatch` and `combine`, so another transport (DeepEP, NVSHMEM) can replace this one without
+  touching the model. This one is `all_to_all_single`, which NCCL and gloo both provide: with uneven
+  splits sized on the host, or with fixed-capacity buffers for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,27 +20,16 @@ import torch
 import torch.distributed as dist
 
 from parallel.groups import Group, LayoutError
-from parallel.layers import all_gather
 
 
-def token_slice(n: int, g: Group) -> tuple[int, int]:
-    """This rank's share of n tokens: contiguous, sizes differing by at most one."""
-    base, extra = divmod(n, g.size)
-    lo = g.rank * base + min(g.rank, extra)
-    return lo, lo + base + (g.rank < extra)
-
-
-def gather_token_slices(local: torch.Tensor, n: int, g: Group) -> torch.Tensor:
-    """All ranks' token slices (from token_slice) back into one [n, ...] tensor on every rank."""
-    if g.size == 1:
-        return local
-    base, extra = divmod(n, g.size)
-    width = base + (extra > 0)
-    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    everything = all_gather(padded, g)
-    keep = [everything[r * width: r * width + base + (r < extra)] for r in range(g.size)]
-    return torch.cat(keep)
+def held_here(expert_ids: torch.Tensor, weights: torch.Tensor, first_expert: int,
+              per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids among this rank's, weights) of [n, k] pairs for the rank holding experts
+    first_expert .. first_expert + per_rank - 1: a pair whose expert is elsewhere gets id per_rank
+    (one past the last: no kernel computes it) and weight 0 (its row is never read)."""
+    local = expert_ids.long() - first_expert
+    mine = (local >= 0) & (local < per_rank)
+    return torch.where(mine, local, per_rank).to(expert_ids.dtype), torch.where(mine, weights, 0)
 
 
 # Each row travels with a 16-byte header (so rows stay 16-byte aligned) whose first int16 is the row's

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from parallel import heartbeat, peer_memory
-from runtime.options import options
 
 
 class LayoutError(ValueError):
@@ -103,6 +102,7 @@ class Parallel:
     replica: Group
     dp_rank: int
     replica_host: Group | None = None  # the replica over gloo, for host-side messages (the step plans)
+    peer_memory_tried: bool = False  # use_peer_memory ran (its groups' `peer` say what it set up)
 
     @property
     def is_writer(self) -> bool:
@@ -179,18 +179,6 @@ def _groups(world: int, layout: Layout, me: int, timeout: datetime.timedelta):
     return mine
 
 
-def _attach_peer_all_reduce(candidates: list[Group], device: torch.device) -> None:
-    """The groups that all-reduce activations (attention's and the split experts' partial sums) get a
-    peer-memory all-reduce, one per communicator (tp and experts_split are often the same ranks).
-    Every rank walks the same groups in the same order, so each group's ranks set it up together."""
-    made: dict[int, peer_memory.PeerAllReduce | None] = {}
-    for g in candidates:
-        if g.size > 1:
-            if id(g.group) not in made:
-                made[id(g.group)] = peer_memory.for_group(g.group, device)
-            g.peer = made[id(g.group)]
-
-
 def init(layout: Layout, *, rank: int | None = None, world_size: int | None = None,
          master_addr: str | None = None, master_port: int | None = None, device_type: str = "auto",
          timeout_s: float = 600.0) -> Parallel:
@@ -220,11 +208,26 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device if device.type == "cuda" else None)
     g = _groups(world_size, layout, rank, timeout)
-    if options.peer_all_reduce:
-        _attach_peer_all_reduce([g["tp"], g["experts_split"]], device)
     heartbeat.start(rank, world_size)
     return Parallel(rank, world_size, layout, device, g["tp"], g["experts_split"], g["experts_partition"],
                     g["replica"], rank // layout.replica_size, g["replica_host"])
+
+
+def use_peer_memory(parallel: Parallel) -> None:
+    """Give the groups that all-reduce activations (attention's partial sums over tp, the experts'
+    over experts_split or, with experts partitioned, over the replica) a peer-memory all-reduce
+    (parallel/peer_memory.py), one per communicator (these are often the same ranks). Every rank of
+    the job calls this together, once: each walks the same groups in the same order, so each group's
+    ranks set it up together. Later calls (another LLM in the same job) keep what the first made."""
+    if parallel.peer_memory_tried:
+        return
+    parallel.peer_memory_tried = True
+    made: dict[int, peer_memory.PeerAllReduce | None] = {}
+    for g in (parallel.tp, parallel.experts_split, parallel.replica):
+        if g.size > 1:
+            if id(g.group) not in made:
+                made[id(g.group)] = peer_memory.for_group(g.group, parallel.device)
+            g.peer = made[id(g.group)]
 
 
 def shutdown() -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from parallel.groups import Parallel, single
+from parallel.groups import Parallel, single, use_peer_memory
 from parallel.layers import all_reduce, broadcast
 from runtime import cuda_graphs, eager_steps, mixed_graphs, openai_batch, ops
 from runtime.cache import cache_dir
@@ -35,6 +35,7 @@ from runtime.kv_cache import (PAGE_SIZE, full_pages_within, pages_for, resolve_k
                               sliding_pool_pages)
 from runtime.lockstep import Agreement, Lockstep
 from runtime.model import GptOss
+from runtime.options import options
 from runtime.requests import Request, RequestError, parse_request, request_id
 from runtime.sampling import SamplingParams, SeededNoise, default_seed
 from runtime.scheduler import Scheduler, ScheduledStep, Sequence
@@ -187,6 +188,8 @@ class LLM:
         self.engine_config = config
         self.parallel = parallel or single(resolve_device(config.device))
         self.device = self.parallel.device
+        if options.peer_all_reduce and self.parallel.replica.size > 1:
+            use_peer_memory(self.parallel)  # every rank builds its LLM together
         self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.perf_counter()
         kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)

@@ -17,8 +17,8 @@ What each launch fuses on the kernel path, per block (decode, every expert on th
   by expert, in one launch;
 - `ops.local_experts`: mlp1 + SwiGLU, mlp2, then the weighted combine, the residual add and the
   NEXT block's attention RMSNorm in the last launch, so the next block starts from its normed input.
-The reference path (and expert parallelism, which exchanges rows between these steps) runs each
-step on its own; `Block` states the contract both keep.
+The reference path (and expert parallelism, whose partial sums or exchanged rows come between
+these steps) runs each step on its own; `Block` states the contract both keep.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from parallel.experts import AllToAllExchange, gather_token_slices, token_slice
+from parallel.experts import AllToAllExchange, held_here
 from parallel.groups import LayoutError, Parallel, single
 from parallel.layers import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, Sharded,
                              VocabParallelEmbedding, VocabParallelHead, all_reduce, shard, take)
@@ -92,8 +92,10 @@ class MoE(Sharded):
         super().__init__(parallel.device)
         self.cfg, dev = cfg, parallel.device
         self.split, self.partition = parallel.experts_split, parallel.experts_partition
-        # Attention replicated over the partition: every rank holds the same tokens and sends a slice
-        # of them. Under attention_dp each rank's tokens are its own: it sends them all.
+        # Attention replicated over the partition: every rank of the replica holds the same tokens,
+        # runs its own experts on them and one all-reduce over the replica sums the parts. Under
+        # attention_dp each rank's tokens are its own: they travel to the experts' owners and back.
+        self.replica = parallel.replica
         self.tokens_shared = not parallel.layout.attention_dp
         E, d, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.exchange = AllToAllExchange(self.partition, E)
@@ -141,22 +143,20 @@ class MoE(Sharded):
             counts = torch.ones_like(r.expert_ids, dtype=torch.int64) if real_rows is None \
                 else real_rows[:, None].expand(-1, k)
             self.load.scatter_add_(0, r.expert_ids.reshape(-1).long(), counts.reshape(-1))
+        norm = (next_norm, eps) if next_norm is not None else None
         if r.plan is not None:  # the kernels took the rows sorted by expert: the rest is one call
-            norm = (next_norm, eps) if next_norm is not None else None
             return ops.local_experts(r, self.experts, reduce, first=self.split.rank == 0, next_norm=norm)
-        # Each rank sends each of its rows to its experts' owner and gets the weighted sums back: with
-        # the tokens shared, a slice of them, the slices gathered again after.
-        n = x.shape[0]
-        if self.tokens_shared:
-            lo, hi = token_slice(n, self.partition)
-            widest = -(-n // self.partition.size)  # the largest slice, what every rank sizes for
-        else:  # attention_dp: in a graph every rank's step has the agreed size (runtime/lockstep.py)
-            lo, hi, widest = 0, n, n
-        routed = self.exchange.dispatch(r.h[lo:hi], r.expert_ids[lo:hi], widest if fixed_shapes else None)
+        if self.tokens_shared:  # no rows move: this rank's experts' share, summed over the replica
+            ex = self.exchange
+            ids, weights = held_here(r.expert_ids, r.weights, ex.first_expert, ex.per_rank)
+            return ops.shared_token_experts(r, ids, weights, self.experts,
+                                            lambda t: all_reduce(t, self.replica),
+                                            bias_here=self.split.rank == 0, next_norm=norm)
+        # attention_dp: each rank sends its rows to their experts' owners and gets the weighted sums
+        # back; in a graph every rank's step has the agreed size (runtime/lockstep.py).
+        routed = self.exchange.dispatch(r.h, r.expert_ids, x.shape[0] if fixed_shapes else None)
         y = ops.expert_rows(routed.rows, routed.local_expert, self.experts, reduce)
-        out = self.exchange.combine(y, r.weights[lo:hi], routed)
-        if self.tokens_shared:
-            out = gather_token_slices(out, n, self.partition)
+        out = self.exchange.combine(y, r.weights, routed)
         return r.residual + out.to(x.dtype), None
 
 

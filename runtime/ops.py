@@ -201,6 +201,30 @@ def local_experts(routing: Routing, w: ExpertWeights, reduce: Callable | None, f
     return out if next_norm is not None else (out, None)
 
 
+def shared_token_experts(routing: Routing, expert_ids: torch.Tensor, weights: torch.Tensor, w: ExpertWeights,
+                         reduce: Callable, bias_here: bool, next_norm: tuple[torch.Tensor, float] | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """residual + sum_k weight * expert_k(h) for tokens that every rank of a group holds, each rank
+    holding some experts (or a slice of each): this rank runs its own on the pairs routed to them
+    (parallel.experts.held_here: the others carry id E, one past its last, and weight 0), and
+    `reduce` sums the partial outputs (fp32) over the group; the residual is added after the sum.
+    bias_here: this rank adds mlp2's bias (the first rank of each expert's slices). Returns (output,
+    its RMSNorm under next_norm = (gain, eps), or None)."""
+    if use_kernels(routing.h):
+        from runtime.kernels.moe_triton import moe_triton
+
+        out = moe_triton(routing.h, expert_ids, weights, w.mlp1_blocks, w.mlp1_scales, w.mlp1_bias,
+                         w.mlp2_blocks, w.mlp2_scales, w.mlp2_bias, w.swiglu_limit, residual=routing.residual,
+                         reduce=reduce, first=bias_here, next_norm=next_norm)
+        return out if next_norm is not None else (out, None)
+    n, k = expert_ids.shape
+    bias = w.mlp2_bias if bias_here else torch.zeros_like(w.mlp2_bias)
+    y = expert_rows_reference(routing.h.repeat_interleave(k, dim=0), expert_ids.reshape(-1), w.mlp1_blocks,
+                              w.mlp1_scales, w.mlp1_bias, w.mlp2_blocks, w.mlp2_scales, bias, w.swiglu_limit)
+    partial = (y.view(n, k, -1) * weights.unsqueeze(-1).float()).sum(dim=1)
+    return routing.residual + reduce(partial).to(routing.residual.dtype), None
+
+
 def expert_rows(rows: torch.Tensor, experts: torch.Tensor, w: ExpertWeights,
                 reduce: Callable | None) -> torch.Tensor:
     """Row i through expert experts[i] (this rank's index): [m, d] fp32, unweighted, bias included."""

@@ -5,7 +5,8 @@ Both paths must hand each rank exactly the (row, expert) pairs it owns and bring
 its token, summed in the same order, so that a CUDA graph's step (fixed capacity, no host sync) gives
 the eager step's numbers. Checked on 2 and 4 processes, with routings that send everything to one
 rank (the capacity's worst case), and through a whole MoE layer on the reference and the kernel
-path (Triton's interpreter) against one rank holding every expert.
+path (Triton's interpreter) against one rank holding every expert, under each way of running
+partitioned experts (tokens shared: one all-reduce; attention_dp: the exchange).
 """
 
 import dataclasses
@@ -113,14 +114,24 @@ def _moe_worker(parallel, kernels, seed):
 
     cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=1)
     moe = GptOss(cfg, torch.float32, parallel=parallel).randomize(3).block[0].mlp
+    dispatched = []
+    dispatch = moe.exchange.dispatch
+    moe.exchange.dispatch = lambda *args: dispatched.append(args) or dispatch(*args)
     gen = torch.Generator().manual_seed(seed)
     x, delta = torch.randn(2, 9, cfg.hidden_size, generator=gen)
     with options.override(kernels_on_cpu=kernels), torch.inference_mode():
-        return [moe(x, delta, fixed_shapes=fixed)[0] for fixed in (False, True)]
+        return [moe(x, delta, fixed_shapes=fixed)[0] for fixed in (False, True)], len(dispatched)
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
-def test_moe_layer_under_expert_parallelism_gives_one_ranks_answer_both_ways(kernels):
+@pytest.mark.parametrize("world, layout", [(2, dict(ep=2)), (4, dict(tp=2, ep=2)),
+                                           (2, dict(ep=2, attention_dp=True))],
+                         ids=["ep=2", "tp=2 ep=2", "ep=2 attention_dp"])
+def test_moe_layer_under_expert_parallelism_gives_one_ranks_answer_both_ways(kernels, world, layout):
+    """A MoE layer whose experts are partitioned (and, at tp=2 ep=2, each also split in two) gives one
+    rank's output, eagerly and with a graph step's fixed shapes. Where every rank holds the same
+    tokens no rows travel (each rank's experts' share, one all-reduce); under attention_dp (each
+    rank its own tokens, here the same ones) they go all-to-all, host-sized and fixed-capacity."""
     from parallel.groups import single
     from runtime.model import GptOss
     from runtime.options import options
@@ -131,9 +142,10 @@ def test_moe_layer_under_expert_parallelism_gives_one_ranks_answer_both_ways(ker
     x, delta = torch.randn(2, 9, cfg.hidden_size, generator=gen)
     with options.override(kernels_on_cpu=kernels), torch.inference_mode():
         want = moe(x, delta)[0]
-    for rank, (host, fixed) in _spawn(_moe_worker, 2, kernels, 5):
+    for rank, ((host, fixed), dispatched) in _spawn_layout(_moe_worker, world, layout, kernels, 5):
         torch.testing.assert_close(host, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(fixed, host), rank  # the same rows through the same experts, summed alike
+        assert dispatched == (2 if layout.get("attention_dp") else 0), (rank, dispatched)
 
 
 def _attention_dp_engine_worker(parallel, checkpoint, requests, settings):

@@ -138,8 +138,8 @@ def test_moe_triton_matches_route_experts_combine(tokens):
 @pytest.mark.parametrize("tokens", [1, 29])
 def test_moe_triton_with_experts_split_over_two_ranks_sums_to_the_whole(tokens):
     """Each expert's intermediate dimension split in two (what tensor parallelism gives each rank):
-    the two ranks' partial results, summed by `reduce`, equal the whole MoE; the first rank alone
-    adds mlp2's bias and the residual."""
+    the two ranks' partial results, summed by `reduce`, plus the residual (added after the sum)
+    equal the whole MoE; the first rank alone adds mlp2's bias."""
     E, d, inter, k = 8, 128, 128, 4
     w1 = random_experts(E, 2 * inter, d)
     w2 = random_experts(E, d, inter)
@@ -155,7 +155,7 @@ def test_moe_triton_with_experts_split_over_two_ranks_sums_to_the_whole(tokens):
         moe_triton(h, expert_ids, weights, *mlp1, *mlp2, 7.0, residual=residual,
                    reduce=lambda t: partials.append(t) or t, first=rank == 0)
     assert all(t.dtype == torch.float32 for t in partials)
-    assert torch.allclose(partials[0] + partials[1], whole, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(partials[0] + partials[1] + residual, whole, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("tokens", [1, 29])

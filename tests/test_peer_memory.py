@@ -86,12 +86,17 @@ def test_every_group_that_all_reduces_activations_asks_for_peer_memory_once_per_
 
     monkeypatch.setattr(peer_memory, "for_group", for_group)
     shared, other = object(), object()
-    tp, split = Group(shared, 0, 2, (0, 1)), Group(shared, 0, 2, (0, 1))
-    groups._attach_peer_all_reduce([tp, split], torch.device("cuda", 0))
-    assert asked == [shared] and tp.peer == split.peer == f"peer of {shared}"
-    alone, partial = Group(None, 0, 1, (0,)), Group(other, 1, 2, (0, 1))
-    groups._attach_peer_all_reduce([alone, partial], torch.device("cuda", 0))
-    assert asked == [shared, other] and alone.peer is None and partial.peer == f"peer of {other}"
+    tp, split, replica = (Group(shared, 0, 2, (0, 1)), Group(shared, 0, 2, (0, 1)),
+                          Group(other, 1, 4, (0, 1, 2, 3)))
+    alone = Group(None, 0, 1, (0,))
+    parallel = groups.Parallel(1, 4, groups.Layout(tp=2, ep=2), torch.device("cuda", 0), tp, split, alone,
+                               replica, 0)
+    groups.use_peer_memory(parallel)
+    assert asked == [shared, other]
+    assert tp.peer == split.peer == f"peer of {shared}" and replica.peer == f"peer of {other}"
+    assert alone.peer is None
+    groups.use_peer_memory(parallel)  # a second LLM in the same job: set up once
+    assert asked == [shared, other]
 
 
 @pytest.mark.gpu

@@ -218,29 +218,33 @@ def moe_triton(h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
     dimension): [T, d] = residual + sum_k w_k * expert_k(h).
 
     h [T, d]; expert_ids, weights [T, k]. Rows are never copied out of h: the first GEMM gathers
-    token order[i] // k for sorted pair i. With the experts split over ranks, `reduce` sums over
-    them: each rank's mlp2 gives partial products, the `first` rank alone adds mlp2's bias (and the
-    residual, without next_norm; with it every rank adds the residual to the sum in the norm's
-    launch), and the combined rows (fp32, one per token, not one per token and expert) are summed.
+    token order[i] // k for sorted pair i. With the experts split or partitioned over ranks that all
+    hold these tokens, `reduce` sums over them: each rank's mlp2 gives partial products, the `first`
+    rank of each expert's slices alone adds mlp2's bias, the combined rows (fp32, one per token, not
+    one per token and expert) are summed, and every rank adds the residual to the sum. A pair of
+    expert E (one past the last: held elsewhere) must have weight 0: it is not computed or read.
     `rows`: the (token, expert) pairs already sorted by expert (router_triton.route_and_plan).
     next_norm = (gain, eps): returns (output, its RMSNorm times gain), the next block's attention
     norm, computed in the combine's launch when there is nothing to reduce."""
     T, top_k = expert_ids.shape
-    p = rows if rows is not None else plan(expert_ids, mlp1_blocks.shape[0])
+    # E + 1 buckets: a pair of expert E (one past the last: an expert another rank holds) sorts after
+    # every expert's, in the bucket the grouped kernels, reading E experts' counts, never compute.
+    p = rows if rows is not None else plan(expert_ids, mlp1_blocks.shape[0] + 1)
     act = grouped_mxfp4(h, p.order, top_k, p, mlp1_blocks, mlp1_scales, mlp1_bias, h.dtype,
                         swiglu_limit=limit)
     y = grouped_mxfp4(act, None, 1, p, mlp2_blocks, mlp2_scales, mlp2_bias if first else None, torch.float32)
     out_dtype = h.dtype if residual is None else residual.dtype
     if reduce is None:
         return combine(y, p.position, weights, residual, out_dtype, norm=next_norm)
-    if next_norm is None or residual is None:
-        summed = reduce(combine(y, p.position, weights, residual if first else None, torch.float32))
-        return summed.to(out_dtype)
+    # Every rank holds the residual: it is added once, after the sum (with next_norm in the norm's
+    # launch, the fp32 sum rounded once).
+    summed = reduce(combine(y, p.position, weights, None, torch.float32))
+    if next_norm is None:
+        return summed.to(out_dtype) if residual is None else (residual + summed).to(out_dtype)
     from runtime.kernels.rmsnorm_triton import add_rms_norm_triton
 
-    # Every rank holds the residual: it is added after the sum, in the norm's launch (the fp32 sum
-    # rounded once), instead of by the first rank before it and a cast after.
-    summed = reduce(combine(y, p.position, weights, None, torch.float32))
+    if residual is None:
+        return add_rms_norm_triton(summed.to(out_dtype), None, *next_norm)
     return add_rms_norm_triton(residual, summed, *next_norm)
 
 

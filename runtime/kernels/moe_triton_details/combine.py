@@ -29,7 +29,9 @@ def _combine_kernel(y_ptr, position_ptr, weight_ptr, residual_ptr, out_ptr, gain
     for k in tl.static_range(TOP_K):
         pos = tl.load(position_ptr + t * TOP_K + k).to(tl.int64)
         w = tl.load(weight_ptr + t * TOP_K + k)
-        acc += w * tl.load(y_ptr + pos * stride_y + d, mask=ok, other=0.0)
+        # A zero weight's row counts as zeros: a pair whose expert another rank holds was never
+        # computed, and whatever its row holds (NaN too) must not reach the sum.
+        acc += tl.where(w != 0.0, w * tl.load(y_ptr + pos * stride_y + d, mask=ok, other=0.0), 0.0)
     if residual_ptr is not None:
         acc += tl.load(residual_ptr + t * stride_res + d, mask=ok, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
