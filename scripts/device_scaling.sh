@@ -3,7 +3,8 @@
 # in parts that each fit a device call; logs and JSON under $OUT, a table at the end of each part:
 #   decode [MODEL]:     batch-1 decode at tp = 1, 2, 4, 8 (as many as the machine has; from tp=4 the
 #                       experts are partitioned whole, parallel.expert_tp=1: 2880 splits 2 ways, not 4),
-#                       from tp=2 each also with the one-shot all-reduce (GPT_OSS_PEER_ALL_REDUCE=1)
+#                       from tp=2 each also with the one-shot all-reduce (GPT_OSS_PEER_ALL_REDUCE=1);
+#                       and ep=2 on two GPUs, both ways
 #   throughput [MODEL] [REQUESTS]: 1k/1k output tokens/s per GPU over all the machine's GPUs: dp
 #                       replicas, tp=2 replicas, and attention_dp with ep = 2, 4, 8
 #   a2a:                one MoE layer's exchange (host-sized and fixed-capacity) against NCCL's own
@@ -34,6 +35,11 @@ case "$what" in
       run "decode_${model}_tp$tp" "$tp" "${args[@]}"
       [ "$tp" -gt 1 ] && GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_tp${tp}_peer" "$tp" "${args[@]}"
     done
+    if [ "$gpus" -ge 2 ]; then  # the "ep=2 at least one GPU's rate": one all-reduce a layer
+      args=(model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 max_batch_size=8 parallel.ep=2)
+      run "decode_${model}_ep2" 2 "${args[@]}"
+      GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_ep2_peer" 2 "${args[@]}"
+    fi
     ;;
   throughput)
     model=${1:-gpt-oss-120b}; requests=${2:-1024}
