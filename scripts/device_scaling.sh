@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The scaling issue's benchmark on one multi-GPU machine (docs/performance.md, "Scaling over GPUs"),
 # in parts that each fit a device call; logs and JSON under $OUT, a table at the end of each part:
-#   decode [MODEL]:     batch-1 decode at tp = 1, 2, 4, 8 (as many as the machine has; from tp=4 the
-#                       experts are partitioned whole, parallel.expert_tp=1: 2880 splits 2 ways, not 4),
-#                       from tp=2 each also with the one-shot all-reduce (GPT_OSS_PEER_ALL_REDUCE=1);
-#                       and ep=2 on two GPUs, both ways
+#   decode [MODEL] [TPS]: batch-1 decode at tp = TPS (default "1 2 4 8", as many as the machine has;
+#                       from tp=4 the experts are partitioned whole, parallel.expert_tp=1: 2880 splits
+#                       2 ways, not 4), from tp=2 each also with the one-shot all-reduce
+#                       (GPT_OSS_PEER_ALL_REDUCE=1); a call fits about four runs, so on 8 GPUs:
+#                       decode MODEL "1 2", then decode MODEL "4 8"
+#   decode-ep [MODEL]:  batch-1 decode at ep=2, NCCL and the one-shot all-reduce
 #   throughput [MODEL] [REQUESTS]: 1k/1k output tokens/s per GPU over all the machine's GPUs: dp
 #                       replicas, tp=2 replicas, and attention_dp with ep = 2, 4, 8
 #   a2a:                one MoE layer's exchange (host-sized and fixed-capacity) against NCCL's own
@@ -27,7 +29,7 @@ run() {  # name ranks args...: one torchrun job of launch.bench, its JSON kept
 case "$what" in
   decode)
     model=${1:-gpt-oss-120b}
-    for tp in 1 2 4 8; do
+    for tp in ${2:-1 2 4 8}; do
       [ "$tp" -le "$gpus" ] || continue
       split=$([ "$tp" -ge 4 ] && echo "parallel.expert_tp=1" || echo "")
       args=(model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 max_batch_size=8
@@ -35,11 +37,12 @@ case "$what" in
       run "decode_${model}_tp$tp" "$tp" "${args[@]}"
       [ "$tp" -gt 1 ] && GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_tp${tp}_peer" "$tp" "${args[@]}"
     done
-    if [ "$gpus" -ge 2 ]; then  # the "ep=2 at least one GPU's rate": one all-reduce a layer
-      args=(model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 max_batch_size=8 parallel.ep=2)
-      run "decode_${model}_ep2" 2 "${args[@]}"
-      GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_ep2_peer" 2 "${args[@]}"
-    fi
+    ;;
+  decode-ep)  # the "ep=2 at least one GPU's rate": one all-reduce a layer
+    model=${1:-gpt-oss-120b}
+    args=(model="$model" "batch_sizes=[1]" "ttft_prompts=[]" decode_tokens=128 max_batch_size=8 parallel.ep=2)
+    run "decode_${model}_ep2" 2 "${args[@]}"
+    GPT_OSS_PEER_ALL_REDUCE=1 run "decode_${model}_ep2_peer" 2 "${args[@]}"
     ;;
   throughput)
     model=${1:-gpt-oss-120b}; requests=${2:-1024}
