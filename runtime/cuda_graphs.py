@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from runtime import ops, warm_up
+from runtime.kernels import compile_ahead
 from runtime.kv_cache import PAGE_SIZE, pages_for
 from runtime.model import GptOss
 from runtime.step import PagedLayers, PagedStep, SequenceChunk
@@ -85,9 +86,10 @@ def warm_up_threads(model: GptOss, threads: int | None = None) -> int | None:
 
 
 def compile_ahead_allowed(model: GptOss) -> bool:
-    """Whether the warm-ups may compile ahead in a dry pass (runtime/kernels/compile_ahead.py): not
-    where the forward holds collectives, whose communicators the dry pass's capture would use first."""
-    return not _collectives(model)
+    """Whether start-up compiles ahead in a dry pass (runtime/kernels/compile_ahead.py): where it can
+    (compile_ahead.enabled), and not where the forward holds collectives, whose communicators the dry
+    pass's capture would use first."""
+    return compile_ahead.enabled() and not _collectives(model)
 
 
 _capture_stream: torch.cuda.Stream | None = None

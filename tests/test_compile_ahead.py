@@ -17,6 +17,7 @@ import torch
 
 from runtime.kernels import compile_ahead
 from runtime.kernels.compile_watch import CompileWatch, knobs
+from runtime.options import options
 
 pytestmark = pytest.mark.skipif(knobs is None, reason="a Triton without compile hooks")
 
@@ -88,8 +89,6 @@ def test_a_dry_pass_that_fails_still_compiles_what_it_found_and_says_why():
 
 
 def test_the_switch_turns_the_dry_pass_off():
-    from runtime.options import options
-
     ran = []
     with options.override(compile_ahead=False), concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert compile_ahead.compile_ahead([lambda: ran.append(1)], torch.device("cpu"), pool,
@@ -124,6 +123,8 @@ def test_the_warm_ups_compile_ahead_on_a_gpu_alone_and_not_beside_collectives():
     replica = types.SimpleNamespace(parallel=types.SimpleNamespace(replica=types.SimpleNamespace(size=2)))
     alone = types.SimpleNamespace(parallel=types.SimpleNamespace(replica=types.SimpleNamespace(size=1)))
     assert not cuda_graphs.compile_ahead_allowed(replica) and cuda_graphs.compile_ahead_allowed(alone)
+    with options.override(compile_ahead=False):  # nor with the switch off: no dry steps are built
+        assert not cuda_graphs.compile_ahead_allowed(alone)
     ran = []
     report = warm_up.run_side_by_side({2: lambda: ran.append(2)}, torch.device("cpu"), threads=1)
     assert ran == [2] and report.ahead is None and "ahead" not in report.summary()  # nothing compiles on CPU

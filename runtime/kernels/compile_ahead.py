@@ -58,6 +58,12 @@ class Ahead:
         return dataclasses.asdict(self)
 
 
+def enabled() -> bool:
+    """Whether compile_ahead does anything here: this Triton has compile hooks and the switch is on
+    (GPT_OSS_COMPILE_AHEAD)."""
+    return knobs is not None and options.compile_ahead
+
+
 def capture_without_running(bodies: Iterable[Callable[[], object]], device: torch.device) -> None:
     """Each body once, in order, inside one CUDA graph capture that is dropped unlaunched (and, where
     torch can, never instantiated): the device runs none of it. Its temporaries come from the capture's
@@ -93,7 +99,7 @@ def compile_ahead(bodies: Iterable[Callable[[], object]], device: torch.device,
     compiled yet, on `executor`'s threads, before any body runs; returns when all are done (None, at
     once: this Triton has no compile hooks, or the switch is off, GPT_OSS_COMPILE_AHEAD=0). `dry_run`
     runs the bodies without their launches executing (tests replace the capture)."""
-    if knobs is None or not options.compile_ahead:
+    if not enabled():
         return None
     found: dict[tuple[int, str], tuple[object, str]] = {}
 
