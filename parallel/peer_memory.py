@@ -103,23 +103,33 @@ def _peers_reachable(group, device: torch.device) -> str | None:
     return f"GPU {device.index} cannot access GPU(s) {blocked} as peers" if blocked else None
 
 
+def _agreed(reason: str | None, group, device: torch.device) -> str | None:
+    """reason, or, where this rank has none but another rank of the group has one, a reason too: every
+    rank leaves with the same answer (one MIN all-reduce), so none goes on to a collective the others
+    skip."""
+    if group is None:
+        return reason
+    ok = torch.tensor([reason is None], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    return reason or (None if bool(ok.item()) else "another rank of the group could not take part")
+
+
 def for_group(group, device: torch.device, max_bytes: int = ONE_SHOT_MAX_BYTES) -> PeerAllReduce | None:
     """The group's peer-memory all-reduce, or None where any rank of it cannot take part (every rank
-    calls this together and gets the same answer; the first rank says why it is off)."""
-    reason = unavailable_reason(group, device)
+    calls this together and gets the same answer; the first rank says why it is off). The ranks
+    agree before making the buffer (whose exchange every rank must join) and again after."""
+    reason = unavailable_reason(group, device)  # the same on every rank: one torch, one device type
     if reason is None:
-        reason = _peers_reachable(group, device)
+        reason = _agreed(_peers_reachable(group, device), group, device)
     peer = None
     if reason is None:
         try:
             peer = PeerAllReduce(group, device, max_bytes)
         except Exception as e:  # noqa: BLE001 - any failure to map the peers means NCCL instead
             reason = f"symmetric memory failed: {type(e).__name__}: {e}"
-    if group is not None and device.type == "cuda":
-        ok = torch.tensor([reason is None], dtype=torch.int32, device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        if not bool(ok.item()):
-            peer, reason = None, reason or "another rank of the group could not take part"
-    if reason is not None and (group is None or dist.get_rank(group) == 0):
-        warnings.warn(f"peer-memory all-reduce off, NCCL instead: {reason}", stacklevel=2)
+        reason = _agreed(reason, group, device)
+    if reason is not None:
+        peer = None
+        if group is None or dist.get_rank(group) == 0:
+            warnings.warn(f"peer-memory all-reduce off, NCCL instead: {reason}", stacklevel=2)
     return peer

@@ -99,6 +99,32 @@ def test_every_group_that_all_reduces_activations_asks_for_peer_memory_once_per_
     assert asked == [shared, other]
 
 
+def _agree_worker(rank: int, store: str, answers):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        mine = "no peer access" if rank == 1 else None
+        answers.put((rank, peer_memory._agreed(mine, dist.group.WORLD, torch.device("cpu")),
+                     peer_memory._agreed(None, dist.group.WORLD, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_that_cannot_take_part_turns_the_one_shot_off_for_every_rank(tmp_path):
+    """The ranks agree before the buffer's exchange, which every rank must join: a rank whose check
+    failed keeps its reason, the others get one too; where none failed, none has one."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    procs = [ctx.Process(target=_agree_worker, args=(r, str(tmp_path / "store"), answers)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict((rank, (first, second)) for rank, first, second in (answers.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    assert got == {0: ("another rank of the group could not take part", None), 1: ("no peer access", None)}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_shot_all_reduce_on_two_gpus_equals_nccl(tmp_path):
