@@ -145,7 +145,13 @@ def test_moe_layer_under_expert_parallelism_gives_one_ranks_answer_both_ways(wor
         want = moe(x, delta)[0]
     for rank, ((host, fixed), dispatched) in _spawn_layout(_moe_worker, world, layout, kernels, 5):
         torch.testing.assert_close(host, want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(fixed, host), rank  # the same rows through the same experts, summed alike
+        if layout.get("attention_dp"):
+            # The fixed-capacity buffer holds more (padding) rows than the host-sized one, and the MoE
+            # GEMM's tiles are chosen by its row count (choose_tiles): other tiles, other summation
+            # orders, so the two agree to float32 rounding only (7e-7 here on some CPUs' BLAS).
+            torch.testing.assert_close(fixed, host, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(fixed, host), rank  # the same rows through the same experts, summed alike
         assert dispatched == (2 if layout.get("attention_dp") else 0), (rank, dispatched)
 
 
