@@ -165,6 +165,7 @@ class DecodeGraphs:
         self._memory = None  # the graphs' shared memory pool
         self._inputs_read = None  # event: the last replay's host-to-device copies are done
         self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
+        self._warmed: set[int] = set()  # sizes warm_all ran: their capture needs no run before it
 
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
@@ -202,11 +203,13 @@ class DecodeGraphs:
         buffer of sampled tokens, which is put back."""
         self._stage([], [], {}, self.sizes[-1])
         step_before = self._sampled.clone()
+        sizes = [size for size in self.sizes if size not in self._graphs]
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
-                                                 for size in self.sizes if size not in self._graphs},
+                                                 for size in sizes},
                                                 self.model.device, warm_up_threads(self.model, threads),
                                                 compile_ahead_allowed(self.model))
         self._sampled.copy_(step_before)
+        self._warmed.update(sizes)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:
         """[rows, 2] float64 (token, logprob) of the last step's first rows, sampled greedily; their
@@ -282,17 +285,18 @@ class DecodeGraphs:
         ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 
     def _capture(self, size: int) -> None:
-        """Run the step once outside the graph (kernels compile, caches fill; it writes the same keys
-        and values the replay will), then capture it. That run also samples into the buffer of
-        sampled tokens, which the replay still has to read the step before's tokens from: it is
-        put back."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step_before = self._sampled.clone()
-            self._forward(size)
-            self._sampled.copy_(step_before)
-        torch.cuda.current_stream().wait_stream(side)
+        """Capture the step, after running it once outside the graph (kernels compile, caches fill;
+        it writes the same keys and values the replay will) unless warm_all already did. That run
+        also samples into the buffer of sampled tokens, which the replay still has to read the step
+        before's tokens from: it is put back."""
+        if size not in self._warmed:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step_before = self._sampled.clone()
+                self._forward(size)
+                self._sampled.copy_(step_before)
+            torch.cuda.current_stream().wait_stream(side)
         graph = capture(lambda: self._forward(size), self._memory)
         self._memory = graph.pool()
         self._graphs[size] = graph

@@ -84,6 +84,7 @@ class MixedGraphs:
         self._inputs_read = None  # event: the last step's host-to-device copies are done
         self.replays: dict[int, int] = {}  # steps run per bucket, for reports and tests
         self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
+        self._warmed: set[int] = set()  # buckets warm_all ran: their capture needs no run before it
 
     def fits(self, plan: StepPlan) -> bool:
         """A mixed step (a prompt chunk among its chunks) of at most the largest bucket's tokens."""
@@ -120,11 +121,12 @@ class MixedGraphs:
         def pieces(size: int) -> None:
             for _ in self._pieces_of(size):
                 pass
-        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size)
-                                                 for size in self.buckets if size not in self._pieces},
+        sizes = [size for size in self.buckets if size not in self._pieces]
+        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size) for size in sizes},
                                                 self.model.device,
                                                 cuda_graphs.warm_up_threads(self.model, threads),
                                                 cuda_graphs.compile_ahead_allowed(self.model))
+        self._warmed.update(sizes)
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, plan: StepPlan, paged: PagedStep, size: int) -> None:
@@ -193,14 +195,15 @@ class MixedGraphs:
                 attention.attend(self._q[:tokens], paged, out=self._out[:tokens])
 
     def _capture(self, size: int) -> None:
-        """Run the pieces once outside the graphs (kernels compile, caches fill; every row is padding
-        or writes what the replay writes again), then capture each."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in self._pieces_of(size):
-                pass
-        torch.cuda.current_stream().wait_stream(side)
+        """Capture each piece, after running them once outside the graphs (kernels compile, caches
+        fill; every row is padding or writes what the replay writes again) unless warm_all did."""
+        if size not in self._warmed:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in self._pieces_of(size):
+                    pass
+            torch.cuda.current_stream().wait_stream(side)
         graphs, pieces = [], self._pieces_of(size)
         for _ in range(len(self.model.block) + 1):
             graph = cuda_graphs.capture(lambda: next(pieces, None), self._memory)
