@@ -6,6 +6,7 @@ interpreter; on a GPU the captured graphs replay it, bit for bit, with and witho
 dependent launch, and with tensor parallelism's collectives inside.
 """
 
+import dataclasses
 import json
 import os
 
@@ -13,9 +14,19 @@ import pytest
 import torch
 from routing_probe import poison
 
+from runtime.checkpoint import write_checkpoint
 from runtime.config import preset
 from runtime.engine import LLM
 from runtime.options import options
+
+
+@pytest.fixture(scope="module")
+def two_layer_checkpoint(tmp_path_factory) -> str:
+    """The tiny model cut to one sliding and one full layer: the engine tests through Triton's
+    interpreter below take about half the time of the four-layer model's, with both kinds of layer."""
+    cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=2)
+    folder = tmp_path_factory.mktemp("two_layers") / "original"
+    return str(write_checkpoint(cfg, folder, layout="original", seed=0))
 
 
 @pytest.mark.gpu
@@ -151,13 +162,13 @@ def test_cuda_graphs_capture_parallel_collectives(tmp_path, layout, peer):
         assert max(abs(a - b) for a, b in zip(graph["logprobs"], eager["logprobs"])) < 1e-3
 
 
-def kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs, install) -> LLM:
+def kernel_engine_gives_the_reference_tokens(checkpoint, monkeypatch, settings, reqs, install) -> LLM:
     """The tiny model's engine on the Triton kernels (interpreted, pools poisoned), with `install(engine)`
     run before its generate, against the reference engine: the same tokens, logprobs within 1e-4.
     Returns the kernel engine for the caller's checks of what ran."""
-    want = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
+    want = LLM(checkpoint, **settings).generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], **settings)
+    fast = LLM(checkpoint, **settings)
     poison(fast.model)
     install(fast)
     got = fast.generate(reqs)
@@ -169,7 +180,7 @@ def kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, sett
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the graphs' inputs through Triton's interpreter: CPU only")
-def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
+def test_decode_graph_inputs_give_the_reference_engine_tokens(two_layer_checkpoint, monkeypatch):
     """The CUDA graphs' static-buffer forward (runtime/cuda_graphs.py, run here without capture):
     staged block tables at the fixed max_model_len width, batches padded into the scratch page,
     attention split as for max_model_len, under preemption, gives the reference engine's tokens."""
@@ -199,7 +210,7 @@ def test_decode_graph_inputs_give_the_reference_engine_tokens(tiny_checkpoints, 
         assert sorted(fast._graphs.warm_up.seconds) == fast._graphs.sizes
         monkeypatch.setattr(ops, "sample", lambda *a: sampled_by_torch.append(1) or sample_on_device(*a))
 
-    fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
+    fast = kernel_engine_gives_the_reference_tokens(two_layer_checkpoint, monkeypatch, settings, reqs,
                                                     static_decode_graphs)
     # Decode steps went through the static buffers, padded ones (3 sequences in the 4-row size) too,
     # and took their (all greedy) tokens from the graph's own sampling: torch sampled only the others.
@@ -233,7 +244,7 @@ def test_the_kv_sizing_leaves_room_for_every_buffer_of_the_decode_graphs(tiny_ch
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the mixed graphs' inputs through Triton's interpreter: CPU only")
-def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, monkeypatch):
+def test_mixed_graph_pieces_give_the_reference_engine_tokens(two_layer_checkpoint, monkeypatch):
     """Mixed steps through runtime/mixed_graphs.py's fixed buffers (run here without capture): the
     pieces between the attentions over token counts padded to a bucket (padding stored into the
     scratch page), each attention over the real rows between them, decode rows whose token the step
@@ -253,7 +264,7 @@ def test_mixed_graph_pieces_give_the_reference_engine_tokens(tiny_checkpoints, m
         fast._mixed_graphs.warm_all(threads=1)  # the start-up warm-ups disturb nothing after
         assert sorted(fast._mixed_graphs.warm_up.seconds) == [16, 24]
 
-    fast = kernel_engine_gives_the_reference_tokens(tiny_checkpoints, monkeypatch, settings, reqs,
+    fast = kernel_engine_gives_the_reference_tokens(two_layer_checkpoint, monkeypatch, settings, reqs,
                                                     static_mixed_graphs)
     # Mixed steps of both buckets ran, padded ones among them; the run preempted.
     replays = fast._mixed_graphs.replays
