@@ -1,5 +1,6 @@
 """Session fixtures shared by the test files, and the `gpu` marker's skip on machines without CUDA."""
 
+import dataclasses
 import os
 
 import torch
@@ -26,6 +27,14 @@ def tiny_checkpoints(tmp_path_factory):
     original = write_checkpoint(cfg, root / "original", layout="original", seed=0)
     hf = write_checkpoint(cfg, root / "hf", layout="hf", seed=0, shard_bytes=40 << 20)
     return {"original": str(original), "hf": str(hf)}
+
+
+@pytest.fixture(scope="session")
+def two_layer_checkpoint(tmp_path_factory) -> str:
+    """The tiny model cut to one sliding and one full layer, seed 0: the engine tests that run through
+    Triton's interpreter take about half the time of the four-layer model's, with both kinds of layer."""
+    cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=2)
+    return str(write_checkpoint(cfg, tmp_path_factory.mktemp("two_layers") / "original", seed=0))
 
 
 @pytest.fixture

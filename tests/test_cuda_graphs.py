@@ -6,7 +6,6 @@ interpreter; on a GPU the captured graphs replay it, bit for bit, with and witho
 dependent launch, and with tensor parallelism's collectives inside.
 """
 
-import dataclasses
 import json
 import os
 
@@ -14,19 +13,9 @@ import pytest
 import torch
 from routing_probe import poison
 
-from runtime.checkpoint import write_checkpoint
 from runtime.config import preset
 from runtime.engine import LLM
 from runtime.options import options
-
-
-@pytest.fixture(scope="module")
-def two_layer_checkpoint(tmp_path_factory) -> str:
-    """The tiny model cut to one sliding and one full layer: the engine tests through Triton's
-    interpreter below take about half the time of the four-layer model's, with both kinds of layer."""
-    cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=2)
-    folder = tmp_path_factory.mktemp("two_layers") / "original"
-    return str(write_checkpoint(cfg, folder, layout="original", seed=0))
 
 
 @pytest.mark.gpu

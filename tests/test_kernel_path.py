@@ -63,10 +63,10 @@ def test_triton_path_matches_the_reference_path(tiny_checkpoints, monkeypatch):
         assert (a - b).abs().max() < 1e-4, (a - b).abs().max()
 
 
-def test_kernel_path_decode_matches_one_forward(tiny_checkpoints, monkeypatch):
+def test_kernel_path_decode_matches_one_forward(two_layer_checkpoint, monkeypatch):
     """Prefill 21 tokens, decode 9 one at a time (window 8, pages of 16 crossed) == one 30-token
     forward, on the kernel path; positions after a rounding-flipped near-tied route excepted."""
-    reader = CheckpointReader(tiny_checkpoints["original"])
+    reader = CheckpointReader(two_layer_checkpoint)
     model = GptOss(reader.config, torch.float32, "cpu").load(reader)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
     poison(model)
@@ -105,7 +105,7 @@ def test_first_route_change_finds_the_earliest_flip_and_its_gap():
     assert (change.position, change.layer) == (4, 2) and change.gap > 0
 
 
-def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints, monkeypatch):
+def test_engine_on_the_kernel_path_matches_the_reference_engine(two_layer_checkpoint, monkeypatch):
     """The whole engine (fixed KV pool, preemption, sliding pages given back mid-sequence) on the
     Triton kernels, interpreted, gives the reference engine's tokens, on a float8 KV cache
     (kv_cache_dtype=fp8: its stores round alike on both paths, tests/test_kv_fp8.py; a cache of the
@@ -123,12 +123,12 @@ def test_engine_on_the_kernel_path_matches_the_reference_engine(tiny_checkpoints
             for i, n in enumerate((26, 19, 30))]
     settings = dict(dtype="float32", device="cpu", max_batch_size=3, max_batch_tokens=32, kv_cache_tokens=64,
                     schedule_conservativeness=0)
-    exact = LLM(tiny_checkpoints["original"], **settings).generate(reqs)
-    ref = LLM(tiny_checkpoints["original"], kv_cache_dtype="fp8", **settings)
+    exact = LLM(two_layer_checkpoint, **settings).generate(reqs)
+    ref = LLM(two_layer_checkpoint, kv_cache_dtype="fp8", **settings)
     assert ref.model.pool.dtype == torch.float8_e4m3fn
     want = ref.generate(reqs)
     monkeypatch.setattr(options, "kernels_on_cpu", True)
-    fast = LLM(tiny_checkpoints["original"], kv_cache_dtype="fp8", **settings)
+    fast = LLM(two_layer_checkpoint, kv_cache_dtype="fp8", **settings)
     released = []
     forward = fast.model.forward
 
