@@ -116,6 +116,16 @@ def capture(body, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def run_before_capture(body) -> None:
+    """`body()` once on a side stream, after the current stream's work and before its next: the run
+    before a first capture (kernels compile, caches fill; it writes what the replay will write again)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class DecodeGraphs:
     """replay=False runs the same static-buffer forward without capturing it: how the CPU tests check
     the staging, the padding and the fixed-width tables through Triton's interpreter."""
@@ -165,7 +175,6 @@ class DecodeGraphs:
         self._memory = None  # the graphs' shared memory pool
         self._inputs_read = None  # event: the last replay's host-to-device copies are done
         self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
-        self._warmed: set[int] = set()  # sizes warm_all ran: their capture needs no run before it
 
     def fits(self, chunks: list[SequenceChunk]) -> bool:
         return len(chunks) <= self.sizes[-1] and all(c.length == 1 for c in chunks)
@@ -195,7 +204,7 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             if size not in self._graphs:
                 self._stage([], [], {}, size)
-                self._capture(size)
+                self._capture(size, warmed=True)
 
     def warm_all(self, threads: int | None = None) -> None:
         """Every size's forward once, side by side on threads (runtime/warm_up.py), every row padding:
@@ -203,13 +212,11 @@ class DecodeGraphs:
         buffer of sampled tokens, which is put back."""
         self._stage([], [], {}, self.sizes[-1])
         step_before = self._sampled.clone()
-        sizes = [size for size in self.sizes if size not in self._graphs]
         self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._forward(size)
-                                                 for size in sizes},
+                                                 for size in self.sizes if size not in self._graphs},
                                                 self.model.device, warm_up_threads(self.model, threads),
                                                 compile_ahead_allowed(self.model))
         self._sampled.copy_(step_before)
-        self._warmed.update(sizes)
 
     def greedy_samples(self, rows: int) -> torch.Tensor:
         """[rows, 2] float64 (token, logprob) of the last step's first rows, sampled greedily; their
@@ -284,19 +291,14 @@ class DecodeGraphs:
                                                            widen=False))
         ops.greedy_into(self._logits[:size], self._sampled[:size], self._greedy[:size])
 
-    def _capture(self, size: int) -> None:
-        """Capture the step, after running it once outside the graph (kernels compile, caches fill;
-        it writes the same keys and values the replay will) unless warm_all already did. That run
-        also samples into the buffer of sampled tokens, which the replay still has to read the step
-        before's tokens from: it is put back."""
-        if size not in self._warmed:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step_before = self._sampled.clone()
-                self._forward(size)
-                self._sampled.copy_(step_before)
-            torch.cuda.current_stream().wait_stream(side)
+    def _capture(self, size: int, warmed: bool = False) -> None:
+        """Capture the step, after running it once outside the graph (run_before_capture) unless
+        warm_all just did (`warmed`). That run also samples into the buffer of sampled tokens, which
+        the replay still has to read the step before's tokens from: it is put back."""
+        if not warmed:
+            step_before = self._sampled.clone()
+            run_before_capture(lambda: self._forward(size))
+            self._sampled.copy_(step_before)
         graph = capture(lambda: self._forward(size), self._memory)
         self._memory = graph.pool()
         self._graphs[size] = graph

@@ -84,7 +84,6 @@ class MixedGraphs:
         self._inputs_read = None  # event: the last step's host-to-device copies are done
         self.replays: dict[int, int] = {}  # steps run per bucket, for reports and tests
         self.warm_up: warm_up.Report | None = None  # capture_all's warm-ups, timed
-        self._warmed: set[int] = set()  # buckets warm_all ran: their capture needs no run before it
 
     def fits(self, plan: StepPlan) -> bool:
         """A mixed step (a prompt chunk among its chunks) of at most the largest bucket's tokens."""
@@ -112,21 +111,17 @@ class MixedGraphs:
         for size in reversed(self.buckets):
             if size not in self._pieces:
                 self._stage_padding(size)
-                self._capture(size)
+                self._capture(size, warmed=True)
 
     def warm_all(self, threads: int | None = None) -> None:
         """Every bucket's pieces once, side by side on threads (runtime/warm_up.py), every row padding:
         their kernels compile at the same time, before the captures."""
         self._stage_padding(self.buckets[-1])
-        def pieces(size: int) -> None:
-            for _ in self._pieces_of(size):
-                pass
-        sizes = [size for size in self.buckets if size not in self._pieces]
-        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: pieces(size) for size in sizes},
+        self.warm_up = warm_up.run_side_by_side({size: lambda size=size: self._run_pieces(size)
+                                                 for size in self.buckets if size not in self._pieces},
                                                 self.model.device,
                                                 cuda_graphs.warm_up_threads(self.model, threads),
                                                 cuda_graphs.compile_ahead_allowed(self.model))
-        self._warmed.update(sizes)
 
     # ------------------------------------------------------------------------------- inputs
     def _stage(self, plan: StepPlan, paged: PagedStep, size: int) -> None:
@@ -194,16 +189,17 @@ class MixedGraphs:
             if attention is not None:
                 attention.attend(self._q[:tokens], paged, out=self._out[:tokens])
 
-    def _capture(self, size: int) -> None:
-        """Capture each piece, after running them once outside the graphs (kernels compile, caches
-        fill; every row is padding or writes what the replay writes again) unless warm_all did."""
-        if size not in self._warmed:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in self._pieces_of(size):
-                    pass
-            torch.cuda.current_stream().wait_stream(side)
+    def _run_pieces(self, size: int) -> None:
+        """Every piece of the bucket, without graphs and without the attentions between them."""
+        for _ in self._pieces_of(size):
+            pass
+
+    def _capture(self, size: int, warmed: bool = False) -> None:
+        """Capture each piece, after running them once outside the graphs
+        (cuda_graphs.run_before_capture; every row is padding or writes what the replay writes again)
+        unless warm_all just did (`warmed`)."""
+        if not warmed:
+            cuda_graphs.run_before_capture(lambda: self._run_pieces(size))
         graphs, pieces = [], self._pieces_of(size)
         for _ in range(len(self.model.block) + 1):
             graph = cuda_graphs.capture(lambda: next(pieces, None), self._memory)
