@@ -111,10 +111,16 @@ class Parallel:
         return self.replica.rank == 0 or self.layout.attention_dp
 
     @property
+    def tokens_shared(self) -> bool:
+        """Every rank of the replica holds the same tokens (attention replicated or split over tp);
+        under attention_dp each rank's tokens are its own."""
+        return not self.layout.attention_dp
+
+    @property
     def shares_plans(self) -> bool:
         """The replica's ranks run the first rank's step plans (tensor or expert parallelism over one
         set of requests)."""
-        return self.replica.size > 1 and not self.layout.attention_dp
+        return self.replica.size > 1 and self.tokens_shared
 
     @property
     def steps_together(self) -> bool:
@@ -215,15 +221,18 @@ def init(layout: Layout, *, rank: int | None = None, world_size: int | None = No
 
 def use_peer_memory(parallel: Parallel) -> None:
     """Give the groups that all-reduce activations (attention's partial sums over tp, the experts'
-    over experts_split or, with experts partitioned, over the replica) a peer-memory all-reduce
-    (parallel/peer_memory.py), one per communicator (these are often the same ranks). Every rank of
-    the job calls this together, once: each walks the same groups in the same order, so each group's
-    ranks set it up together. Later calls (another LLM in the same job) keep what the first made."""
+    over experts_split or, with experts partitioned over shared tokens, over the replica) a
+    peer-memory all-reduce (parallel/peer_memory.py), one per communicator (these are often the same
+    ranks). Every rank of the job calls this together, once: each walks the same groups in the same
+    order, so each group's ranks set it up together. Later calls (another LLM in the same job) keep
+    what the first made. Under attention_dp the replica exchanges rows all-to-all and all-reduces
+    nothing, so it gets none."""
     if parallel.peer_memory_tried:
         return
     parallel.peer_memory_tried = True
     made: dict[int, peer_memory.PeerAllReduce | None] = {}
-    for g in (parallel.tp, parallel.experts_split, parallel.replica):
+    groups = (parallel.tp, parallel.experts_split) + ((parallel.replica,) if parallel.tokens_shared else ())
+    for g in groups:
         if g.size > 1:
             if id(g.group) not in made:
                 made[id(g.group)] = peer_memory.for_group(g.group, parallel.device)

@@ -96,7 +96,7 @@ class MoE(Sharded):
         # runs its own experts on them and one all-reduce over the replica sums the parts. Under
         # attention_dp each rank's tokens are its own: they travel to the experts' owners and back.
         self.replica = parallel.replica
-        self.tokens_shared = not parallel.layout.attention_dp
+        self.tokens_shared = parallel.tokens_shared
         E, d, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.exchange = AllToAllExchange(self.partition, E)
         experts = [(self.exchange.first_expert, self.exchange.first_expert + self.exchange.per_rank)]

@@ -99,6 +99,19 @@ def test_every_group_that_all_reduces_activations_asks_for_peer_memory_once_per_
     assert asked == [shared, other]
 
 
+def test_attention_dp_gives_its_replica_no_peer_memory(monkeypatch):
+    """Under attention_dp the replica exchanges rows all-to-all and all-reduces nothing: a peer buffer
+    there would be 512 KiB of every GPU's memory and a set-up for nothing."""
+    asked = []
+    monkeypatch.setattr(peer_memory, "for_group", lambda group, device: asked.append(group) or "peer")
+    alone = Group(None, 0, 1, (0,))
+    replica = Group(object(), 1, 2, (0, 1))
+    parallel = groups.Parallel(1, 2, groups.Layout(ep=2, attention_dp=True), torch.device("cuda", 0),
+                               alone, alone, replica, replica, 0)
+    groups.use_peer_memory(parallel)
+    assert asked == [] and replica.peer is None
+
+
 def _agree_worker(rank: int, store: str, answers):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
