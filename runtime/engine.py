@@ -536,7 +536,8 @@ class LLM:
     def _follow(self) -> None:
         """A replica's other ranks: run each step the first rank plans, until it ends the call. The
         first rank broadcasts the tokens a step samples into the buffer the next step's decode rows
-        read (the same device-side order of collectives on every rank)."""
+        read (the same device-side order of collectives on every rank), unless this rank's decode
+        graph wrote the same ones there (_samples_to_send: `samples` is then 0)."""
         while (step := self._plans.receive()) is not None:
             plan, samples = step
             self._forward(plan)
@@ -548,8 +549,27 @@ class LLM:
                agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Send the plan to the replica's other ranks and launch the step's forward (_forward)."""
         if self._plans is not None:
-            self._plans.send(step.plan, len(step.samples))
+            self._plans.send(step.plan, self._samples_to_send(step))
         return self._forward(step.plan, agreed)
+
+    def _samples_to_send(self, step: ScheduledStep) -> int:
+        """How many of the step's sampled tokens the first rank broadcasts to the replica's other
+        ranks (_follow): none where each rank's decode graph already wrote them into its own buffer
+        of sampled tokens. That holds where the step's rows are all greedy and free (the graph's
+        argmax is the token) and the logits are the same bits on every rank, which a vocabulary
+        split over the whole replica guarantees (each shard comes from one rank and is gathered);
+        with experts partitioned they would rest on every rank's all-reduce giving the same bits,
+        so the tokens travel there."""
+        if (self._graph_samples(step.plan) and self.parallel.tp.size == self.parallel.replica.size
+                and all(seq.request.params.greedy and seq.constraint is None for seq, _ in step.samples)):
+            return 0
+        return len(step.samples)
+
+    def _graph_samples(self, plan: StepPlan) -> bool:
+        """Whether a decode graph runs the plan with every row wanted, so that its greedy samples
+        stand for the step's (without attention_dp's agreement, which plans alone)."""
+        return (self._graphs is not None and self._graphs.fits(plan.chunks)
+                and len(plan.logits_rows) == len(plan.chunks))
 
     def _sample(self, step: ScheduledStep, logits: torch.Tensor, greedy: torch.Tensor | None) -> _Launched:
         """Sample the step's wanted rows on the GPU; the tokens start their way to the host (the
@@ -567,8 +587,8 @@ class LLM:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs], allowed)
             self._sampled[:len(seqs)].copy_(tokens)
             pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
-        if self.parallel.shares_plans:  # for the other ranks' next decode rows (see _follow)
-            broadcast(tokens, self.parallel.replica)
+        if self.parallel.shares_plans and self._samples_to_send(step):  # the other ranks' next rows
+            broadcast(tokens, self.parallel.replica)                       # read them (see _follow)
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
         host.copy_(pairs, non_blocking=True)

@@ -4,8 +4,9 @@ The first rank of a replica runs the scheduler (runtime/scheduler.py): it admits
 KV pages and plans each step. Every rank then runs the same forward on its shard of the model,
 so the other ranks need only what the forward reads: the step's token ids (PENDING where the step
 in flight samples them, read from the GPU buffer of sampled tokens), each chunk's positions and
-page tables, the rows whose logits are wanted, and how many tokens the step samples (the first
-rank samples them and broadcasts them over the device group into everyone's buffer).
+page tables, the rows whose logits are wanted, and how many sampled tokens the first rank
+broadcasts over the device group into everyone's buffer after the step (none where each rank's
+decode graph samples the same greedy tokens itself: the engine's _samples_to_send).
 
 A plan travels as one flat int64 message over the replica's host group (gloo), so the other ranks
 never wait on their GPU to learn the next step. Page tables are sent incrementally: a sequence
@@ -89,7 +90,7 @@ class PlanDecoder:
         self._tables: dict[int, PageTables] = {}
 
     def decode(self, words: list[int]) -> tuple[StepPlan, int] | None:
-        """(the plan, tokens it samples), or None at the end of a generate call."""
+        """(the plan, sampled tokens broadcast after it), or None at the end of a generate call."""
         if words[0] == END:
             self._tables = {}
             return None

@@ -205,3 +205,55 @@ def test_attention_data_parallel_graph_steps_give_one_ranks_tokens(tiny_checkpoi
     for i, (tokens, logprobs) in want.items():
         assert got[i][0] == tokens, i
         assert max(abs(a - b) for a, b in zip(got[i][1], logprobs)) < 1e-4, i
+
+
+def _tensor_parallel_graph_worker(parallel, checkpoint, requests, settings):
+    from runtime import engine
+    from runtime.cuda_graphs import DecodeGraphs
+    from runtime.options import options
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    sent = []
+    plain = engine.broadcast
+    engine.broadcast = lambda t, g: sent.append(t.numel()) or plain(t, g)  # the sampled tokens' broadcasts
+    with options.override(kernels_on_cpu=True):
+        llm = engine.LLM(checkpoint, parallel=parallel, **settings)
+        llm._graphs = DecodeGraphs(llm.model, llm.max_batch_size, llm.max_model_len, llm._sampled,
+                                   replay=False)
+        got = llm.generate([Request(i, ids, SamplingParams(max_tokens=tokens, temperature=temperature, seed=7,
+                                                           logprobs=True), stop_token_ids=())
+                            for i, ids, tokens, temperature in requests])
+    return {r.id: (r.token_ids, r.logprobs) for r in got}, sum(llm._graphs.replays.values()), sent
+
+
+def test_tensor_parallel_graph_steps_send_sampled_tokens_only_where_the_graph_did_not_choose_them(
+        two_layer_checkpoint):
+    """tp=2 decoding through the graphs' static buffers (Triton's interpreter), one greedy request of 6
+    tokens beside one sampled request of 3: while the sampled one runs, the first rank broadcasts each
+    step's tokens; after it, every row is greedy and each rank's graph writes the same argmax into its
+    own buffer of sampled tokens, so none travel (the engine's _samples_to_send). The tokens are one
+    rank's, logprobs within 1e-4: a follower that missed the sampled token would feed another one to
+    its half of the heads."""
+    from runtime.engine import LLM
+    from runtime.requests import Request
+    from runtime.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(11)
+    requests = [(i, torch.randint(0, 199998, (n,), generator=gen).tolist(), tokens, temperature)
+                for i, (n, tokens, temperature) in enumerate(((6, 6, 0), (9, 3, 0.8)))]
+    settings = dict(dtype="float32", device="cpu", max_batch_size=2, max_batch_tokens=32, kv_cache_tokens=128,
+                    max_model_len=256)
+    want = {r.id: (r.token_ids, r.logprobs) for r in LLM(two_layer_checkpoint, **settings).generate(
+        [Request(i, ids, SamplingParams(max_tokens=tokens, temperature=t, seed=7, logprobs=True),
+                 stop_token_ids=()) for i, ids, tokens, t in requests])}
+    (_, (results, replays, sent)), (_, (_, follower_replays, follower_sent)) = _spawn_layout(
+        _tensor_parallel_graph_worker, 2, dict(tp=2), two_layer_checkpoint, requests, settings)
+    assert replays == follower_replays == 5  # the decode steps went through the static buffers
+    assert sent == follower_sent  # the ranks met in the same broadcasts
+    # the prompts' step (eager) and two decode steps with a sampled row send; the greedy three do not
+    assert sent == [2, 2, 2], sent
+    assert sorted(results) == sorted(want)
+    for i, (tokens, logprobs) in want.items():
+        assert results[i][0] == tokens, i
+        assert max(abs(a - b) for a, b in zip(results[i][1], logprobs)) < 1e-4, i
