@@ -85,8 +85,8 @@ def attention_score_flops(cfg, start: int, end: int) -> int:
     the queries at positions start .. end - 1 of one sequence: a full layer's query at position p
     sees p + 1 keys, a sliding layer's min(p + 1, window)."""
     per_key = 4 * cfg.num_attention_heads * cfg.head_dim
-    sliding_layers = sum(cfg.is_sliding(n) for n in range(cfg.num_hidden_layers))
-    keys = (cfg.num_hidden_layers - sliding_layers) * _sum_of_counts(start, end)
+    sliding_layers = len(cfg.layers(sliding=True))
+    keys = len(cfg.layers(sliding=False)) * _sum_of_counts(start, end)
     if sliding_layers:
         w = cfg.sliding_window
         windowed = _sum_of_counts(start, min(end, w)) + w * max(0, end - max(start, w))

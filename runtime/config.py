@@ -56,6 +56,16 @@ class ModelConfig:
         # Even layers are banded (sliding window), odd layers attend to the whole prefix.
         return layer % 2 == 0
 
+    def layers(self, sliding: bool) -> list[int]:
+        """The layers of one kind: the sliding-window ones, or the full-attention ones."""
+        return [n for n in range(self.num_hidden_layers) if self.is_sliding(n) == sliding]
+
+    @property
+    def kv_pools(self) -> int:
+        """KV page pools the layers use: the full layers' pool, and the sliding layers' where there are
+        any (runtime/model.py make_pool)."""
+        return 1 + bool(self.layers(sliding=True))
+
     def validate(self) -> "ModelConfig":
         positive = [f.name for f in dataclasses.fields(self) if f.name != "rope_ntk_alpha"]
         for name in positive:

@@ -287,9 +287,8 @@ class LLM:
         # logits of the sampled rows; an estimate with a margin, not a measurement.
         activations = step_tokens * (64 << 10) + max_batch_size * self.config.vocab_size * 8 + (1 << 30)
         if not self.engine_config.enforce_eager:  # made after the KV cache (logits: 0.8 GB at 1,024 rows)
-            pools = 1 + any(self.config.is_sliding(n) for n in range(self.config.num_hidden_layers))
             activations += cuda_graphs.buffer_bytes(max_batch_size, max_model_len, self.config.vocab_size,
-                                                    pools)
+                                                    self.config.kv_pools)
         budget = total * gpu_memory_fraction - torch.cuda.memory_allocated(self.device) - activations
         page_bytes = self.model.kv_page_bytes(), self.model.kv_page_bytes(sliding=True)
         fitting = full_pages_within(budget, *page_bytes, sliding_for)

@@ -226,8 +226,7 @@ class GptOss(nn.Module):
         grows on demand) and the sliding layers' (`sliding_pages`, or growing), which needs only each
         running sequence's window. Returns the full layers' pool, the one the scheduler manages."""
         cfg, heads = self.cfg, self.block[0].attn.kv_heads
-        full = [n for n in range(cfg.num_hidden_layers) if not cfg.is_sliding(n)]
-        sliding = [n for n in range(cfg.num_hidden_layers) if cfg.is_sliding(n)]
+        full, sliding = cfg.layers(sliding=False), cfg.layers(sliding=True)
         self.pool = PagePool(full, heads, cfg.head_dim, self.kv_dtype, self.device,
                              num_pages=num_pages or 64, growable=num_pages is None)
         self.sliding_pool = PagePool(sliding, heads, cfg.head_dim, self.kv_dtype, self.device,
@@ -239,8 +238,7 @@ class GptOss(nn.Module):
         """Bytes of one page id in the full (or the sliding) layers' pool: keys and values of this
         rank's KV heads in every layer of that kind."""
         cfg = self.cfg
-        layers = sum(cfg.is_sliding(n) == sliding for n in range(cfg.num_hidden_layers))
-        return page_bytes(layers, self.block[0].attn.kv_heads, cfg.head_dim, self.kv_dtype)
+        return page_bytes(len(cfg.layers(sliding)), self.block[0].attn.kv_heads, cfg.head_dim, self.kv_dtype)
 
     def new_cache(self) -> SequenceKV:
         """A KV cache for one sequence (pages of this rank's KV heads in the model's pools)."""
