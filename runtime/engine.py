@@ -510,12 +510,12 @@ class LLM:
                 break
             launched = None
             if step is not None and step.plan.chunks:
-                logits, greedy = self._start(step, agreed)
+                logits, greedy, send = self._start(step, agreed)
                 if in_flight is not None and any(seq.constraint for seq, _ in step.samples):
                     self._land(in_flight, finish)
                     in_flight = None
                     planned = self._schedule(finish)
-                launched = self._sample(step, logits, greedy)
+                launched = self._sample(step, logits, greedy, send)
             elif agreed is not None and agreed.forward:  # other ranks' rows need this rank's experts
                 self._idle_forward(agreed)
             if in_flight is not None:
@@ -545,11 +545,16 @@ class LLM:
                 self._sampled[:samples].copy_(broadcast(tokens, self.parallel.replica))
 
     def _start(self, step: ScheduledStep,
-               agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Send the plan to the replica's other ranks and launch the step's forward (_forward)."""
+               agreed: Agreement | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Send the plan to the replica's other ranks and launch the step's forward (_forward); also
+        how many sampled tokens _sample must broadcast after it, decided once here with the plan sent
+        (a constrained sequence that ends before _sample loses its constraint, which would change
+        the answer while the other ranks wait for what the plan said)."""
+        send = 0
         if self._plans is not None:
-            self._plans.send(step.plan, self._samples_to_send(step))
-        return self._forward(step.plan, agreed)
+            send = self._samples_to_send(step)
+            self._plans.send(step.plan, send)
+        return *self._forward(step.plan, agreed), send
 
     def _samples_to_send(self, step: ScheduledStep) -> int:
         """How many of the step's sampled tokens the first rank broadcasts to the replica's other
@@ -570,9 +575,10 @@ class LLM:
         return (self._graphs is not None and self._graphs.fits(plan.chunks)
                 and len(plan.logits_rows) == len(plan.chunks))
 
-    def _sample(self, step: ScheduledStep, logits: torch.Tensor, greedy: torch.Tensor | None) -> _Launched:
+    def _sample(self, step: ScheduledStep, logits: torch.Tensor, greedy: torch.Tensor | None,
+                send: int) -> _Launched:
         """Sample the step's wanted rows on the GPU; the tokens start their way to the host (the
-        sequences hold them as PENDING)."""
+        sequences hold them as PENDING); `send`: broadcast them to the replica's other ranks (_start)."""
         seqs = [seq for seq, _ in step.samples]
         if not seqs:  # prompt chunks that end short of their prompts: nothing to sample
             return _Launched([], self._host_samples[0][:0], None)
@@ -586,8 +592,8 @@ class LLM:
             tokens, logprobs = ops.sample(logits, params, [s.generator for s in seqs], allowed)
             self._sampled[:len(seqs)].copy_(tokens)
             pairs = torch.stack([tokens.double(), logprobs.double()], dim=1)
-        if self.parallel.shares_plans and self._samples_to_send(step):  # the other ranks' next rows
-            broadcast(tokens, self.parallel.replica)                       # read them (see _follow)
+        if send:  # the other ranks' next decode rows read them (see _follow)
+            broadcast(tokens, self.parallel.replica)
         host = self._host_samples[self._steps % 2][:len(seqs)]
         self._steps += 1
         host.copy_(pairs, non_blocking=True)
