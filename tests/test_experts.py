@@ -174,7 +174,7 @@ def _attention_dp_engine_worker(parallel, checkpoint, requests, settings):
     return {r.id: (r.token_ids, r.logprobs) for r in got}, (dict(llm._graphs.replays), llm.graph_replays)
 
 
-def test_attention_data_parallel_graph_steps_give_one_ranks_tokens(tiny_checkpoints):
+def test_attention_data_parallel_graph_steps_give_one_ranks_tokens(two_layer_checkpoint):
     """Two ranks under attention_dp, each with its own requests (3 and 2, of different lengths, so one
     rank runs idle steps at the end), decoding through the graphs' static buffers (Triton's
     interpreter): the tokens of one rank running all five, logprobs within 1e-4."""
@@ -187,11 +187,11 @@ def test_attention_data_parallel_graph_steps_give_one_ranks_tokens(tiny_checkpoi
                 for i, (n, tokens) in enumerate(((7, 6), (12, 2), (3, 4), (9, 2), (5, 5)))]
     settings = dict(dtype="float32", device="cpu", max_batch_size=4, max_batch_tokens=64, kv_cache_tokens=256,
                     max_model_len=512)
-    want = {r.id: (r.token_ids, r.logprobs) for r in LLM(tiny_checkpoints["original"], **settings).generate(
+    want = {r.id: (r.token_ids, r.logprobs) for r in LLM(two_layer_checkpoint, **settings).generate(
         [Request(i, ids, SamplingParams(max_tokens=tokens, temperature=0, logprobs=True), stop_token_ids=())
          for i, ids, tokens in requests])}
     ranks = _spawn_layout(_attention_dp_engine_worker, 2, dict(ep=2, attention_dp=True),
-                          tiny_checkpoints["original"], requests, settings)
+                          two_layer_checkpoint, requests, settings)
     got = {}
     decode_replays = []
     for rank, (results, (replays, counted)) in ranks:

@@ -49,11 +49,16 @@ def assert_one_ranks_answer(got: dict, expected: dict) -> None:
         assert max(abs(a - b) for a, b in zip(got[rid]["logprobs"], want["logprobs"])) < 1e-4
 
 
+def requests_file(folder: Path) -> Path:
+    inp = folder / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    return inp
+
+
 @pytest.fixture(scope="module")
 def single_rank(tiny_checkpoints, tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
-    inp = folder / "in.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    inp = requests_file(folder)
     return inp, batch_job(1, tiny_checkpoints["hf"], inp, folder / "single.jsonl")
 
 
@@ -101,12 +106,14 @@ def test_attention_data_parallel_under_preemption_and_chunked_prefill_matches_on
     assert_one_ranks_answer(got, expected)
 
 
-def test_tensor_parallel_kernel_path_matches_one_rank(tiny_checkpoints, single_rank, tmp_path):
+def test_tensor_parallel_kernel_path_matches_one_rank(two_layer_checkpoint, tmp_path):
     """tp=2 through the Triton kernels (the interpreter): each rank's MoE holds half of every
     expert's intermediate dimension and sums the combined rows across ranks (moe_triton's reduce);
-    the output projection adds its bias on the first rank only. Same answer as one reference rank."""
-    inp, expected = single_rank
-    got = batch_job(2, tiny_checkpoints["hf"], inp, tmp_path / "out.jsonl", "parallel.tp=2",
+    the output projection adds its bias on the first rank only. Same answer as one reference rank.
+    The two-layer cut of the tiny model (one layer of each kind) halves the interpreter's time."""
+    inp = requests_file(tmp_path)
+    expected = batch_job(1, two_layer_checkpoint, inp, tmp_path / "single.jsonl")
+    got = batch_job(2, two_layer_checkpoint, inp, tmp_path / "out.jsonl", "parallel.tp=2",
                     extra_env={"GPT_OSS_TRITON": "1", "TRITON_INTERPRET": "1"})
     assert_one_ranks_answer(got, expected)
 
