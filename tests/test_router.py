@@ -152,8 +152,9 @@ def assert_same(got, want):
     assert (rows.num_rows, rows.num_experts) == (want_rows.num_rows, want_rows.num_experts)
 
 
+# 9 tokens: the block sizes of 16 (BLOCK_T 16, 64 rows to sort) in about half the interpreter's programs
 @pytest.mark.parametrize("tokens, experts, width, k", [(1, 32, 64, 4), (4, 8, 256, 4), (7, 20, 96, 3),
-                                                       (16, 32, 160, 4), (16, 128, 64, 4)])
+                                                       (16, 32, 160, 4), (9, 128, 64, 4)])
 def test_norm_route_and_plan_matches_the_references_fp32(gen, tokens, experts, width, k):
     """fp32 in the interpreter against add_rms_norm, moe.route of the gate's linear and moe_triton.plan.
     x + delta and the routed experts are exact (the sum is one fp32 add; random fp32 logits do not
@@ -179,7 +180,7 @@ def test_norm_route_and_plan_matches_the_references_fp32(gen, tokens, experts, w
 @pytest.mark.parametrize("dtype, delta_dtype", [(torch.float32, torch.float32),
                                                (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("tokens, experts, width", [(1, 32, 128), (5, 8, 200), (16, 32, 256)])
+@pytest.mark.parametrize("tokens, experts, width", [(1, 32, 128), (5, 8, 200), (9, 32, 256)])
 def test_norm_route_and_plan_is_the_unfused_kernels_bit_for_bit(gen, dtype, delta_dtype, tokens, experts,
                                                                 width):
     """Against add_rms_norm_triton then route_and_plan: residual, h, experts, weights and plan
