@@ -104,6 +104,10 @@ def capture(body, pool) -> torch.cuda.CUDAGraph:
     global _capture_stream
     if _capture_stream is None:
         _capture_stream = torch.cuda.Stream()
+        # cuBLAS ready on it first: a size warmed on another thread is captured without a run before
+        # on this one (DecodeGraphs._capture), so the first capture may be this thread's first GEMM
+        with torch.cuda.stream(_capture_stream), torch.inference_mode():
+            compile_ahead.prepare_cublas(_capture_stream.device)
     graph = torch.cuda.CUDAGraph()
     _capture_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(_capture_stream):

@@ -64,6 +64,14 @@ def enabled() -> bool:
     return knobs is not None and options.compile_ahead
 
 
+def prepare_cublas(device: torch.device) -> None:
+    """This thread's cuBLAS handles and the current stream's workspaces, made now: before a capture
+    on that stream, which would otherwise make them inside the graph."""
+    a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+    torch.mm(a, a)  # the plain GEMM (the LM head) and the one with a bias (cuBLASLt: projections)
+    torch.nn.functional.linear(a, a, a[0])
+
+
 def capture_without_running(bodies: Iterable[Callable[[], object]], device: torch.device) -> None:
     """Each body once, in order, inside one CUDA graph capture that is dropped unlaunched (and, where
     torch can, never instantiated): the device runs none of it. Its temporaries come from the capture's
@@ -75,11 +83,7 @@ def capture_without_running(bodies: Iterable[Callable[[], object]], device: torc
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream), torch.inference_mode():
-        # This thread's cuBLAS handles and this stream's workspaces, made before the capture (as the
-        # graphs' own captures find them made by the step run before each).
-        a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
-        torch.mm(a, a)  # the plain GEMM (the LM head) and the one with a bias (cuBLASLt: projections)
-        torch.nn.functional.linear(a, a, a[0])
+        prepare_cublas(device)
         # thread-local: other threads' CUDA calls (a module loaded elsewhere) do not end the capture
         graph.capture_begin(capture_error_mode="thread_local")
         try:
