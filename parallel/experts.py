@@ -32,21 +32,31 @@ def held_here(expert_ids: torch.Tensor, weights: torch.Tensor, first_expert: int
     return torch.where(mine, local, per_rank).to(expert_ids.dtype), torch.where(mine, weights, 0)
 
 
-# Each row travels with a 16-byte header (so rows stay 16-byte aligned) whose first int16 is the row's
-# expert among its owner's: one collective carries both, and on the fixed-capacity path the header's
-# sentinel marks the empty slots, so no counts travel at all.
-HEADER_BYTES = 16
+def header_bytes(k: int) -> int:
+    """Bytes after each travelling row: its k weights (fp32) and k experts among its owner's (int16),
+    rounded up to 16 so that rows stay 16-byte aligned. One collective carries rows, experts and
+    weights; on the fixed-capacity path an empty slot's experts are all the sentinel, so no counts
+    travel at all."""
+    return -(-6 * k // 16) * 16
 
 
 @dataclasses.dataclass
 class Routed:
-    """What dispatch hands to the experts, and what combine needs to undo it."""
+    """What dispatch hands to this rank's experts, and what combine needs to undo it. A token travels
+    once to each rank holding at least one of its experts, whatever the number of them there."""
     rows: torch.Tensor  # [m, d] token rows this rank's experts must process
-    local_expert: torch.Tensor  # [m] the row's expert among this rank's; per_rank (one past) on empty slots
-    slot: torch.Tensor  # [n * k] where pair (token, j) = row token * k + j sits in the send buffer
+    experts: torch.Tensor  # [m, k] each row's experts among this rank's; per_rank (one past) on unused slots
+    weights: torch.Tensor  # [m, k] fp32 router weights of those experts; 0 on unused slots
+    sent: torch.Tensor  # [n, ranks] whether token t travelled to rank r
+    slot: torch.Tensor  # [n, ranks] where (t, r) sits in the send buffer (meaningless where not sent)
     send_counts: list[int] | None  # rows to each rank (None: fixed capacity, equal splits)
     recv_counts: list[int] | None
-    shape: tuple[int, int]  # (tokens, experts per token)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([m * k, d] rows, [m * k] experts): row i * k + j is row i for its j-th expert slot (an
+        unused slot carries the sentinel, whose bucket no kernel computes)."""
+        k = self.experts.shape[1]
+        return self.rows.repeat_interleave(k, dim=0), self.experts.reshape(-1)
 
 
 class AllToAllExchange:
@@ -55,10 +65,15 @@ class AllToAllExchange:
     - host-sized (`dispatch(..., capacity_tokens=None)`, prefill): the per-rank counts are exchanged
       first (one small all-to-all and a host sync), then the rows with uneven splits, so only real
       rows travel;
-    - fixed capacity (`capacity_tokens=T`, CUDA graphs): every rank sends each rank a buffer of
-      T x min(k, experts per rank) rows, the most that T tokens can send one rank, so nothing is ever
-      dropped; the slots are computed on the device and an empty slot's header names no expert. No
-      host sync, the same shapes every step: what a captured graph needs.
+    - fixed capacity (`capacity_tokens=T`, CUDA graphs): every rank sends each rank a buffer of T
+      rows, the most that T tokens can send one rank (each token goes to a rank at most once), so
+      nothing is ever dropped; an empty slot's header names no expert. No host sync, the same shapes
+      every step: what a captured graph needs.
+
+    A token goes once to each rank that holds any of its experts, with their weights; that rank sums
+    its experts' weighted outputs and sends one row back, and the token's owner adds the ranks' rows
+    in rank order (DeepEP's normal mode does the same). Per pair instead, a fixed-capacity buffer
+    would hold T x min(k, experts a rank) rows per rank: 4x the bytes for 120b at 8 ranks.
     """
 
     def __init__(self, g: Group, num_experts: int):
@@ -76,64 +91,84 @@ class AllToAllExchange:
                                group=self.group.group)
         return recv
 
-    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor,
+    def dispatch(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                  capacity_tokens: int | None = None) -> Routed:
-        """Send each (token, chosen expert) pair's row to the rank that owns the expert. With
-        capacity_tokens (at least this rank's and every other rank's token count) the buffers have
-        fixed sizes (see the class)."""
-        n, k = expert_ids.shape
-        flat = expert_ids.reshape(-1)
-        destination = torch.div(flat, self.per_rank, rounding_mode="floor")
-        local = flat - destination * self.per_rank
-        if self.group.size == 1:  # nothing moves: the rows in pair order
-            return Routed(tokens.repeat_interleave(k, dim=0), local, torch.arange(n * k, device=flat.device),
-                          [n * k], [n * k], (n, k))
+        """Send each token's row, with its experts and weights there, to every rank that owns one of
+        its experts. With capacity_tokens (at least this rank's and every other rank's token count)
+        the buffers have fixed sizes (see the class)."""
+        (n, k), ranks, d = expert_ids.shape, self.group.size, tokens.shape[1]
+        owner = torch.div(expert_ids.long(), self.per_rank, rounding_mode="floor")
+        # [n, ranks, k]: token t's j-th expert is on rank r (a comparison, not one_hot, whose checks of
+        # the values would sync with the host)
+        on = owner[:, None, :] == torch.arange(ranks, device=owner.device)[None, :, None]
+        sent = on.any(dim=2)
+        experts = torch.where(on, (expert_ids.long() - owner * self.per_rank)[:, None, :], self.per_rank)
+        weighed = torch.where(on, weights.float()[:, None, :], 0.0)
+        if ranks == 1:  # nothing moves
+            return Routed(tokens, experts[:, 0], weighed[:, 0], sent,
+                          torch.arange(n, device=owner.device)[:, None], [n], [n])
         if capacity_tokens is None:
-            send_counts = torch.bincount(destination, minlength=self.group.size)
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group.group)
-            send, recv = send_counts.tolist(), recv_counts.tolist()
-            order = torch.argsort(destination, stable=True)
-            slot = torch.empty_like(order)
-            slot[order] = torch.arange(n * k, device=flat.device)
-            buffer_rows = n * k
+            counts = sent.sum(dim=0)
+            recv_counts = torch.empty_like(counts)
+            dist.all_to_all_single(recv_counts, counts, group=self.group.group)
+            send, recv = counts.tolist(), recv_counts.tolist()
+            # (t, r) at rank r's first row plus the tokens before t sent to r: rank-major, token order
+            before = torch.cumsum(sent.long(), dim=0) - sent.long()
+            slot = (torch.cumsum(counts, 0) - counts)[None, :] + before
+            payload, header_experts, header_weights = self._payload(sum(send), tokens, k, empty_slots=False)
+            t, r = sent.T.nonzero(as_tuple=True)[::-1]  # rank-major order: the slots' own
+            payload[:, :d] = tokens[t]
+            header_experts.copy_(experts[t, r].to(header_experts.dtype))
+            header_weights.copy_(weighed[t, r])
         else:
             assert capacity_tokens >= n, (capacity_tokens, n)
             send = recv = None
-            capacity = capacity_tokens * min(k, self.per_rank)
-            # A pair's place among the pairs for its rank, in pair order: a running count per rank
-            # (a comparison, not one_hot, whose checks of the values would sync with the host).
-            to_rank = (destination[:, None] == torch.arange(self.group.size, device=flat.device)).long()
-            earlier = (torch.cumsum(to_rank, 0) - to_rank).gather(1, destination[:, None]).squeeze(1)
-            slot = destination * capacity + earlier
-            buffer_rows = self.group.size * capacity
-        payload, expert_of_row = self._payload(buffer_rows, tokens, empty_slots=buffer_rows > n * k)
-        payload[slot, : tokens.shape[1]] = tokens.repeat_interleave(k, dim=0)
-        expert_of_row[slot] = local.to(expert_of_row.dtype)
+            slot = torch.arange(ranks, device=owner.device)[None, :] * capacity_tokens + \
+                torch.arange(n, device=owner.device)[:, None]
+            payload, header_experts, header_weights = self._payload(ranks * capacity_tokens, tokens, k,
+                                                                    empty_slots=capacity_tokens > n)
+            # every (token, rank) slot written; a rank none of whose experts a token chose gets its row
+            # with every expert the sentinel (computed by no kernel, weighed by 0)
+            by_rank = payload.view(ranks, capacity_tokens, -1)
+            by_rank[:, :n, :d] = tokens[None]
+            header_experts.view(ranks, capacity_tokens, k)[:, :n] = experts.transpose(0, 1)
+            header_weights.view(ranks, capacity_tokens, k)[:, :n] = weighed.transpose(0, 1)
         received = self._all_to_all(payload, send, recv)
-        d = tokens.shape[1]
-        return Routed(received[:, :d], self._header(received, d).long(), slot, send, recv, (n, k))
+        got_experts, got_weights = self._header(received, d, k)
+        return Routed(received[:, :d], got_experts.long(), got_weights, sent, slot, send, recv)
 
-    def _payload(self, rows: int, tokens: torch.Tensor,
-                 empty_slots: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """A send buffer of `rows` token rows plus headers, and the headers' expert ids (a view). Where
-        some slots stay empty, every id is first set to the sentinel (no expert here)."""
-        d, extra = tokens.shape[1], HEADER_BYTES // tokens.element_size()
+    def _payload(self, rows: int, tokens: torch.Tensor, k: int,
+                 empty_slots: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A send buffer of `rows` token rows plus headers, and the headers' experts and weights
+        (views). Where some slots stay empty, every expert is first set to the sentinel."""
+        d, extra = tokens.shape[1], header_bytes(k) // tokens.element_size()
         payload = torch.empty((rows, d + extra), dtype=tokens.dtype, device=tokens.device)
-        expert_of_row = self._header(payload, d)
+        experts, weights = self._header(payload, d, k)
         if empty_slots:
-            expert_of_row.fill_(self.per_rank)
-        return payload, expert_of_row
+            experts.fill_(self.per_rank)
+            weights.zero_()
+        return payload, experts, weights
 
     @staticmethod
-    def _header(payload: torch.Tensor, d: int) -> torch.Tensor:
-        return payload[:, d:].view(torch.int16)[:, 0]
+    def _header(payload: torch.Tensor, d: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, k] int16 experts, [rows, k] fp32 weights) inside the rows' headers: the weights
+        first (4-byte aligned), then the experts."""
+        head = payload[:, d:]
+        return head.view(torch.int16)[:, 2 * k:3 * k], head.view(torch.float32)[:, :k]
 
-    def combine(self, outputs: torch.Tensor, weights: torch.Tensor, routed: Routed) -> torch.Tensor:
-        """Expert outputs [m, d] (rows as dispatched; empty slots' rows are never read) back to their
-        tokens: sum_k weight * output, in slot order j = 0..k-1 on both paths."""
-        back = outputs if self.group.size == 1 else self._all_to_all(outputs.contiguous(), routed.recv_counts,
-                                                                     routed.send_counts)
-        n, k = routed.shape
-        per_pair = back[routed.slot]  # row i is pair (i // k, i % k)
-        return (per_pair.view(n, k, back.shape[-1]) * weights.unsqueeze(-1).to(per_pair.dtype)).sum(dim=1)
+    def weigh(self, outputs: torch.Tensor, routed: Routed) -> torch.Tensor:
+        """Per received row, its experts' outputs [m * k, d] (in Routed.pairs order; an unused slot's
+        row is never read) weighted and summed in slot order: [m, d], one row per token and rank,
+        which is what travels back."""
+        m, k = routed.experts.shape
+        used = (routed.experts < self.per_rank)[..., None]
+        y = outputs.view(m, k, outputs.shape[-1])
+        return torch.where(used, y * routed.weights[..., None].to(y.dtype), 0).sum(dim=1)
+
+    def combine(self, summed: torch.Tensor, routed: Routed) -> torch.Tensor:
+        """Each received row's weighted sum [m, d] (Routed.weigh; rows of empty slots are never read)
+        back to its token, the ranks' parts added in rank order: [n, d]."""
+        back = summed if self.group.size == 1 else self._all_to_all(summed.contiguous(), routed.recv_counts,
+                                                                    routed.send_counts)
+        parts = back[routed.slot.clamp(max=max(back.shape[0] - 1, 0))]  # [n, ranks, d]
+        return torch.where(routed.sent[..., None], parts, 0).sum(dim=1)

@@ -154,9 +154,9 @@ class MoE(Sharded):
                                             bias_here=self.split.rank == 0, next_norm=norm)
         # attention_dp: each rank sends its rows to their experts' owners and gets the weighted sums
         # back; in a graph every rank's step has the agreed size (runtime/lockstep.py).
-        routed = self.exchange.dispatch(r.h, r.expert_ids, x.shape[0] if fixed_shapes else None)
-        y = ops.expert_rows(routed.rows, routed.local_expert, self.experts, reduce)
-        out = self.exchange.combine(y, r.weights, routed)
+        routed = self.exchange.dispatch(r.h, r.expert_ids, r.weights, x.shape[0] if fixed_shapes else None)
+        y = ops.expert_rows(*routed.pairs(), self.experts, reduce)
+        out = self.exchange.combine(self.exchange.weigh(y, routed), routed)
         return r.residual + out.to(x.dtype), None
 
 

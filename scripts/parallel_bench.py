@@ -53,9 +53,10 @@ def cuda_time(fn, repeat: int = 20) -> float:
 
 
 def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
-    """One MoE layer's exchange (dispatch + combine of bf16 rows, fp32 outputs back), per token count,
-    both ways: sized on the host (eager steps) and fixed-capacity (CUDA graphs: every rank sends
-    every rank the most its tokens could need). GB/s counts the rows that had to travel."""
+    """One MoE layer's exchange (dispatch + combine: bf16 rows out, one fp32 weighted sum back per
+    token and rank holding any of its experts), per token count, both ways: sized on the host (eager
+    steps) and fixed-capacity (CUDA graphs: every rank sends every rank a row per token). GB/s counts
+    the rows that had to travel."""
     g = parallel.experts_partition
     exchange = AllToAllExchange(g, cfg.num_experts)
     rows = []
@@ -66,11 +67,13 @@ def a2a_rows(parallel: groups.Parallel, cfg) -> list[dict]:
         weights = torch.full(ids.shape, 0.25, device=parallel.device)
         for capacity in (None, tokens):
             def layer(x=x, ids=ids, weights=weights, capacity=capacity):
-                routed = exchange.dispatch(x, ids, capacity)
-                return exchange.combine(routed.rows.float(), weights, routed)
+                routed = exchange.dispatch(x, ids, weights, capacity)
+                return exchange.combine(routed.rows.float(), routed)  # the rows as their "sums"
 
             seconds = cuda_time(layer)
-            sent = tokens * cfg.experts_per_token * cfg.hidden_size * (2 + 4)  # bf16 out, fp32 back
+            owners = torch.div(ids, exchange.per_rank, rounding_mode="floor")
+            travelling = sum(len(set(row)) for row in owners.tolist())  # (token, rank) pairs
+            sent = travelling * cfg.hidden_size * (2 + 4)  # bf16 out, fp32 back
             rows.append({"tokens_per_rank": tokens, "path": "host-sized" if capacity is None else "fixed",
                          "ms": seconds * 1e3, "bytes_per_rank": sent, "GBps": sent / seconds / 1e9})
     big = torch.randn(64 << 20, device=parallel.device)  # 256 MB per rank

@@ -80,32 +80,39 @@ def _exchange_worker(parallel, n_by_rank, k, experts, seed):
     weights = torch.rand(n, k, generator=gen)
     out = {}
     for name, ids in routings(n, k, experts, g.size, seed + g.rank).items():
-        # What the experts do here: row times (global expert id + 1), exact in float32.
+        # What the experts do here: row times (global expert id + 1).
         want = (tokens[:, None, :] * (ids + 1)[..., None].float() * weights[..., None]).sum(dim=1)
+        owners = {(t, e // ex.per_rank) for t, row in enumerate(ids.tolist()) for e in row}
         for capacity in (None, max(n_by_rank)):
-            routed = ex.dispatch(tokens, ids, capacity)
-            real = routed.local_expert < ex.per_rank
-            outputs = torch.full_like(routed.rows, float("nan"))  # empty slots' rows must never be read
-            factor = (ex.first_expert + routed.local_expert[real] + 1).float()
-            outputs[real] = routed.rows[real] * factor[:, None]
-            got = ex.combine(outputs, weights, routed)
-            pairs = sorted(zip(routed.local_expert[real].tolist(), map(tuple, routed.rows[real].tolist())))
-            out[(name, capacity is not None)] = (torch.equal(got, want), int(real.sum()), len(routed.rows),
-                                                 pairs)
+            routed = ex.dispatch(tokens, ids, weights, capacity)
+            rows, local = routed.pairs()
+            real = local < ex.per_rank
+            outputs = torch.full_like(rows, float("nan"))  # unused slots' rows must never be read
+            outputs[real] = rows[real] * (ex.first_expert + local[real] + 1).float()[:, None]
+            got = ex.combine(ex.weigh(outputs, routed), routed)
+            pairs = sorted(zip(local[real].tolist(), map(tuple, rows[real].tolist())))
+            used_rows = int((routed.experts < ex.per_rank).any(dim=1).sum())
+            out[(name, capacity is not None)] = (got, want, int(routed.sent.sum()) == len(owners), used_rows,
+                                                 len(routed.rows), pairs)
     return out
 
 
 @pytest.mark.parametrize("world, n_by_rank", [(2, (5, 3)), (4, (4, 4, 0, 7))])
 def test_fixed_capacity_exchange_gives_the_host_sized_one(world, n_by_rank):
+    """Each token travels once to each rank holding any of its experts, with their weights there; the
+    ranks send back one weighted sum each, added in rank order: the expected sums (to float32
+    rounding: the sum's order is by rank, then slot), bit for bit the same on both paths."""
     results = _spawn(_exchange_worker, world, n_by_rank, 4, 16, 7)
     for rank, out in results:
         for name in ("random", "first rank", "last rank"):
             host, fixed = out[(name, False)], out[(name, True)]
-            assert host[0] and fixed[0], (rank, name)  # both bring back exactly the expected sums
-            assert host[1] == fixed[1] == host[2], (rank, name)  # the same real rows arrived ...
-            assert fixed[3] == host[3], (rank, name)  # ... with the same experts
-            # fixed capacity: every rank's buffer holds the most a rank can send (no drops)
-            assert fixed[2] == world * max(n_by_rank) * min(4, 16 // world), (rank, name)
+            torch.testing.assert_close(host[0], host[1], rtol=1e-6, atol=1e-6)
+            assert torch.equal(fixed[0], host[0]), (rank, name)  # the same sums, in the same order
+            assert host[2] and fixed[2], (rank, name)  # one row per (token, rank holding its experts)
+            assert host[3] == fixed[3] == host[4], (rank, name)  # the same real rows arrived ...
+            assert fixed[5] == host[5], (rank, name)  # ... with the same experts
+            # fixed capacity: every rank's buffer holds the most a rank can send, a row per token
+            assert fixed[4] == world * max(n_by_rank), (rank, name)
 
 
 def _moe_worker(parallel, kernels, seed):
