@@ -69,26 +69,26 @@ def routings(n: int, k: int, experts: int, world: int, seed: int) -> dict[str, t
             "last rank": choose(torch.arange(experts - per_rank, experts))}
 
 
-def _exchange_worker(parallel, n_by_rank, k, experts, seed):
+def _exchange_worker(parallel, n_by_rank, k, experts, seed, dtype):
     from parallel.experts import AllToAllExchange
 
     g = parallel.experts_partition
     ex = AllToAllExchange(g, experts)
     n = n_by_rank[g.rank]
     gen = torch.Generator().manual_seed(seed + g.rank)
-    tokens = torch.randn(n, 24, generator=gen)
+    tokens = torch.randn(n, 24, generator=gen).to(dtype)  # bf16: the model's rows (the header's views)
     weights = torch.rand(n, k, generator=gen)
     out = {}
     for name, ids in routings(n, k, experts, g.size, seed + g.rank).items():
         # What the experts do here: row times (global expert id + 1).
-        want = (tokens[:, None, :] * (ids + 1)[..., None].float() * weights[..., None]).sum(dim=1)
+        want = (tokens.float()[:, None, :] * (ids + 1)[..., None].float() * weights[..., None]).sum(dim=1)
         owners = {(t, e // ex.per_rank) for t, row in enumerate(ids.tolist()) for e in row}
         for capacity in (None, max(n_by_rank)):
             routed = ex.dispatch(tokens, ids, weights, capacity)
             rows, local = routed.pairs()
             real = local < ex.per_rank
-            outputs = torch.full_like(rows, float("nan"))  # unused slots' rows must never be read
-            outputs[real] = rows[real] * (ex.first_expert + local[real] + 1).float()[:, None]
+            outputs = torch.full(rows.shape, float("nan"))  # unused slots' rows must never be read
+            outputs[real] = rows[real].float() * (ex.first_expert + local[real] + 1).float()[:, None]
             got = ex.combine(ex.weigh(outputs, routed), routed)
             pairs = sorted(zip(local[real].tolist(), map(tuple, rows[real].tolist())))
             used_rows = int((routed.experts < ex.per_rank).any(dim=1).sum())
@@ -97,12 +97,14 @@ def _exchange_worker(parallel, n_by_rank, k, experts, seed):
     return out
 
 
-@pytest.mark.parametrize("world, n_by_rank", [(2, (5, 3)), (4, (4, 4, 0, 7))])
-def test_fixed_capacity_exchange_gives_the_host_sized_one(world, n_by_rank):
+@pytest.mark.parametrize("world, n_by_rank, k, dtype", [(2, (5, 3), 4, torch.float32),
+                                                       (4, (4, 4, 0, 7), 4, torch.float32),
+                                                       (2, (6, 2), 3, torch.bfloat16)])
+def test_fixed_capacity_exchange_gives_the_host_sized_one(world, n_by_rank, k, dtype):
     """Each token travels once to each rank holding any of its experts, with their weights there; the
     ranks send back one weighted sum each, added in rank order: the expected sums (to float32
     rounding: the sum's order is by rank, then slot), bit for bit the same on both paths."""
-    results = _spawn(_exchange_worker, world, n_by_rank, 4, 16, 7)
+    results = _spawn(_exchange_worker, world, n_by_rank, k, 16, 7, dtype)
     for rank, out in results:
         for name in ("random", "first rank", "last rank"):
             host, fixed = out[(name, False)], out[(name, True)]
